@@ -1,0 +1,29 @@
+"""The frozen description of one run; everything the pipeline needs and the report records."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    model: str
+    pruner: str
+    sparsity: float
+    mask: str = "global"
+    exclude: tuple[str, ...] = ()
+    data: str | None = None
+    weights: Path | None = None
+    num_classes: int | None = None
+    trust_checkpoint: bool = False
+    params: dict[str, str] = field(default_factory=dict)
+    device: str = "auto"
+    seed: int = 0
+    out: Path = Path("prunekit-out")
+    force: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready view (paths as strings)."""
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}

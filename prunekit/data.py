@@ -1,0 +1,188 @@
+"""Dataset specs and deterministic train / calibration / test splits.
+
+Specs: ``digits`` (embedded UCI digits), ``cifar10:DIR``, ``imagefolder:DIR`` and
+``tensors:FILE`` (x and y in .pt, .npz or .safetensors). Splits never depend on --seed, so
+runs with different seeds are compared on the same data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from prunekit.errors import InputFileError, UnknownNameError, UsageError
+
+SPLIT_SEED = 0
+TEST_FRACTION = 0.2
+CALIBRATION_MAX = 2048
+DIGITS_FILE = Path(__file__).parent / "datasets" / "digits.safetensors"
+SPEC_FORMS = "digits, cifar10:DIR, imagefolder:DIR, tensors:FILE"
+
+
+@dataclass
+class Splits:
+    """The three splits of a dataset plus what a model needs to know about it."""
+
+    spec: str
+    train: Dataset
+    calibration: Dataset  # a fixed subset of train used for pruning statistics
+    test: Dataset
+    num_classes: int
+    input_shape: tuple[int, ...]
+
+
+def _permutation(n: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
+
+
+def _calibration_of(train: Dataset) -> Dataset:
+    n = len(train)  # type: ignore[arg-type]
+    return Subset(train, _permutation(n)[: min(n, CALIBRATION_MAX)].tolist())
+
+
+def _split_tensors(spec: str, x: torch.Tensor, y: torch.Tensor) -> Splits:
+    """Shuffle once with the fixed split seed; the last TEST_FRACTION is the test split."""
+    order = _permutation(len(x))
+    n_test = round(len(x) * TEST_FRACTION)
+    train_idx, test_idx = order[: len(x) - n_test], order[len(x) - n_test :]
+    return _from_tensors(spec, x[train_idx], y[train_idx], x[test_idx], y[test_idx])
+
+
+def _from_tensors(
+    spec: str,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+) -> Splits:
+    if len(x_train) != len(y_train) or len(x_test) != len(y_test):
+        raise InputFileError(f"{spec}: x and y have different lengths; fix the file")
+    train = TensorDataset(x_train.float(), y_train.long())
+    return Splits(
+        spec=spec,
+        train=train,
+        calibration=_calibration_of(train),
+        test=TensorDataset(x_test.float(), y_test.long()),
+        num_classes=int(max(y_train.max(), y_test.max())) + 1,
+        input_shape=tuple(x_train.shape[1:]),
+    )
+
+
+def digits() -> Splits:
+    """The UCI handwritten digits: 1797 8x8 images scaled to [0, 1], one channel."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(DIGITS_FILE)
+    x = tensors["images"].float().div(16.0).unsqueeze(1)
+    return _split_tensors("digits", x, tensors["labels"])
+
+
+def _read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise InputFileError(f"data file {path} does not exist; check the path after tensors:")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        if path.suffix == ".npz":
+            import numpy as np
+
+            with np.load(path, allow_pickle=False) as arrays:
+                return {k: torch.from_numpy(arrays[k]) for k in arrays.files}
+        if path.suffix in {".pt", ".pth"}:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(loaded, dict):
+                return loaded
+            raise InputFileError(f"{path} must hold a dict of tensors with keys x and y")
+    except InputFileError:
+        raise
+    except Exception as exc:
+        raise InputFileError(
+            f"cannot read data file {path} ({type(exc).__name__}: {exc}); "
+            "save x and y with safetensors, numpy.savez or torch.save"
+        ) from exc
+    raise InputFileError(f"{path}: use a .safetensors, .npz or .pt file for tensors:FILE")
+
+
+def tensors(path: Path) -> Splits:
+    """Tensors ``x``/``y`` (split 80/20), or ``x_train``/``y_train``/``x_test``/``y_test``."""
+    data = _read_tensor_file(path)
+    spec = f"tensors:{path}"
+    if {"x_train", "y_train", "x_test", "y_test"} <= data.keys():
+        return _from_tensors(spec, data["x_train"], data["y_train"], data["x_test"], data["y_test"])
+    if {"x", "y"} <= data.keys():
+        return _split_tensors(spec, data["x"], data["y"])
+    raise InputFileError(
+        f"{path} holds {', '.join(sorted(data)) or 'nothing'}; it needs x and y "
+        "(or x_train, y_train, x_test, y_test)"
+    )
+
+
+def cifar10(root: Path) -> Splits:
+    """CIFAR-10 from torchvision's python-format files in ``root`` (never downloaded)."""
+    from torchvision import datasets, transforms
+
+    normalize = transforms.Compose(
+        [
+            transforms.ToTensor(),
+            transforms.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+        ]
+    )
+    try:
+        train = datasets.CIFAR10(str(root), train=True, transform=normalize, download=False)
+        test = datasets.CIFAR10(str(root), train=False, transform=normalize, download=False)
+    except RuntimeError as exc:
+        raise InputFileError(
+            f"CIFAR-10 not found in {root}: download cifar-10-python.tar.gz from the CIFAR "
+            f"site and extract it there, so that {root}/cifar-10-batches-py exists"
+        ) from exc
+    return Splits(f"cifar10:{root}", train, _calibration_of(train), test, 10, (3, 32, 32))
+
+
+def imagefolder(root: Path) -> Splits:
+    """Class-per-folder images; ``root/train`` + ``root/test`` (or ``val``), else an 80/20 split."""
+    from torchvision import datasets, transforms
+
+    if not root.is_dir():
+        raise InputFileError(f"image folder {root} does not exist; check the path")
+    to_tensor = transforms.ToTensor()
+    test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
+    try:
+        if (root / "train").is_dir() and test_dir is not None:
+            train = datasets.ImageFolder(str(root / "train"), transform=to_tensor)
+            test = datasets.ImageFolder(str(test_dir), transform=to_tensor)
+        else:
+            full = datasets.ImageFolder(str(root), transform=to_tensor)
+            order = _permutation(len(full)).tolist()
+            n_test = round(len(full) * TEST_FRACTION)
+            train, test = Subset(full, order[n_test:]), Subset(full, order[:n_test])
+    except (FileNotFoundError, OSError) as exc:
+        raise InputFileError(f"cannot read image folder {root}: {exc}") from exc
+    classes = getattr(train, "classes", None) or train.dataset.classes  # type: ignore[attr-defined]
+    shape = tuple(train[0][0].shape)
+    return Splits(f"imagefolder:{root}", train, _calibration_of(train), test, len(classes), shape)
+
+
+def load_data(spec: str) -> Splits:
+    """Parse a dataset spec and return its splits."""
+    kind, _, arg = spec.partition(":")
+    if kind == "digits" and not arg:
+        return digits()
+    if kind in {"cifar10", "imagefolder", "tensors"}:
+        if not arg:
+            raise UsageError(f"data spec '{spec}' needs a path: {kind}:PATH")
+        return {"cifar10": cifar10, "imagefolder": imagefolder, "tensors": tensors}[kind](
+            Path(arg).expanduser()
+        )
+    raise UnknownNameError(f"unknown data spec '{spec}': use one of {SPEC_FORMS}")
+
+
+def loader(
+    dataset: Dataset, batch_size: int = 256, shuffle: bool = False, seed: int = 0
+) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)

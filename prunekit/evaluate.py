@@ -1,0 +1,32 @@
+"""Accuracy of a classifier on a dataset split."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from prunekit.data import loader
+from prunekit.errors import ModelMismatchError
+
+
+@torch.no_grad()
+def accuracy(
+    model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 256
+) -> float:
+    """Top-1 accuracy in eval mode, in [0, 1]."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in loader(dataset, batch_size):
+        try:
+            logits = model(x.to(device))
+        except RuntimeError as exc:
+            raise ModelMismatchError(
+                f"the model cannot take inputs of shape {tuple(x.shape[1:])} from the data "
+                f"({str(exc).splitlines()[0]}); pick --data that matches the architecture"
+            ) from exc
+        correct += int((logits.argmax(1) == y.to(device)).sum())
+        total += len(y)
+    model.train(was_training)
+    return correct / max(total, 1)

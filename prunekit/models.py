@@ -1,0 +1,189 @@
+"""Model specs and weights.
+
+Specs: ``sample:NAME`` (shipped, with weights and a dataset), ``torchvision:ARCH`` (built
+untrained; give ``--weights``) and ``package.module:factory`` (any callable returning an
+``nn.Module``). Weights are a state dict in .safetensors, .pt or .pth, always read with
+``weights_only=True`` unless the user trusts the file explicitly.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from prunekit.errors import InputFileError, ModelMismatchError, UnknownNameError, UsageError
+from prunekit.sample_models import SAMPLES
+
+SPEC_FORMS = "sample:NAME, torchvision:ARCH or package.module:factory"
+_SHOWN = 5  # how many keys an error message lists
+
+
+@dataclass
+class LoadedModel:
+    spec: str
+    model: nn.Module
+    data: str | None  # the dataset the model comes with, if any
+    weights: str | None
+
+
+def _suggest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
+    return f"did you mean {', '.join(close)}? " if close else ""
+
+
+def _sample(name: str, num_classes: int | None) -> tuple[nn.Module, Path, str]:
+    if name not in SAMPLES:
+        raise UnknownNameError(
+            f"unknown sample model '{name}': {_suggest(name, list(SAMPLES))}"
+            f"see `prunekit models list` (known: {', '.join(SAMPLES)})"
+        )
+    sample = SAMPLES[name]
+    return (
+        sample.factory(**({"num_classes": num_classes} if num_classes else {})),
+        sample.weights,
+        sample.data,
+    )
+
+
+def _torchvision(arch: str, num_classes: int | None) -> nn.Module:
+    from torchvision import models
+
+    available = models.list_models(module=models)
+    if arch not in available:
+        raise UnknownNameError(
+            f"unknown torchvision architecture '{arch}': {_suggest(arch, available)}"
+            "see torchvision.models.list_models()"
+        )
+    return models.get_model(arch, weights=None, num_classes=num_classes or 1000)
+
+
+def _factory(spec: str, num_classes: int | None) -> nn.Module:
+    module_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise UnknownNameError(
+            f"cannot import model factory '{spec}' ({exc}); use {SPEC_FORMS}"
+        ) from exc
+    model = factory(num_classes=num_classes) if num_classes else factory()
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"model factory '{spec}' returned {type(model).__name__}, not a Module")
+    return model
+
+
+def build(spec: str, num_classes: int | None = None) -> tuple[nn.Module, Path | None, str | None]:
+    """Build the architecture named by ``spec``; return it, its default weights and data."""
+    kind, sep, rest = spec.partition(":")
+    if not sep or not rest:
+        raise UnknownNameError(f"unknown model spec '{spec}': use {SPEC_FORMS}")
+    if kind == "sample":
+        return _sample(rest, num_classes)
+    if kind == "torchvision":
+        return _torchvision(rest, num_classes), None, None
+    return _factory(spec, num_classes), None, None
+
+
+def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    """Accept a state dict, a checkpoint dict holding one, or (trusted) a whole module."""
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model"):
+            if isinstance(obj.get(key), dict | nn.Module):
+                return _unwrap(obj[key], path)
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            if all(k.startswith("module.") for k in obj):  # saved from DataParallel
+                obj = {k.removeprefix("module."): v for k, v in obj.items()}
+            return obj
+    raise InputFileError(
+        f"{path} does not hold a state dict of tensors; save one with "
+        "torch.save(model.state_dict(), PATH) or safetensors"
+    )
+
+
+def read_state_dict(path: Path, trust: bool = False) -> dict[str, torch.Tensor]:
+    """Read a state dict from .safetensors / .pt / .pth, safely unless ``trust``."""
+    if not path.is_file():
+        raise InputFileError(f"weights file {path} does not exist; check --weights")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise InputFileError(
+                f"{path} is not a valid safetensors file ({exc}); re-export the weights"
+            ) from exc
+    if path.suffix not in {".pt", ".pth", ".bin"}:
+        raise InputFileError(f"{path}: weights must be .safetensors, .pt or .pth")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" in str(exc) or "Weights only" in str(exc):
+            raise InputFileError(
+                f"{path} contains pickled Python objects that safe loading refuses; re-save "
+                "it with torch.save(model.state_dict(), PATH), or pass --trust-checkpoint if "
+                "you trust where it came from"
+            ) from exc
+        raise InputFileError(f"{path} is not a readable PyTorch checkpoint ({exc})") from exc
+    except Exception as exc:  # corrupt zip, truncated file, wrong format
+        raise InputFileError(
+            f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc}); "
+            "check the file or re-save it"
+        ) from exc
+    return _unwrap(obj, path)
+
+
+def check_fit(model: nn.Module, state: dict[str, torch.Tensor], source: str, spec: str) -> None:
+    """Raise one error listing the first missing/unexpected keys and shape mismatches."""
+    expected = model.state_dict()
+    optional = {k for k in expected if k.endswith("num_batches_tracked")}
+    missing = [k for k in expected if k not in state and k not in optional]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k} ({'x'.join(map(str, state[k].shape))} in file, "
+        f"{'x'.join(map(str, expected[k].shape))} in model)"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
+    ]
+    problems = []
+    for label, keys in (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("shape mismatch", shapes),
+    ):
+        if keys:
+            more = f" and {len(keys) - _SHOWN} more" if len(keys) > _SHOWN else ""
+            problems.append(f"{label}: {', '.join(keys[:_SHOWN])}{more}")
+    if problems:
+        raise ModelMismatchError(
+            f"weights {source} do not fit {spec}: {'; '.join(problems)}. Check that the "
+            "weights belong to this architecture (and --num-classes)"
+        )
+
+
+def load_model(
+    spec: str, weights: Path | None = None, num_classes: int | None = None, trust: bool = False
+) -> LoadedModel:
+    """Build ``spec`` and load ``weights`` (or the sample's own) into it, on the CPU."""
+    model, default_weights, data = build(spec, num_classes)
+    path = weights or default_weights
+    if path is not None:
+        state = read_state_dict(path, trust)
+        check_fit(model, state, str(path), spec)
+        model.load_state_dict(state, strict=False)
+    model.eval()
+    return LoadedModel(spec, model, data, str(path) if path else None)
+
+
+def default_data(spec: str) -> str | None:
+    """The dataset a sample model comes with (without building it)."""
+    kind, _, name = spec.partition(":")
+    return SAMPLES[name].data if kind == "sample" and name in SAMPLES else None

@@ -1,0 +1,44 @@
+"""Progress reporting: the pipeline announces stages; the CLI shows them with rich on stderr."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import Protocol
+
+
+class Reporter(Protocol):
+    def stage(self, description: str) -> AbstractContextManager[None]: ...
+
+
+class Silent:
+    """Reports nothing (library use and tests)."""
+
+    @contextmanager
+    def stage(self, description: str) -> Iterator[None]:
+        yield
+
+
+class RichReporter:
+    """A spinner with elapsed time per stage, on stderr so stdout stays machine-readable."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+
+    @contextmanager
+    def stage(self, description: str) -> Iterator[None]:
+        with self.progress:
+            task = self.progress.add_task(description, total=None)
+            try:
+                yield
+            finally:
+                self.progress.remove_task(task)

@@ -1,0 +1,114 @@
+"""The pruner contract.
+
+A pruner declares the statistics it needs (``needs``) and its hyperparameters (``params``);
+the pipeline collects the statistics once and calls ``score`` for every target tensor.
+Scoring is a pure function of the weights and the statistics, so it can be tested with
+hand-built inputs. Convention: a larger score means keep. Weights that are already masked
+are set to -inf by the pipeline, so a pruner never has to care about them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from prunekit.errors import UnknownNameError, UsageError
+
+
+@dataclass
+class Target:
+    """One prunable tensor: its dotted name, owning module, parameter and current mask."""
+
+    name: str
+    module: nn.Module
+    weight: nn.Parameter
+    mask: torch.Tensor  # bool, same shape as weight, True = kept
+
+    @property
+    def numel(self) -> int:
+        return self.weight.numel()
+
+
+@dataclass(frozen=True)
+class Param:
+    """A pruner hyperparameter; its type is the type of ``default``."""
+
+    name: str
+    default: float | int | str | bool
+    help: str
+    choices: tuple[str, ...] | None = None
+    minimum: float | None = None  # values must be >= minimum (or > when exclusive)
+    exclusive_minimum: bool = False
+
+    def parse(self, raw: str | float | int | bool) -> float | int | str | bool:
+        kind = type(self.default)
+        try:
+            if kind is bool and isinstance(raw, str):
+                if raw.lower() not in {"1", "0", "true", "false", "yes", "no"}:
+                    raise ValueError(raw)
+                value: Any = raw.lower() in {"1", "true", "yes"}
+            else:
+                value = kind(raw)
+        except ValueError:
+            raise UsageError(
+                f"--param {self.name}={raw}: expected a {kind.__name__} ({self.help})"
+            ) from None
+        if self.choices is not None and value not in self.choices:
+            raise UsageError(f"--param {self.name}={raw}: choose one of {', '.join(self.choices)}")
+        if self.minimum is not None:
+            too_small = value <= self.minimum if self.exclusive_minimum else value < self.minimum
+            if too_small:
+                bound = ">" if self.exclusive_minimum else ">="
+                raise UsageError(
+                    f"--param {self.name}={raw}: must be {bound} {self.minimum} ({self.help})"
+                )
+        return value
+
+
+class Pruner:
+    """Base class of every pruning criterion (the first docstring line is its summary)."""
+
+    name: ClassVar[str] = ""
+    needs: ClassVar[frozenset[str]] = frozenset()
+    params: ClassVar[tuple[Param, ...]] = ()
+
+    def __init__(self, **values: Any) -> None:
+        self.hparams = self.resolve_params(values)
+
+    @classmethod
+    def resolve_params(cls, values: Mapping[str, Any]) -> dict[str, Any]:
+        """Validate user values against ``params``; fill in defaults."""
+        known = {p.name: p for p in cls.params}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            accepted = ", ".join(known) or "none"
+            raise UnknownNameError(
+                f"pruner '{cls.name}' has no parameter {', '.join(unknown)}; "
+                f"it accepts: {accepted} (see `prunekit pruners show {cls.name}`)"
+            )
+        return {
+            name: p.parse(values[name]) if name in values else p.default
+            for name, p in known.items()
+        }
+
+    @classmethod
+    def summary(cls) -> str:
+        doc = (cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+    def score(self, target: Target, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Return one score per weight, shaped like ``target.weight``; larger = keep."""
+        raise NotImplementedError
+
+    def update(
+        self, target: Target, keep: torch.Tensor, stats: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor | None:
+        """Optionally return compensated weights for ``target`` given the new mask ``keep``.
+
+        OBS-style pruners override this; the pipeline zeroes the pruned entries afterwards.
+        """
+        return None

@@ -1,0 +1,16 @@
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from prunekit.pruners.base import Pruner, Target
+
+
+class MagnitudePruner(Pruner):
+    """Keep the weights of largest absolute value, |θ|."""
+
+    name = "magnitude"
+
+    def score(self, target: Target, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return target.weight.detach().abs()

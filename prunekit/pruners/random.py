@@ -1,0 +1,17 @@
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from prunekit.pruners.base import Pruner, Target
+
+
+class RandomPruner(Pruner):
+    """Uniformly random scores, seeded by --seed (the usual sanity baseline)."""
+
+    name = "random"
+
+    def score(self, target: Target, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        weight = target.weight
+        return torch.rand(weight.shape, device=weight.device)

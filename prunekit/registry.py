@@ -1,0 +1,132 @@
+"""Pruner plugins, found through the ``prunekit.pruners`` entry-point group.
+
+Names are read from package metadata without importing anything; a plugin's module is
+imported on first use. Built-ins are declared in prunekit's own pyproject, exactly as a
+third-party plugin declares its pruners. ``PRUNEKIT_PLUGINS=a,b`` restricts third-party
+plugins to those pruner or distribution names ("" leaves the built-ins only).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
+
+from prunekit.errors import PluginError, UnknownNameError
+from prunekit.pruners.base import Pruner
+
+GROUP = "prunekit.pruners"
+BUILTIN_DISTRIBUTION = "prunekit"
+ENV_FILTER = "PRUNEKIT_PLUGINS"
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """One entry point of the group, as declared by a distribution."""
+
+    name: str
+    value: str
+    distribution: str
+    version: str
+
+    @property
+    def builtin(self) -> bool:
+        return self.distribution == BUILTIN_DISTRIBUTION
+
+
+def _info(ep: EntryPoint) -> PluginInfo:
+    dist = ep.dist
+    return PluginInfo(
+        name=ep.name,
+        value=ep.value,
+        distribution=dist.metadata["Name"] if dist else "?",
+        version=dist.version if dist else "?",
+    )
+
+
+def _allowed(info: PluginInfo) -> bool:
+    raw = os.environ.get(ENV_FILTER)
+    if info.builtin or raw is None:
+        return True
+    wanted = {part.strip() for part in raw.split(",") if part.strip()}
+    return info.name in wanted or info.distribution in wanted
+
+
+def discover() -> dict[str, list[PluginInfo]]:
+    """Map each pruner name to its declarations (more than one means a conflict)."""
+    found: dict[str, list[PluginInfo]] = {}
+    seen: set[tuple[str, str]] = set()
+    for ep in entry_points(group=GROUP):
+        info = _info(ep)
+        if (info.name, info.distribution) in seen or not _allowed(info):
+            continue
+        seen.add((info.name, info.distribution))
+        found.setdefault(info.name, []).append(info)
+    return dict(sorted(found.items()))
+
+
+def names() -> list[str]:
+    return list(discover())
+
+
+def _single(name: str, plugins: dict[str, list[PluginInfo]]) -> PluginInfo:
+    if name not in plugins:
+        close = difflib.get_close_matches(name, list(plugins), n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise UnknownNameError(
+            f"unknown pruner '{name}': {hint}see `prunekit pruners list` "
+            f"(known: {', '.join(plugins) or 'none'})"
+        )
+    infos = plugins[name]
+    if len(infos) > 1:
+        owners = " and ".join(f"{i.distribution} ({i.value})" for i in infos)
+        raise PluginError(f"pruner '{name}' is registered by both {owners}: uninstall one of them")
+    return infos[0]
+
+
+def _import(info: PluginInfo) -> type[Pruner]:
+    try:
+        obj = EntryPoint(info.name, info.value, GROUP).load()
+    except Exception as exc:  # a plugin may fail in any way; report it, never crash the CLI
+        raise PluginError(
+            f"pruner '{info.name}' from {info.distribution} {info.version} failed to import "
+            f"({type(exc).__name__}: {exc}); reinstall or fix that distribution"
+        ) from exc
+    if not (isinstance(obj, type) and issubclass(obj, Pruner)):
+        raise PluginError(
+            f"pruner '{info.name}' from {info.distribution} points at {info.value}, which is "
+            "not a prunekit.pruners.Pruner subclass; fix its entry point"
+        )
+    return obj
+
+
+def load(name: str) -> type[Pruner]:
+    """Import and return the pruner class registered as ``name``."""
+    return _import(_single(name, discover()))
+
+
+def create(name: str, params: dict[str, Any] | None = None) -> Pruner:
+    """Instantiate pruner ``name`` with validated hyperparameters."""
+    return load(name)(**(params or {}))
+
+
+def describe() -> list[dict[str, Any]]:
+    """One row per declared pruner for `prunekit pruners list` (imports each one)."""
+    rows = []
+    for name, infos in discover().items():
+        for info in infos:
+            row: dict[str, Any] = {
+                "name": name,
+                "distribution": info.distribution,
+                "version": info.version,
+                "summary": "",
+                "error": None,
+            }
+            try:
+                row["summary"] = _import(_single(name, {name: infos})).summary()
+            except PluginError as exc:
+                row["error"] = str(exc)
+            rows.append(row)
+    return rows
