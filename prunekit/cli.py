@@ -295,9 +295,10 @@ def models_list(
     if as_json:
         _print_json(rows)
         return
-    table = Table(
-        "model", "data", "parameters", "test accuracy", "description", title="sample models"
-    )
+    table = Table(title="sample models")
+    table.add_column("model", no_wrap=True)
+    for column in ("data", "parameters", "test accuracy", "description"):
+        table.add_column(column)
     for row in rows:
         table.add_row(
             row["model"],

@@ -38,11 +38,6 @@ def _suggest(name: str, choices: list[str]) -> str:
 
 
 def _sample(name: str, num_classes: int | None) -> tuple[nn.Module, Path, str]:
-    if name not in SAMPLES:
-        raise UnknownNameError(
-            f"unknown sample model '{name}': {_suggest(name, list(SAMPLES))}"
-            f"see `prunekit models list` (known: {', '.join(SAMPLES)})"
-        )
     sample = SAMPLES[name]
     return (
         sample.factory(**({"num_classes": num_classes} if num_classes else {})),
@@ -79,9 +74,8 @@ def _factory(spec: str, num_classes: int | None) -> nn.Module:
 
 def build(spec: str, num_classes: int | None = None) -> tuple[nn.Module, Path | None, str | None]:
     """Build the architecture named by ``spec``; return it, its default weights and data."""
-    kind, sep, rest = spec.partition(":")
-    if not sep or not rest:
-        raise UnknownNameError(f"unknown model spec '{spec}': use {SPEC_FORMS}")
+    default_data(spec)  # validates the spec
+    kind, _, rest = spec.partition(":")
     if kind == "sample":
         return _sample(rest, num_classes)
     if kind == "torchvision":
@@ -184,6 +178,15 @@ def load_model(
 
 
 def default_data(spec: str) -> str | None:
-    """The dataset a sample model comes with (without building it)."""
-    kind, _, name = spec.partition(":")
-    return SAMPLES[name].data if kind == "sample" and name in SAMPLES else None
+    """Check the spec's form and return the dataset it comes with, without building it."""
+    kind, sep, name = spec.partition(":")
+    if not sep or not name:
+        raise UnknownNameError(f"unknown model spec '{spec}': use {SPEC_FORMS}")
+    if kind != "sample":
+        return None
+    if name not in SAMPLES:
+        raise UnknownNameError(
+            f"unknown sample model '{name}': {_suggest(name, list(SAMPLES))}"
+            f"see `prunekit models list` (known: {', '.join(SAMPLES)})"
+        )
+    return SAMPLES[name].data

@@ -1,0 +1,352 @@
+"""The command line: exit codes and one-line messages for every bad input of `prune`."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from prunekit import __version__
+from prunekit.cli import app
+from prunekit.sample_models import SAMPLES
+from tests.fake_plugins import install, unique
+
+runner = CliRunner()
+
+
+def prune(*args: str):
+    return runner.invoke(app, ["prune", *args])
+
+
+def assert_error(result, code: int, *fragments: str) -> None:
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_version_and_help():
+    assert runner.invoke(app, ["--version"]).stdout.strip() == f"prunekit {__version__}"
+    result = runner.invoke(app, ["prune", "--help"])
+    assert result.exit_code == 0 and "Examples" in result.stdout
+
+
+def test_prune_json_report(tmp_path):
+    out = tmp_path / "run"
+    result = prune(
+        "sample:digits-cnn",
+        "--pruner",
+        "magnitude",
+        "--sparsity",
+        "0.5",
+        "--out",
+        str(out),
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    card = SAMPLES["digits-cnn"].card()
+    assert report["model"] == "sample:digits-cnn" and report["pruner"] == "magnitude"
+    assert report["sparsity"]["target"] == 0.5
+    assert report["sparsity"]["achieved"] == pytest.approx(0.5, abs=1e-4)
+    assert set(report["sparsity"]["per_tensor"]) == {
+        "features.0.weight",
+        "features.2.weight",
+        "classifier.1.weight",
+        "classifier.3.weight",
+    }
+    assert report["accuracy"]["dense"] == card["test_accuracy"]
+    assert 0.9 < report["accuracy"]["pruned"] <= 1.0
+    assert report["outputs"] == [str(out / "model.safetensors"), str(out / "report.json")]
+    assert json.loads((out / "report.json").read_text()) == report
+    assert report["seconds"] > 0
+
+
+def test_prune_human_output(tmp_path):
+    result = prune(
+        "sample:digits-mlp",
+        "-p",
+        "random",
+        "-s",
+        "0.3",
+        "--mask",
+        "layer",
+        "--out",
+        str(tmp_path / "o"),
+    )
+    assert result.exit_code == 0, result.output
+    assert "net.1.weight" in result.stdout and "test accuracy: dense" in result.stdout
+
+
+def test_unknown_pruner_suggests(tmp_path):
+    result = prune("sample:digits-cnn", "-p", "magnitud", "-s", "0.5", "--out", str(tmp_path / "o"))
+    assert_error(result, 2, "unknown pruner 'magnitud'", "did you mean magnitude")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("value", ["1.0", "-0.2", "3"])
+def test_sparsity_out_of_range(tmp_path, value):
+    result = prune(
+        "sample:digits-cnn", "-p", "magnitude", "-s", value, "--out", str(tmp_path / "o")
+    )
+    assert_error(result, 2, "sparsity must be in [0, 1)", "e.g. 0.9")
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_weights(tmp_path):
+    result = prune(
+        "sample:digits-cnn",
+        "-p",
+        "magnitude",
+        "-s",
+        "0.5",
+        "--weights",
+        str(tmp_path / "nope.safetensors"),
+        "--out",
+        str(tmp_path / "o"),
+    )
+    assert_error(result, 2, "nope.safetensors does not exist", "--weights")
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_corrupt_weights(tmp_path, suffix):
+    bad = tmp_path / f"bad{suffix}"
+    bad.write_bytes(b"\x00garbage" * 10)
+    result = prune(
+        "sample:digits-cnn",
+        "-p",
+        "magnitude",
+        "-s",
+        "0.5",
+        "--weights",
+        str(bad),
+        "--out",
+        str(tmp_path / "o"),
+    )
+    assert_error(result, 2, str(bad))
+    assert not (tmp_path / "o").exists()
+
+
+class Custom:
+    pass
+
+
+def test_pickle_refused_by_weights_only(tmp_path):
+    path = tmp_path / "pickled.pt"
+    torch.save({"obj": Custom()}, path)
+    result = prune(
+        "sample:digits-cnn",
+        "-p",
+        "magnitude",
+        "-s",
+        "0.5",
+        "--weights",
+        str(path),
+        "--out",
+        str(tmp_path / "o"),
+    )
+    assert_error(result, 2, "safe loading refuses", "--trust-checkpoint")
+
+
+def test_trusted_whole_module(tmp_path):
+    from prunekit.models import load_model
+
+    path = tmp_path / "whole.pt"
+    torch.save(load_model("sample:digits-mlp").model, path)
+    result = prune(
+        "sample:digits-mlp",
+        "-p",
+        "magnitude",
+        "-s",
+        "0.5",
+        "--weights",
+        str(path),
+        "--trust-checkpoint",
+        "--out",
+        str(tmp_path / "o"),
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    assert (
+        json.loads(result.stdout)["accuracy"]["dense"]
+        == SAMPLES["digits-mlp"].card()["test_accuracy"]
+    )
+
+
+def test_mismatched_state_dict(tmp_path):
+    result = prune(
+        "sample:digits-cnn",
+        "-p",
+        "magnitude",
+        "-s",
+        "0.5",
+        "--weights",
+        str(SAMPLES["digits-mlp"].weights),
+        "--out",
+        str(tmp_path / "o"),
+    )
+    assert_error(
+        result,
+        1,
+        "do not fit sample:digits-cnn",
+        "missing: features.0.weight",
+        "unexpected: net.1.bias, net.1.weight",
+    )
+
+
+def test_shape_mismatch(tmp_path):
+    state = load_file(SAMPLES["digits-mlp"].weights)
+    state["net.5.weight"] = torch.zeros(7, 64)
+    state["net.5.bias"] = torch.zeros(7)
+    path = tmp_path / "seven.safetensors"
+    save_file(state, path)
+    result = prune(
+        "sample:digits-mlp",
+        "-p",
+        "magnitude",
+        "-s",
+        "0.5",
+        "--weights",
+        str(path),
+        "--out",
+        str(tmp_path / "o"),
+    )
+    assert_error(
+        result, 1, "shape mismatch: net.5.weight (7x64 in file, 10x64 in model)", "--num-classes"
+    )
+
+
+def test_unknown_sample_model(tmp_path):
+    result = prune("sample:digits-cn", "-p", "magnitude", "-s", "0.5", "--out", str(tmp_path / "o"))
+    assert_error(result, 2, "unknown sample model 'digits-cn'", "did you mean digits-cnn")
+
+
+def test_unknown_model_spec(tmp_path):
+    assert_error(prune("resnet", "-p", "magnitude", "-s", "0.5"), 2, "unknown model spec")
+
+
+def test_unknown_data_spec(tmp_path):
+    result = prune(
+        "sample:digits-cnn",
+        "-p",
+        "magnitude",
+        "-s",
+        "0.5",
+        "--data",
+        "mnist",
+        "--out",
+        str(tmp_path / "o"),
+    )
+    assert_error(result, 2, "unknown data spec 'mnist'", "tensors:FILE")
+
+
+def test_out_exists_without_force(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    args = ("sample:digits-mlp", "-p", "magnitude", "-s", "0.5", "--out", str(out))
+    assert_error(prune(*args), 2, f"{out} already exists", "--force")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert prune(*args, "--force").exit_code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "report.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["o"]  # no staging folders left behind
+
+
+def test_failure_keeps_previous_output(tmp_path):
+    out = tmp_path / "o"
+    assert (
+        prune("sample:digits-mlp", "-p", "magnitude", "-s", "0.5", "--out", str(out)).exit_code == 0
+    )
+    before = (out / "model.safetensors").read_bytes()
+    result = prune(
+        "sample:digits-mlp",
+        "-p",
+        "magnitude",
+        "-s",
+        "0.5",
+        "--out",
+        str(out),
+        "--force",
+        "--data",
+        "tensors:" + str(tmp_path / "missing.npz"),
+    )
+    assert result.exit_code == 2
+    assert (out / "model.safetensors").read_bytes() == before
+
+
+def test_exclude_matching_nothing_warns(tmp_path):
+    result = prune(
+        "sample:digits-mlp",
+        "-p",
+        "magnitude",
+        "-s",
+        "0.5",
+        "--exclude",
+        "net.5.*",
+        "--exclude",
+        "head.*",
+        "--out",
+        str(tmp_path / "o"),
+        "--json",
+    )
+    assert result.exit_code == 0
+    assert "warning: --exclude 'head.*' matched no prunable weight" in result.stderr
+    report = json.loads(result.stdout)
+    assert "net.5.weight" not in report["sparsity"]["per_tensor"]
+    assert report["warnings"] == ["--exclude 'head.*' matched no prunable weight"]
+
+
+def test_plugin_whose_import_raises(tmp_path, monkeypatch):
+    mod = unique("raising")
+    install(
+        tmp_path / "site",
+        monkeypatch,
+        "raising-plugin",
+        {mod: "raise RuntimeError('bad install')"},
+        {"raising": f"{mod}:P"},
+    )
+    monkeypatch.setenv("PRUNEKIT_PLUGINS", "raising")
+    listing = runner.invoke(app, ["pruners", "list", "--json"])
+    assert listing.exit_code == 0
+    rows = {r["name"]: r for r in json.loads(listing.stdout)}
+    assert "bad install" in rows["raising"]["error"] and rows["magnitude"]["error"] is None
+    result = prune("sample:digits-mlp", "-p", "raising", "-s", "0.5", "--out", str(tmp_path / "o"))
+    assert_error(
+        result, 1, "pruner 'raising' from raising-plugin 1.0 failed to import", "bad install"
+    )
+
+
+def test_bad_param_syntax(tmp_path):
+    result = prune("sample:digits-mlp", "-p", "magnitude", "-s", "0.5", "--param", "damp")
+    assert_error(result, 2, "--param expects key=value")
+
+
+def test_debug_shows_traceback(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNEKIT_DEBUG", "1")
+    result = prune("sample:digits-mlp", "-p", "nope", "-s", "0.5")
+    assert result.exit_code != 0 and result.exception is not None
+
+
+def test_device_unavailable(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    result = prune("sample:digits-mlp", "-p", "magnitude", "-s", "0.5", "--device", "cuda")
+    assert_error(result, 2, "CUDA is not available", "--device cpu")
+
+
+def test_models_and_pruners_listing():
+    models = json.loads(runner.invoke(app, ["models", "list", "--json"]).stdout)
+    assert [m["model"] for m in models] == [
+        "sample:digits-mlp",
+        "sample:digits-cnn",
+        "sample:digits-resnet",
+    ]
+    assert all(m["test_accuracy"] > 0.95 for m in models)
+    pruners = json.loads(runner.invoke(app, ["pruners", "list", "--json"]).stdout)
+    assert {p["name"] for p in pruners} == {"magnitude", "random"}
+    assert all(p["distribution"] == "prunekit" and p["summary"] for p in pruners)
+    show = runner.invoke(app, ["pruners", "show", "magnitude"])
+    assert show.exit_code == 0 and "|θ|" in show.stdout
