@@ -131,6 +131,14 @@ def prune(
         list[str] | None,
         typer.Option("--param", help="Pruner hyperparameter key=value; repeatable."),
     ] = None,
+    recompute: Annotated[
+        int, typer.Option(help="Split the step into K sub-steps, recomputing statistics.")
+    ] = 1,
+    memory_budget: Annotated[
+        str | None,
+        typer.Option(help="Memory for statistics, e.g. 2GiB (default: a safe share of free)."),
+    ] = None,
+    verbose: Annotated[bool, typer.Option(help="Show the statistics memory plan.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:i].")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed for random criteria and re-initialisation.")] = 0,
     out: Annotated[
@@ -159,6 +167,7 @@ def prune(
     from prunekit.config import PruneConfig
     from prunekit.pipeline import run
     from prunekit.progress import RichReporter
+    from prunekit.stats import parse_size
 
     if out is None:
         out = (
@@ -175,6 +184,9 @@ def prune(
         num_classes=num_classes,
         trust_checkpoint=trust_checkpoint,
         params=parse_params(param or []),
+        recompute=recompute,
+        memory_budget=parse_size(memory_budget) if memory_budget else None,
+        verbose=verbose,
         device=device,
         seed=seed,
         out=out,

@@ -19,6 +19,9 @@ class PruneConfig:
     num_classes: int | None = None
     trust_checkpoint: bool = False
     params: dict[str, str] = field(default_factory=dict)
+    recompute: int = 1
+    memory_budget: int | None = None  # bytes; None: a safe fraction of free memory
+    verbose: bool = False
     device: str = "auto"
     seed: int = 0
     out: Path = Path("prunekit-out")

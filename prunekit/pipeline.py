@@ -8,17 +8,19 @@ from typing import Any
 
 import torch
 
-from prunekit import registry, stats
+from prunekit import registry
 from prunekit.config import PruneConfig
 from prunekit.data import load_data
 from prunekit.device import resolve_device
 from prunekit.errors import UsageError
 from prunekit.evaluate import accuracy
 from prunekit.export import metadata_for, save_safetensors
-from prunekit.masks import MASK_MODES, apply, check_sparsity, find_targets, select, sparsity_of
+from prunekit.masks import MASK_MODES, check_sparsity, find_targets, sparsity_of
 from prunekit.models import default_data, load_model
 from prunekit.outputs import check_writable, staged_dir
 from prunekit.progress import Reporter, Silent
+from prunekit.schedule import StepContext, oneshot
+from prunekit.stats import Collector
 
 
 def _check(config: PruneConfig) -> None:
@@ -26,6 +28,8 @@ def _check(config: PruneConfig) -> None:
     check_sparsity(config.sparsity)
     if config.mask not in MASK_MODES:
         raise UsageError(f"unknown mask mode '{config.mask}': use one of {', '.join(MASK_MODES)}")
+    if config.recompute < 1:
+        raise UsageError(f"--recompute {config.recompute}: give at least 1 sub-step")
     check_writable(config.out, config.force)
 
 
@@ -55,16 +59,29 @@ def run(config: PruneConfig, reporter: Reporter | None = None) -> dict[str, Any]
     with reporter.stage("evaluating the dense model"):
         dense_accuracy = accuracy(model, data.test, device)
 
-    with reporter.stage(f"scoring with {config.pruner}"):
-        target_stats = stats.collect(pruner.needs, targets)
-        scores = {t.name: pruner.score(t, target_stats[t.name]) for t in targets}
-        keep = select(targets, scores, config.sparsity, config.mask)
-        with torch.no_grad():
-            for t in targets:
-                updated = pruner.update(t, keep[t.name], target_stats[t.name])
-                if updated is not None:
-                    t.weight.copy_(updated)
-        apply(targets, keep)
+    ctx = StepContext(
+        model,
+        targets,
+        pruner,
+        data.calibration,
+        device,
+        config.mask,
+        config.memory_budget,
+        config.seed,
+    )
+    if pruner.needs and config.verbose:
+        plan = Collector(
+            model,
+            targets,
+            data.calibration,
+            pruner.stats_spec(),
+            pruner.needs,
+            device,
+            config.memory_budget,
+        ).plan
+        reporter.note(plan.describe())  # type: ignore[union-attr]
+    with reporter.stage(f"pruning with {config.pruner}"):
+        warnings += oneshot(ctx, config.sparsity, config.recompute)
     achieved, per_tensor = sparsity_of(targets)
 
     with reporter.stage("evaluating the pruned model"):
@@ -77,6 +94,7 @@ def run(config: PruneConfig, reporter: Reporter | None = None) -> dict[str, Any]
         "pruner": config.pruner,
         "params": pruner.hparams,
         "mask": config.mask,
+        "recompute": config.recompute,
         "device": str(device),
         "seed": config.seed,
         "sparsity": {"target": config.sparsity, "achieved": achieved, "per_tensor": per_tensor},

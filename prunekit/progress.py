@@ -10,6 +10,8 @@ from typing import Protocol
 class Reporter(Protocol):
     def stage(self, description: str) -> AbstractContextManager[None]: ...
 
+    def note(self, text: str) -> None: ...
+
 
 class Silent:
     """Reports nothing (library use and tests)."""
@@ -17,6 +19,9 @@ class Silent:
     @contextmanager
     def stage(self, description: str) -> Iterator[None]:
         yield
+
+    def note(self, text: str) -> None:
+        pass
 
 
 class RichReporter:

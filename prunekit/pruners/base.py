@@ -10,6 +10,7 @@ are set to -inf by the pipeline, so a pruner never has to care about them.
 from __future__ import annotations
 
 from collections.abc import Mapping
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -31,6 +32,20 @@ class Target:
     @property
     def numel(self) -> int:
         return self.weight.numel()
+
+
+@dataclass(frozen=True)
+class StatsSpec:
+    """How gradients are taken: m gradients of mini-batches of b, empirical or true Fisher."""
+
+    num_grads: int = 1000
+    grad_batch: int = 1
+    fisher: str = "empirical"
+    block_size: int | None = 128  # None: one block per tensor
+    damp: float = 1e-5
+
+    def block_for(self, target: Target) -> int:
+        return min(self.block_size or target.numel, target.numel)
 
 
 @dataclass(frozen=True)
@@ -99,6 +114,16 @@ class Pruner:
     def summary(cls) -> str:
         doc = (cls.__doc__ or "").strip()
         return doc.splitlines()[0] if doc else ""
+
+    def stats_spec(self) -> StatsSpec:
+        """How statistics are gathered: from the hyperparameters named like StatsSpec fields."""
+        fields = {f.name for f in dataclasses.fields(StatsSpec)}
+        return StatsSpec(**{k: v for k, v in self.hparams.items() if k in fields})
+
+    @classmethod
+    def compensates(cls) -> bool:
+        """Whether ``update`` is overridden (OBS-style weight compensation)."""
+        return cls.update is not Pruner.update
 
     def score(self, target: Target, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Return one score per weight, shaped like ``target.weight``; larger = keep."""

@@ -1,0 +1,119 @@
+"""Blockwise damped inverse empirical Fisher and the Optimal Brain Surgeon algebra.
+
+A target's flattened weights are cut into contiguous blocks of size B (the last one padded
+with zero-gradient coordinates, which get F = λ and are dropped afterwards). For the
+gradient rows G (m x B) of one block, F_λ = λI + GᵀG / m. Both ways of inverting it are
+batched over all blocks with torch.linalg:
+
+- Cholesky of the B x B matrices, when m >= B;
+- Woodbury, F_λ⁻¹ = (I − Gᵀ (mλI + GGᵀ)⁻¹ G) / λ with m x m solves, when m < B.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from prunekit.errors import NumericalError
+
+
+def num_blocks(numel: int, block_size: int) -> int:
+    return math.ceil(numel / block_size)
+
+
+def to_blocks(rows: torch.Tensor, block_size: int) -> torch.Tensor:
+    """(m, d) -> (nb, m, B), zero-padding the last block."""
+    m, d = rows.shape
+    nb = num_blocks(d, block_size)
+    padded = torch.nn.functional.pad(rows, (0, nb * block_size - d))
+    return padded.reshape(m, nb, block_size).transpose(0, 1)
+
+
+def gram_blocks(rows: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Σ_i g_i g_iᵀ per block: (nb, B, B). Summable over chunks of rows."""
+    blocks = to_blocks(rows, block_size)
+    return blocks.transpose(1, 2) @ blocks
+
+
+def _cholesky(matrices: torch.Tensor, what: str) -> torch.Tensor:
+    factor, info = torch.linalg.cholesky_ex(matrices)
+    if bool((info > 0).any()):
+        raise NumericalError(f"{what} is not positive definite")
+    return factor
+
+
+def inverse_from_gram(gram: torch.Tensor, m: int, damp: float) -> torch.Tensor:
+    """(λI + gram/m)⁻¹ for every block, by Cholesky (the m >= B path)."""
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    factor = _cholesky(gram / m + damp * eye, "a damped Fisher block")
+    return torch.cholesky_inverse(factor)
+
+
+def inverse_from_rows(rows: torch.Tensor, block_size: int, damp: float) -> torch.Tensor:
+    """(λI + GᵀG/m)⁻¹ for every block by Woodbury (the m < B path); rows is (m, d)."""
+    m = rows.shape[0]
+    blocks = to_blocks(rows, block_size)  # (nb, m, B)
+    eye_m = torch.eye(m, dtype=rows.dtype, device=rows.device)
+    kernel = m * damp * eye_m + blocks @ blocks.transpose(1, 2)  # (nb, m, m)
+    factor = _cholesky(kernel, "a damped Woodbury kernel")
+    solved = torch.cholesky_solve(blocks, factor)  # (mλI + GGᵀ)⁻¹ G
+    eye_b = torch.eye(block_size, dtype=rows.dtype, device=rows.device)
+    return (eye_b - blocks.transpose(1, 2) @ solved) / damp
+
+
+def rank1_inverse_reference(rows: torch.Tensor, block_size: int, damp: float) -> torch.Tensor:
+    """The reference codes' sequential recursion, one gradient at a time (oracle, baseline).
+
+    F⁻¹ ← F⁻¹ − c cᵀ, c = F⁻¹g / √(m + gᵀF⁻¹g), starting from I/λ.
+    """
+    m = rows.shape[0]
+    blocks = to_blocks(rows, block_size)
+    eye = torch.eye(block_size, dtype=rows.dtype, device=rows.device)
+    inverse = (eye / damp).expand(blocks.shape[0], -1, -1).clone()
+    for i in range(m):
+        g = blocks[:, i, :].unsqueeze(-1)  # (nb, B, 1)
+        fg = inverse @ g
+        c = fg / torch.sqrt(m + (g.transpose(1, 2) @ fg))
+        inverse -= c @ c.transpose(1, 2)
+    return inverse
+
+
+def block_diagonal(inverse: torch.Tensor, numel: int) -> torch.Tensor:
+    """diag(F⁻¹) of every block, flattened and cut back to the target's length."""
+    return inverse.diagonal(dim1=1, dim2=2).reshape(-1)[:numel]
+
+
+def obs_scores(weight: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """ρ_q = θ_q² / (2 [F⁻¹]_qq): the loss increase of removing weight q alone."""
+    diag = block_diagonal(inverse, weight.numel())
+    return (weight.reshape(-1).square() / (2 * diag)).reshape(weight.shape)
+
+
+def obs_update(
+    weight: torch.Tensor, inverse: torch.Tensor, prune: torch.Tensor, exact: bool = False
+) -> torch.Tensor:
+    """The weights after removing ``prune`` (bool, like weight) with OBS compensation.
+
+    independent: δθ = −F⁻¹ (θ_P ⊘ diag(F⁻¹)_P), summing the single-weight updates;
+    exact: δθ = −F⁻¹[:, P] (F⁻¹[P, P])⁻¹ θ_P, the optimum of the local quadratic with θ_P = 0.
+    The pruned entries are set to exactly zero either way.
+    """
+    nb, block_size, _ = inverse.shape
+    numel = weight.numel()
+    pad = nb * block_size - numel
+    w = torch.nn.functional.pad(weight.reshape(-1), (0, pad)).reshape(nb, block_size)
+    p = torch.nn.functional.pad(prune.reshape(-1), (0, pad)).reshape(nb, block_size)
+    theta_p = torch.where(p, w, torch.zeros_like(w))
+    if exact:
+        # Solve F⁻¹[P,P] x = θ_P inside each block, with identity rows/columns outside P.
+        both = p.unsqueeze(-1) & p.unsqueeze(-2)
+        eye = torch.eye(block_size, dtype=inverse.dtype, device=inverse.device).bool()
+        restricted = torch.where(both, inverse, eye.to(inverse.dtype))
+        restricted = torch.where(both | eye, restricted, torch.zeros_like(restricted))
+        x = torch.linalg.solve(restricted, theta_p.unsqueeze(-1)).squeeze(-1)
+    else:
+        x = theta_p / inverse.diagonal(dim1=1, dim2=2)
+    delta = -(inverse @ x.unsqueeze(-1)).squeeze(-1)
+    updated = (w + delta).reshape(-1)[:numel].reshape(weight.shape)
+    return updated.masked_fill(prune, 0.0)
