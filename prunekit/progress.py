@@ -31,13 +31,17 @@ class RichReporter:
         from rich.console import Console
         from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+        self.console = Console(stderr=True, soft_wrap=True)
         self.progress = Progress(
             SpinnerColumn(),
             TextColumn("{task.description}"),
             TimeElapsedColumn(),
-            console=Console(stderr=True),
+            console=self.console,
             transient=True,
         )
+
+    def note(self, text: str) -> None:
+        self.console.print(text, highlight=False)
 
     @contextmanager
     def stage(self, description: str) -> Iterator[None]:

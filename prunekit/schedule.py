@@ -33,7 +33,8 @@ class StepContext:
 def substep_sparsities(start: float, final: float, steps: int) -> list[float]:
     """Sparsities after each of ``steps`` sub-steps, densities interpolated geometrically."""
     d0, d1 = 1.0 - start, 1.0 - final
-    return [1.0 - d0 * (d1 / d0) ** (k / steps) for k in range(1, steps + 1)][:-1] + [final]
+    between = [1.0 - d0 * (d1 / d0) ** (k / steps) for k in range(1, steps)]
+    return [*between, final]
 
 
 def prune_step(ctx: StepContext, sparsity: float) -> list[str]:

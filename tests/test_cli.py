@@ -346,7 +346,60 @@ def test_models_and_pruners_listing():
     ]
     assert all(m["test_accuracy"] > 0.95 for m in models)
     pruners = json.loads(runner.invoke(app, ["pruners", "list", "--json"]).stdout)
-    assert {p["name"] for p in pruners} == {"magnitude", "random"}
+    assert {p["name"] for p in pruners} == {"magnitude", "obs", "random", "woodfisher"}
     assert all(p["distribution"] == "prunekit" and p["summary"] for p in pruners)
     show = runner.invoke(app, ["pruners", "show", "magnitude"])
     assert show.exit_code == 0 and "|θ|" in show.stdout
+
+
+def test_woodfisher_end_to_end_beats_magnitude_at_high_sparsity(tmp_path):
+    accuracy = {}
+    for pruner in ("magnitude", "woodfisher"):
+        result = prune(
+            "sample:digits-cnn",
+            "-p",
+            pruner,
+            "-s",
+            "0.95",
+            "--recompute",
+            "2",
+            "--out",
+            str(tmp_path / pruner),
+            "--json",
+            "--verbose",
+        )
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        assert report["sparsity"]["achieved"] == pytest.approx(0.95, abs=1e-4)
+        accuracy[pruner] = report["accuracy"]["pruned"]
+    assert "memory plan" in result.stderr
+    assert accuracy["woodfisher"] > accuracy["magnitude"] + 0.02
+
+
+def test_woodfisher_bad_inputs_through_the_cli(tmp_path):
+    base = ("sample:digits-mlp", "-p", "woodfisher", "-s", "0.5", "--out", str(tmp_path / "o"))
+    assert_error(prune(*base, "--param", "damp=0"), 2, "damp=0: must be > 0.0")
+    assert_error(prune(*base, "--param", "num_grads=5000"), 2, "calibration split has 1438")
+    assert_error(
+        prune(*base, "--memory-budget", "10kB"),
+        2,
+        "too small for net.1.weight",
+        "it needs at least",
+    )
+    assert_error(prune(*base, "--recompute", "0"), 2, "--recompute 0")
+    assert not (tmp_path / "o").exists()
+
+
+def test_pruners_show_lists_hyperparameters():
+    result = runner.invoke(app, ["pruners", "show", "woodfisher", "--json"])
+    info = json.loads(result.stdout)
+    defaults = {p["name"]: p["default"] for p in info["params"]}
+    assert defaults == {
+        "block_size": 128,
+        "damp": 1e-5,
+        "num_grads": 1000,
+        "grad_batch": 1,
+        "fisher": "empirical",
+        "exact": True,
+    }
+    assert info["needs"] == ["fisher_inv"]

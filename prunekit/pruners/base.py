@@ -9,8 +9,8 @@ are set to -inf by the pipeline, so a pruner never has to care about them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 

@@ -1,0 +1,106 @@
+"""The blockwise inverse Fisher and the OBS algebra against dense closed-form oracles."""
+
+import pytest
+import torch
+
+from prunekit import fisher
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def dense_block_inverses(rows, block, damp):
+    """torch.linalg.inv of λI + GᵀG/m for each block, built densely."""
+    m, d = rows.shape
+    out = []
+    for start in range(0, d, block):
+        g = torch.zeros(m, block)
+        piece = rows[:, start : start + block]
+        g[:, : piece.shape[1]] = piece
+        out.append(torch.linalg.inv(damp * torch.eye(block) + g.T @ g / m))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize(("m", "d", "block"), [(5, 23, 8), (40, 23, 8), (7, 16, 16)])
+def test_both_paths_equal_dense_inverse_and_rank1_recursion(m, d, block):
+    rows = torch.randn(m, d, generator=torch.Generator().manual_seed(m))
+    damp = 1e-2
+    oracle = dense_block_inverses(rows, block, damp)
+    woodbury = fisher.inverse_from_rows(rows, block, damp)
+    cholesky = fisher.inverse_from_gram(fisher.gram_blocks(rows, block), m, damp)
+    recursion = fisher.rank1_inverse_reference(rows, block, damp)
+    assert oracle.shape == (-(-d // block), block, block)
+    torch.testing.assert_close(woodbury, oracle, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(cholesky, oracle, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(recursion, oracle, rtol=1e-8, atol=1e-8)
+
+
+def test_gram_blocks_sum_over_chunks():
+    rows = torch.randn(12, 10)
+    whole = fisher.gram_blocks(rows, 4)
+    parts = fisher.gram_blocks(rows[:5], 4) + fisher.gram_blocks(rows[5:], 4)
+    torch.testing.assert_close(whole, parts)
+
+
+@pytest.fixture
+def least_squares():
+    """L(w) = ‖Xw − y‖² / (2n): the Hessian is exactly XᵀX / n; w* is the minimiser."""
+    gen = torch.Generator().manual_seed(0)
+    n, d = 200, 6
+    x = torch.randn(n, d, generator=gen) @ torch.randn(d, d, generator=gen)  # correlated
+    y = x @ torch.randn(d, generator=gen) + 0.1 * torch.randn(n, generator=gen)
+    w_star = torch.linalg.lstsq(x, y.unsqueeze(1)).solution.squeeze(1)
+    hessian = x.T @ x / n
+
+    def loss(w):
+        return ((x @ w - y).square().sum() / (2 * n)).item()
+
+    return x, y, w_star, hessian, loss
+
+
+def test_single_weight_removal_changes_loss_by_prediction(least_squares):
+    _x, _y, w_star, hessian, loss = least_squares
+    inverse = torch.linalg.inv(hessian).unsqueeze(0)  # one block: the whole tensor
+    predicted = fisher.obs_scores(w_star, inverse)
+    for q in range(len(w_star)):
+        prune = torch.zeros(len(w_star), dtype=torch.bool)
+        prune[q] = True
+        updated = fisher.obs_update(w_star, inverse, prune)
+        assert updated[q] == 0.0
+        assert loss(updated) - loss(w_star) == pytest.approx(predicted[q].item(), rel=1e-9)
+
+
+def test_exact_joint_update_is_the_constrained_optimum(least_squares):
+    x, y, w_star, hessian, loss = least_squares
+    inverse = torch.linalg.inv(hessian).unsqueeze(0)
+    prune = torch.tensor([True, False, True, False, False, True])
+    updated = fisher.obs_update(w_star, inverse, prune, exact=True)
+    free = ~prune
+    optimum = torch.zeros_like(w_star)
+    optimum[free] = torch.linalg.lstsq(x[:, free], y.unsqueeze(1)).solution.squeeze(1)
+    torch.testing.assert_close(updated, optimum, rtol=1e-9, atol=1e-9)
+    assert torch.all(updated[prune] == 0.0)
+    independent = fisher.obs_update(w_star, inverse, prune, exact=False)
+    assert torch.all(independent[prune] == 0.0)
+    assert loss(updated) < loss(independent)  # the joint solve is the better one
+
+
+def test_blocks_are_independent_and_padding_is_ignored():
+    gen = torch.Generator().manual_seed(1)
+    rows = torch.randn(30, 10, generator=gen)
+    inverse = fisher.inverse_from_gram(fisher.gram_blocks(rows, 4), 30, 1e-3)  # blocks 4,4,2
+    weight = torch.randn(2, 5, generator=gen)
+    prune = torch.zeros(2, 5, dtype=torch.bool)
+    prune[0, 0] = True  # flat index 0: lives in block 0 (indices 0..3)
+    updated = fisher.obs_update(weight, inverse, prune, exact=True)
+    assert updated[0, 0] == 0.0
+    flat_before, flat_after = weight.reshape(-1), updated.reshape(-1)
+    assert torch.equal(flat_after[4:], flat_before[4:])  # other blocks untouched
+    assert not torch.equal(flat_after[1:4], flat_before[1:4])  # same block compensated
+    scores = fisher.obs_scores(weight, inverse)
+    assert scores.shape == weight.shape and torch.all(scores >= 0)
