@@ -160,16 +160,7 @@ def per_sample_gradients(
     xs = x[: n * grad_batch].reshape(n, grad_batch, *x.shape[1:])
     ys = y[: n * grad_batch].reshape(n, grad_batch)
     grads = vmap(grad(_loss_of_batch(model, frozen)), in_dims=(None, 0, 0))(params, xs, ys)
-    rows = {}
-    for t in targets:
-        g = grads[t.name].reshape(n, -1) * t.mask.reshape(1, -1)
-        if not torch.isfinite(g).all():
-            raise NumericalError(
-                f"the gradients of {t.name} contain NaN or Inf; check the model's weights and "
-                "inputs (or lower the learning rate that produced them)"
-            )
-        rows[t.name] = g
-    return rows
+    return {t.name: grads[t.name].reshape(n, -1) * t.mask.reshape(1, -1) for t in targets}
 
 
 class Collector:
@@ -253,6 +244,11 @@ class Collector:
         self.model.train(was_training)
         out: dict[str, dict[str, torch.Tensor]] = {}
         for t in group:
+            if not torch.isfinite(squares[t.name]).all():  # any NaN/Inf gradient shows here
+                raise NumericalError(
+                    f"the gradients of {t.name} contain NaN or Inf; check the model's weights "
+                    "and inputs (or lower the learning rate that produced them)"
+                )
             stats = {
                 "grad_mean": (sums[t.name] / m).reshape(t.weight.shape),
                 # × b: with mini-batch gradients this still estimates the per-sample Fisher

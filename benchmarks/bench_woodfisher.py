@@ -1,0 +1,164 @@
+"""WoodFisher cost, in ratios measured in one process (run: python benchmarks/bench_woodfisher.py).
+
+(a) a whole woodfisher step (gradients + inverse + scores + update) / computing its m gradients
+(b) the batched block inverse / the reference codes' sequential rank-1 loop, same gradients
+(c) peak memory of collecting the statistics / the memory plan's estimate
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from prunekit import fisher, registry
+from prunekit.data import load_data, loader
+from prunekit.masks import find_targets
+from prunekit.models import load_model
+from prunekit.schedule import StepContext, prune_step
+from prunekit.stats import Collector, per_sample_gradients
+
+
+def best_of(fn, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def overhead(device: torch.device, m: int, size: int) -> None:
+    """digits-resnet on its own 8x8 digits (size 8), or on random size x size inputs."""
+    if size == 8:
+        calibration = load_data("digits").calibration
+    else:
+        gen = torch.Generator().manual_seed(0)
+        calibration = TensorDataset(
+            torch.randn(m, 1, size, size, generator=gen), torch.randint(0, 10, (m,), generator=gen)
+        )
+
+    def fresh():
+        model = load_model("sample:digits-resnet").model.to(device)
+        targets, _ = find_targets(model)
+        return model, targets
+
+    def gradients_only():
+        model, targets = fresh()
+        taken = 0
+        for x, y in loader(calibration, 128):
+            per_sample_gradients(
+                model, targets, x[: m - taken].to(device), y[: m - taken].to(device)
+            )
+            taken += len(x)
+            if taken >= m:
+                break
+        sync(device)
+
+    def whole_step():
+        model, targets = fresh()
+        pruner = registry.create("woodfisher", {"num_grads": str(m)})
+        prune_step(StepContext(model, targets, pruner, calibration, device), 0.9)
+        sync(device)
+
+    t_grad, t_step = best_of(gradients_only), best_of(whole_step)
+    print(
+        f"(a) digits-resnet on {size}x{size} inputs, m={m}, B=128: gradients {t_grad:.3f} s, "
+        "whole woodfisher step "
+        f"{t_step:.3f} s, ratio {t_step / t_grad:.2f} (aim <= 1.5)"
+    )
+
+
+def inverse_speed(device: torch.device, m: int, block: int, d: int) -> None:
+    rows = torch.randn(m, d, device=device) * 1e-2
+    path = "Cholesky" if m >= block else "Woodbury"
+
+    def batched():
+        if m >= block:
+            fisher.inverse_from_gram(fisher.gram_blocks(rows, block), m, 1e-5)
+        else:
+            fisher.inverse_from_rows(rows, block, 1e-5)
+        sync(device)
+
+    def sequential():
+        fisher.rank1_inverse_reference(rows, block, 1e-5)
+        sync(device)
+
+    t_fast, t_ref = best_of(batched), best_of(sequential, repeats=1)
+    print(
+        f"(b) m={m}, B={block}, d={d} ({d // block} blocks): batched {path} {t_fast:.3f} s, "
+        f"sequential rank-1 {t_ref:.3f} s, speed-up {t_ref / t_fast:.1f}x (aim >= 10x)"
+    )
+
+
+def peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM")
+
+
+def reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def memory(device: torch.device, m: int) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(64, 1024),
+        nn.ReLU(),
+        nn.Linear(1024, 512),
+        nn.ReLU(),
+        nn.Linear(512, 10),
+    ).to(device)
+    data = load_data("digits")
+    targets, _ = find_targets(model)
+    pruner = registry.create("woodfisher", {"num_grads": str(m)})
+    collector = Collector(
+        model, targets, data.calibration, pruner.stats_spec(), pruner.needs, device
+    )
+    estimate = max(collector.plan.group_bytes)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        reset_peak()
+        base = peak_rss()
+    stats = list(collector.collect())
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss()
+    used = peak - base
+    del stats
+    weights = sum(t.numel for t in targets)
+    print(
+        f"(c) MLP with {weights:,} target weights, m={m}, B=128: peak {used / 2**20:.0f} MiB, "
+        f"plan {estimate / 2**20:.0f} MiB, ratio {used / estimate:.2f} (<= 1 means the plan "
+        "is safe)"
+    )
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--num-grads", type=int, default=1000)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    overhead(device, args.num_grads, 8)
+    overhead(device, args.num_grads, 32)
+    inverse_speed(device, args.num_grads, 128, 128 * 64)
+    memory(device, args.num_grads)
+
+
+if __name__ == "__main__":
+    main()
