@@ -134,6 +134,9 @@ def prune(
     recompute: Annotated[
         int, typer.Option(help="Split the step into K sub-steps, recomputing statistics.")
     ] = 1,
+    recalibrate_bn: Annotated[
+        bool, typer.Option(help="Re-estimate BatchNorm statistics on the calibration split.")
+    ] = False,
     memory_budget: Annotated[
         str | None,
         typer.Option(help="Memory for statistics, e.g. 2GiB (default: a safe share of free)."),
@@ -185,6 +188,7 @@ def prune(
         trust_checkpoint=trust_checkpoint,
         params=parse_params(param or []),
         recompute=recompute,
+        recalibrate_bn=recalibrate_bn,
         memory_budget=parse_size(memory_budget) if memory_budget else None,
         verbose=verbose,
         device=device,

@@ -20,6 +20,7 @@ class PruneConfig:
     trust_checkpoint: bool = False
     params: dict[str, str] = field(default_factory=dict)
     recompute: int = 1
+    recalibrate_bn: bool = False
     memory_budget: int | None = None  # bytes; None: a safe fraction of free memory
     verbose: bool = False
     device: str = "auto"

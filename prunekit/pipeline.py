@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from prunekit import registry
+from prunekit.batchnorm import recalibrate_batchnorm
 from prunekit.config import PruneConfig
 from prunekit.data import load_data
 from prunekit.device import resolve_device
@@ -82,6 +83,8 @@ def run(config: PruneConfig, reporter: Reporter | None = None) -> dict[str, Any]
         reporter.note(plan.describe())  # type: ignore[union-attr]
     with reporter.stage(f"pruning with {config.pruner}"):
         warnings += oneshot(ctx, config.sparsity, config.recompute)
+        if config.recalibrate_bn:
+            recalibrate_batchnorm(model, data.calibration, device)
     achieved, per_tensor = sparsity_of(targets)
 
     with reporter.stage("evaluating the pruned model"):
@@ -95,6 +98,7 @@ def run(config: PruneConfig, reporter: Reporter | None = None) -> dict[str, Any]
         "params": pruner.hparams,
         "mask": config.mask,
         "recompute": config.recompute,
+        "recalibrate_bn": config.recalibrate_bn,
         "device": str(device),
         "seed": config.seed,
         "sparsity": {"target": config.sparsity, "achieved": achieved, "per_tensor": per_tensor},
