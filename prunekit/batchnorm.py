@@ -15,7 +15,7 @@ NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 def recalibrate_batchnorm(
     model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 128
 ) -> int:
-    """Reset running mean/var to the average of batch statistics over ``dataset``; return #layers."""
+    """Set running mean/var to the average of batch statistics over ``dataset``."""
     norms = [m for m in model.modules() if isinstance(m, NORMS) and m.track_running_stats]
     if not norms:
         return 0
