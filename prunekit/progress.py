@@ -38,6 +38,7 @@ class RichReporter:
             TimeElapsedColumn(),
             console=self.console,
             transient=True,
+            disable=not self.console.is_terminal,  # no stray blank lines in logs and pipes
         )
 
     def note(self, text: str) -> None:
