@@ -33,7 +33,7 @@ models_app = typer.Typer(help="List the sample models.", no_args_is_help=True)
 app.add_typer(pruners_app, name="pruners")
 app.add_typer(models_app, name="models")
 
-out = Console(soft_wrap=True)
+console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -144,6 +144,12 @@ def prune(
     verbose: Annotated[bool, typer.Option(help="Show the statistics memory plan.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:i].")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed for random criteria and re-initialisation.")] = 0,
+    export: Annotated[
+        str, typer.Option(help="Formats to write: safetensors, onnx (comma-separated).")
+    ] = "safetensors",
+    validate: Annotated[
+        bool, typer.Option(help="Validate the ONNX export in ONNX Runtime (implies onnx).")
+    ] = False,
     out: Annotated[
         Path | None, typer.Option(help="Output folder (default prunekit-out/MODEL-PRUNER-S).")
     ] = None,
@@ -193,6 +199,8 @@ def prune(
         verbose=verbose,
         device=device,
         seed=seed,
+        exports=_exports(export, validate),
+        validate=validate,
         out=out,
         force=force,
     )
@@ -203,6 +211,21 @@ def prune(
         _print_json(report)
     else:
         _print_report(report)
+    _exit_if_failed(report.get("validation"))
+
+
+def _exit_if_failed(validation: dict[str, Any] | None) -> None:
+    if validation is not None and not validation["passed"]:
+        for failure in validation["failures"]:
+            err.print(f"[red]validation failed:[/red] {failure}", highlight=False)
+        raise typer.Exit(1)
+
+
+def _exports(text: str, validate: bool) -> tuple[str, ...]:
+    formats = [f.strip() for f in text.split(",") if f.strip()]
+    if validate and "onnx" not in formats:
+        formats.append("onnx")
+    return tuple(formats)
 
 
 def _print_report(report: dict[str, Any]) -> None:
@@ -214,9 +237,11 @@ def _print_report(report: dict[str, Any]) -> None:
     sparsity, acc = report["sparsity"], report["accuracy"]
     table.add_section()
     table.add_row("all targets", f"{sparsity['achieved']:.1%} (asked {sparsity['target']:.1%})")
-    out.print(table)
-    out.print(f"test accuracy: dense {acc['dense']:.2%} -> pruned {acc['pruned']:.2%}")
-    out.print(f"wrote {', '.join(report['outputs'])} in {report['seconds']:.1f} s")
+    console.print(table)
+    console.print(f"test accuracy: dense {acc['dense']:.2%} -> pruned {acc['pruned']:.2%}")
+    if "validation" in report:
+        _print_validation(report["validation"])
+    console.print(f"wrote {', '.join(report['outputs'])} in {report['seconds']:.1f} s")
 
 
 @pruners_app.command("list")
@@ -240,7 +265,7 @@ def pruners_list(
     for row in rows:
         summary = row["summary"] if row["error"] is None else f"[red]error:[/red] {row['error']}"
         table.add_row(row["name"], row["distribution"], row["version"], summary)
-    out.print(table)
+    console.print(table)
 
 
 @pruners_app.command("show")
@@ -274,15 +299,15 @@ def pruners_show(
     if as_json:
         _print_json(info)
         return
-    out.print(f"[bold]{name}[/bold]: {info['summary']}")
-    out.print(f"statistics: {', '.join(info['needs']) or 'none'}")
+    console.print(f"[bold]{name}[/bold]: {info['summary']}")
+    console.print(f"statistics: {', '.join(info['needs']) or 'none'}")
     if not cls.params:
-        out.print("no hyperparameters")
+        console.print("no hyperparameters")
         return
     table = Table("--param", "default", "meaning")
     for p in info["params"]:
         table.add_row(p["name"], str(p["default"]), p["help"])
-    out.print(table)
+    console.print(table)
 
 
 @models_app.command("list")
@@ -323,7 +348,203 @@ def models_list(
             f"{row['test_accuracy']:.2%}",
             row["description"],
         )
-    out.print(table)
+    console.print(table)
+
+
+def _print_validation(v: dict[str, Any]) -> None:
+    session = v["session"]
+    console.print(
+        f"ONNX Runtime ({session['provider']}, intra-op threads "
+        f"{session['intra_op_threads']}, {session['graph_optimization']}): accuracy "
+        f"{v['accuracy']:.2%}"
+        + (f", baseline {v['baseline_accuracy']:.2%}" if "baseline_accuracy" in v else "")
+    )
+    if "parity" in v:
+        p = v["parity"]
+        console.print(
+            f"parity with PyTorch: top-1 agreement {p['top1_agreement']:.2%}, max |diff| "
+            f"{p['max_abs_diff']:.2e} ({'ok' if p['passed'] else 'FAILED'})"
+        )
+    table = Table(title="latency (ms)")
+    for column in ("model", "batch", "p50", "p90", "p99", "samples/s"):
+        table.add_column(column, justify="right" if column != "model" else "left")
+    for label, per_batch in v["latency"].items():
+        for batch, m in per_batch.items():
+            table.add_row(
+                label,
+                batch,
+                f"{m['p50_ms']:.3f}",
+                f"{m['p90_ms']:.3f}",
+                f"{m['p99_ms']:.3f}",
+                f"{m['throughput_per_s']:,.0f}",
+            )
+    console.print(table)
+    if "latency_ratio" in v:
+        ratios = ", ".join(f"batch {b}: {r:.2f}" for b, r in v["latency_ratio"].items())
+        console.print(f"p50 latency pruned / dense: {ratios}")
+    console.print(f"note: {v['note']}")
+
+
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UsageError(f"{option} {text}: give comma-separated integers, e.g. 1,32") from None
+
+
+@app.command()
+@handle_errors
+def export(
+    model: Annotated[
+        str, typer.Argument(help="sample:NAME, torchvision:ARCH or pkg.module:factory")
+    ],
+    out: Annotated[Path, typer.Option(help="Output file (.onnx or .safetensors).")],
+    format: Annotated[str, typer.Option("--format", help="onnx or safetensors.")] = "onnx",
+    weights: Annotated[Path | None, typer.Option(help="State dict (plain or compact).")] = None,
+    data: Annotated[
+        str | None, typer.Option(help="Dataset spec that fixes the input shape.")
+    ] = None,
+    input_shape: Annotated[
+        str | None, typer.Option(help="Input shape without batch, e.g. 3,32,32.")
+    ] = None,
+    num_classes: Annotated[
+        int | None, typer.Option(help="Classes of a torchvision/factory model.")
+    ] = None,
+    dense: Annotated[bool, typer.Option(help="Write dense tensors / initializers only.")] = False,
+    trust_checkpoint: Annotated[
+        bool, typer.Option(help="Allow pickled checkpoints you trust.")
+    ] = False,
+    force: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
+) -> None:
+    """Export MODEL (e.g. a pruned model.safetensors) to ONNX or compact safetensors.
+
+    Examples:
+
+        prunekit export sample:digits-cnn --weights run/model.safetensors --out m.onnx
+
+        prunekit export sample:digits-cnn --weights run/model.safetensors
+        --format safetensors --out m.compact.safetensors
+    """
+    from prunekit.compact import save_compact
+    from prunekit.export import read_metadata, save_safetensors
+    from prunekit.models import default_data, load_model
+    from prunekit.outputs import staged_file
+
+    if format not in {"onnx", "safetensors"}:
+        raise UsageError(f"--format {format}: use onnx or safetensors")
+    shape = _int_list(input_shape, "--input-shape") if input_shape else None
+    data_spec = data or default_data(model)
+    if shape is None and format == "onnx":
+        if data_spec is None:
+            raise UsageError(f"{model} has no dataset: pass --data SPEC or --input-shape C,H,W")
+        from prunekit.data import load_data
+
+        shape = load_data(data_spec).input_shape
+    loaded = load_model(model, weights, num_classes, trust_checkpoint)
+    metadata = {"format": "pt", "prunekit_version": __version__, "model": model}
+    if weights is not None and weights.suffix == ".safetensors":
+        metadata.update({k: v for k, v in read_metadata(weights).items() if k != "prunekit_sparse"})
+    if data_spec:
+        metadata["data"] = data_spec
+    with staged_file(out, force) as tmp:
+        if format == "onnx":
+            from prunekit.onnx_export import export_onnx
+
+            export_onnx(loaded.model, shape, tmp, metadata, sparse=not dense)  # type: ignore[arg-type]
+        elif dense:
+            save_safetensors(loaded.model, tmp, metadata)
+        else:
+            save_compact(loaded.model.state_dict(), tmp, metadata)
+    summary = {"model": model, "format": format, "out": str(out), "bytes": out.stat().st_size}
+    if as_json:
+        _print_json(summary)
+    else:
+        console.print(f"wrote {out} ({summary['bytes']:,} bytes)")
+
+
+@app.command()
+@handle_errors
+def densify(
+    src: Annotated[Path, typer.Argument(help="Compact (or plain) safetensors file.")],
+    dst: Annotated[Path, typer.Argument(help="Dense safetensors file to write.")],
+    force: Annotated[bool, typer.Option(help="Replace DST if it exists.")] = False,
+) -> None:
+    """Write the dense tensors of a compact safetensors file, bit for bit.
+
+    Example: prunekit densify run/model.compact.safetensors dense.safetensors
+    """
+    from prunekit.compact import densify as densify_file
+    from prunekit.outputs import staged_file
+
+    with staged_file(dst, force) as tmp:
+        densify_file(src, tmp)
+    console.print(f"wrote {dst} ({dst.stat().st_size:,} bytes)")
+
+
+@app.command("validate")
+@handle_errors
+def validate_command(
+    onnx_file: Annotated[Path, typer.Argument(help="The ONNX model to validate.")],
+    baseline: Annotated[Path | None, typer.Option(help="Dense ONNX model timed alongside.")] = None,
+    data: Annotated[
+        str | None, typer.Option(help="Dataset spec (default: from the file's metadata).")
+    ] = None,
+    torch_model: Annotated[
+        str | None, typer.Option("--torch", help="PyTorch model spec for the parity check.")
+    ] = None,
+    weights: Annotated[Path | None, typer.Option(help="Weights of --torch.")] = None,
+    batch_sizes: Annotated[str, typer.Option(help="Batch sizes to time, e.g. 1,32.")] = "1,32",
+    threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads (0: default).")] = 0,
+    provider: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    runs: Annotated[int, typer.Option(help="Timed runs per model and batch size.")] = 500,
+    max_accuracy_drop: Annotated[
+        float | None,
+        typer.Option(help="Fail when accuracy falls more than this (0..1) below the baseline."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Check an ONNX export in ONNX Runtime: accuracy, parity with PyTorch, latency.
+
+    Exits 1 when parity fails or accuracy drops more than --max-accuracy-drop. Without
+    --torch, the parity check uses the model spec and weights file recorded by prunekit
+    next to the ONNX file, when there are any.
+
+    Example: prunekit validate run/model.onnx --baseline run/dense.onnx --max-accuracy-drop 0.01
+    """
+    from prunekit.data import load_data
+    from prunekit.models import load_model
+    from prunekit.validate import ValidateOptions, read_onnx_metadata, validate
+
+    options = ValidateOptions(
+        batch_sizes=_int_list(batch_sizes, "--batch-sizes"),
+        threads=threads,
+        provider=provider,
+        runs=runs,
+        max_accuracy_drop=max_accuracy_drop,
+    )
+    options.check()
+    meta = read_onnx_metadata(onnx_file)
+    spec = data or meta.get("data")
+    if spec is None:
+        raise UsageError(f"{onnx_file} records no dataset; pass --data SPEC")
+    splits = load_data(spec)
+    model = None
+    if torch_model is not None:
+        model = load_model(torch_model, weights).model
+    elif meta.get("model") and meta.get("weights_file"):
+        sibling = onnx_file.parent / meta["weights_file"]
+        if sibling.is_file():
+            model = load_model(meta["model"], sibling).model
+    reference = float(meta["accuracy_dense"]) if "accuracy_dense" in meta else None
+    result = validate(
+        onnx_file, splits.test, splits.input_shape, options, baseline, model, reference
+    )
+    if as_json:
+        _print_json(result)
+    else:
+        _print_validation(result)
+    _exit_if_failed(result)
 
 
 def main() -> None:

@@ -25,6 +25,8 @@ class PruneConfig:
     verbose: bool = False
     device: str = "auto"
     seed: int = 0
+    exports: tuple[str, ...] = ("safetensors",)
+    validate: bool = False
     out: Path = Path("prunekit-out")
     force: bool = False
 

@@ -10,6 +10,8 @@ from torch import nn
 
 from prunekit import __version__
 
+EXPORT_FORMATS = ("safetensors", "onnx")
+
 
 def metadata_for(report: dict[str, Any], config: dict[str, Any]) -> dict[str, str]:
     """The ``__metadata__`` strings stored in every file prunekit writes."""
@@ -22,6 +24,9 @@ def metadata_for(report: dict[str, Any], config: dict[str, Any]) -> dict[str, st
         "sparsity_target": repr(sparsity["target"]),
         "sparsity_achieved": repr(sparsity["achieved"]),
         "sparsity_per_tensor": json.dumps(sparsity["per_tensor"]),
+        "data": report["data"],
+        "accuracy_dense": repr(report["accuracy"]["dense"]),
+        "accuracy_pruned": repr(report["accuracy"]["pruned"]),
         "config": json.dumps(config, sort_keys=True),
     }
 
@@ -39,3 +44,42 @@ def read_metadata(path: Path) -> dict[str, str]:
 
     with safe_open(str(path), framework="pt") as f:
         return dict(f.metadata() or {})
+
+
+def write_exports(
+    folder: Path,
+    model: nn.Module,
+    dense_model: nn.Module | None,
+    input_shape: tuple[int, ...],
+    metadata: dict[str, str],
+    formats: tuple[str, ...],
+) -> list[str]:
+    """Write the run's files into ``folder``; return their names.
+
+    Always ``model.safetensors`` (dense tensors, pruned entries zero). ``safetensors`` adds
+    ``model.compact.safetensors`` (bitmask form); ``onnx`` adds ``model.onnx`` (pruned
+    initializers stored sparse where smaller) and ``dense.onnx``, the unpruned baseline.
+    """
+    from prunekit.compact import save_compact
+
+    save_safetensors(model, folder / "model.safetensors", metadata)
+    files = ["model.safetensors"]
+    if "safetensors" in formats:
+        save_compact(model.state_dict(), folder / "model.compact.safetensors", metadata)
+        files.append("model.compact.safetensors")
+    if "onnx" in formats:
+        from prunekit.onnx_export import export_onnx
+
+        export_onnx(
+            model,
+            input_shape,
+            folder / "model.onnx",
+            {**metadata, "weights_file": "model.safetensors"},
+        )
+        assert dense_model is not None
+        dense_meta = {**metadata, "pruner": "none (dense baseline)", "sparsity_target": "0.0"}
+        dense_meta.pop("sparsity_per_tensor")
+        dense_meta["sparsity_achieved"] = "0.0"
+        export_onnx(dense_model, input_shape, folder / "dense.onnx", dense_meta, sparse=False)
+        files += ["model.onnx", "dense.onnx"]
+    return files

@@ -106,15 +106,9 @@ def read_state_dict(path: Path, trust: bool = False) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise InputFileError(f"weights file {path} does not exist; check --weights")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from prunekit.compact import load_sparse
 
-        try:
-            return load_file(path)
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise InputFileError(
-                f"{path} is not a valid safetensors file ({exc}); re-export the weights"
-            ) from exc
+        return load_sparse(path)  # plain or compact (bitmask) form
     if path.suffix not in {".pt", ".pth", ".bin"}:
         raise InputFileError(f"{path}: weights must be .safetensors, .pt or .pth")
     try:

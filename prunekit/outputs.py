@@ -19,6 +19,14 @@ def check_writable(out: Path, force: bool) -> None:
         raise OutputExistsError(f"{out} already exists; pass --force to replace it")
 
 
+def _readable(path: Path) -> None:
+    """Give written files the usual permissions (some writers create them 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
+        os.chmod(file, 0o666 & ~umask)
+
+
 @contextmanager
 def staged_dir(out: Path, force: bool) -> Iterator[Path]:
     """Yield an empty folder beside ``out``; move it into place only if the block succeeds."""
@@ -28,6 +36,7 @@ def staged_dir(out: Path, force: bool) -> Iterator[Path]:
     os.chmod(staging, 0o755)
     try:
         yield staging
+        _readable(staging)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
             out.rename(old)
@@ -47,6 +56,7 @@ def staged_file(path: Path, force: bool) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         yield tmp
+        _readable(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from typing import Any
@@ -15,13 +16,14 @@ from prunekit.data import load_data
 from prunekit.device import resolve_device
 from prunekit.errors import UsageError
 from prunekit.evaluate import accuracy
-from prunekit.export import metadata_for, save_safetensors
+from prunekit.export import EXPORT_FORMATS, metadata_for, write_exports
 from prunekit.masks import MASK_MODES, check_sparsity, find_targets, sparsity_of
 from prunekit.models import default_data, load_model
 from prunekit.outputs import check_writable, staged_dir
 from prunekit.progress import Reporter, Silent
 from prunekit.schedule import StepContext, oneshot
 from prunekit.stats import Collector
+from prunekit.validate import ValidateOptions, validate
 
 
 def _check(config: PruneConfig) -> None:
@@ -31,6 +33,14 @@ def _check(config: PruneConfig) -> None:
         raise UsageError(f"unknown mask mode '{config.mask}': use one of {', '.join(MASK_MODES)}")
     if config.recompute < 1:
         raise UsageError(f"--recompute {config.recompute}: give at least 1 sub-step")
+    unknown = sorted(set(config.exports) - set(EXPORT_FORMATS))
+    if unknown or not config.exports:
+        raise UsageError(
+            f"--export {','.join(config.exports)}: choose from "
+            f"{', '.join(EXPORT_FORMATS)} (comma-separated)"
+        )
+    if config.validate and "onnx" not in config.exports:
+        raise UsageError("--validate needs the ONNX export: add --export safetensors,onnx")
     check_writable(config.out, config.force)
 
 
@@ -59,6 +69,7 @@ def run(config: PruneConfig, reporter: Reporter | None = None) -> dict[str, Any]
 
     with reporter.stage("evaluating the dense model"):
         dense_accuracy = accuracy(model, data.test, device)
+    dense_model = copy.deepcopy(model).cpu() if "onnx" in config.exports else None
 
     ctx = StepContext(
         model,
@@ -106,8 +117,22 @@ def run(config: PruneConfig, reporter: Reporter | None = None) -> dict[str, Any]
         "warnings": warnings,
     }
     with reporter.stage("writing outputs"), staged_dir(config.out, config.force) as stage:
-        save_safetensors(model, stage / "model.safetensors", metadata_for(report, config.to_json()))
-        report["outputs"] = [str(config.out / "model.safetensors"), str(config.out / "report.json")]
+        metadata = metadata_for(report, config.to_json())
+        files = write_exports(stage, model, dense_model, data.input_shape, metadata, config.exports)
+        report["sizes"] = {name: (stage / name).stat().st_size for name in files}
+        if config.validate:
+            with reporter.stage("validating in ONNX Runtime"):
+                report["validation"] = validate(
+                    stage / "model.onnx",
+                    data.test,
+                    data.input_shape,
+                    ValidateOptions(),
+                    baseline=stage / "dense.onnx",
+                    torch_model=model,
+                )
+                report["validation"]["model"] = str(config.out / "model.onnx")
+                report["validation"]["baseline"] = str(config.out / "dense.onnx")
+        report["outputs"] = [str(config.out / name) for name in [*files, "report.json"]]
         report["seconds"] = round(time.perf_counter() - started, 3)
         (stage / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

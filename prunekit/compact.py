@@ -1,0 +1,103 @@
+"""The compact sparse safetensors form: a bitmask plus the packed non-zero values.
+
+A tensor ``name`` that is cheaper this way is stored as two tensors:
+
+- ``name::mask``: uint8, the non-zero positions (row-major), 8 per byte, least significant
+  bit first (``numpy.packbits(..., bitorder="little")``);
+- ``name::values``: the non-zero entries in row-major order, in the original dtype.
+
+``__metadata__["prunekit_sparse"]`` is JSON ``{name: {"shape": [...], "dtype": "float32"}}``
+naming every tensor so stored; all other tensors are stored as they are. "Non-zero" is
+decided on the bit pattern, so -0.0 survives and densifying is bit-exact. Size of an fp32
+tensor of sparsity s: (1 - s) + 1/32 of dense.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from prunekit.errors import InputFileError
+
+FORMAT_KEY = "prunekit_sparse"
+MASK, VALUES = "::mask", "::values"
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _nonzero_bits(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(_INT_OF_SIZE[t.element_size()]) != 0
+
+
+def compact_bytes(t: torch.Tensor) -> int:
+    """Bytes the tensor would take in compact form."""
+    nnz = int(_nonzero_bits(t).sum())
+    return nnz * t.element_size() + (t.numel() + 7) // 8
+
+
+def compact_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split each tensor that gets smaller into mask + values; return tensors and the index."""
+    out: dict[str, torch.Tensor] = {}
+    index: dict[str, dict] = {}
+    for name, t in state.items():
+        t = t.detach().cpu().contiguous()
+        if (
+            t.numel() == 0
+            or t.element_size() not in _INT_OF_SIZE
+            or compact_bytes(t) >= t.numel() * t.element_size()
+        ):
+            out[name] = t
+            continue
+        bits = _nonzero_bits(t)
+        packed = np.packbits(bits.numpy(), bitorder="little")
+        out[name + MASK] = torch.from_numpy(packed)
+        out[name + VALUES] = t.reshape(-1)[bits].clone()
+        index[name] = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+    return out, index
+
+
+def save_compact(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    tensors, index = compact_state(state)
+    save_file(tensors, str(path), metadata={**metadata, FORMAT_KEY: json.dumps(index)})
+
+
+def load_sparse(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Read a safetensors file, compact or plain, and return dense tensors (bit-exact)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(f"{path} does not exist; check the path")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            index = json.loads((f.metadata() or {}).get(FORMAT_KEY, "{}"))
+            raw = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iter)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InputFileError(
+            f"{path} is not a valid safetensors file ({exc}); re-export the weights"
+        ) from exc
+    dense = {k: v for k, v in raw.items() if not k.endswith((MASK, VALUES))}
+    for name, info in index.items():
+        numel = int(np.prod(info["shape"], dtype=np.int64))
+        bits = np.unpackbits(raw[name + MASK].numpy(), count=numel, bitorder="little")
+        values = raw[name + VALUES]
+        flat = torch.zeros(numel, dtype=values.dtype)
+        flat[torch.from_numpy(bits.astype(bool))] = values
+        dense[name] = flat.reshape(info["shape"])
+    return {k: v.to(device) for k, v in dense.items()}
+
+
+def densify(src: Path, dst: Path) -> None:
+    """Write the dense equivalent of ``src`` to ``dst`` (metadata kept, index dropped)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    state = load_sparse(src)
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    meta.pop(FORMAT_KEY, None)
+    save_file(state, str(dst), metadata=meta)

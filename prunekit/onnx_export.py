@@ -1,0 +1,129 @@
+"""ONNX export with ``torch.onnx.export`` (the dynamo exporter; needs onnxscript).
+
+The pruned weights are plain tensors with exact zeros (prunekit never leaves
+``weight_orig``/``weight_mask`` pairs), so the file holds them as they are. Initializers keep
+the PyTorch dotted names; large pruned ones become ``sparse_initializer``s when that is
+smaller (ONNX Runtime densifies them when it loads the model: this saves disk and transfer,
+not compute). The dense graph passes ``onnx.checker``'s full check (with shape inference);
+the sparse-initializer form passes the structural check, since ONNX shape inference does
+not type sparse tensors as inputs of dense operators, and is then loaded by ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from prunekit.errors import PrunekitError
+
+OPSET = 18
+INPUT, OUTPUT = "input", "logits"
+SINGLE_FILE_LIMIT = 2**31 - 2**20  # protobuf's 2 GiB limit, with some headroom
+INDEX_BYTES = 8  # ONNX sparse indices are int64
+
+
+def to_proto(model: nn.Module, input_shape: tuple[int, ...]):
+    """Export ``model`` (CPU, eval) to an ONNX ModelProto with a dynamic batch dimension."""
+    import onnx
+
+    model = copy.deepcopy(model).to("cpu").eval()
+    example = torch.zeros(2, *input_shape)
+    quiet = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(quiet):
+            program = torch.onnx.export(
+                model,
+                (example,),
+                dynamo=True,
+                input_names=[INPUT],
+                output_names=[OUTPUT],
+                dynamic_shapes=({0: torch.export.Dim("batch")},),
+                opset_version=OPSET,
+                optimize=True,
+                verbose=False,
+            )
+    except Exception as exc:  # the exporter raises many types; report one line
+        raise PrunekitError(
+            f"torch.onnx.export failed for this model ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); run with --debug for details"
+        ) from exc
+    proto = program.model_proto
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def sparsify_initializers(proto, min_numel: int = 1024) -> list[str]:
+    """Move pruned initializers to ``sparse_initializer`` where that makes them smaller."""
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    moved = []
+    for init in list(graph.initializer):
+        array = numpy_helper.to_array(init)
+        if array.size < min_numel or array.dtype.kind != "f":
+            continue
+        flat = array.reshape(-1)
+        nonzero = np.flatnonzero(flat.view(f"u{flat.itemsize}"))  # bit pattern: keeps -0.0
+        if len(nonzero) * (flat.itemsize + INDEX_BYTES) >= flat.nbytes:
+            continue
+        values = numpy_helper.from_array(flat[nonzero], name=init.name)
+        indices = numpy_helper.from_array(nonzero.astype(np.int64), name=f"{init.name}.indices")
+        graph.sparse_initializer.append(
+            helper.make_sparse_tensor(values, indices, list(array.shape))
+        )
+        graph.initializer.remove(init)
+        for info in [v for v in graph.value_info if v.name == init.name]:
+            graph.value_info.remove(info)
+        moved.append(init.name)
+    return moved
+
+
+def export_onnx(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    path: Path,
+    metadata: dict[str, str],
+    sparse: bool = True,
+) -> dict[str, object]:
+    """Write a self-contained ``.onnx`` file; return what was done (sizes, sparse tensors)."""
+    import onnx
+
+    proto = to_proto(model, input_shape)
+    dense_bytes = proto.ByteSize()
+    moved = sparsify_initializers(proto) if sparse else []
+    onnx.helper.set_model_props(proto, metadata)
+    onnx.checker.check_model(proto)
+    if proto.ByteSize() > SINGLE_FILE_LIMIT:
+        onnx.save_model(proto, str(path), save_as_external_data=True, location=f"{path.name}.data")
+    else:
+        onnx.save_model(proto, str(path))
+    return {
+        "path": str(path),
+        "bytes": path.stat().st_size,
+        "dense_graph_bytes": dense_bytes,
+        "sparse_initializers": moved,
+    }
+
+
+def onnx_sparsity(path: Path) -> dict[str, float]:
+    """Fraction of exact zeros of every float initializer, dense or sparse, by name."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path))
+    out = {}
+    for init in proto.graph.initializer:
+        array = numpy_helper.to_array(init)
+        if array.dtype.kind == "f" and array.size:
+            out[init.name] = float((array == 0).sum()) / array.size
+    for sparse in proto.graph.sparse_initializer:
+        values = numpy_helper.to_array(sparse.values)
+        numel = int(np.prod(sparse.dims))
+        out[sparse.values.name] = 1.0 - float((values != 0).sum()) / numel
+    return out
