@@ -60,7 +60,8 @@ def test_prune_json_report(tmp_path):
     }
     assert report["accuracy"]["dense"] == card["test_accuracy"]
     assert 0.9 < report["accuracy"]["pruned"] <= 1.0
-    assert report["outputs"] == [str(out / "model.safetensors"), str(out / "report.json")]
+    names = ["model.safetensors", "model.compact.safetensors", "report.json"]
+    assert report["outputs"] == [str(out / n) for n in names]
     assert json.loads((out / "report.json").read_text()) == report
     assert report["seconds"] > 0
 
@@ -251,7 +252,11 @@ def test_out_exists_without_force(tmp_path):
     assert_error(prune(*args), 2, f"{out} already exists", "--force")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert prune(*args, "--force").exit_code == 0
-    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "model.compact.safetensors",
+        "model.safetensors",
+        "report.json",
+    ]
     assert [p.name for p in tmp_path.iterdir()] == ["o"]  # no staging folders left behind
 
 
