@@ -7,6 +7,7 @@ and errors go to stderr.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -96,6 +97,64 @@ def parse_params(items: list[str]) -> dict[str, str]:
     return params
 
 
+# Options shared by `prune` and `sweep`.
+ScheduleOpt = Annotated[str, typer.Option("--schedule", help="oneshot, gradual or pbt.")]
+RecomputeOpt = Annotated[
+    int, typer.Option("--recompute", help="Split each pruning step into K sub-steps.")
+]
+StepsOpt = Annotated[int, typer.Option("--steps", help="gradual: number of pruning steps.")]
+InitialOpt = Annotated[
+    float, typer.Option("--initial-sparsity", help="gradual: sparsity before the first step.")
+]
+FinetuneOpt = Annotated[
+    int, typer.Option("--finetune-epochs", help="Epochs of masked fine-tuning after each step.")
+]
+WarmupOpt = Annotated[
+    int, typer.Option("--warmup-epochs", help="pbt: dense epochs before the mask is chosen.")
+]
+EpochsOpt = Annotated[int, typer.Option("--epochs", help="pbt: epochs trained with the mask.")]
+LrOpt = Annotated[float, typer.Option("--lr", help="Learning rate.")]
+OptimizerOpt = Annotated[str, typer.Option("--optimizer", help="sgd or adam.")]
+LrScheduleOpt = Annotated[str, typer.Option("--lr-schedule", help="cosine, multistep, constant.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Training batch size.")]
+DecayOpt = Annotated[float, typer.Option("--weight-decay", help="Weight decay.")]
+
+
+def _schedule(
+    kind: str,
+    recompute: int,
+    steps: int,
+    initial: float,
+    finetune: int,
+    warmup: int,
+    epochs: int,
+    lr: float,
+    optimizer: str,
+    lr_schedule: str,
+    batch_size: int,
+    weight_decay: float,
+):
+    from prunekit.schedule import ScheduleConfig
+    from prunekit.train import TrainConfig
+
+    return ScheduleConfig(
+        kind=kind,
+        recompute=recompute,
+        steps=steps,
+        initial_sparsity=initial,
+        finetune_epochs=finetune,
+        warmup_epochs=warmup,
+        epochs=epochs,
+        train=TrainConfig(
+            lr=lr,
+            optimizer=optimizer,
+            lr_schedule=lr_schedule,
+            batch_size=batch_size,
+            weight_decay=weight_decay,
+        ),
+    )
+
+
 @app.command()
 @handle_errors
 def prune(
@@ -131,9 +190,18 @@ def prune(
         list[str] | None,
         typer.Option("--param", help="Pruner hyperparameter key=value; repeatable."),
     ] = None,
-    recompute: Annotated[
-        int, typer.Option(help="Split the step into K sub-steps, recomputing statistics.")
-    ] = 1,
+    schedule: ScheduleOpt = "oneshot",
+    recompute: RecomputeOpt = 1,
+    steps: StepsOpt = 1,
+    initial_sparsity: InitialOpt = 0.0,
+    finetune_epochs: FinetuneOpt = 0,
+    warmup_epochs: WarmupOpt = 0,
+    epochs: EpochsOpt = 0,
+    lr: LrOpt = 0.05,
+    optimizer: OptimizerOpt = "sgd",
+    lr_schedule: LrScheduleOpt = "cosine",
+    batch_size: BatchOpt = 64,
+    weight_decay: DecayOpt = 5e-4,
     recalibrate_bn: Annotated[
         bool, typer.Option(help="Re-estimate BatchNorm statistics on the calibration split.")
     ] = False,
@@ -172,6 +240,11 @@ def prune(
 
         prunekit prune torchvision:resnet18 --weights r18.pt --data cifar10:~/data
         -p magnitude -s 0.9 --mask layer --exclude 'fc.*' --json
+
+        prunekit prune sample:digits-resnet -p woodfisher -s 0.95 --schedule gradual
+        --steps 4 --finetune-epochs 3
+
+        prunekit prune sample:digits-cnn -p snip -s 0.9 --schedule pbt --epochs 30
     """
     from prunekit.config import PruneConfig
     from prunekit.pipeline import run
@@ -193,7 +266,20 @@ def prune(
         num_classes=num_classes,
         trust_checkpoint=trust_checkpoint,
         params=parse_params(param or []),
-        recompute=recompute,
+        schedule=_schedule(
+            schedule,
+            recompute,
+            steps,
+            initial_sparsity,
+            finetune_epochs,
+            warmup_epochs,
+            epochs,
+            lr,
+            optimizer,
+            lr_schedule,
+            batch_size,
+            weight_decay,
+        ),
         recalibrate_bn=recalibrate_bn,
         memory_budget=parse_size(memory_budget) if memory_budget else None,
         verbose=verbose,
@@ -390,6 +476,121 @@ def _int_list(text: str, option: str) -> tuple[int, ...]:
         return tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
         raise UsageError(f"{option} {text}: give comma-separated integers, e.g. 1,32") from None
+
+
+def _float_list(text: str, option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UsageError(f"{option} {text}: give comma-separated numbers, e.g. 0.5,0.9") from None
+
+
+@app.command()
+@handle_errors
+def sweep(
+    model: Annotated[
+        str, typer.Argument(help="sample:NAME, torchvision:ARCH or pkg.module:factory")
+    ],
+    pruners: Annotated[str, typer.Option(help="Comma-separated pruner names.")],
+    sparsities: Annotated[str, typer.Option(help="Comma-separated sparsities, e.g. 0.8,0.9.")],
+    out: Annotated[Path, typer.Option(help="Sweep folder (resumed if it exists).")],
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0",
+    mask: Annotated[str, typer.Option(help="global or layer.")] = "global",
+    data: Annotated[
+        str | None, typer.Option(help="Dataset spec (sample models bring their own).")
+    ] = None,
+    weights: Annotated[Path | None, typer.Option(help="State dict to start from.")] = None,
+    param: Annotated[
+        list[str] | None,
+        typer.Option("--param", help="key=value, given to the pruners that accept it."),
+    ] = None,
+    schedule: ScheduleOpt = "oneshot",
+    recompute: RecomputeOpt = 1,
+    steps: StepsOpt = 1,
+    initial_sparsity: InitialOpt = 0.0,
+    finetune_epochs: FinetuneOpt = 0,
+    warmup_epochs: WarmupOpt = 0,
+    epochs: EpochsOpt = 0,
+    lr: LrOpt = 0.05,
+    optimizer: OptimizerOpt = "sgd",
+    lr_schedule: LrScheduleOpt = "cosine",
+    batch_size: BatchOpt = 64,
+    weight_decay: DecayOpt = 5e-4,
+    recalibrate_bn: Annotated[bool, typer.Option(help="Re-estimate BatchNorm statistics.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:i].")] = "auto",
+) -> None:
+    """Run a pruner x sparsity x seed grid; write results.csv, results.md and a plot.
+
+    Interrupted sweeps resume: finished cells (OUT/cells/*.json) are not recomputed.
+
+    Example: prunekit sweep sample:digits-resnet --pruners magnitude,snip,fts
+    --sparsities 0.8,0.9,0.95 --seeds 0,42,123 --schedule pbt --epochs 30 --out sweep-pbt
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from prunekit import registry
+    from prunekit.config import PruneConfig
+    from prunekit.pipeline import check, execute
+    from prunekit.sweep import run_sweep
+
+    names = [p.strip() for p in pruners.split(",") if p.strip()]
+    levels = _float_list(sparsities, "--sparsities")
+    seed_list = _int_list(seeds, "--seeds")
+    params = parse_params(param or [])
+    accepted = {name: {p.name for p in registry.load(name).params} for name in names}
+    unused = sorted(k for k in params if not any(k in a for a in accepted.values()))
+    if unused:
+        raise UsageError(f"--param {', '.join(unused)}: none of the pruners accepts it")
+    base = PruneConfig(
+        model=model,
+        pruner=names[0],
+        sparsity=levels[0] if levels else 0.0,
+        mask=mask,
+        data=data,
+        weights=weights,
+        params=params,
+        recalibrate_bn=recalibrate_bn,
+        device=device,
+        exports=(),
+        schedule=_schedule(
+            schedule,
+            recompute,
+            steps,
+            initial_sparsity,
+            finetune_epochs,
+            warmup_epochs,
+            epochs,
+            lr,
+            optimizer,
+            lr_schedule,
+            batch_size,
+            weight_decay,
+        ),
+    )
+    for level in levels:
+        check(dataclasses.replace(base, sparsity=level))
+
+    def one_cell(config: PruneConfig) -> dict[str, Any]:
+        own = {k: v for k, v in config.params.items() if k in accepted[config.pruner]}
+        return execute(dataclasses.replace(config, params=own)).report
+
+    total = len(names) * len(levels) * len(seed_list)
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        disable=not err.is_terminal,
+    ) as bar:
+        task = bar.add_task("sweep", total=total)
+
+        def done(name: str, cached: bool) -> None:
+            bar.update(task, advance=1, description=f"{name}{' (cached)' if cached else ''}")
+
+        rows = run_sweep(base, names, levels, seed_list, out, one_cell, done)
+    console.print((out / "results.md").read_text())
+    console.print(f"{len(rows)} cells in {out}: results.csv, results.md, accuracy_vs_sparsity.png")
 
 
 @app.command()

@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prunekit.schedule import ScheduleConfig
+
 
 @dataclass(frozen=True)
 class PruneConfig:
@@ -19,7 +21,7 @@ class PruneConfig:
     num_classes: int | None = None
     trust_checkpoint: bool = False
     params: dict[str, str] = field(default_factory=dict)
-    recompute: int = 1
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     recalibrate_bn: bool = False
     memory_budget: int | None = None  # bytes; None: a safe fraction of free memory
     verbose: bool = False

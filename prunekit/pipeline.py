@@ -1,18 +1,20 @@
-"""One pruning run, top to bottom: load -> calibrate -> score -> mask -> export."""
+"""One pruning run, top to bottom: load -> calibrate -> score -> mask -> [train] -> export."""
 
 from __future__ import annotations
 
 import copy
 import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from prunekit import registry
 from prunekit.batchnorm import recalibrate_batchnorm
 from prunekit.config import PruneConfig
-from prunekit.data import load_data
+from prunekit.data import Splits, load_data
 from prunekit.device import resolve_device
 from prunekit.errors import UsageError
 from prunekit.evaluate import accuracy
@@ -21,34 +23,42 @@ from prunekit.masks import MASK_MODES, check_sparsity, find_targets, sparsity_of
 from prunekit.models import default_data, load_model
 from prunekit.outputs import check_writable, staged_dir
 from prunekit.progress import Reporter, Silent
-from prunekit.schedule import StepContext, oneshot
+from prunekit.schedule import StepContext, run_schedule
 from prunekit.stats import Collector
 from prunekit.validate import ValidateOptions, validate
 
 
-def _check(config: PruneConfig) -> None:
+@dataclass
+class Outcome:
+    """What a run produced in memory: its report, the pruned and dense models, the data."""
+
+    report: dict[str, Any]
+    model: nn.Module
+    dense_model: nn.Module | None
+    data: Splits
+
+
+def check(config: PruneConfig) -> None:
     """Validate everything cheap before any work is done."""
     check_sparsity(config.sparsity)
     if config.mask not in MASK_MODES:
         raise UsageError(f"unknown mask mode '{config.mask}': use one of {', '.join(MASK_MODES)}")
-    if config.recompute < 1:
-        raise UsageError(f"--recompute {config.recompute}: give at least 1 sub-step")
+    config.schedule.check(config.sparsity)
     unknown = sorted(set(config.exports) - set(EXPORT_FORMATS))
-    if unknown or not config.exports:
+    if unknown:
         raise UsageError(
             f"--export {','.join(config.exports)}: choose from "
             f"{', '.join(EXPORT_FORMATS)} (comma-separated)"
         )
     if config.validate and "onnx" not in config.exports:
         raise UsageError("--validate needs the ONNX export: add --export safetensors,onnx")
-    check_writable(config.out, config.force)
 
 
-def run(config: PruneConfig, reporter: Reporter | None = None) -> dict[str, Any]:
-    """Prune ``config.model`` and write OUT/model.safetensors and OUT/report.json."""
+def execute(config: PruneConfig, reporter: Reporter | None = None) -> Outcome:
+    """Load, prune (and train, by the schedule) and evaluate; write nothing."""
     reporter = reporter or Silent()
     started = time.perf_counter()
-    _check(config)
+    check(config)
     device = resolve_device(config.device)
     pruner = registry.create(config.pruner, config.params)
     torch.manual_seed(config.seed)
@@ -92,8 +102,16 @@ def run(config: PruneConfig, reporter: Reporter | None = None) -> dict[str, Any]
             config.memory_budget,
         ).plan
         reporter.note(plan.describe())  # type: ignore[union-attr]
-    with reporter.stage(f"pruning with {config.pruner}"):
-        warnings += oneshot(ctx, config.sparsity, config.recompute)
+    with reporter.stage(f"{config.schedule.kind} pruning with {config.pruner}") as status:
+        step_warnings, history = run_schedule(
+            ctx,
+            config.sparsity,
+            config.schedule,
+            data.train,
+            evaluate=lambda m: accuracy(m, data.test, device),
+            on_event=status,
+        )
+        warnings += step_warnings
         if config.recalibrate_bn:
             recalibrate_batchnorm(model, data.calibration, device)
     achieved, per_tensor = sparsity_of(targets)
@@ -108,17 +126,32 @@ def run(config: PruneConfig, reporter: Reporter | None = None) -> dict[str, Any]
         "pruner": config.pruner,
         "params": pruner.hparams,
         "mask": config.mask,
-        "recompute": config.recompute,
+        "schedule": {"kind": config.schedule.kind, "recompute": config.schedule.recompute},
         "recalibrate_bn": config.recalibrate_bn,
         "device": str(device),
         "seed": config.seed,
         "sparsity": {"target": config.sparsity, "achieved": achieved, "per_tensor": per_tensor},
         "accuracy": {"dense": dense_accuracy, "pruned": pruned_accuracy},
+        "history": history,
         "warnings": warnings,
+        "seconds": round(time.perf_counter() - started, 3),
     }
+    return Outcome(report, model, dense_model, data)
+
+
+def run(config: PruneConfig, reporter: Reporter | None = None) -> dict[str, Any]:
+    """Prune ``config.model`` and write OUT/model.safetensors, the exports and report.json."""
+    reporter = reporter or Silent()
+    started = time.perf_counter()
+    check(config)
+    check_writable(config.out, config.force)
+    outcome = execute(config, reporter)
+    report, data = outcome.report, outcome.data
     with reporter.stage("writing outputs"), staged_dir(config.out, config.force) as stage:
         metadata = metadata_for(report, config.to_json())
-        files = write_exports(stage, model, dense_model, data.input_shape, metadata, config.exports)
+        files = write_exports(
+            stage, outcome.model, outcome.dense_model, data.input_shape, metadata, config.exports
+        )
         report["sizes"] = {name: (stage / name).stat().st_size for name in files}
         if config.validate:
             with reporter.stage("validating in ONNX Runtime"):
@@ -128,7 +161,7 @@ def run(config: PruneConfig, reporter: Reporter | None = None) -> dict[str, Any]
                     data.input_shape,
                     ValidateOptions(),
                     baseline=stage / "dense.onnx",
-                    torch_model=model,
+                    torch_model=outcome.model,
                 )
                 report["validation"]["model"] = str(config.out / "model.onnx")
                 report["validation"]["baseline"] = str(config.out / "dense.onnx")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol
 
 
 class Reporter(Protocol):
-    def stage(self, description: str) -> AbstractContextManager[None]: ...
+    def stage(self, description: str) -> AbstractContextManager[Callable[[str], None]]: ...
 
     def note(self, text: str) -> None: ...
 
@@ -17,8 +17,8 @@ class Silent:
     """Reports nothing (library use and tests)."""
 
     @contextmanager
-    def stage(self, description: str) -> Iterator[None]:
-        yield
+    def stage(self, description: str) -> Iterator[Callable[[str], None]]:
+        yield lambda _: None
 
     def note(self, text: str) -> None:
         pass
@@ -45,10 +45,15 @@ class RichReporter:
         self.console.print(text, highlight=False)
 
     @contextmanager
-    def stage(self, description: str) -> Iterator[None]:
+    def stage(self, description: str) -> Iterator[Callable[[str], None]]:
+        """Show ``description``; the yielded function shows a sub-step next to it."""
         with self.progress:
             task = self.progress.add_task(description, total=None)
+
+            def update(text: str) -> None:
+                self.progress.update(task, description=f"{description}: {text}")
+
             try:
-                yield
+                yield update
             finally:
                 self.progress.remove_task(task)

@@ -1,10 +1,19 @@
-"""Pruning schedules. ``oneshot`` prunes to the target sparsity in K sub-steps, recomputing the
-statistics at the updated weights before each (density interpolated geometrically)."""
+"""Pruning schedules.
+
+- ``oneshot``: prune to the target in K sub-steps (``--recompute``), recomputing the
+  statistics at the updated weights before each (density interpolated geometrically), then
+  optionally fine-tune with the masks held;
+- ``gradual``: the cubic schedule of Zhu & Gupta, s_k = s_f + (s_i - s_f)(1 - k/n)³ for
+  k = 1..n, with fine-tuning between steps and after the last;
+- ``pbt``: pruning before training: re-initialise the architecture (seeded), train
+  ``warmup_epochs`` dense, prune once, then train ``epochs`` with the mask held.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,6 +23,7 @@ from prunekit.errors import UsageError
 from prunekit.masks import apply, select, sparsity_of
 from prunekit.pruners.base import Pruner, Target
 from prunekit.stats import Collector
+from prunekit.train import TrainConfig, train
 
 
 @dataclass
@@ -82,3 +92,107 @@ def oneshot(ctx: StepContext, sparsity: float, recompute: int = 1) -> list[str]:
     for step_sparsity in substep_sparsities(start, sparsity, recompute):
         warnings += prune_step(ctx, step_sparsity)
     return warnings
+
+
+SCHEDULES = ("oneshot", "gradual", "pbt")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    kind: str = "oneshot"
+    recompute: int = 1
+    steps: int = 1
+    initial_sparsity: float = 0.0
+    finetune_epochs: int = 0
+    warmup_epochs: int = 0
+    epochs: int = 0  # pbt: training epochs after the mask is chosen
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def check(self, sparsity: float) -> None:
+        if self.kind not in SCHEDULES:
+            raise UsageError(f"--schedule {self.kind}: use one of {', '.join(SCHEDULES)}")
+        if self.recompute < 1:
+            raise UsageError(f"--recompute {self.recompute}: give at least 1 sub-step")
+        if self.steps < 1:
+            raise UsageError(f"--steps {self.steps}: give at least 1 pruning step")
+        if not 0.0 <= self.initial_sparsity <= sparsity:
+            raise UsageError(
+                f"--initial-sparsity {self.initial_sparsity} must be in [0, --sparsity "
+                f"{sparsity}]: the schedule only adds sparsity"
+            )
+        for name in ("finetune_epochs", "warmup_epochs", "epochs"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
+
+
+def cubic_sparsities(initial: float, final: float, steps: int) -> list[float]:
+    """The sparsity after each gradual step k = 1..n; the last is exactly ``final``."""
+    between = [final + (initial - final) * (1 - k / steps) ** 3 for k in range(1, steps)]
+    return [*between, final]
+
+
+def reinitialize(model: nn.Module, seed: int) -> None:
+    """Fresh, seeded initialisation of every layer (BatchNorm statistics reset too)."""
+    torch.manual_seed(seed)
+    for module in model.modules():
+        if hasattr(module, "reset_parameters") and module is not model:
+            module.reset_parameters()
+
+
+def run_schedule(
+    ctx: StepContext,
+    sparsity: float,
+    schedule: ScheduleConfig,
+    train_data: Dataset,
+    evaluate: Callable[[nn.Module], float] | None = None,
+    on_event: Callable[[str], None] | None = None,
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """Apply ``schedule``; return warnings and a history of pruning and training events."""
+    schedule.check(sparsity)
+    warnings: list[str] = []
+    history: list[dict[str, Any]] = []
+    say = on_event or (lambda _: None)
+
+    def fit(epochs: int, phase: str) -> None:
+        if epochs:
+            say(f"{phase}: training {epochs} epoch(s)")
+        records = train(
+            ctx.model,
+            train_data,
+            epochs=epochs,
+            device=ctx.device,
+            config=schedule.train,
+            seed=ctx.seed,
+            targets=ctx.targets,
+            evaluate=evaluate,
+        )
+        history.extend({"phase": phase, **r} for r in records)
+
+    def prune_to(target: float, step: int, steps: int, recompute: int) -> None:
+        say(f"pruning step {step}/{steps} to {target:.2%}")
+        ctx.pruner.prepare(ctx, step, steps)
+        warnings.extend(oneshot(ctx, target, recompute))
+        achieved, _ = sparsity_of(ctx.targets)
+        entry: dict[str, Any] = {"phase": f"prune {step}/{steps}", "sparsity": achieved}
+        if evaluate is not None:
+            entry["accuracy"] = evaluate(ctx.model)
+        history.append(entry)
+
+    if schedule.kind == "oneshot":
+        prune_to(sparsity, 1, 1, schedule.recompute)
+        fit(schedule.finetune_epochs, "fine-tune")
+    elif schedule.kind == "gradual":
+        if schedule.initial_sparsity > 0:
+            prune_to(schedule.initial_sparsity, 0, schedule.steps, 1)
+        levels = cubic_sparsities(schedule.initial_sparsity, sparsity, schedule.steps)
+        for step, level in enumerate(levels, start=1):
+            prune_to(level, step, schedule.steps, schedule.recompute)
+            fit(schedule.finetune_epochs, f"fine-tune {step}/{schedule.steps}")
+    else:  # pbt
+        reinitialize(ctx.model, ctx.seed)
+        for t in ctx.targets:
+            t.mask = torch.ones_like(t.mask)
+        fit(schedule.warmup_epochs, "warm-up")
+        prune_to(sparsity, 1, 1, schedule.recompute)
+        fit(schedule.epochs, "train")
+    return warnings, history

@@ -24,7 +24,8 @@ from prunekit.data import loader
 from prunekit.errors import NumericalError, UsageError
 from prunekit.pruners.base import StatsSpec, Target
 
-AVAILABLE = frozenset({"grad_mean", "fisher_diag", "fisher_inv"})
+AVAILABLE = frozenset({"grad_mean", "fisher_diag", "fisher_inv", "hessian_grad"})
+PER_SAMPLE = frozenset({"grad_mean", "fisher_diag", "fisher_inv"})
 FLOAT_BYTES = 4
 GRAD_WORKSPACE = 3  # per-sample gradient bytes held by vmap, as a multiple of their size
 MAX_CHUNK = 128
@@ -228,7 +229,7 @@ class Collector:
         rows: dict[str, list[torch.Tensor]] = {t.name: [] for t in group}
         grams: dict[str, torch.Tensor] = {}
         use_rows = {t.name: m < spec.block_for(t) for t in group}
-        for x, y in self._batches():
+        for x, y in self._batches() if self.needs & PER_SAMPLE else ():
             chunk = per_sample_gradients(self.model, group, x, y, spec.grad_batch)
             for t in group:
                 g = chunk[t.name]
@@ -241,6 +242,7 @@ class Collector:
                 else:
                     gram = fisher.gram_blocks(g, spec.block_for(t))
                     grams[t.name] = grams[t.name] + gram if t.name in grams else gram
+        hessian = self._hessian_gradient(group) if "hessian_grad" in self.needs else {}
         self.model.train(was_training)
         out: dict[str, dict[str, torch.Tensor]] = {}
         for t in group:
@@ -256,8 +258,38 @@ class Collector:
             }
             if "fisher_inv" in self.needs:
                 stats["fisher_inv"] = self._inverse(t, rows[t.name], grams.get(t.name))
+            if t.name in hessian:
+                stats["hessian_grad"] = hessian[t.name]
             out[t.name] = stats
         return out
+
+    def _hessian_gradient(self, group: list[Target]) -> dict[str, torch.Tensor]:
+        """H ḡ by double backprop, logits divided by the temperature (the GraSP statistic).
+
+        ḡ is the mean gradient over the calibration samples, held fixed; then
+        H ḡ = ∇(∇L · ḡ), accumulated over the same chunks.
+        """
+        params = [t.weight for t in group]
+        temperature = self.spec.temperature
+
+        def chunk_losses() -> Iterator[torch.Tensor]:
+            total = self.spec.num_grads * self.spec.grad_batch
+            for x, y in self._batches():
+                logits = self.model(x) / temperature
+                yield nn.functional.cross_entropy(logits, y, reduction="sum") / total
+
+        mean_grad = [torch.zeros_like(p) for p in params]
+        for loss in chunk_losses():
+            for acc, g in zip(mean_grad, torch.autograd.grad(loss, params), strict=True):
+                acc += g
+        mean_grad = [g * t.mask for g, t in zip(mean_grad, group, strict=True)]
+        product = [torch.zeros_like(p) for p in params]
+        for loss in chunk_losses():
+            grads = torch.autograd.grad(loss, params, create_graph=True)
+            dot = sum((g * fixed).sum() for g, fixed in zip(grads, mean_grad, strict=True))
+            for acc, h in zip(product, torch.autograd.grad(dot, params), strict=True):
+                acc += h
+        return {t.name: (h * t.mask).detach() for t, h in zip(group, product, strict=True)}
 
     def _inverse(self, t: Target, rows: list[torch.Tensor], gram: torch.Tensor | None):
         block, damp = self.spec.block_for(t), self.spec.damp

@@ -1,15 +1,54 @@
-"""The small training loop: SGD or Adam, cosine LR, masks held after every step."""
+"""The small training loop: SGD or AdamW, cosine or multistep LR, masks held every step."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from prunekit.data import loader
+from prunekit.errors import UsageError
 from prunekit.pruners.base import Target
+
+OPTIMIZERS = ("sgd", "adam")
+LR_SCHEDULES = ("cosine", "multistep", "constant")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    lr_schedule: str = "cosine"
+    batch_size: int = 64
+    weight_decay: float = 5e-4
+
+    def check(self, train_size: int) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise UsageError(f"--optimizer {self.optimizer}: use one of {', '.join(OPTIMIZERS)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise UsageError(
+                f"--lr-schedule {self.lr_schedule}: use one of {', '.join(LR_SCHEDULES)}"
+            )
+        if self.lr <= 0 or self.batch_size < 1 or self.weight_decay < 0:
+            raise UsageError("--lr must be > 0, --batch-size >= 1 and --weight-decay >= 0")
+        if train_size < self.batch_size:
+            raise UsageError(
+                f"the training split has {train_size} samples, fewer than --batch-size "
+                f"{self.batch_size}; lower --batch-size or use more data"
+            )
+
+
+def _scheduler(opt: torch.optim.Optimizer, kind: str, total_steps: int):
+    if kind == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total_steps, 1))
+    if kind == "multistep":  # ÷10 at 50 % and 75 % of training, as the ResNet recipes do
+        marks = [int(total_steps * 0.5), int(total_steps * 0.75)]
+        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=marks, gamma=0.1)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
 def train(
@@ -17,32 +56,34 @@ def train(
     dataset: Dataset,
     *,
     epochs: int,
-    lr: float,
     device: torch.device,
-    batch_size: int = 64,
-    weight_decay: float = 5e-4,
-    optimizer: str = "sgd",
+    config: TrainConfig = TrainConfig(),
     seed: int = 0,
     targets: Sequence[Target] = (),
-) -> list[float]:
-    """Train with cross-entropy; return the mean loss of each epoch.
+    evaluate: Callable[[nn.Module], float] | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Train with cross-entropy; return per-epoch records (loss and, with ``evaluate``, accuracy).
 
     Pruned weights of ``targets`` are re-zeroed after every optimiser step, so they stay
-    exactly zero however the optimiser's momentum or weight decay would move them.
+    exactly zero whatever momentum or weight decay would do to them.
     """
+    if epochs <= 0:
+        return []
+    config.check(len(dataset))  # type: ignore[arg-type]
     torch.manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    if optimizer == "sgd":
+    if config.optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(
-            params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True
+            params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay, nesterov=True
         )
     else:
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    batches = loader(dataset, batch_size, shuffle=True, seed=seed)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * len(batches))
-    losses = []
-    model.train()
-    for _ in range(epochs):
+        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    batches = loader(dataset, config.batch_size, shuffle=True, seed=seed)
+    schedule = _scheduler(opt, config.lr_schedule, epochs * len(batches))
+    history = []
+    for epoch in range(1, epochs + 1):
+        model.train()
         total, count = 0.0, 0
         for x, y in batches:
             x, y = x.to(device), y.to(device)
@@ -56,6 +97,11 @@ def train(
                     t.weight.mul_(t.mask)
             total += loss.item() * len(y)
             count += len(y)
-        losses.append(total / count)
-    model.eval()
-    return losses
+        model.eval()
+        record: dict[str, Any] = {"epoch": epoch, "loss": total / count}
+        if evaluate is not None:
+            record["accuracy"] = evaluate(model)
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
+    return history

@@ -351,7 +351,19 @@ def test_models_and_pruners_listing():
     ]
     assert all(m["test_accuracy"] > 0.95 for m in models)
     pruners = json.loads(runner.invoke(app, ["pruners", "list", "--json"]).stdout)
-    assert {p["name"] for p in pruners} == {"magnitude", "obs", "random", "woodfisher"}
+    assert {p["name"] for p in pruners} == {
+        "magnitude",
+        "obs",
+        "random",
+        "woodfisher",
+        "grad_norm",
+        "snip",
+        "grasp",
+        "fisher_diag",
+        "fisher_pruner",
+        "fts",
+        "fbss",
+    }
     assert all(p["distribution"] == "prunekit" and p["summary"] for p in pruners)
     show = runner.invoke(app, ["pruners", "show", "magnitude"])
     assert show.exit_code == 0 and "|θ|" in show.stdout

@@ -43,6 +43,7 @@ class StatsSpec:
     fisher: str = "empirical"
     block_size: int | None = 128  # None: one block per tensor
     damp: float = 1e-5
+    temperature: float = 200.0  # logits are divided by it for the Hessian-gradient product
 
     def block_for(self, target: Target) -> int:
         return min(self.block_size or target.numel, target.numel)
@@ -119,6 +120,15 @@ class Pruner:
         """How statistics are gathered: from the hyperparameters named like StatsSpec fields."""
         fields = {f.name for f in dataclasses.fields(StatsSpec)}
         return StatsSpec(**{k: v for k, v in self.hparams.items() if k in fields})
+
+    def prepare(self, context: Any, step: int, steps: int) -> None:
+        """Called before each pruning step (``step`` of ``steps``, from 1).
+
+        The pruner object lives for the whole run, so whatever it keeps on ``self`` carries
+        over from one step to the next: a gradual schedule lets a learned statistic be refined
+        between steps instead of re-estimated from scratch. ``context`` is the
+        ``prunekit.schedule.StepContext`` (model, targets, calibration data, device, seed).
+        """
 
     @classmethod
     def compensates(cls) -> bool:

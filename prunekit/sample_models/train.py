@@ -18,7 +18,7 @@ from prunekit.data import load_data
 from prunekit.evaluate import accuracy
 from prunekit.export import save_safetensors
 from prunekit.sample_models import HERE, SAMPLES
-from prunekit.train import train
+from prunekit.train import TrainConfig, train
 
 RECIPE = {
     "epochs": 60,
@@ -38,15 +38,11 @@ def train_one(name: str, out: Path) -> dict:
     torch.manual_seed(RECIPE["seed"])
     model = sample.factory()
     cpu = torch.device("cpu")
-    losses = train(
-        model,
-        data.train,
-        epochs=RECIPE["epochs"],
-        lr=RECIPE["lr"],
-        device=cpu,
-        batch_size=RECIPE["batch_size"],
-        weight_decay=RECIPE["weight_decay"],
-        seed=RECIPE["seed"],
+    recipe = TrainConfig(
+        lr=RECIPE["lr"], batch_size=RECIPE["batch_size"], weight_decay=RECIPE["weight_decay"]
+    )
+    history = train(
+        model, data.train, epochs=RECIPE["epochs"], device=cpu, config=recipe, seed=RECIPE["seed"]
     )
     weights = out / f"{name}.safetensors"
     save_safetensors(model, weights, {"format": "pt", "model": f"sample:{name}"})
@@ -64,7 +60,7 @@ def train_one(name: str, out: Path) -> dict:
         },
         "parameters": sum(p.numel() for p in model.parameters()),
         "test_accuracy": accuracy(model, data.test, cpu),
-        "final_train_loss": round(losses[-1], 5),
+        "final_train_loss": round(history[-1]["loss"], 5),
         "recipe": RECIPE,
         "torch": torch.__version__,
         "command": f"python -m prunekit.sample_models.train --only {name}",
@@ -79,6 +75,7 @@ def main() -> None:
     parser.add_argument("--only", choices=sorted(SAMPLES), action="append")
     parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
     for name in args.only or SAMPLES:
         card = train_one(name, args.out)
         print(f"{name}: {card['parameters']} parameters, test accuracy {card['test_accuracy']:.4f}")

@@ -1,0 +1,170 @@
+"""`prunekit sweep`: the accuracy-versus-sparsity grid of the papers, resumable.
+
+Every cell (pruner, sparsity, seed) is one in-memory run whose summary is written atomically
+to ``OUT/cells/NAME.json``; a cell whose file exists is not recomputed, so an interrupted sweep
+resumes where it stopped. ``results.csv``, ``results.md`` and ``accuracy_vs_sparsity.png`` are
+rebuilt from the cell files at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import statistics
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from prunekit.config import PruneConfig
+from prunekit.errors import UsageError
+from prunekit.outputs import staged_file
+
+COLUMNS = (
+    "model",
+    "schedule",
+    "pruner",
+    "sparsity",
+    "seed",
+    "achieved_sparsity",
+    "accuracy_dense",
+    "accuracy",
+    "seconds",
+)
+
+
+def cell_name(pruner: str, sparsity: float, seed: int) -> str:
+    return f"{pruner}_s{sparsity:g}_seed{seed}"
+
+
+def _settings(base: PruneConfig) -> dict[str, Any]:
+    """What must not change when a sweep is resumed."""
+    view = base.to_json()
+    for key in ("pruner", "sparsity", "seed", "out", "force", "verbose"):
+        view.pop(key)
+    return json.loads(json.dumps(view))  # the form it has when read back (tuples -> lists)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with staged_file(path, force=True) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def run_sweep(
+    base: PruneConfig,
+    pruners: Sequence[str],
+    sparsities: Sequence[float],
+    seeds: Sequence[int],
+    out: Path,
+    execute: Callable[[PruneConfig], dict[str, Any]],
+    on_cell: Callable[[str, bool], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run every missing cell with ``execute``; return all rows (CSV columns)."""
+    if not pruners or not sparsities or not seeds:
+        raise UsageError("--pruners, --sparsities and --seeds each need at least one value")
+    settings = _settings(base)
+    marker = out / "sweep.json"
+    if marker.exists():
+        previous = json.loads(marker.read_text())
+        if previous != settings:
+            changed = sorted(k for k in settings if previous.get(k) != settings[k])
+            raise UsageError(
+                f"{out} holds a sweep with other settings ({', '.join(changed)}); use another "
+                "--out, or delete it to start again"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cells").mkdir(exist_ok=True)
+    _write_json(marker, settings)
+    rows = []
+    for pruner in pruners:
+        for sparsity in sparsities:
+            for seed in seeds:
+                name = cell_name(pruner, sparsity, seed)
+                path = out / "cells" / f"{name}.json"
+                cached = path.exists()
+                if not cached:
+                    config = dataclasses.replace(base, pruner=pruner, sparsity=sparsity, seed=seed)
+                    report = execute(config)
+                    _write_json(
+                        path,
+                        {
+                            "model": report["model"],
+                            "schedule": base.schedule.kind,
+                            "pruner": pruner,
+                            "sparsity": sparsity,
+                            "seed": seed,
+                            "achieved_sparsity": report["sparsity"]["achieved"],
+                            "accuracy_dense": report["accuracy"]["dense"],
+                            "accuracy": report["accuracy"]["pruned"],
+                            "seconds": report["seconds"],
+                        },
+                    )
+                if on_cell is not None:
+                    on_cell(name, cached)
+                rows.append(json.loads(path.read_text()))
+    write_results(rows, out, pruners, sparsities)
+    return rows
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def write_results(
+    rows: list[dict[str, Any]], out: Path, pruners: Sequence[str], sparsities: Sequence[float]
+) -> None:
+    with staged_file(out / "results.csv", force=True) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: row[k] for k in COLUMNS} for row in rows)
+    cells = {(r["pruner"], r["sparsity"]): [] for r in rows}
+    for r in rows:
+        cells[r["pruner"], r["sparsity"]].append(r["accuracy"] * 100)
+    lines = [
+        f"Test accuracy (%), mean ± std over {len({r['seed'] for r in rows})} seed(s); "
+        f"{rows[0]['model']}, schedule {rows[0]['schedule']}.",
+        "",
+        "| sparsity | " + " | ".join(pruners) + " |",
+        "|---|" + "---|" * len(pruners),
+    ]
+    for s in sparsities:
+        means = [f"{m:.2f} ± {sd:.2f}" for m, sd in (_mean_std(cells[p, s]) for p in pruners)]
+        lines.append(f"| {s:.0%} | " + " | ".join(means) + " |")
+    with staged_file(out / "results.md", force=True) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    _plot(cells, out / "accuracy_vs_sparsity.png", pruners, sparsities, rows[0])
+
+
+def _plot(
+    cells: dict,
+    path: Path,
+    pruners: Sequence[str],
+    sparsities: Sequence[float],
+    first: dict[str, Any],
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    xs = [s * 100 for s in sparsities]
+    for pruner in pruners:
+        stats = [_mean_std(cells[pruner, s]) for s in sparsities]
+        ax.errorbar(
+            xs,
+            [m for m, _ in stats],
+            yerr=[sd for _, sd in stats],
+            marker="o",
+            capsize=3,
+            label=pruner,
+        )
+    ax.set_xlabel("sparsity (%)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{first['model']} ({first['schedule']})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", ncol=2)
+    fig.tight_layout()
+    with staged_file(path, force=True) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
