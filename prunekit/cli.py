@@ -324,7 +324,10 @@ def _print_report(report: dict[str, Any]) -> None:
     table.add_section()
     table.add_row("all targets", f"{sparsity['achieved']:.1%} (asked {sparsity['target']:.1%})")
     console.print(table)
-    console.print(f"test accuracy: dense {acc['dense']:.2%} -> pruned {acc['pruned']:.2%}")
+    if acc["dense"] is None:
+        console.print("test accuracy: not measured (the data has no labels)")
+    else:
+        console.print(f"test accuracy: dense {acc['dense']:.2%} -> pruned {acc['pruned']:.2%}")
     if "validation" in report:
         _print_validation(report["validation"])
     console.print(f"wrote {', '.join(report['outputs'])} in {report['seconds']:.1f} s")

@@ -20,6 +20,7 @@ TEST_FRACTION = 0.2
 CALIBRATION_MAX = 2048
 DIGITS_FILE = Path(__file__).parent / "datasets" / "digits.safetensors"
 SPEC_FORMS = "digits, cifar10:DIR, imagefolder:DIR, tensors:FILE"
+UNLABELED = -1
 
 
 @dataclass
@@ -32,6 +33,7 @@ class Splits:
     test: Dataset
     num_classes: int
     input_shape: tuple[int, ...]
+    labeled: bool = True  # False: labels are UNLABELED; no accuracy, no empirical Fisher
 
 
 def _permutation(n: int) -> torch.Tensor:
@@ -61,13 +63,15 @@ def _from_tensors(
     if len(x_train) != len(y_train) or len(x_test) != len(y_test):
         raise InputFileError(f"{spec}: x and y have different lengths; fix the file")
     train = TensorDataset(x_train.float(), y_train.long())
+    labeled = bool((y_train >= 0).all() and (y_test >= 0).all())
     return Splits(
         spec=spec,
         train=train,
         calibration=_calibration_of(train),
         test=TensorDataset(x_test.float(), y_test.long()),
-        num_classes=int(max(y_train.max(), y_test.max())) + 1,
+        num_classes=int(max(y_train.max(), y_test.max())) + 1 if labeled else 0,
         input_shape=tuple(x_train.shape[1:]),
+        labeled=labeled,
     )
 
 
@@ -109,9 +113,16 @@ def _read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def tensors(path: Path) -> Splits:
-    """Tensors ``x``/``y`` (split 80/20), or ``x_train``/``y_train``/``x_test``/``y_test``."""
+    """Tensors ``x``/``y`` (split 80/20), or ``x_train``/``y_train``/``x_test``/``y_test``.
+
+    Without ``y`` the data is unlabeled: enough for magnitude pruning and true-Fisher
+    statistics, not for accuracy, training or the empirical Fisher.
+    """
     data = _read_tensor_file(path)
     spec = f"tensors:{path}"
+    for x_key, y_key in (("x", "y"), ("x_train", "y_train"), ("x_test", "y_test")):
+        if x_key in data and y_key not in data:
+            data[y_key] = torch.full((len(data[x_key]),), UNLABELED)
     if {"x_train", "y_train", "x_test", "y_test"} <= data.keys():
         return _from_tensors(spec, data["x_train"], data["y_train"], data["x_test"], data["y_test"])
     if {"x", "y"} <= data.keys():

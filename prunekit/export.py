@@ -16,7 +16,7 @@ EXPORT_FORMATS = ("safetensors", "onnx")
 def metadata_for(report: dict[str, Any], config: dict[str, Any]) -> dict[str, str]:
     """The ``__metadata__`` strings stored in every file prunekit writes."""
     sparsity = report["sparsity"]
-    return {
+    meta = {
         "format": "pt",
         "prunekit_version": __version__,
         "model": report["model"],
@@ -25,10 +25,12 @@ def metadata_for(report: dict[str, Any], config: dict[str, Any]) -> dict[str, st
         "sparsity_achieved": repr(sparsity["achieved"]),
         "sparsity_per_tensor": json.dumps(sparsity["per_tensor"]),
         "data": report["data"],
-        "accuracy_dense": repr(report["accuracy"]["dense"]),
-        "accuracy_pruned": repr(report["accuracy"]["pruned"]),
         "config": json.dumps(config, sort_keys=True),
     }
+    for key in ("dense", "pruned"):
+        if report["accuracy"][key] is not None:
+            meta[f"accuracy_{key}"] = repr(report["accuracy"][key])
+    return meta
 
 
 def save_safetensors(model: nn.Module, path: Path, metadata: dict[str, str]) -> None:

@@ -23,6 +23,7 @@ from prunekit.masks import MASK_MODES, check_sparsity, find_targets, sparsity_of
 from prunekit.models import default_data, load_model
 from prunekit.outputs import check_writable, staged_dir
 from prunekit.progress import Reporter, Silent
+from prunekit.pruners.base import Pruner
 from prunekit.schedule import StepContext, run_schedule
 from prunekit.stats import Collector
 from prunekit.validate import ValidateOptions, validate
@@ -54,6 +55,26 @@ def check(config: PruneConfig) -> None:
         raise UsageError("--validate needs the ONNX export: add --export safetensors,onnx")
 
 
+def _check_labels(config: PruneConfig, pruner: Pruner, data: Splits) -> None:
+    """Unlabeled data can feed magnitude-style and true-Fisher pruning, nothing else."""
+    if data.labeled:
+        return
+    if pruner.needs and pruner.stats_spec().fisher == "empirical":
+        raise UsageError(
+            f"pruner '{config.pruner}' needs gradients with true labels but {data.spec} has "
+            "no labels; pass --param fisher=true (labels sampled from the model) or labeled "
+            "data"
+        )
+    schedule = config.schedule
+    if schedule.kind != "oneshot" or schedule.finetune_epochs:
+        raise UsageError(
+            f"the {schedule.kind} schedule trains the model, which needs labels; "
+            f"{data.spec} has none"
+        )
+    if config.validate:
+        raise UsageError(f"--validate measures accuracy, which needs labels; {data.spec} has none")
+
+
 def execute(config: PruneConfig, reporter: Reporter | None = None) -> Outcome:
     """Load, prune (and train, by the schedule) and evaluate; write nothing."""
     reporter = reporter or Silent()
@@ -77,8 +98,13 @@ def execute(config: PruneConfig, reporter: Reporter | None = None) -> Outcome:
         targets, unused = find_targets(model, config.exclude)
         warnings += [f"--exclude '{g}' matched no prunable weight" for g in unused]
 
+    _check_labels(config, pruner, data)
+
+    def evaluate(m: nn.Module) -> float | None:
+        return accuracy(m, data.test, device) if data.labeled else None
+
     with reporter.stage("evaluating the dense model"):
-        dense_accuracy = accuracy(model, data.test, device)
+        dense_accuracy = evaluate(model)
     dense_model = copy.deepcopy(model).cpu() if "onnx" in config.exports else None
 
     ctx = StepContext(
@@ -108,7 +134,7 @@ def execute(config: PruneConfig, reporter: Reporter | None = None) -> Outcome:
             config.sparsity,
             config.schedule,
             data.train,
-            evaluate=lambda m: accuracy(m, data.test, device),
+            evaluate=evaluate if data.labeled else None,
             on_event=status,
         )
         warnings += step_warnings
@@ -117,7 +143,7 @@ def execute(config: PruneConfig, reporter: Reporter | None = None) -> Outcome:
     achieved, per_tensor = sparsity_of(targets)
 
     with reporter.stage("evaluating the pruned model"):
-        pruned_accuracy = accuracy(model, data.test, device)
+        pruned_accuracy = evaluate(model)
 
     report: dict[str, Any] = {
         "model": config.model,

@@ -218,3 +218,37 @@ def test_cli_gradual_and_bad_inputs(tmp_path):
         "training split has 10 samples, fewer than --batch-size 64",
     )
     assert not (tmp_path / "o").exists()
+
+
+def test_unlabeled_data(tmp_path):
+    x = load_data("digits").test.tensors[0]
+    path = tmp_path / "x.pt"
+    torch.save({"x": x}, path)
+    splits = load_data(f"tensors:{path}")
+    assert not splits.labeled
+    base = [
+        "prune",
+        "sample:digits-mlp",
+        "-s",
+        "0.5",
+        "--data",
+        f"tensors:{path}",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    assert_error(
+        runner.invoke(app, [*base, "-p", "snip"]),
+        2,
+        "pruner 'snip' needs gradients with true labels",
+        "--param fisher=true",
+    )
+    assert_error(
+        runner.invoke(app, [*base, "-p", "magnitude", "--schedule", "gradual"]), 2, "needs labels"
+    )
+    ok = runner.invoke(
+        app, [*base, "-p", "snip", "--param", "fisher=true", "--param", "num_grads=200", "--json"]
+    )
+    assert ok.exit_code == 0, ok.output
+    report = json.loads(ok.stdout)
+    assert report["accuracy"] == {"dense": None, "pruned": None}
+    assert report["sparsity"]["achieved"] == pytest.approx(0.5, abs=1e-4)
