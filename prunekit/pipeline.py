@@ -159,6 +159,7 @@ def execute(config: PruneConfig, reporter: Reporter | None = None) -> Outcome:
         "sparsity": {"target": config.sparsity, "achieved": achieved, "per_tensor": per_tensor},
         "accuracy": {"dense": dense_accuracy, "pruned": pruned_accuracy},
         "history": history,
+        "pruner_diagnostics": pruner.diagnostics(),
         "warnings": warnings,
         "seconds": round(time.perf_counter() - started, 3),
     }

@@ -38,6 +38,9 @@ class StepContext:
     mask: str = "global"
     memory_budget: int | None = None
     seed: int = 0
+    step: int = 0  # pruning steps taken so far (sub-steps of --recompute included)
+    total_steps: int = 1
+    say: Callable[[str], None] = lambda _: None  # progress line for long pruner work
 
 
 def substep_sparsities(start: float, final: float, steps: int) -> list[float]:
@@ -49,6 +52,8 @@ def substep_sparsities(start: float, final: float, steps: int) -> list[float]:
 
 def prune_step(ctx: StepContext, sparsity: float) -> list[str]:
     """Score, select and (for OBS-style pruners) compensate once; return warnings."""
+    ctx.step += 1
+    ctx.pruner.prepare(ctx, ctx.step, ctx.total_steps)
     collector = Collector(
         ctx.model,
         ctx.targets,
@@ -80,7 +85,9 @@ def prune_step(ctx: StepContext, sparsity: float) -> list[str]:
                 if t.name in updates:
                     t.weight.copy_(updates[t.name])
     apply(ctx.targets, keep)
-    return collector.warnings
+    warnings = collector.warnings + ctx.pruner.warnings
+    ctx.pruner.warnings = []
+    return warnings
 
 
 def oneshot(ctx: StepContext, sparsity: float, recompute: int = 1) -> list[str]:
@@ -152,6 +159,9 @@ def run_schedule(
     warnings: list[str] = []
     history: list[dict[str, Any]] = []
     say = on_event or (lambda _: None)
+    ctx.say = say
+    gradual_steps = schedule.steps + (schedule.initial_sparsity > 0)
+    ctx.total_steps = schedule.recompute * (gradual_steps if schedule.kind == "gradual" else 1)
 
     def fit(epochs: int, phase: str) -> None:
         if epochs:
@@ -170,7 +180,6 @@ def run_schedule(
 
     def prune_to(target: float, step: int, steps: int, recompute: int) -> None:
         say(f"pruning step {step}/{steps} to {target:.2%}")
-        ctx.pruner.prepare(ctx, step, steps)
         warnings.extend(oneshot(ctx, target, recompute))
         achieved, _ = sparsity_of(ctx.targets)
         entry: dict[str, Any] = {"phase": f"prune {step}/{steps}", "sparsity": achieved}

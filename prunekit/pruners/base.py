@@ -94,6 +94,7 @@ class Pruner:
 
     def __init__(self, **values: Any) -> None:
         self.hparams = self.resolve_params(values)
+        self.warnings: list[str] = []  # drained into the run's report after every step
 
     @classmethod
     def resolve_params(cls, values: Mapping[str, Any]) -> dict[str, Any]:
@@ -121,13 +122,19 @@ class Pruner:
         fields = {f.name for f in dataclasses.fields(StatsSpec)}
         return StatsSpec(**{k: v for k, v in self.hparams.items() if k in fields})
 
+    def diagnostics(self) -> dict[str, Any]:
+        """Anything worth recording in the run's report (e.g. a convergence trace)."""
+        return {}
+
     def prepare(self, context: Any, step: int, steps: int) -> None:
-        """Called before each pruning step (``step`` of ``steps``, from 1).
+        """Called before each pruning step (``step`` of ``steps``, from 1; every sub-step of
+        ``--recompute`` counts).
 
         The pruner object lives for the whole run, so whatever it keeps on ``self`` carries
         over from one step to the next: a gradual schedule lets a learned statistic be refined
         between steps instead of re-estimated from scratch. ``context`` is the
-        ``prunekit.schedule.StepContext`` (model, targets, calibration data, device, seed).
+        ``prunekit.schedule.StepContext`` (model, targets, calibration data, device, seed,
+        and ``say(text)`` for a progress line).
         """
 
     @classmethod

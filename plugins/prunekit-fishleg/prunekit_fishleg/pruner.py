@@ -1,0 +1,162 @@
+"""The `fishleg` pruner: OBS with a learned inverse Fisher Q instead of an inverted estimate.
+
+Score θ²/(2 diag Q); update δθ = −Q(θ_P ⊘ diag(Q)_P), pruned weights set to zero. Q lives on
+the pruner object, so in a gradual schedule it is refined by a few auxiliary iterations before
+each step ("progressive assimilation") instead of being estimated anew. Linear and Conv2d
+weights are parameterised; biases and BatchNorm are not pruned and have no Q; other layer
+types are skipped with a warning (never pruned).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit.data import loader
+from prunekit.errors import UsageError
+from prunekit.pruners import Param, Pruner, Target
+from prunekit.stats import per_sample_gradients
+from prunekit_fishleg.qmatrix import KroneckerQ, fit_q
+
+SUPPORTED = (nn.Linear, nn.Conv2d)
+KEEP = torch.finfo(torch.float32).max  # score of weights FishLeg does not parameterise
+
+
+class FishLegPruner(Pruner):
+    """FishLeg surgeon: OBS with a learned Kronecker-factored inverse Fisher, refined per step."""
+
+    name = "fishleg"
+    params = (
+        Param("damping", 1e-4, "γ in Q ≈ (F + γI)⁻¹", minimum=0.0, exclusive_minimum=True),
+        Param(
+            "aux_lr",
+            1e-3,
+            "Adam learning rate of the auxiliary loss",
+            minimum=0.0,
+            exclusive_minimum=True,
+        ),
+        Param("aux_iters", 300, "auxiliary iterations before the first pruning step", minimum=0),
+        Param("refine_iters", 50, "auxiliary iterations before every later step", minimum=0),
+        Param(
+            "probe",
+            "gradient",
+            "auxiliary probes u: gradient rows or gaussian",
+            choices=("gradient", "gaussian"),
+        ),
+        Param("num_grads", 1000, "gradients (sampled labels) in the Fisher pool", minimum=1),
+        Param("aux_batch", 64, "gradient rows per Fisher-vector product", minimum=1),
+        Param("log_every", 50, "auxiliary loss readout every N iterations", minimum=1),
+    )
+
+    def __init__(self, **values: Any) -> None:
+        super().__init__(**values)
+        self.q: dict[str, KroneckerQ] = {}
+        self.trace: list[dict[str, Any]] = []
+        self.seconds = 0.0
+
+    def _parameterised(self, targets: list[Target]) -> list[Target]:
+        kept = [t for t in targets if isinstance(t.module, SUPPORTED)]
+        skipped = [f"{t.name} ({type(t.module).__name__})" for t in targets if t not in kept]
+        if not kept:
+            raise UsageError(
+                f"fishleg can parameterise Linear and Conv2d weights only; none among "
+                f"{', '.join(skipped)}: use woodfisher"
+            )
+        if skipped and not self.q:
+            self.warnings.append(f"fishleg skips {', '.join(skipped)}: not pruned")
+        return kept
+
+    def _q(self, target: Target) -> KroneckerQ:
+        if target.name not in self.q:
+            w = target.weight
+            self.q[target.name] = KroneckerQ(
+                w.shape[0], w[0].numel(), self.hparams["damping"], device=w.device
+            )
+        return self.q[target.name]
+
+    def _pool(self, context: Any, targets: list[Target]) -> dict[str, torch.Tensor]:
+        """Per-sample gradients with labels sampled from the model (the true Fisher)."""
+        wanted = self.hparams["num_grads"]
+        if wanted > len(context.calibration):
+            raise UsageError(
+                f"num_grads={wanted} but the calibration split has {len(context.calibration)} "
+                "samples; lower --param num_grads"
+            )
+        generator = torch.Generator(context.device).manual_seed(context.seed)
+        rows: dict[str, list[torch.Tensor]] = {t.name: [] for t in targets}
+        taken = 0
+        context.model.eval()
+        for x, _ in loader(context.calibration, 128):
+            x = x[: wanted - taken].to(context.device)
+            with torch.no_grad():
+                probs = torch.softmax(context.model(x), dim=1)
+            y = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            for name, g in per_sample_gradients(context.model, targets, x, y).items():
+                rows[name].append(g)
+            taken += len(x)
+            if taken >= wanted:
+                break
+        return {name: torch.cat(parts) for name, parts in rows.items()}
+
+    def prepare(self, context: Any, step: int, steps: int) -> None:
+        """Fit Q (first step) or refine it (later steps) at the current weights."""
+        started = time.perf_counter()
+        targets = self._parameterised(list(context.targets))
+        first = not self.q
+        iterations = self.hparams["aux_iters"] if first else self.hparams["refine_iters"]
+        pool = self._pool(context, targets)
+        generator = torch.Generator(context.device).manual_seed(context.seed + step)
+        for t in targets:
+            q = self._q(t)
+
+            def log(it: int, loss: float, name: str = t.name) -> None:
+                context.say(
+                    f"fishleg {name}: auxiliary iteration {it}/{iterations}, loss {loss:.4g}"
+                )
+
+            trace = fit_q(
+                q,
+                pool[t.name],
+                t.mask,
+                iterations,
+                self.hparams["aux_lr"],
+                self.hparams["probe"],
+                self.hparams["aux_batch"],
+                generator=generator,
+                log_every=self.hparams["log_every"],
+                on_log=log,
+                name=t.name,
+            )
+            self.trace.append(
+                {"step": step, "target": t.name, "iterations": iterations, "loss": trace}
+            )
+        self.seconds += time.perf_counter() - started
+
+    def diagnostics(self) -> dict[str, Any]:
+        return {"auxiliary_seconds": round(self.seconds, 3), "auxiliary_loss": self.trace}
+
+    def score(self, target: Target, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if not isinstance(target.module, SUPPORTED):
+            return torch.full_like(target.weight, KEEP)
+        with torch.no_grad():
+            diag = self._q(target).diagonal().reshape(target.weight.shape)
+            return target.weight.detach().square() / (2 * diag)
+
+    def update(
+        self, target: Target, keep: torch.Tensor, stats: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor | None:
+        prune = target.mask & ~keep
+        if not prune.any() or not isinstance(target.module, SUPPORTED):
+            return None
+        q = self._q(target)
+        with torch.no_grad():
+            w = target.weight.detach().reshape(q.shape)
+            p = prune.reshape(q.shape)
+            x = torch.where(p, w / q.diagonal(), torch.zeros_like(w))
+            delta = -q(x) * target.mask.reshape(q.shape)  # pruned weights stay out
+            updated = (w + delta).masked_fill(p, 0.0)
+        return updated.reshape(target.weight.shape)

@@ -1,0 +1,134 @@
+"""FishLeg: Q against the exact (F + γI)⁻¹, the closed-form diagonal, the plugin contract,
+OBS pruning with Q, progressive refinement, and bad inputs."""
+
+import pytest
+import torch
+from prunekit_fishleg import KroneckerQ, fit_q
+from torch import nn
+
+from prunekit import registry
+from prunekit.data import load_data
+from prunekit.errors import NumericalError, UsageError
+from prunekit.masks import find_targets, sparsity_of
+from prunekit.schedule import ScheduleConfig, StepContext, run_schedule
+from prunekit.testing import check_pruner
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def only_this_plugin(monkeypatch):
+    monkeypatch.setenv("PRUNEKIT_PLUGINS", "prunekit-fishleg")
+
+
+def test_q_converges_to_the_damped_inverse_fisher_of_linear_regression():
+    # Linear regression with a unit-variance Gaussian likelihood: the Fisher is exactly
+    # XᵀX/n, and the rows x_i are gradient rows with F = mean x xᵀ.
+    gen = torch.Generator().manual_seed(0)
+    n, d, gamma = 256, 5, 0.1
+    x = torch.randn(n, d, generator=gen) @ torch.diag(torch.tensor([2.0, 1.5, 1.0, 0.7, 0.3]))
+    fisher = x.T @ x / n
+    exact = torch.linalg.inv(fisher + gamma * torch.eye(d))
+    q = KroneckerQ(1, d, gamma)
+    fit_q(
+        q,
+        x,
+        torch.ones(1, d, dtype=torch.bool),
+        iterations=3000,
+        lr=1e-2,
+        probe="gaussian",
+        batch=n,
+        probes=64,
+        generator=gen,
+    )
+    learned = q.dense().detach()
+    error = torch.linalg.norm(learned - exact) / torch.linalg.norm(exact)
+    assert error < 0.02  # stated tolerance: 2 % relative Frobenius error (measured 0.5 %)
+    start = torch.linalg.norm(torch.eye(d) / gamma - exact) / torch.linalg.norm(exact)
+    assert start > 0.5  # the initial I/γ was far off
+
+
+def test_closed_form_diagonal_equals_the_explicit_matrix():
+    torch.manual_seed(0)
+    q = KroneckerQ(3, 4, 0.5)
+    with torch.no_grad():
+        for p in q.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    torch.testing.assert_close(q.diagonal().reshape(-1), q.dense().diagonal())
+    dense = q.dense()
+    torch.testing.assert_close(dense, dense.T)  # symmetric by construction
+
+
+def test_discovered_through_its_entry_point_and_passes_the_contract():
+    infos = registry.discover()["fishleg"]
+    assert [i.distribution for i in infos] == ["prunekit-fishleg"]
+    cls = registry.load("fishleg")
+    assert cls.__module__ == "prunekit_fishleg.pruner"
+    check_pruner(cls)
+
+
+def test_single_weight_update_is_obs_with_q():
+    model = nn.Sequential(nn.Linear(3, 2, bias=False))
+    targets, _ = find_targets(model)
+    target = targets[0]
+    pruner = registry.create("fishleg", {"damping": "0.5"})
+    q = pruner._q(target)
+    with torch.no_grad():
+        q.L.add_(0.2)
+    keep = torch.ones(2, 3, dtype=torch.bool)
+    keep[1, 2] = False
+    updated = pruner.update(target, keep, {})
+    w = target.weight.detach()
+    e = torch.zeros(2, 3)
+    e[1, 2] = w[1, 2] / q.diagonal()[1, 2]
+    expected = w - q(e).detach()
+    assert updated[1, 2] == 0.0
+    torch.testing.assert_close(updated[keep], expected[keep])
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_data("digits")
+
+
+def mlp_context(digits, params):
+    from prunekit.models import load_model
+
+    model = load_model("sample:digits-mlp").model
+    targets, _ = find_targets(model)
+    pruner = registry.create("fishleg", params)
+    return StepContext(model, targets, pruner, digits.calibration, CPU), pruner
+
+
+def test_gradual_refines_q_instead_of_restarting(digits, monkeypatch):
+    monkeypatch.setenv("PRUNEKIT_PLUGINS", "prunekit-fishleg")
+    ctx, pruner = mlp_context(
+        digits, {"aux_iters": "40", "refine_iters": "10", "num_grads": "128", "log_every": "10"}
+    )
+    run_schedule(ctx, 0.9, ScheduleConfig(kind="gradual", steps=2), digits.train)
+    assert sparsity_of(ctx.targets)[0] == pytest.approx(0.9, abs=1e-4)
+    per_step = {(e["step"], e["iterations"]) for e in pruner.trace}
+    assert per_step == {(1, 40), (2, 10)}  # the second step refined the same Q
+    first = next(e for e in pruner.trace if e["step"] == 1 and e["target"] == "net.3.weight")
+    assert first["loss"][-1][1] < first["loss"][0][1]  # the auxiliary loss went down
+    assert all(torch.all(t.weight[~t.mask] == 0) for t in ctx.targets)
+
+
+def test_diverging_auxiliary_loss_says_lower_the_learning_rate(digits):
+    ctx, pruner = mlp_context(digits, {"aux_lr": "1e6", "aux_iters": "200", "num_grads": "64"})
+    with pytest.raises(NumericalError, match="lower --param aux_lr"):
+        pruner.prepare(ctx, 1, 1)
+
+
+def test_bad_inputs(digits):
+    with pytest.raises(UsageError, match=r"must be > 0\.0"):
+        registry.create("fishleg", {"damping": "0"})
+    model = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(12, 3))
+    targets, _ = find_targets(model)
+    pruner = registry.create("fishleg")
+    kept = pruner._parameterised(targets)
+    assert [t.name for t in kept] == ["2.weight"]
+    assert "fishleg skips 0.weight (Conv1d): not pruned" in pruner.warnings[0]
+    only_conv1d, _ = find_targets(nn.Conv1d(1, 2, 3))
+    with pytest.raises(UsageError, match="Linear and Conv2d weights only"):
+        registry.create("fishleg")._parameterised(only_conv1d)
