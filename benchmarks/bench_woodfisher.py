@@ -11,6 +11,7 @@ import argparse
 import time
 
 import torch
+from peak_memory import peak_rss, reset_peak
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -92,19 +93,6 @@ def inverse_speed(device: torch.device, m: int, block: int, d: int) -> None:
         f"(b) m={m}, B={block}, d={d} ({d // block} blocks): batched {path} {t_fast:.3f} s, "
         f"sequential rank-1 {t_ref:.3f} s, speed-up {t_ref / t_fast:.1f}x (aim >= 10x)"
     )
-
-
-def peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM")
-
-
-def reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def memory(device: torch.device, m: int) -> None:

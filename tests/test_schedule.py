@@ -94,7 +94,8 @@ def test_gradual_reaches_exactly_the_target(digits):
     assert all(torch.all(t.weight[~t.mask] == 0) for t in targets)
 
 
-def test_gradual_calls_the_prepare_hook_and_keeps_the_pruner(digits):
+def prepare_calls(digits, schedule: ScheduleConfig) -> list[tuple[int, int, int]]:
+    """(pruner id, step, steps) of every prepare() call during a magnitude run."""
     from prunekit.pruners.magnitude import MagnitudePruner
 
     calls = []
@@ -106,7 +107,12 @@ def test_gradual_calls_the_prepare_hook_and_keeps_the_pruner(digits):
     model = load_model("sample:digits-mlp").model
     targets, _ = find_targets(model)
     ctx = StepContext(model, targets, Recording(), digits.calibration, CPU)
-    run_schedule(ctx, 0.8, ScheduleConfig(kind="gradual", steps=3), digits.train)
+    run_schedule(ctx, 0.8, schedule, digits.train)
+    return calls
+
+
+def test_gradual_calls_the_prepare_hook_and_keeps_the_pruner(digits):
+    calls = prepare_calls(digits, ScheduleConfig(kind="gradual", steps=3))
     assert [c[1:] for c in calls] == [(1, 3), (2, 3), (3, 3)]
     assert len({c[0] for c in calls}) == 1  # one pruner object across the steps
 
@@ -252,3 +258,8 @@ def test_unlabeled_data(tmp_path):
     report = json.loads(ok.stdout)
     assert report["accuracy"] == {"dense": None, "pruned": None}
     assert report["sparsity"]["achieved"] == pytest.approx(0.5, abs=1e-4)
+
+
+def test_prepare_runs_before_every_sub_step(digits):
+    calls = prepare_calls(digits, ScheduleConfig(kind="gradual", steps=2, recompute=2))
+    assert [c[1:] for c in calls] == [(1, 4), (2, 4), (3, 4), (4, 4)]

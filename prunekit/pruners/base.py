@@ -154,3 +154,15 @@ class Pruner:
         OBS-style pruners override this; the pipeline zeroes the pruned entries afterwards.
         """
         return None
+
+
+SAMPLING_PARAMS = (
+    Param("num_grads", 1000, "number m of gradients averaged into the statistics", minimum=1),
+    Param("grad_batch", 1, "samples per gradient (1: per-sample gradients)", minimum=1),
+    Param(
+        "fisher",
+        "empirical",
+        "labels: empirical (true labels) or true (sampled)",
+        choices=("empirical", "true"),
+    ),
+)

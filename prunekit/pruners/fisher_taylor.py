@@ -7,18 +7,8 @@ from collections.abc import Mapping
 
 import torch
 
-from prunekit.pruners.base import Param, Pruner, Target
+from prunekit.pruners.base import SAMPLING_PARAMS, Param, Pruner, Target
 
-SAMPLING_PARAMS = (
-    Param("num_grads", 1000, "number m of gradients averaged into the statistics", minimum=1),
-    Param("grad_batch", 1, "samples per gradient (1: per-sample gradients)", minimum=1),
-    Param(
-        "fisher",
-        "empirical",
-        "labels: empirical (true labels) or true (sampled)",
-        choices=("empirical", "true"),
-    ),
-)
 FBSS_EPS = 1e-12  # lower clamp of F in fbss: zero-gradient weights get a finite score
 
 

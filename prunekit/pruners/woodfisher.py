@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import torch
 
 from prunekit.fisher import obs_scores, obs_update
-from prunekit.pruners.base import Param, Pruner, StatsSpec, Target
+from prunekit.pruners.base import SAMPLING_PARAMS, Param, Pruner, StatsSpec, Target
 
 GRADIENT_PARAMS = (
     Param(
@@ -18,14 +18,7 @@ GRADIENT_PARAMS = (
         minimum=0.0,
         exclusive_minimum=True,
     ),
-    Param("num_grads", 1000, "number m of gradients averaged into the Fisher", minimum=1),
-    Param("grad_batch", 1, "samples per gradient (1: per-sample gradients)", minimum=1),
-    Param(
-        "fisher",
-        "empirical",
-        "labels: empirical (true labels) or true (sampled)",
-        choices=("empirical", "true"),
-    ),
+    *SAMPLING_PARAMS,
     Param(
         "exact",
         True,

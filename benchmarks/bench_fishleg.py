@@ -1,0 +1,55 @@
+"""FishLeg vs WoodFisher for the same one-shot step: time and peak memory, one process.
+
+    python benchmarks/bench_fishleg.py   (needs plugins/prunekit-fishleg installed)
+
+Peak memory is the rise of the process's peak resident set (Linux VmHWM, reset before each
+run); time is wall-clock of one pruning step (statistics or auxiliary fit + scores + update).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from peak_memory import peak_rss, reset_peak
+
+from prunekit import registry
+from prunekit.data import load_data
+from prunekit.evaluate import accuracy
+from prunekit.masks import find_targets
+from prunekit.models import load_model
+from prunekit.schedule import StepContext, prune_step
+
+MODELS = ("digits-mlp", "digits-cnn", "digits-resnet")
+
+
+def measure(name: str, pruner: str, data, sparsity: float) -> tuple[float, int, float]:
+    model = load_model(f"sample:{name}").model
+    targets, _ = find_targets(model)
+    ctx = StepContext(
+        model, targets, registry.create(pruner), data.calibration, torch.device("cpu")
+    )
+    reset_peak()
+    base = peak_rss()
+    start = time.perf_counter()
+    prune_step(ctx, sparsity)
+    seconds = time.perf_counter() - start
+    return seconds, peak_rss() - base, accuracy(model, data.test, torch.device("cpu"))
+
+
+def main() -> None:
+    data = load_data("digits")
+    print("| model | pruner | one-shot 90 % step (s) | peak memory rise (MiB) | accuracy |")
+    print("|---|---|---|---|---|")
+    for name in MODELS:
+        measure(name, "magnitude", data, 0.5)  # warm up imports and allocator
+        for pruner in ("woodfisher", "fishleg"):
+            seconds, memory, acc = measure(name, pruner, data, 0.9)
+            print(
+                f"| {name} | {pruner} | {seconds:.2f} | {memory / 2**20:.0f} | {acc:.2%} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
