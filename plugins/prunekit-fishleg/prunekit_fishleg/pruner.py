@@ -121,7 +121,7 @@ class FishLegPruner(Pruner):
             trace = fit_q(
                 q,
                 pool[t.name],
-                t.mask,
+                t.mask.reshape(q.shape),  # a Conv2d kernel is flattened to (out, in·kh·kw)
                 iterations,
                 self.hparams["aux_lr"],
                 self.hparams["probe"],

@@ -91,10 +91,10 @@ def digits():
     return load_data("digits")
 
 
-def mlp_context(digits, params):
+def mlp_context(digits, params, name="digits-mlp"):
     from prunekit.models import load_model
 
-    model = load_model("sample:digits-mlp").model
+    model = load_model(f"sample:{name}").model
     targets, _ = find_targets(model)
     pruner = registry.create("fishleg", params)
     return StepContext(model, targets, pruner, digits.calibration, CPU), pruner
@@ -132,3 +132,11 @@ def test_bad_inputs(digits):
     only_conv1d, _ = find_targets(nn.Conv1d(1, 2, 3))
     with pytest.raises(UsageError, match="Linear and Conv2d weights only"):
         registry.create("fishleg")._parameterised(only_conv1d)
+
+
+def test_conv_layers_prune_with_flattened_kernels(digits):
+    ctx, pruner = mlp_context(digits, {"aux_iters": "10", "num_grads": "64"}, "digits-cnn")
+    run_schedule(ctx, 0.7, ScheduleConfig(kind="oneshot"), digits.train)
+    assert sparsity_of(ctx.targets)[0] == pytest.approx(0.7, abs=1e-4)
+    assert pruner.q["features.2.weight"].shape == (32, 16 * 3 * 3)
+    assert all(torch.all(t.weight[~t.mask] == 0) for t in ctx.targets)
