@@ -20,7 +20,7 @@ from prunekit.data import loader
 from prunekit.errors import UsageError
 from prunekit.pruners import Param, Pruner, Target
 from prunekit.stats import per_sample_gradients
-from prunekit_fishleg.qmatrix import KroneckerQ, fit_q
+from prunekit_fishleg.qmatrix import KroneckerQ, fit_q, solve_restricted
 
 SUPPORTED = (nn.Linear, nn.Conv2d)
 KEEP = torch.finfo(torch.float32).max  # score of weights FishLeg does not parameterise
@@ -31,7 +31,7 @@ class FishLegPruner(Pruner):
 
     name = "fishleg"
     params = (
-        Param("damping", 1e-4, "γ in Q ≈ (F + γI)⁻¹", minimum=0.0, exclusive_minimum=True),
+        Param("damping", 1e-5, "γ in Q ≈ (F + γI)⁻¹", minimum=0.0, exclusive_minimum=True),
         Param(
             "aux_lr",
             1e-3,
@@ -49,6 +49,12 @@ class FishLegPruner(Pruner):
         ),
         Param("num_grads", 1000, "gradients (sampled labels) in the Fisher pool", minimum=1),
         Param("aux_batch", 64, "gradient rows per Fisher-vector product", minimum=1),
+        Param(
+            "exact",
+            False,
+            "joint OBS update of the weights pruned together, Q[P,P] solved by conjugate "
+            "gradients (false: sum of single-weight updates)",
+        ),
         Param("log_every", 50, "auxiliary loss readout every N iterations", minimum=1),
     )
 
@@ -156,7 +162,10 @@ class FishLegPruner(Pruner):
         with torch.no_grad():
             w = target.weight.detach().reshape(q.shape)
             p = prune.reshape(q.shape)
-            x = torch.where(p, w / q.diagonal(), torch.zeros_like(w))
+            if self.hparams["exact"]:
+                x = solve_restricted(q, w, p)
+            else:
+                x = torch.where(p, w / q.diagonal(), torch.zeros_like(w))
             delta = -q(x) * target.mask.reshape(q.shape)  # pruned weights stay out
             updated = (w + delta).masked_fill(p, 0.0)
         return updated.reshape(target.weight.shape)

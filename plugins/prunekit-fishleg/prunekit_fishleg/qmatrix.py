@@ -123,3 +123,37 @@ def fit_q(
             if on_log is not None:
                 on_log(it, mean)
     return trace
+
+
+def solve_restricted(
+    q: KroneckerQ,
+    rhs: torch.Tensor,
+    subset: torch.Tensor,
+    iterations: int = 200,
+    tolerance: float = 1e-5,
+) -> torch.Tensor:
+    """x with Q[P, P] x_P = rhs_P and x = 0 outside P, by conjugate gradients on Q-products.
+
+    ``subset`` (bool, like rhs) is P. Used for the joint OBS update δθ = −Q[:, P] x.
+    """
+
+    def matvec(v: torch.Tensor) -> torch.Tensor:
+        return q(v * subset) * subset
+
+    b = rhs * subset
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = r.clone()
+    rs = (r * r).sum()
+    stop = tolerance**2 * rs
+    for _ in range(iterations):
+        if rs <= stop:
+            break
+        qp = matvec(p)
+        alpha = rs / (p * qp).sum()
+        x += alpha * p
+        r -= alpha * qp
+        rs_new = (r * r).sum()
+        p = r + (rs_new / rs) * p
+        rs = rs_new
+    return x
