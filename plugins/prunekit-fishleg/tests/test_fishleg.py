@@ -140,3 +140,23 @@ def test_conv_layers_prune_with_flattened_kernels(digits):
     assert sparsity_of(ctx.targets)[0] == pytest.approx(0.7, abs=1e-4)
     assert pruner.q["features.2.weight"].shape == (32, 16 * 3 * 3)
     assert all(torch.all(t.weight[~t.mask] == 0) for t in ctx.targets)
+
+
+def test_joint_update_solves_q_restricted_to_the_pruned_set():
+    from prunekit_fishleg.qmatrix import solve_restricted
+
+    torch.manual_seed(1)
+    q = KroneckerQ(2, 3, 0.5)
+    with torch.no_grad():
+        for p in q.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    w = torch.randn(2, 3)
+    subset = torch.tensor([[True, False, True], [False, True, False]])
+    x = solve_restricted(q, w, subset)
+    dense = q.dense().detach()
+    idx = subset.reshape(-1)
+    expected = torch.zeros(6)
+    expected[idx] = torch.linalg.solve(dense[idx][:, idx], w.reshape(-1)[idx])
+    torch.testing.assert_close(x.reshape(-1), expected, rtol=1e-4, atol=1e-5)
+    updated = w - (q(x).detach())
+    torch.testing.assert_close(updated[subset], torch.zeros(3), rtol=0, atol=1e-4)
