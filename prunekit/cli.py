@@ -58,6 +58,16 @@ def handle_errors(command: F) -> F:
         except KeyboardInterrupt:
             err.print("interrupted; nothing was written")
             raise typer.Exit(130) from None
+        except OSError as exc:  # disk full, permission denied, a missing folder...
+            if _debug():
+                raise
+            where = f" ({exc.filename})" if exc.filename else ""
+            err.print(
+                f"[red]error:[/red] {exc.strerror or exc}{where}; check the path and free space",
+                markup=True,
+                highlight=False,
+            )
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -166,7 +176,7 @@ def prune(
         float, typer.Option("--sparsity", "-s", help="Fraction to remove, in [0, 1).")
     ],
     mask: Annotated[
-        str, typer.Option(help="global: one threshold; layer: each tensor to S.")
+        str, typer.Option(help="global: one threshold; layer: each tensor to S; N:M (e.g. 2:4).")
     ] = "global",
     exclude: Annotated[
         list[str] | None,
@@ -474,18 +484,13 @@ def _print_validation(v: dict[str, Any]) -> None:
     console.print(f"note: {v['note']}")
 
 
-def _int_list(text: str, option: str) -> tuple[int, ...]:
+def _number_list(text: str, option: str, kind: type = int) -> tuple:
     try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
+        return tuple(kind(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise UsageError(f"{option} {text}: give comma-separated integers, e.g. 1,32") from None
-
-
-def _float_list(text: str, option: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise UsageError(f"{option} {text}: give comma-separated numbers, e.g. 0.5,0.9") from None
+        raise UsageError(
+            f"{option} {text}: give comma-separated {kind.__name__}s, e.g. 1,32"
+        ) from None
 
 
 @app.command()
@@ -498,7 +503,7 @@ def sweep(
     sparsities: Annotated[str, typer.Option(help="Comma-separated sparsities, e.g. 0.8,0.9.")],
     out: Annotated[Path, typer.Option(help="Sweep folder (resumed if it exists).")],
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0",
-    mask: Annotated[str, typer.Option(help="global or layer.")] = "global",
+    mask: Annotated[str, typer.Option(help="global, layer or N:M.")] = "global",
     data: Annotated[
         str | None, typer.Option(help="Dataset spec (sample models bring their own).")
     ] = None,
@@ -537,8 +542,10 @@ def sweep(
     from prunekit.sweep import run_sweep
 
     names = [p.strip() for p in pruners.split(",") if p.strip()]
-    levels = _float_list(sparsities, "--sparsities")
-    seed_list = _int_list(seeds, "--seeds")
+    levels = _number_list(sparsities, "--sparsities", float)
+    seed_list = _number_list(seeds, "--seeds", int)
+    if not names or not levels or not seed_list:
+        raise UsageError("--pruners, --sparsities and --seeds each need at least one value")
     params = parse_params(param or [])
     accepted = {name: {p.name for p in registry.load(name).params} for name in names}
     unused = sorted(k for k in params if not any(k in a for a in accepted.values()))
@@ -637,7 +644,7 @@ def export(
 
     if format not in {"onnx", "safetensors"}:
         raise UsageError(f"--format {format}: use onnx or safetensors")
-    shape = _int_list(input_shape, "--input-shape") if input_shape else None
+    shape = _number_list(input_shape, "--input-shape") if input_shape else None
     data_spec = data or default_data(model)
     if shape is None and format == "onnx":
         if data_spec is None:
@@ -655,7 +662,14 @@ def export(
         if format == "onnx":
             from prunekit.onnx_export import export_onnx
 
-            export_onnx(loaded.model, shape, tmp, metadata, sparse=not dense)  # type: ignore[arg-type]
+            export_onnx(
+                loaded.model,
+                shape,
+                tmp,
+                metadata,
+                sparse=not dense,  # type: ignore[arg-type]
+                final_name=out.name,
+            )
         elif dense:
             save_safetensors(loaded.model, tmp, metadata)
         else:
@@ -698,6 +712,9 @@ def validate_command(
         str | None, typer.Option("--torch", help="PyTorch model spec for the parity check.")
     ] = None,
     weights: Annotated[Path | None, typer.Option(help="Weights of --torch.")] = None,
+    num_classes: Annotated[
+        int | None, typer.Option(help="Classes of --torch (default: recorded in the file).")
+    ] = None,
     batch_sizes: Annotated[str, typer.Option(help="Batch sizes to time, e.g. 1,32.")] = "1,32",
     threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads (0: default).")] = 0,
     provider: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
@@ -721,7 +738,7 @@ def validate_command(
     from prunekit.validate import ValidateOptions, read_onnx_metadata, validate
 
     options = ValidateOptions(
-        batch_sizes=_int_list(batch_sizes, "--batch-sizes"),
+        batch_sizes=_number_list(batch_sizes, "--batch-sizes"),
         threads=threads,
         provider=provider,
         runs=runs,
@@ -734,12 +751,13 @@ def validate_command(
         raise UsageError(f"{onnx_file} records no dataset; pass --data SPEC")
     splits = load_data(spec)
     model = None
+    classes = num_classes or (int(meta["num_classes"]) if meta.get("num_classes") else None)
     if torch_model is not None:
-        model = load_model(torch_model, weights).model
+        model = load_model(torch_model, weights, classes).model
     elif meta.get("model") and meta.get("weights_file"):
         sibling = onnx_file.parent / meta["weights_file"]
         if sibling.is_file():
-            model = load_model(meta["model"], sibling).model
+            model = load_model(meta["model"], sibling, classes).model
     reference = float(meta["accuracy_dense"]) if "accuracy_dense" in meta else None
     result = validate(
         onnx_file, splits.test, splits.input_shape, options, baseline, model, reference

@@ -93,11 +93,11 @@ def load_sparse(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor
 
 def densify(src: Path, dst: Path) -> None:
     """Write the dense equivalent of ``src`` to ``dst`` (metadata kept, index dropped)."""
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from prunekit.export import read_metadata
+
     state = load_sparse(src)
-    with safe_open(str(src), framework="pt") as f:
-        meta = dict(f.metadata() or {})
+    meta = read_metadata(src)
     meta.pop(FORMAT_KEY, None)
     save_file(state, str(dst), metadata=meta)

@@ -166,8 +166,9 @@ def imagefolder(root: Path) -> Splits:
         if (root / "train").is_dir() and test_dir is not None:
             train = datasets.ImageFolder(str(root / "train"), transform=to_tensor)
             test = datasets.ImageFolder(str(test_dir), transform=to_tensor)
-        else:
-            full = datasets.ImageFolder(str(root), transform=to_tensor)
+        else:  # split root/train when it stands alone, else root itself
+            source = root / "train" if (root / "train").is_dir() else root
+            full = datasets.ImageFolder(str(source), transform=to_tensor)
             order = _permutation(len(full)).tolist()
             n_test = round(len(full) * TEST_FRACTION)
             train, test = Subset(full, order[n_test:]), Subset(full, order[:n_test])

@@ -7,6 +7,14 @@ pointed at is wrong), 1 for a failure while running.
 from __future__ import annotations
 
 
+def did_you_mean(name: str, choices: list[str]) -> str:
+    """'did you mean a, b? ' for the closest of ``choices``, or ''."""
+    import difflib
+
+    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
+    return f"did you mean {', '.join(close)}? " if close else ""
+
+
 class PrunekitError(Exception):
     """A failure with a message fit for the user; exit code 1."""
 

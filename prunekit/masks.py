@@ -12,7 +12,6 @@ from prunekit.errors import NumericalError, UsageError
 from prunekit.pruners.base import Target
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-MASK_MODES = ("global", "layer")
 
 
 def find_targets(model: nn.Module, exclude: Sequence[str] = ()) -> tuple[list[Target], list[str]]:
@@ -20,10 +19,13 @@ def find_targets(model: nn.Module, exclude: Sequence[str] = ()) -> tuple[list[Ta
 
     Returns the targets and the globs that matched nothing (worth a warning).
     """
-    targets, used = [], set()
+    targets, used, seen = [], set(), set()
     for module_name, module in model.named_modules():
         if not isinstance(module, PRUNABLE) or module.weight is None:
             continue
+        if id(module.weight) in seen:  # a tied weight is one tensor: prune it once
+            continue
+        seen.add(id(module.weight))
         name = f"{module_name}.weight" if module_name else "weight"
         hits = [g for g in exclude if fnmatch.fnmatchcase(name, g)]
         used.update(hits)
@@ -68,29 +70,74 @@ def _lowest(flat: torch.Tensor, k: int) -> torch.Tensor:
     return drop
 
 
+def parse_nm(mode: str) -> tuple[int, int] | None:
+    """(n, m) for an 'n:m' mask mode, None for global/layer; a usage error otherwise."""
+    if mode in ("global", "layer"):
+        return None
+    n, sep, m = mode.partition(":")
+    if sep and n.isdigit() and m.isdigit() and 0 < int(n) < int(m):
+        return int(n), int(m)
+    raise UsageError(f"unknown mask mode '{mode}': use global, layer or N:M such as 2:4")
+
+
+def check_mask(mode: str, sparsity: float) -> None:
+    nm = parse_nm(mode)
+    if nm is not None and abs(sparsity - (1 - nm[0] / nm[1])) > 1e-9:
+        raise UsageError(
+            f"--mask {mode} keeps {nm[0]} of every {nm[1]} weights, a sparsity of "
+            f"{1 - nm[0] / nm[1]:g}; pass --sparsity {1 - nm[0] / nm[1]:g}"
+        )
+
+
+def _n_of_m(score: torch.Tensor, target: Target, n: int, m: int) -> torch.Tensor:
+    rows = score.reshape(target.weight.shape[0], -1)
+    if rows.shape[1] % m:
+        raise UsageError(
+            f"{target.name} has {rows.shape[1]} inputs per output, not a multiple of {m}; "
+            f"exclude it (--exclude '{target.name}') or use another mask"
+        )
+    groups = rows.reshape(rows.shape[0], -1, m)
+    best = torch.zeros_like(groups, dtype=torch.bool)
+    best.scatter_(-1, groups.topk(n, dim=-1).indices, True)
+    return (best & torch.isfinite(groups)).reshape(target.weight.shape)  # pruned stay pruned
+
+
 def select(
     targets: Sequence[Target],
-    scores: Mapping[str, torch.Tensor],
+    scores: Mapping[str, torch.Tensor | None],
     sparsity: float,
     mode: str = "global",
 ) -> dict[str, torch.Tensor]:
     """New keep-masks that remove ``sparsity`` of the target weights by lowest score.
 
-    Already pruned weights score -inf and therefore stay pruned.
+    Already pruned weights score -inf and therefore stay pruned. A target whose score is
+    None is left as it is (a pruner may decline a tensor it cannot handle); the sparsity is
+    then reached on the others.
     """
     check_sparsity(sparsity)
-    checked = [_checked(t.name, scores[t.name], t).reshape(-1) for t in targets]
-    if mode == "layer":
-        return {
-            t.name: ~_lowest(s, round(sparsity * t.numel)).reshape(t.weight.shape)
-            for t, s in zip(targets, checked, strict=True)
-        }
-    if mode != "global":
-        raise UsageError(f"unknown mask mode '{mode}': use one of {', '.join(MASK_MODES)}")
-    flat = torch.cat(checked)
-    keep = ~_lowest(flat, round(sparsity * flat.numel()))
-    pieces = keep.split([t.numel for t in targets])
-    return {t.name: p.reshape(t.weight.shape) for t, p in zip(targets, pieces, strict=True)}
+    check_mask(mode, sparsity)
+    keep = {t.name: t.mask.clone() for t in targets if scores[t.name] is None}
+    ranked = [t for t in targets if scores[t.name] is not None]
+    if not ranked:
+        return keep
+    checked = [_checked(t.name, scores[t.name], t) for t in ranked]  # type: ignore[arg-type]
+    nm = parse_nm(mode)
+    if nm is not None:
+        keep.update({t.name: _n_of_m(s, t, *nm) for t, s in zip(ranked, checked, strict=True)})
+    elif mode == "layer":
+        keep.update(
+            {
+                t.name: ~_lowest(s.reshape(-1), round(sparsity * t.numel)).reshape(t.weight.shape)
+                for t, s in zip(ranked, checked, strict=True)
+            }
+        )
+    else:
+        flat = torch.cat([s.reshape(-1) for s in checked])
+        pieces = (~_lowest(flat, round(sparsity * flat.numel()))).split([t.numel for t in ranked])
+        keep.update(
+            {t.name: p.reshape(t.weight.shape) for t, p in zip(ranked, pieces, strict=True)}
+        )
+    return keep
 
 
 @torch.no_grad()

@@ -8,7 +8,6 @@ untrained; give ``--weights``) and ``package.module:factory`` (any callable retu
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import pickle
 from dataclasses import dataclass
@@ -17,7 +16,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from prunekit.errors import InputFileError, ModelMismatchError, UnknownNameError, UsageError
+from prunekit.errors import (
+    InputFileError,
+    ModelMismatchError,
+    UnknownNameError,
+    UsageError,
+    did_you_mean,
+)
 from prunekit.sample_models import SAMPLES
 
 SPEC_FORMS = "sample:NAME, torchvision:ARCH or package.module:factory"
@@ -28,22 +33,13 @@ _SHOWN = 5  # how many keys an error message lists
 class LoadedModel:
     spec: str
     model: nn.Module
-    data: str | None  # the dataset the model comes with, if any
     weights: str | None
 
 
-def _suggest(name: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
-    return f"did you mean {', '.join(close)}? " if close else ""
-
-
-def _sample(name: str, num_classes: int | None) -> tuple[nn.Module, Path, str]:
+def _sample(name: str, num_classes: int | None) -> tuple[nn.Module, Path]:
     sample = SAMPLES[name]
-    return (
-        sample.factory(**({"num_classes": num_classes} if num_classes else {})),
-        sample.weights,
-        sample.data,
-    )
+    kwargs = {"num_classes": num_classes} if num_classes else {}
+    return sample.factory(**kwargs), sample.weights
 
 
 def _torchvision(arch: str, num_classes: int | None) -> nn.Module:
@@ -52,7 +48,7 @@ def _torchvision(arch: str, num_classes: int | None) -> nn.Module:
     available = models.list_models(module=models)
     if arch not in available:
         raise UnknownNameError(
-            f"unknown torchvision architecture '{arch}': {_suggest(arch, available)}"
+            f"unknown torchvision architecture '{arch}': {did_you_mean(arch, available)}"
             "see torchvision.models.list_models()"
         )
     return models.get_model(arch, weights=None, num_classes=num_classes or 1000)
@@ -72,15 +68,15 @@ def _factory(spec: str, num_classes: int | None) -> nn.Module:
     return model
 
 
-def build(spec: str, num_classes: int | None = None) -> tuple[nn.Module, Path | None, str | None]:
-    """Build the architecture named by ``spec``; return it, its default weights and data."""
+def build(spec: str, num_classes: int | None = None) -> tuple[nn.Module, Path | None]:
+    """Build the architecture named by ``spec``; return it and its default weights."""
     default_data(spec)  # validates the spec
     kind, _, rest = spec.partition(":")
     if kind == "sample":
         return _sample(rest, num_classes)
     if kind == "torchvision":
-        return _torchvision(rest, num_classes), None, None
-    return _factory(spec, num_classes), None, None
+        return _torchvision(rest, num_classes), None
+    return _factory(spec, num_classes), None
 
 
 def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
@@ -161,14 +157,14 @@ def load_model(
     spec: str, weights: Path | None = None, num_classes: int | None = None, trust: bool = False
 ) -> LoadedModel:
     """Build ``spec`` and load ``weights`` (or the sample's own) into it, on the CPU."""
-    model, default_weights, data = build(spec, num_classes)
+    model, default_weights = build(spec, num_classes)
     path = weights or default_weights
     if path is not None:
         state = read_state_dict(path, trust)
         check_fit(model, state, str(path), spec)
         model.load_state_dict(state, strict=False)
     model.eval()
-    return LoadedModel(spec, model, data, str(path) if path else None)
+    return LoadedModel(spec, model, str(path) if path else None)
 
 
 def default_data(spec: str) -> str | None:
@@ -180,7 +176,7 @@ def default_data(spec: str) -> str | None:
         return None
     if name not in SAMPLES:
         raise UnknownNameError(
-            f"unknown sample model '{name}': {_suggest(name, list(SAMPLES))}"
+            f"unknown sample model '{name}': {did_you_mean(name, list(SAMPLES))}"
             f"see `prunekit models list` (known: {', '.join(SAMPLES)})"
         )
     return SAMPLES[name].data

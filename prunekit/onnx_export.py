@@ -90,6 +90,7 @@ def export_onnx(
     path: Path,
     metadata: dict[str, str],
     sparse: bool = True,
+    final_name: str | None = None,
 ) -> dict[str, object]:
     """Write a self-contained ``.onnx`` file; return what was done (sizes, sparse tensors)."""
     import onnx
@@ -100,7 +101,13 @@ def export_onnx(
     onnx.helper.set_model_props(proto, metadata)
     onnx.checker.check_model(proto)
     if proto.ByteSize() > SINGLE_FILE_LIMIT:
-        onnx.save_model(proto, str(path), save_as_external_data=True, location=f"{path.name}.data")
+        # the sidecar is named after the file's final name, not a staging name
+        onnx.save_model(
+            proto,
+            str(path),
+            save_as_external_data=True,
+            location=f"{final_name or path.name}.data",
+        )
     else:
         onnx.save_model(proto, str(path))
     return {

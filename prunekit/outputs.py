@@ -10,13 +10,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from prunekit.errors import OutputExistsError
+from prunekit.errors import OutputExistsError, UsageError
 
 
 def check_writable(out: Path, force: bool) -> None:
     """Fail before any work when OUT exists and --force was not given."""
     if out.exists() and not force:
         raise OutputExistsError(f"{out} already exists; pass --force to replace it")
+    folder = out.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(
+            f"cannot write {out}: {folder} is not a writable folder; pick another --out"
+        )
 
 
 def _readable(path: Path) -> None:

@@ -19,13 +19,13 @@ from prunekit.device import resolve_device
 from prunekit.errors import UsageError
 from prunekit.evaluate import accuracy
 from prunekit.export import EXPORT_FORMATS, metadata_for, write_exports
-from prunekit.masks import MASK_MODES, check_sparsity, find_targets, sparsity_of
+from prunekit.masks import check_mask, check_sparsity, find_targets, sparsity_of
 from prunekit.models import default_data, load_model
 from prunekit.outputs import check_writable, staged_dir
 from prunekit.progress import Reporter, Silent
 from prunekit.pruners.base import Pruner
 from prunekit.schedule import StepContext, run_schedule
-from prunekit.stats import Collector
+from prunekit.stats import Collector, check_spec
 from prunekit.validate import ValidateOptions, validate
 
 
@@ -42,8 +42,7 @@ class Outcome:
 def check(config: PruneConfig) -> None:
     """Validate everything cheap before any work is done."""
     check_sparsity(config.sparsity)
-    if config.mask not in MASK_MODES:
-        raise UsageError(f"unknown mask mode '{config.mask}': use one of {', '.join(MASK_MODES)}")
+    check_mask(config.mask, config.sparsity)
     config.schedule.check(config.sparsity)
     unknown = sorted(set(config.exports) - set(EXPORT_FORMATS))
     if unknown:
@@ -55,10 +54,18 @@ def check(config: PruneConfig) -> None:
         raise UsageError("--validate needs the ONNX export: add --export safetensors,onnx")
 
 
+CURVATURE = frozenset({"fisher_diag", "fisher_inv"})  # fine with sampled labels
+
+
 def _check_labels(config: PruneConfig, pruner: Pruner, data: Splits) -> None:
     """Unlabeled data can feed magnitude-style and true-Fisher pruning, nothing else."""
     if data.labeled:
         return
+    if pruner.needs - CURVATURE:  # ḡ with labels sampled from the model averages to zero
+        raise UsageError(
+            f"pruner '{config.pruner}' needs the mean gradient, which needs true labels, but "
+            f"{data.spec} has none; use labeled data or a curvature-only pruner"
+        )
     if pruner.needs and pruner.stats_spec().fisher == "empirical":
         raise UsageError(
             f"pruner '{config.pruner}' needs gradients with true labels but {data.spec} has "
@@ -99,6 +106,15 @@ def execute(config: PruneConfig, reporter: Reporter | None = None) -> Outcome:
         warnings += [f"--exclude '{g}' matched no prunable weight" for g in unused]
 
     _check_labels(config, pruner, data)
+    if pruner.needs:
+        check_spec(pruner.stats_spec(), len(data.calibration))  # type: ignore[arg-type]
+        if pruner.stats_spec().fisher == "true" and pruner.needs - CURVATURE:
+            warnings.append(
+                f"{config.pruner} uses the mean gradient, which averages to zero "
+                "with labels sampled from the model (fisher=true)"
+            )
+    if config.schedule.trains():
+        config.schedule.train.check(len(data.train))  # type: ignore[arg-type]
 
     def evaluate(m: nn.Module) -> float | None:
         return accuracy(m, data.test, device) if data.labeled else None
@@ -149,6 +165,7 @@ def execute(config: PruneConfig, reporter: Reporter | None = None) -> Outcome:
         "model": config.model,
         "weights": loaded.weights,
         "data": data_spec,
+        "num_classes": num_classes or data.num_classes,
         "pruner": config.pruner,
         "params": pruner.hparams,
         "mask": config.mask,

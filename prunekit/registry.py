@@ -8,13 +8,12 @@ plugins to those pruner or distribution names ("" leaves the built-ins only).
 
 from __future__ import annotations
 
-import difflib
 import os
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
-from prunekit.errors import PluginError, UnknownNameError
+from prunekit.errors import PluginError, UnknownNameError, did_you_mean
 from prunekit.pruners.base import Pruner
 
 GROUP = "prunekit.pruners"
@@ -73,8 +72,7 @@ def names() -> list[str]:
 
 def _single(name: str, plugins: dict[str, list[PluginInfo]]) -> PluginInfo:
     if name not in plugins:
-        close = difflib.get_close_matches(name, list(plugins), n=3, cutoff=0.5)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
+        hint = did_you_mean(name, list(plugins))
         raise UnknownNameError(
             f"unknown pruner '{name}': {hint}see `prunekit pruners list` "
             f"(known: {', '.join(plugins) or 'none'})"

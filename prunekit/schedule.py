@@ -85,7 +85,7 @@ def prune_step(ctx: StepContext, sparsity: float) -> list[str]:
                 if t.name in updates:
                     t.weight.copy_(updates[t.name])
     apply(ctx.targets, keep)
-    warnings = collector.warnings + ctx.pruner.warnings
+    warnings = list(dict.fromkeys(collector.warnings + ctx.pruner.warnings))  # once each
     ctx.pruner.warnings = []
     return warnings
 
@@ -130,6 +130,10 @@ class ScheduleConfig:
         for name in ("finetune_epochs", "warmup_epochs", "epochs"):
             if getattr(self, name) < 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
+        self.train.check()
+
+    def trains(self) -> bool:
+        return bool(self.finetune_epochs or self.warmup_epochs or self.epochs)
 
 
 def cubic_sparsities(initial: float, final: float, steps: int) -> list[float]:
@@ -160,8 +164,8 @@ def run_schedule(
     history: list[dict[str, Any]] = []
     say = on_event or (lambda _: None)
     ctx.say = say
-    gradual_steps = schedule.steps + (schedule.initial_sparsity > 0)
-    ctx.total_steps = schedule.recompute * (gradual_steps if schedule.kind == "gradual" else 1)
+    ctx.total_steps = schedule.recompute * (schedule.steps if schedule.kind == "gradual" else 1)
+    ctx.total_steps += schedule.kind == "gradual" and schedule.initial_sparsity > 0
 
     def fit(epochs: int, phase: str) -> None:
         if epochs:

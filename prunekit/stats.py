@@ -86,8 +86,8 @@ def parse_size(text: str) -> int:
         value = float(number) * scale
     except ValueError:
         raise UsageError(f"--memory-budget {text}: give a size such as 512MB or 2GiB") from None
-    if value <= 0:
-        raise UsageError(f"--memory-budget {text}: must be positive")
+    if not math.isfinite(value) or value <= 0:
+        raise UsageError(f"--memory-budget {text}: must be a positive, finite size")
     return int(value)
 
 
@@ -189,7 +189,7 @@ class Collector:
         self.warnings: list[str] = []
         self.plan = None
         if needs:
-            _check_spec(spec, len(calibration))  # type: ignore[arg-type]
+            check_spec(spec, len(calibration))  # type: ignore[arg-type]
             self.plan = plan_memory(self.targets, spec, needs, budget or default_budget(device))
 
     @property
@@ -312,7 +312,7 @@ class Collector:
         raise AssertionError
 
 
-def _check_spec(spec: StatsSpec, available: int) -> None:
+def check_spec(spec: StatsSpec, available: int) -> None:
     if spec.damp <= 0 or not math.isfinite(spec.damp):
         raise UsageError(f"--param damp={spec.damp}: damping must be positive, e.g. 1e-5")
     if spec.block_size is not None and spec.block_size < 1:

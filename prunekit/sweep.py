@@ -110,6 +110,13 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _cell(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    mean, std = _mean_std(values)
+    return f"{mean:.2f} ± {std:.2f}"
+
+
 def write_results(
     rows: list[dict[str, Any]], out: Path, pruners: Sequence[str], sparsities: Sequence[float]
 ) -> None:
@@ -119,7 +126,8 @@ def write_results(
         writer.writerows({k: row[k] for k in COLUMNS} for row in rows)
     cells = {(r["pruner"], r["sparsity"]): [] for r in rows}
     for r in rows:
-        cells[r["pruner"], r["sparsity"]].append(r["accuracy"] * 100)
+        if r["accuracy"] is not None:  # unlabeled data has no accuracy
+            cells[r["pruner"], r["sparsity"]].append(r["accuracy"] * 100)
     lines = [
         f"Test accuracy (%), mean ± std over {len({r['seed'] for r in rows})} seed(s); "
         f"{rows[0]['model']}, schedule {rows[0]['schedule']}.",
@@ -128,11 +136,12 @@ def write_results(
         "|---|" + "---|" * len(pruners),
     ]
     for s in sparsities:
-        means = [f"{m:.2f} ± {sd:.2f}" for m, sd in (_mean_std(cells[p, s]) for p in pruners)]
+        means = [_cell(cells[p, s]) for p in pruners]
         lines.append(f"| {s:.0%} | " + " | ".join(means) + " |")
     with staged_file(out / "results.md", force=True) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
-    _plot(cells, out / "accuracy_vs_sparsity.png", pruners, sparsities, rows[0])
+    if all(cells.values()):
+        _plot(cells, out / "accuracy_vs_sparsity.png", pruners, sparsities, rows[0])
 
 
 def _plot(

@@ -47,11 +47,13 @@ def check_pruner(
         target_stats = (stats or {}).get(t.name, {})
         before = t.weight.detach().clone()
         score = pruner.score(t, target_stats)
-        assert isinstance(score, torch.Tensor), "score must return a tensor"
+        scores[t.name] = score
+        if score is None:
+            continue  # the pruner declines this tensor
+        assert isinstance(score, torch.Tensor), "score must return a tensor or None"
         assert score.shape == t.weight.shape, f"score for {t.name} must match the weight shape"
         assert not torch.isnan(score).any(), f"score for {t.name} has NaN"
         assert torch.equal(before, t.weight.detach()), "score must not modify the weights"
-        scores[t.name] = score
     keep = select(targets, scores, 0.5, "global")
     for t in targets:
         updated = pruner.update(t, keep[t.name], (stats or {}).get(t.name, {}))

@@ -26,7 +26,8 @@ class TrainConfig:
     batch_size: int = 64
     weight_decay: float = 5e-4
 
-    def check(self, train_size: int) -> None:
+    def check(self, train_size: int | None = None) -> None:
+        """Options always; the split size when it is known."""
         if self.optimizer not in OPTIMIZERS:
             raise UsageError(f"--optimizer {self.optimizer}: use one of {', '.join(OPTIMIZERS)}")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -35,7 +36,7 @@ class TrainConfig:
             )
         if self.lr <= 0 or self.batch_size < 1 or self.weight_decay < 0:
             raise UsageError("--lr must be > 0, --batch-size >= 1 and --weight-decay >= 0")
-        if train_size < self.batch_size:
+        if train_size is not None and train_size < self.batch_size:
             raise UsageError(
                 f"the training split has {train_size} samples, fewer than --batch-size "
                 f"{self.batch_size}; lower --batch-size or use more data"
@@ -61,7 +62,6 @@ def train(
     seed: int = 0,
     targets: Sequence[Target] = (),
     evaluate: Callable[[nn.Module], float] | None = None,
-    on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Train with cross-entropy; return per-epoch records (loss and, with ``evaluate``, accuracy).
 
@@ -102,6 +102,4 @@ def train(
         if evaluate is not None:
             record["accuracy"] = evaluate(model)
         history.append(record)
-        if on_epoch is not None:
-            on_epoch(record)
     return history

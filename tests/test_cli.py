@@ -420,3 +420,41 @@ def test_pruners_show_lists_hyperparameters():
         "exact": True,
     }
     assert info["needs"] == ["fisher_inv"]
+
+
+def test_unwritable_output_folder_fails_before_any_work(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = prune(
+        "sample:digits-mlp", "-p", "magnitude", "-s", "0.5", "--out", str(blocker / "run")
+    )
+    assert_error(result, 2, "is not a writable folder")
+
+
+def test_sweep_and_budget_bad_values(tmp_path):
+    result = runner.invoke(
+        app,
+        [
+            "sweep",
+            "sample:digits-mlp",
+            "--pruners",
+            ",",
+            "--sparsities",
+            "0.5",
+            "--out",
+            str(tmp_path / "s"),
+        ],
+    )
+    assert_error(result, 2, "--pruners, --sparsities and --seeds each need at least one value")
+    result = prune(
+        "sample:digits-mlp",
+        "-p",
+        "woodfisher",
+        "-s",
+        "0.5",
+        "--memory-budget",
+        "inf",
+        "--out",
+        str(tmp_path / "o"),
+    )
+    assert_error(result, 2, "must be a positive, finite size")

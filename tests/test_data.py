@@ -81,3 +81,14 @@ def test_bad_specs():
         load_data("mnist")
     with pytest.raises(UsageError, match="needs a path"):
         load_data("cifar10")
+
+
+def test_imagefolder_with_only_a_train_folder_is_split(tmp_path):
+    for cls, value in (("cat", 0), ("dog", 255)):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(np.full((4, 4, 3), value, dtype=np.uint8)).save(
+                tmp_path / "train" / cls / f"{i}.png"
+            )
+    splits = load_data(f"imagefolder:{tmp_path}")
+    assert splits.num_classes == 2 and (len(splits.train), len(splits.test)) == (8, 2)

@@ -82,3 +82,34 @@ def test_sparsity_range(hand_model, bad):
     targets, _ = find_targets(hand_model)
     with pytest.raises(UsageError, match=r"\[0, 1\)"):
         select(targets, {t.name: t.weight for t in targets}, bad)
+
+
+def test_tied_weights_are_one_target():
+    first = torch.nn.Linear(3, 3)
+    second = torch.nn.Linear(3, 3)
+    second.weight = first.weight
+    targets, _ = find_targets(torch.nn.Sequential(first, torch.nn.ReLU(), second))
+    assert [t.name for t in targets] == ["0.weight"]
+
+
+def test_n_of_m_keeps_the_best_n_of_every_m_inputs():
+    model = torch.nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, -4.0, 3.0, 2.0], [0.5, 0.1, -0.2, 0.3]]))
+    _, keep, _ = magnitude_masks(model, 0.5, "2:4")
+    assert keep["weight"].tolist() == [[False, True, True, False], [True, False, False, True]]
+    with pytest.raises(UsageError, match=r"pass --sparsity 0\.5"):
+        magnitude_masks(model, 0.9, "2:4")
+    with pytest.raises(UsageError, match="not a multiple of 3"):
+        magnitude_masks(model, 1 - 1 / 3, "1:3")
+    with pytest.raises(UsageError, match="use global, layer or N:M"):
+        magnitude_masks(model, 0.5, "4:2")
+
+
+def test_declined_targets_keep_their_mask(hand_model):
+    targets, _ = find_targets(hand_model)
+    scores = {"0.weight": None, "2.weight": hand_model[2].weight.abs()}
+    for mode in ("global", "layer"):
+        keep = select(targets, scores, 0.5, mode)
+        assert keep["0.weight"].all()
+        assert keep["2.weight"].tolist() == [[False, True]]

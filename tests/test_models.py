@@ -9,8 +9,8 @@ from prunekit.models import build, load_model, read_state_dict
 
 
 def test_torchvision_architecture():
-    model, weights, data = build("torchvision:resnet18", num_classes=10)
-    assert model.fc.out_features == 10 and weights is None and data is None
+    model, weights = build("torchvision:resnet18", num_classes=10)
+    assert model.fc.out_features == 10 and weights is None
     with pytest.raises(UnknownNameError, match="did you mean resnet18"):
         build("torchvision:resnet81")
 
@@ -23,7 +23,7 @@ def test_factory_spec(tmp_path, monkeypatch):
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "my_models", raising=False)
-    model, _, _ = build("my_models:tiny", num_classes=5)
+    model, _ = build("my_models:tiny", num_classes=5)
     assert model.out_features == 5
     with pytest.raises(UnknownNameError, match="cannot import model factory"):
         build("my_models:missing")

@@ -245,14 +245,29 @@ def test_unlabeled_data(tmp_path):
     assert_error(
         runner.invoke(app, [*base, "-p", "snip"]),
         2,
-        "pruner 'snip' needs gradients with true labels",
+        "pruner 'snip' needs the mean gradient, which needs true labels",
+    )
+    assert_error(
+        runner.invoke(app, [*base, "-p", "fisher_pruner"]),
+        2,
+        "needs gradients with true labels",
         "--param fisher=true",
     )
     assert_error(
         runner.invoke(app, [*base, "-p", "magnitude", "--schedule", "gradual"]), 2, "needs labels"
     )
     ok = runner.invoke(
-        app, [*base, "-p", "snip", "--param", "fisher=true", "--param", "num_grads=200", "--json"]
+        app,
+        [
+            *base,
+            "-p",
+            "fisher_pruner",
+            "--param",
+            "fisher=true",
+            "--param",
+            "num_grads=200",
+            "--json",
+        ],
     )
     assert ok.exit_code == 0, ok.output
     report = json.loads(ok.stdout)

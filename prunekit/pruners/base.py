@@ -142,8 +142,11 @@ class Pruner:
         """Whether ``update`` is overridden (OBS-style weight compensation)."""
         return cls.update is not Pruner.update
 
-    def score(self, target: Target, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Return one score per weight, shaped like ``target.weight``; larger = keep."""
+    def score(self, target: Target, stats: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """Return one score per weight, shaped like ``target.weight``; larger = keep.
+
+        None declines the tensor: its mask stays as it is in this step.
+        """
         raise NotImplementedError
 
     def update(

@@ -23,7 +23,6 @@ from prunekit.stats import per_sample_gradients
 from prunekit_fishleg.qmatrix import KroneckerQ, fit_q, solve_restricted
 
 SUPPORTED = (nn.Linear, nn.Conv2d)
-KEEP = torch.finfo(torch.float32).max  # score of weights FishLeg does not parameterise
 
 
 class FishLegPruner(Pruner):
@@ -145,9 +144,9 @@ class FishLegPruner(Pruner):
     def diagnostics(self) -> dict[str, Any]:
         return {"auxiliary_seconds": round(self.seconds, 3), "auxiliary_loss": self.trace}
 
-    def score(self, target: Target, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def score(self, target: Target, stats: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
         if not isinstance(target.module, SUPPORTED):
-            return torch.full_like(target.weight, KEEP)
+            return None  # declined: prunekit leaves this tensor as it is
         with torch.no_grad():
             diag = self._q(target).diagonal().reshape(target.weight.shape)
             return target.weight.detach().square() / (2 * diag)

@@ -160,3 +160,15 @@ def test_joint_update_solves_q_restricted_to_the_pruned_set():
     torch.testing.assert_close(x.reshape(-1), expected, rtol=1e-4, atol=1e-5)
     updated = w - (q(x).detach())
     torch.testing.assert_close(updated[subset], torch.zeros(3), rtol=0, atol=1e-4)
+
+
+def test_skipped_layers_are_not_pruned_even_with_layer_masks():
+    from prunekit.masks import apply, select
+
+    model = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(12, 3))
+    targets, _ = find_targets(model)
+    pruner = registry.create("fishleg")
+    scores = {t.name: pruner.score(t, {}) for t in targets}
+    assert scores["0.weight"] is None
+    apply(targets, select(targets, scores, 0.5, "layer"))
+    assert targets[0].mask.all() and (~targets[1].mask).sum() == 18
