@@ -1,12 +1,9 @@
-import json
-
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
-from typer.testing import CliRunner
 
 from prunekit.batchnorm import recalibrate_batchnorm
-from prunekit.cli import app
+from tests.cli_helpers import prune_report
 
 
 def test_running_statistics_become_the_exact_data_statistics():
@@ -30,21 +27,9 @@ def test_running_statistics_become_the_exact_data_statistics():
 def test_recalibration_recovers_a_pruned_resnet(tmp_path):
     accuracy = []
     for extra in ([], ["--recalibrate-bn"]):
-        result = CliRunner().invoke(
-            app,
-            [
-                "prune",
-                "sample:digits-resnet",
-                "-p",
-                "magnitude",
-                "-s",
-                "0.9",
-                "--out",
-                str(tmp_path / str(len(extra))),
-                "--json",
-                *extra,
-            ],
+        out = str(tmp_path / str(len(extra)))
+        report = prune_report(
+            "sample:digits-resnet", "-p", "magnitude", "-s", "0.9", "--out", out, *extra
         )
-        assert result.exit_code == 0, result.output
-        accuracy.append(json.loads(result.stdout)["accuracy"]["pruned"])
+        accuracy.append(report["accuracy"]["pruned"])
     assert accuracy[0] < 0.75 and accuracy[1] > 0.9  # measured: 66.9 % -> 95.8 %

@@ -5,27 +5,12 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
 from prunekit import __version__
 from prunekit.cli import app
 from prunekit.sample_models import SAMPLES
+from tests.cli_helpers import CNN_HALF, MLP_HALF, assert_error, prune, runner
 from tests.fake_plugins import install, unique
-
-runner = CliRunner()
-
-
-def prune(*args: str):
-    return runner.invoke(app, ["prune", *args])
-
-
-def assert_error(result, code: int, *fragments: str) -> None:
-    assert result.exit_code == code, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0]
 
 
 def test_version_and_help():
@@ -99,11 +84,7 @@ def test_sparsity_out_of_range(tmp_path, value):
 
 def test_missing_weights(tmp_path):
     result = prune(
-        "sample:digits-cnn",
-        "-p",
-        "magnitude",
-        "-s",
-        "0.5",
+        *CNN_HALF,
         "--weights",
         str(tmp_path / "nope.safetensors"),
         "--out",
@@ -117,11 +98,7 @@ def test_corrupt_weights(tmp_path, suffix):
     bad = tmp_path / f"bad{suffix}"
     bad.write_bytes(b"\x00garbage" * 10)
     result = prune(
-        "sample:digits-cnn",
-        "-p",
-        "magnitude",
-        "-s",
-        "0.5",
+        *CNN_HALF,
         "--weights",
         str(bad),
         "--out",
@@ -139,11 +116,7 @@ def test_pickle_refused_by_weights_only(tmp_path):
     path = tmp_path / "pickled.pt"
     torch.save({"obj": Custom()}, path)
     result = prune(
-        "sample:digits-cnn",
-        "-p",
-        "magnitude",
-        "-s",
-        "0.5",
+        *CNN_HALF,
         "--weights",
         str(path),
         "--out",
@@ -158,11 +131,7 @@ def test_trusted_whole_module(tmp_path):
     path = tmp_path / "whole.pt"
     torch.save(load_model("sample:digits-mlp").model, path)
     result = prune(
-        "sample:digits-mlp",
-        "-p",
-        "magnitude",
-        "-s",
-        "0.5",
+        *MLP_HALF,
         "--weights",
         str(path),
         "--trust-checkpoint",
@@ -179,11 +148,7 @@ def test_trusted_whole_module(tmp_path):
 
 def test_mismatched_state_dict(tmp_path):
     result = prune(
-        "sample:digits-cnn",
-        "-p",
-        "magnitude",
-        "-s",
-        "0.5",
+        *CNN_HALF,
         "--weights",
         str(SAMPLES["digits-mlp"].weights),
         "--out",
@@ -205,11 +170,7 @@ def test_shape_mismatch(tmp_path):
     path = tmp_path / "seven.safetensors"
     save_file(state, path)
     result = prune(
-        "sample:digits-mlp",
-        "-p",
-        "magnitude",
-        "-s",
-        "0.5",
+        *MLP_HALF,
         "--weights",
         str(path),
         "--out",
@@ -231,11 +192,7 @@ def test_unknown_model_spec(tmp_path):
 
 def test_unknown_data_spec(tmp_path):
     result = prune(
-        "sample:digits-cnn",
-        "-p",
-        "magnitude",
-        "-s",
-        "0.5",
+        *CNN_HALF,
         "--data",
         "mnist",
         "--out",
@@ -248,7 +205,7 @@ def test_out_exists_without_force(tmp_path):
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    args = ("sample:digits-mlp", "-p", "magnitude", "-s", "0.5", "--out", str(out))
+    args = (*MLP_HALF, "--out", str(out))
     assert_error(prune(*args), 2, f"{out} already exists", "--force")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert prune(*args, "--force").exit_code == 0
@@ -262,16 +219,10 @@ def test_out_exists_without_force(tmp_path):
 
 def test_failure_keeps_previous_output(tmp_path):
     out = tmp_path / "o"
-    assert (
-        prune("sample:digits-mlp", "-p", "magnitude", "-s", "0.5", "--out", str(out)).exit_code == 0
-    )
+    assert prune(*MLP_HALF, "--out", str(out)).exit_code == 0
     before = (out / "model.safetensors").read_bytes()
     result = prune(
-        "sample:digits-mlp",
-        "-p",
-        "magnitude",
-        "-s",
-        "0.5",
+        *MLP_HALF,
         "--out",
         str(out),
         "--force",
@@ -284,11 +235,7 @@ def test_failure_keeps_previous_output(tmp_path):
 
 def test_exclude_matching_nothing_warns(tmp_path):
     result = prune(
-        "sample:digits-mlp",
-        "-p",
-        "magnitude",
-        "-s",
-        "0.5",
+        *MLP_HALF,
         "--exclude",
         "net.5.*",
         "--exclude",
@@ -325,7 +272,7 @@ def test_plugin_whose_import_raises(tmp_path, monkeypatch):
 
 
 def test_bad_param_syntax(tmp_path):
-    result = prune("sample:digits-mlp", "-p", "magnitude", "-s", "0.5", "--param", "damp")
+    result = prune(*MLP_HALF, "--param", "damp")
     assert_error(result, 2, "--param expects key=value")
 
 
@@ -338,7 +285,7 @@ def test_debug_shows_traceback(tmp_path, monkeypatch):
 def test_device_unavailable(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("CUDA present")
-    result = prune("sample:digits-mlp", "-p", "magnitude", "-s", "0.5", "--device", "cuda")
+    result = prune(*MLP_HALF, "--device", "cuda")
     assert_error(result, 2, "CUDA is not available", "--device cpu")
 
 
@@ -425,9 +372,7 @@ def test_pruners_show_lists_hyperparameters():
 def test_unwritable_output_folder_fails_before_any_work(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    result = prune(
-        "sample:digits-mlp", "-p", "magnitude", "-s", "0.5", "--out", str(blocker / "run")
-    )
+    result = prune(*MLP_HALF, "--out", str(blocker / "run"))
     assert_error(result, 2, "is not a writable folder")
 
 

@@ -4,34 +4,18 @@ import json
 
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from prunekit import __version__
-from prunekit.cli import app
 from prunekit.data import load_data
 from prunekit.evaluate import accuracy
 from prunekit.export import read_metadata
 from prunekit.models import load_model
+from tests.cli_helpers import prune_report
 
 
 def test_round_trip_reproduces_pruned_accuracy(tmp_path):
     out = tmp_path / "run"
-    result = CliRunner().invoke(
-        app,
-        [
-            "prune",
-            "sample:digits-resnet",
-            "-p",
-            "magnitude",
-            "-s",
-            "0.7",
-            "--out",
-            str(out),
-            "--json",
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
+    report = prune_report("sample:digits-resnet", "-p", "magnitude", "-s", "0.7", "--out", str(out))
     path = out / "model.safetensors"
 
     meta = read_metadata(path)

@@ -6,7 +6,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from prunekit import registry
 from prunekit.cli import app
@@ -16,10 +15,9 @@ from prunekit.models import load_model
 from prunekit.onnx_export import export_onnx, onnx_sparsity
 from prunekit.schedule import StepContext, oneshot
 from prunekit.validate import ValidateOptions, open_session, run_logits, torch_logits
-from tests.test_cli import assert_error
+from tests.cli_helpers import assert_error, runner
 
 pytestmark = pytest.mark.slow
-runner = CliRunner()
 SAMPLES = ["digits-mlp", "digits-cnn", "digits-resnet"]
 
 

@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from prunekit import registry
 from prunekit.cli import app
@@ -14,10 +13,9 @@ from prunekit.masks import apply, find_targets, select, sparsity_of
 from prunekit.models import load_model
 from prunekit.schedule import ScheduleConfig, StepContext, cubic_sparsities, run_schedule
 from prunekit.train import TrainConfig, train
-from tests.test_cli import assert_error
+from tests.cli_helpers import assert_error, runner
 
 CPU = torch.device("cpu")
-runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
