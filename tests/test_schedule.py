@@ -13,7 +13,7 @@ from prunekit.masks import apply, find_targets, select, sparsity_of
 from prunekit.models import load_model
 from prunekit.schedule import ScheduleConfig, StepContext, cubic_sparsities, run_schedule
 from prunekit.train import TrainConfig, train
-from tests.cli_helpers import assert_error, runner
+from tests.cli_helpers import assert_error, prune_report, runner
 
 CPU = torch.device("cpu")
 
@@ -154,28 +154,18 @@ def test_training_split_smaller_than_batch():
 
 
 def test_cli_gradual_and_bad_inputs(tmp_path):
-    result = runner.invoke(
-        app,
-        [
-            "prune",
-            "sample:digits-mlp",
-            "-p",
-            "magnitude",
-            "-s",
-            "0.9",
-            "--schedule",
-            "gradual",
-            "--steps",
-            "2",
-            "--finetune-epochs",
-            "1",
-            "--out",
-            str(tmp_path / "g"),
-            "--json",
-        ],
+    mlp_90 = ("sample:digits-mlp", "-p", "magnitude", "-s", "0.9")
+    report = prune_report(
+        *mlp_90,
+        "--schedule",
+        "gradual",
+        "--steps",
+        "2",
+        "--finetune-epochs",
+        "1",
+        "--out",
+        str(tmp_path / "g"),
     )
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
     assert report["sparsity"]["achieved"] == pytest.approx(0.9, abs=1e-4)
     assert [h["phase"] for h in report["history"]] == [
         "prune 1/2",
@@ -183,16 +173,7 @@ def test_cli_gradual_and_bad_inputs(tmp_path):
         "prune 2/2",
         "fine-tune 2/2",
     ]
-    base = [
-        "prune",
-        "sample:digits-mlp",
-        "-p",
-        "magnitude",
-        "-s",
-        "0.9",
-        "--out",
-        str(tmp_path / "o"),
-    ]
+    base = ["prune", *mlp_90, "--out", str(tmp_path / "o")]
     assert_error(
         runner.invoke(app, [*base, "--schedule", "gradual", "--steps", "0"]), 2, "--steps 0"
     )
