@@ -187,9 +187,8 @@ def run(config: PruneConfig, reporter: Reporter | None = None) -> dict[str, Any]
     """Prune ``config.model`` and write OUT/model.safetensors, the exports and report.json."""
     reporter = reporter or Silent()
     started = time.perf_counter()
-    check(config)
     check_writable(config.out, config.force)
-    outcome = execute(config, reporter)
+    outcome = execute(config, reporter)  # validates the config before any work
     report, data = outcome.report, outcome.data
     with reporter.stage("writing outputs"), staged_dir(config.out, config.force) as stage:
         metadata = metadata_for(report, config.to_json())

@@ -164,6 +164,34 @@ def per_sample_gradients(
     return {t.name: grads[t.name].reshape(n, -1) * t.mask.reshape(1, -1) for t in targets}
 
 
+def calibration_batches(
+    model: nn.Module,
+    calibration: Dataset,
+    wanted: int,
+    batch_size: int,
+    sample_labels: bool,
+    device: torch.device,
+    seed: int,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``wanted`` calibration samples on ``device``, in batches.
+
+    With ``sample_labels`` the labels are drawn from the model's predictive distribution
+    (seeded): the true Fisher instead of the empirical one.
+    """
+    generator = torch.Generator(device).manual_seed(seed)
+    taken = 0
+    for x, y in loader(calibration, batch_size):
+        x, y = x[: wanted - taken].to(device), y[: wanted - taken].to(device)
+        if sample_labels:
+            with torch.no_grad():
+                probs = torch.softmax(model(x), dim=1)
+            y = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        yield x, y
+        taken += len(x)
+        if taken >= wanted:
+            return
+
+
 class Collector:
     """Collects the statistics a pruner needs, in the passes of a memory plan."""
 
@@ -206,19 +234,15 @@ class Collector:
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         spec, chunk = self.spec, self.plan.chunk  # type: ignore[union-attr]
-        wanted = spec.num_grads * spec.grad_batch
-        generator = torch.Generator(self.device).manual_seed(self.seed)
-        taken = 0
-        for x, y in loader(self.calibration, chunk * spec.grad_batch):
-            x, y = x[: wanted - taken].to(self.device), y[: wanted - taken].to(self.device)
-            if spec.fisher == "true":
-                with torch.no_grad():
-                    probs = torch.softmax(self.model(x), dim=1)
-                y = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-            yield x, y
-            taken += len(x)
-            if taken >= wanted:
-                return
+        return calibration_batches(
+            self.model,
+            self.calibration,
+            spec.num_grads * spec.grad_batch,
+            chunk * spec.grad_batch,
+            spec.fisher == "true",
+            self.device,
+            self.seed,
+        )
 
     def _collect_group(self, group: list[Target]) -> dict[str, dict[str, torch.Tensor]]:
         spec, m = self.spec, self.spec.num_grads

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit.data import loader
 from prunekit.errors import UsageError
 from prunekit.pruners import Param, Pruner, Target
-from prunekit.stats import per_sample_gradients
+from prunekit.pruners.base import StatsSpec
+from prunekit.stats import calibration_batches, check_spec, per_sample_gradients
 from prunekit_fishleg.qmatrix import KroneckerQ, fit_q, solve_restricted
 
 SUPPORTED = (nn.Linear, nn.Conv2d)
@@ -86,25 +86,15 @@ class FishLegPruner(Pruner):
     def _pool(self, context: Any, targets: list[Target]) -> dict[str, torch.Tensor]:
         """Per-sample gradients with labels sampled from the model (the true Fisher)."""
         wanted = self.hparams["num_grads"]
-        if wanted > len(context.calibration):
-            raise UsageError(
-                f"num_grads={wanted} but the calibration split has {len(context.calibration)} "
-                "samples; lower --param num_grads"
-            )
-        generator = torch.Generator(context.device).manual_seed(context.seed)
+        check_spec(StatsSpec(num_grads=wanted), len(context.calibration))
         rows: dict[str, list[torch.Tensor]] = {t.name: [] for t in targets}
-        taken = 0
         context.model.eval()
-        for x, _ in loader(context.calibration, 128):
-            x = x[: wanted - taken].to(context.device)
-            with torch.no_grad():
-                probs = torch.softmax(context.model(x), dim=1)
-            y = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        batches = calibration_batches(
+            context.model, context.calibration, wanted, 128, True, context.device, context.seed
+        )
+        for x, y in batches:
             for name, g in per_sample_gradients(context.model, targets, x, y).items():
                 rows[name].append(g)
-            taken += len(x)
-            if taken >= wanted:
-                break
         return {name: torch.cat(parts) for name, parts in rows.items()}
 
     def prepare(self, context: Any, step: int, steps: int) -> None:

@@ -172,3 +172,9 @@ def test_skipped_layers_are_not_pruned_even_with_layer_masks():
     assert scores["0.weight"] is None
     apply(targets, select(targets, scores, 0.5, "layer"))
     assert targets[0].mask.all() and (~targets[1].mask).sum() == 18
+
+
+def test_pool_larger_than_the_calibration_split(digits):
+    ctx, pruner = mlp_context(digits, {"num_grads": "5000"})
+    with pytest.raises(UsageError, match="calibration split has 1438; lower --param num_grads"):
+        pruner.prepare(ctx, 1, 1)
