@@ -107,10 +107,28 @@ def parse_params(items: list[str]) -> dict[str, str]:
     return params
 
 
-# Options shared by `prune` and `sweep`.
+# Options shared by `prune`, `sweep` and `validate`.
+NormalizeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--normalize",
+        help="Per-channel input normalisation: imagenet, cifar10 or MEAN/STD "
+        "(e.g. 0.5,0.5,0.5/0.25,0.25,0.25). uint8 images are scaled to [0, 1] first.",
+    ),
+]
+ImageSizeOpt = Annotated[
+    int | None,
+    typer.Option("--image-size", help="imagefolder: resize and centre-crop to N x N pixels."),
+]
 ScheduleOpt = Annotated[str, typer.Option("--schedule", help="oneshot, gradual or pbt.")]
 RecomputeOpt = Annotated[
-    int, typer.Option("--recompute", help="Split each pruning step into K sub-steps.")
+    str,
+    typer.Option(
+        "--recompute",
+        help="Split each pruning step into K sub-steps, recomputing the statistics before "
+        "each; auto: enough that no sub-step of an OBS-style pruner removes over 25 % of the "
+        "remaining weights (1 for the other pruners).",
+    ),
 ]
 StepsOpt = Annotated[int, typer.Option("--steps", help="gradual: number of pruning steps.")]
 InitialOpt = Annotated[
@@ -130,9 +148,18 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", help="Training batch size
 DecayOpt = Annotated[float, typer.Option("--weight-decay", help="Weight decay.")]
 
 
+def _recompute(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"--recompute {text}: give auto or a number of sub-steps") from None
+
+
 def _schedule(
     kind: str,
-    recompute: int,
+    recompute: str,
     steps: int,
     initial: float,
     finetune: int,
@@ -149,7 +176,7 @@ def _schedule(
 
     return ScheduleConfig(
         kind=kind,
-        recompute=recompute,
+        recompute=_recompute(recompute),
         steps=steps,
         initial_sparsity=initial,
         finetune_epochs=finetune,
@@ -169,7 +196,7 @@ def _schedule(
 @handle_errors
 def prune(
     model: Annotated[
-        str, typer.Argument(help="sample:NAME, torchvision:ARCH or pkg.module:factory")
+        str, typer.Argument(help="sample:NAME, cifar:ARCH, torchvision:ARCH or pkg.module:factory")
     ],
     pruner: Annotated[str, typer.Option("--pruner", "-p", help="Criterion (see `pruners list`).")],
     sparsity: Annotated[
@@ -189,6 +216,8 @@ def prune(
             "(sample models bring their own)."
         ),
     ] = None,
+    normalize: NormalizeOpt = None,
+    image_size: ImageSizeOpt = None,
     weights: Annotated[
         Path | None, typer.Option(help="State dict: .safetensors, .pt or .pth.")
     ] = None,
@@ -201,7 +230,7 @@ def prune(
         typer.Option("--param", help="Pruner hyperparameter key=value; repeatable."),
     ] = None,
     schedule: ScheduleOpt = "oneshot",
-    recompute: RecomputeOpt = 1,
+    recompute: RecomputeOpt = "auto",
     steps: StepsOpt = 1,
     initial_sparsity: InitialOpt = 0.0,
     finetune_epochs: FinetuneOpt = 0,
@@ -257,9 +286,9 @@ def prune(
         prunekit prune sample:digits-cnn -p snip -s 0.9 --schedule pbt --epochs 30
     """
     from prunekit.config import PruneConfig
+    from prunekit.memory import parse_size
     from prunekit.pipeline import run
     from prunekit.progress import RichReporter
-    from prunekit.stats import parse_size
 
     if out is None:
         out = (
@@ -272,6 +301,8 @@ def prune(
         mask=mask,
         exclude=tuple(exclude or ()),
         data=data,
+        normalize=normalize,
+        image_size=image_size,
         weights=weights,
         num_classes=num_classes,
         trust_checkpoint=trust_checkpoint,
@@ -414,10 +445,11 @@ def pruners_show(
 def models_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
 ) -> None:
-    """List the sample models with their dataset, size and test accuracy.
+    """List the sample models (dataset, size, test accuracy) and the built-in architectures.
 
     Example: prunekit models list
     """
+    from prunekit.models import architecture_rows
     from prunekit.sample_models import SAMPLES
 
     rows = []
@@ -432,10 +464,11 @@ def models_list(
                 "description": card["description"],
             }
         )
+    rows += architecture_rows()
     if as_json:
         _print_json(rows)
         return
-    table = Table(title="sample models")
+    table = Table(title="sample models and built-in architectures")
     table.add_column("model", no_wrap=True)
     for column in ("data", "parameters", "test accuracy", "description"):
         table.add_column(column)
@@ -444,7 +477,7 @@ def models_list(
             row["model"],
             row["data"],
             f"{row['parameters']:,}",
-            f"{row['test_accuracy']:.2%}",
+            "-" if row["test_accuracy"] is None else f"{row['test_accuracy']:.2%}",
             row["description"],
         )
     console.print(table)
@@ -497,7 +530,7 @@ def _number_list(text: str, option: str, kind: type = int) -> tuple:
 @handle_errors
 def sweep(
     model: Annotated[
-        str, typer.Argument(help="sample:NAME, torchvision:ARCH or pkg.module:factory")
+        str, typer.Argument(help="sample:NAME, cifar:ARCH, torchvision:ARCH or pkg.module:factory")
     ],
     pruners: Annotated[str, typer.Option(help="Comma-separated pruner names.")],
     sparsities: Annotated[str, typer.Option(help="Comma-separated sparsities, e.g. 0.8,0.9.")],
@@ -507,13 +540,15 @@ def sweep(
     data: Annotated[
         str | None, typer.Option(help="Dataset spec (sample models bring their own).")
     ] = None,
+    normalize: NormalizeOpt = None,
+    image_size: ImageSizeOpt = None,
     weights: Annotated[Path | None, typer.Option(help="State dict to start from.")] = None,
     param: Annotated[
         list[str] | None,
         typer.Option("--param", help="key=value, given to the pruners that accept it."),
     ] = None,
     schedule: ScheduleOpt = "oneshot",
-    recompute: RecomputeOpt = 1,
+    recompute: RecomputeOpt = "auto",
     steps: StepsOpt = 1,
     initial_sparsity: InitialOpt = 0.0,
     finetune_epochs: FinetuneOpt = 0,
@@ -557,6 +592,8 @@ def sweep(
         sparsity=levels[0] if levels else 0.0,
         mask=mask,
         data=data,
+        normalize=normalize,
+        image_size=image_size,
         weights=weights,
         params=params,
         recalibrate_bn=recalibrate_bn,
@@ -607,7 +644,7 @@ def sweep(
 @handle_errors
 def export(
     model: Annotated[
-        str, typer.Argument(help="sample:NAME, torchvision:ARCH or pkg.module:factory")
+        str, typer.Argument(help="sample:NAME, cifar:ARCH, torchvision:ARCH or pkg.module:factory")
     ],
     out: Annotated[Path, typer.Option(help="Output file (.onnx or .safetensors).")],
     format: Annotated[str, typer.Option("--format", help="onnx or safetensors.")] = "onnx",
@@ -708,6 +745,8 @@ def validate_command(
     data: Annotated[
         str | None, typer.Option(help="Dataset spec (default: from the file's metadata).")
     ] = None,
+    normalize: NormalizeOpt = None,
+    image_size: ImageSizeOpt = None,
     torch_model: Annotated[
         str | None, typer.Option("--torch", help="PyTorch model spec for the parity check.")
     ] = None,
@@ -735,6 +774,7 @@ def validate_command(
     """
     from prunekit.data import load_data
     from prunekit.models import load_model
+    from prunekit.preprocess import Preprocess
     from prunekit.validate import ValidateOptions, read_onnx_metadata, validate
 
     options = ValidateOptions(
@@ -749,7 +789,10 @@ def validate_command(
     spec = data or meta.get("data")
     if spec is None:
         raise UsageError(f"{onnx_file} records no dataset; pass --data SPEC")
-    splits = load_data(spec)
+    if data is None:  # the recorded data comes with its recorded preprocessing
+        normalize = normalize or meta.get("normalize")
+        image_size = image_size or (int(meta["image_size"]) if meta.get("image_size") else None)
+    splits = load_data(spec, Preprocess(normalize, image_size))
     model = None
     classes = num_classes or (int(meta["num_classes"]) if meta.get("num_classes") else None)
     if torch_model is not None:

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prunekit.preprocess import Preprocess
 from prunekit.schedule import ScheduleConfig
 
 
@@ -17,6 +18,8 @@ class PruneConfig:
     mask: str = "global"
     exclude: tuple[str, ...] = ()
     data: str | None = None
+    normalize: str | None = None  # preset or MEAN/STD (prunekit.preprocess)
+    image_size: int | None = None  # image folders: resize + centre-crop to this size
     weights: Path | None = None
     num_classes: int | None = None
     trust_checkpoint: bool = False
@@ -31,6 +34,9 @@ class PruneConfig:
     validate: bool = False
     out: Path = Path("prunekit-out")
     force: bool = False
+
+    def preprocess(self) -> Preprocess:
+        return Preprocess(self.normalize, self.image_size)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready view (paths as strings)."""

@@ -1,8 +1,10 @@
 """Dataset specs and deterministic train / calibration / test splits.
 
 Specs: ``digits`` (embedded UCI digits), ``cifar10:DIR``, ``imagefolder:DIR`` and
-``tensors:FILE`` (x and y in .pt, .npz or .safetensors). Splits never depend on --seed, so
-runs with different seeds are compared on the same data.
+``tensors:FILE`` (x and y in .pt, .npz or .safetensors; ``tensors:TRAIN,TEST`` for two
+files). Inputs are preprocessed by ``prunekit.preprocess`` (uint8 scaling, ``--normalize``,
+``--image-size``). Splits never depend on --seed, so runs with different seeds are compared
+on the same data.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from prunekit.errors import InputFileError, UnknownNameError, UsageError
+from prunekit.preprocess import PRESETS, Normalization, Preprocess
 
 SPLIT_SEED = 0
 TEST_FRACTION = 0.2
 CALIBRATION_MAX = 2048
 DIGITS_FILE = Path(__file__).parent / "datasets" / "digits.safetensors"
-SPEC_FORMS = "digits, cifar10:DIR, imagefolder:DIR, tensors:FILE"
+SPEC_FORMS = "digits, cifar10:DIR, imagefolder:DIR, tensors:FILE, tensors:TRAIN,TEST"
 UNLABELED = -1
 
 
@@ -45,12 +48,12 @@ def _calibration_of(train: Dataset) -> Dataset:
     return Subset(train, _permutation(n)[: min(n, CALIBRATION_MAX)].tolist())
 
 
-def _split_tensors(spec: str, x: torch.Tensor, y: torch.Tensor) -> Splits:
+def _split_tensors(spec: str, x: torch.Tensor, y: torch.Tensor, prep: Preprocess) -> Splits:
     """Shuffle once with the fixed split seed; the last TEST_FRACTION is the test split."""
     order = _permutation(len(x))
     n_test = round(len(x) * TEST_FRACTION)
     train_idx, test_idx = order[: len(x) - n_test], order[len(x) - n_test :]
-    return _from_tensors(spec, x[train_idx], y[train_idx], x[test_idx], y[test_idx])
+    return _from_tensors(spec, x[train_idx], y[train_idx], x[test_idx], y[test_idx], prep)
 
 
 def _from_tensors(
@@ -59,29 +62,32 @@ def _from_tensors(
     y_train: torch.Tensor,
     x_test: torch.Tensor,
     y_test: torch.Tensor,
+    prep: Preprocess,
 ) -> Splits:
     if len(x_train) != len(y_train) or len(x_test) != len(y_test):
         raise InputFileError(f"{spec}: x and y have different lengths; fix the file")
-    train = TensorDataset(x_train.float(), y_train.long())
+    shape = tuple(x_train.shape[1:])
+    x_train, x_test = prep.tensors(x_train, spec), prep.tensors(x_test, spec)
+    train = TensorDataset(x_train, y_train.long())
     labeled = bool((y_train >= 0).all() and (y_test >= 0).all())
     return Splits(
         spec=spec,
         train=train,
         calibration=_calibration_of(train),
-        test=TensorDataset(x_test.float(), y_test.long()),
+        test=TensorDataset(x_test, y_test.long()),
         num_classes=int(max(y_train.max(), y_test.max())) + 1 if labeled else 0,
-        input_shape=tuple(x_train.shape[1:]),
+        input_shape=shape,
         labeled=labeled,
     )
 
 
-def digits() -> Splits:
+def digits(prep: Preprocess) -> Splits:
     """The UCI handwritten digits: 1797 8x8 images scaled to [0, 1], one channel."""
     from safetensors.torch import load_file
 
     tensors = load_file(DIGITS_FILE)
     x = tensors["images"].float().div(16.0).unsqueeze(1)
-    return _split_tensors("digits", x, tensors["labels"])
+    return _split_tensors("digits", x, tensors["labels"], prep)
 
 
 def _read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
@@ -112,36 +118,61 @@ def _read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
     raise InputFileError(f"{path}: use a .safetensors, .npz or .pt file for tensors:FILE")
 
 
-def tensors(path: Path) -> Splits:
-    """Tensors ``x``/``y`` (split 80/20), or ``x_train``/``y_train``/``x_test``/``y_test``.
-
-    Without ``y`` the data is unlabeled: enough for magnitude pruning and true-Fisher
-    statistics, not for accuracy, training or the empirical Fisher.
-    """
+def _read_xy(path: Path) -> dict[str, torch.Tensor]:
     data = _read_tensor_file(path)
-    spec = f"tensors:{path}"
     for x_key, y_key in (("x", "y"), ("x_train", "y_train"), ("x_test", "y_test")):
         if x_key in data and y_key not in data:
             data[y_key] = torch.full((len(data[x_key]),), UNLABELED)
-    if {"x_train", "y_train", "x_test", "y_test"} <= data.keys():
-        return _from_tensors(spec, data["x_train"], data["y_train"], data["x_test"], data["y_test"])
-    if {"x", "y"} <= data.keys():
-        return _split_tensors(spec, data["x"], data["y"])
-    raise InputFileError(
-        f"{path} holds {', '.join(sorted(data)) or 'nothing'}; it needs x and y "
-        "(or x_train, y_train, x_test, y_test)"
+    return data
+
+
+def _needs_xy(path: Path, data: dict[str, torch.Tensor], also: str = "") -> InputFileError:
+    return InputFileError(
+        f"{path} holds {', '.join(sorted(data)) or 'nothing'}; it needs x and y{also}"
     )
 
 
-def cifar10(root: Path) -> Splits:
-    """CIFAR-10 from torchvision's python-format files in ``root`` (never downloaded)."""
+def tensors(arg: str, prep: Preprocess) -> Splits:
+    """Tensors ``x``/``y`` (split 80/20), or ``x_train``/``y_train``/``x_test``/``y_test``;
+    ``TRAIN,TEST``: two files of ``x``/``y``, the first for training and calibration.
+
+    uint8 inputs are images (scaled to [0, 1]); float inputs are used as they are; other
+    integers (token ids) stay integers. Without ``y`` the data is unlabeled: enough for
+    magnitude pruning and true-Fisher statistics, not for accuracy, training or the
+    empirical Fisher.
+    """
+    spec = f"tensors:{arg}"
+    paths = [Path(p).expanduser() for p in arg.split(",")]
+    if len(paths) == 2:
+        train, test = (_read_xy(p) for p in paths)
+        for path, data in zip(paths, (train, test), strict=True):
+            if not {"x", "y"} <= data.keys():
+                raise _needs_xy(path, data)
+        return _from_tensors(spec, train["x"], train["y"], test["x"], test["y"], prep)
+    if len(paths) != 1:
+        raise UsageError(f"data spec '{spec}': give one file, or TRAIN,TEST (two files)")
+    path = paths[0]
+    data = _read_xy(path)
+    if {"x_train", "y_train", "x_test", "y_test"} <= data.keys():
+        return _from_tensors(
+            spec, data["x_train"], data["y_train"], data["x_test"], data["y_test"], prep
+        )
+    if {"x", "y"} <= data.keys():
+        return _split_tensors(spec, data["x"], data["y"], prep)
+    raise _needs_xy(path, data, " (or x_train, y_train, x_test, y_test)")
+
+
+def cifar10(root: Path, prep: Preprocess) -> Splits:
+    """CIFAR-10 from torchvision's python-format files in ``root`` (never downloaded).
+
+    Normalised with CIFAR-10's own channel statistics unless ``--normalize`` says otherwise.
+    """
     from torchvision import datasets, transforms
 
+    norm = prep.normalization() or Normalization(*PRESETS["cifar10"])
+    norm.check_channels(3, f"cifar10:{root}")
     normalize = transforms.Compose(
-        [
-            transforms.ToTensor(),
-            transforms.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-        ]
+        [transforms.ToTensor(), transforms.Normalize(norm.mean, norm.std)]
     )
     try:
         train = datasets.CIFAR10(str(root), train=True, transform=normalize, download=False)
@@ -154,13 +185,45 @@ def cifar10(root: Path) -> Splits:
     return Splits(f"cifar10:{root}", train, _calibration_of(train), test, 10, (3, 32, 32))
 
 
-def imagefolder(root: Path) -> Splits:
+def _image_transform(root: Path, prep: Preprocess):
+    """Resize (shorter side) and centre-crop every image to one size, then normalise.
+
+    The size is ``--image-size`` (square) or, by default, the size of the first image, so
+    folders of mixed sizes load.
+    """
+    from PIL import Image
+    from torchvision import transforms
+
+    first = next((p for p in sorted(root.rglob("*")) if _is_image(p)), None)
+    if first is None:
+        raise InputFileError(f"image folder {root} holds no images; check the path")
+    try:
+        with Image.open(first) as image:
+            width, height = image.size
+    except OSError as exc:
+        raise InputFileError(f"cannot read image {first}: {exc}") from exc
+    size = (prep.image_size,) * 2 if prep.image_size else (height, width)
+    steps = [transforms.Resize(min(size)), transforms.CenterCrop(size), transforms.ToTensor()]
+    norm = prep.normalization()
+    if norm is not None:
+        norm.check_channels(3, f"imagefolder:{root}")  # the folder loader gives RGB
+        steps.append(transforms.Normalize(norm.mean, norm.std))
+    return transforms.Compose(steps)
+
+
+def _is_image(path: Path) -> bool:
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    return path.is_file() and path.suffix.lower() in IMG_EXTENSIONS
+
+
+def imagefolder(root: Path, prep: Preprocess) -> Splits:
     """Class-per-folder images; ``root/train`` + ``root/test`` (or ``val``), else an 80/20 split."""
-    from torchvision import datasets, transforms
+    from torchvision import datasets
 
     if not root.is_dir():
         raise InputFileError(f"image folder {root} does not exist; check the path")
-    to_tensor = transforms.ToTensor()
+    to_tensor = _image_transform(root, prep)
     test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
     try:
         if (root / "train").is_dir() and test_dir is not None:
@@ -179,17 +242,19 @@ def imagefolder(root: Path) -> Splits:
     return Splits(f"imagefolder:{root}", train, _calibration_of(train), test, len(classes), shape)
 
 
-def load_data(spec: str) -> Splits:
-    """Parse a dataset spec and return its splits."""
+def load_data(spec: str, prep: Preprocess | None = None) -> Splits:
+    """Parse a dataset spec and return its splits, preprocessed by ``prep``."""
+    prep = prep or Preprocess()
+    prep.check()
     kind, _, arg = spec.partition(":")
     if kind == "digits" and not arg:
-        return digits()
+        return digits(prep)
     if kind in {"cifar10", "imagefolder", "tensors"}:
         if not arg:
             raise UsageError(f"data spec '{spec}' needs a path: {kind}:PATH")
-        return {"cifar10": cifar10, "imagefolder": imagefolder, "tensors": tensors}[kind](
-            Path(arg).expanduser()
-        )
+        if kind == "tensors":
+            return tensors(arg, prep)
+        return {"cifar10": cifar10, "imagefolder": imagefolder}[kind](Path(arg).expanduser(), prep)
     raise UnknownNameError(f"unknown data spec '{spec}': use one of {SPEC_FORMS}")
 
 

@@ -49,3 +49,7 @@ class PluginError(PrunekitError):
 
 class NumericalError(PrunekitError):
     """NaN or Inf in statistics or scores."""
+
+
+class OutOfMemoryError(PrunekitError):
+    """The device ran out of memory even at the smallest chunk of samples."""

@@ -25,6 +25,7 @@ def metadata_for(report: dict[str, Any], config: dict[str, Any]) -> dict[str, st
         "sparsity_achieved": repr(sparsity["achieved"]),
         "sparsity_per_tensor": json.dumps(sparsity["per_tensor"]),
         "data": report["data"],
+        **{k: str(v) for k, v in report.get("preprocess", {}).items() if v is not None},
         "num_classes": str(report["num_classes"]),
         "config": json.dumps(config, sort_keys=True),
     }

@@ -7,15 +7,26 @@ batched over all blocks with torch.linalg:
 
 - Cholesky of the B x B matrices, when m >= B;
 - Woodbury, F_λ⁻¹ = (I − Gᵀ (mλI + GGᵀ)⁻¹ G) / λ with m x m solves, when m < B.
+
+The factorisations run in float64 by default (``FACTOR_DTYPE``), a slice of blocks at a
+time so the float64 copies stay small; the Gram blocks are accumulated in place in the
+gradients' dtype. λ is either absolute or relative: α times the mean of the Fisher diagonal
+over every target (as OBC / SparseGPT scale their damping to the curvature; one λ for the
+whole model, so that OBS scores stay comparable across layers in a global ranking).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
 from prunekit.errors import NumericalError
+
+FACTOR_DTYPE = torch.float64
+FACTOR_SLICE_BYTES = 256 * 2**20  # float64 workspace of one factorisation slice
+TINY = 1e-30  # floor of a relative damping's scale: a target without gradient signal
 
 
 def num_blocks(numel: int, block_size: int) -> int:
@@ -36,6 +47,26 @@ def gram_blocks(rows: torch.Tensor, block_size: int) -> torch.Tensor:
     return blocks.transpose(1, 2) @ blocks
 
 
+def accumulate_gram(gram: torch.Tensor | None, rows: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``gram += gram_blocks(rows)`` without a second (nb, B, B) temporary."""
+    blocks = to_blocks(rows, block_size)
+    if gram is None:
+        return blocks.transpose(1, 2) @ blocks
+    return gram.baddbmm_(blocks.transpose(1, 2), blocks)
+
+
+def relative_damping(fisher_diags: Sequence[torch.Tensor], alpha: float) -> float:
+    """λ = α · mean(diag F) over all the given coordinates (floored so that λ stays > 0)."""
+    total = sum(float(f.double().sum()) for f in fisher_diags)
+    count = sum(f.numel() for f in fisher_diags)
+    return alpha * max(total / max(count, 1), TINY)
+
+
+def _slices(count: int, per_item_bytes: int) -> list[slice]:
+    step = max(1, FACTOR_SLICE_BYTES // max(per_item_bytes, 1))
+    return [slice(i, min(i + step, count)) for i in range(0, count, step)]
+
+
 def _cholesky(matrices: torch.Tensor, what: str) -> torch.Tensor:
     factor, info = torch.linalg.cholesky_ex(matrices)
     if bool((info > 0).any()):
@@ -43,23 +74,43 @@ def _cholesky(matrices: torch.Tensor, what: str) -> torch.Tensor:
     return factor
 
 
-def inverse_from_gram(gram: torch.Tensor, m: int, damp: float) -> torch.Tensor:
-    """(λI + gram/m)⁻¹ for every block, by Cholesky (the m >= B path)."""
-    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    factor = _cholesky(gram / m + damp * eye, "a damped Fisher block")
-    return torch.cholesky_inverse(factor)
+def inverse_from_gram(
+    gram: torch.Tensor, m: int, damp: float, dtype: torch.dtype | None = FACTOR_DTYPE
+) -> torch.Tensor:
+    """(λI + gram/m)⁻¹ for every block, by Cholesky (the m >= B path).
+
+    Factorised in ``dtype`` (None: the Gram's own), a slice of blocks at a time; returned
+    in the Gram's dtype.
+    """
+    work = dtype or gram.dtype
+    size = gram.shape[-1]
+    eye = torch.eye(size, dtype=work, device=gram.device)
+    out = torch.empty_like(gram)
+    item = size * size * torch.finfo(work).bits // 8
+    for part in _slices(gram.shape[0], 3 * item):
+        factor = _cholesky(gram[part].to(work) / m + damp * eye, "a damped Fisher block")
+        out[part] = torch.cholesky_inverse(factor).to(gram.dtype)
+    return out
 
 
-def inverse_from_rows(rows: torch.Tensor, block_size: int, damp: float) -> torch.Tensor:
+def inverse_from_rows(
+    rows: torch.Tensor, block_size: int, damp: float, dtype: torch.dtype | None = FACTOR_DTYPE
+) -> torch.Tensor:
     """(λI + GᵀG/m)⁻¹ for every block by Woodbury (the m < B path); rows is (m, d)."""
     m = rows.shape[0]
+    work = dtype or rows.dtype
     blocks = to_blocks(rows, block_size)  # (nb, m, B)
-    eye_m = torch.eye(m, dtype=rows.dtype, device=rows.device)
-    kernel = m * damp * eye_m + blocks @ blocks.transpose(1, 2)  # (nb, m, m)
-    factor = _cholesky(kernel, "a damped Woodbury kernel")
-    solved = torch.cholesky_solve(blocks, factor)  # (mλI + GGᵀ)⁻¹ G
-    eye_b = torch.eye(block_size, dtype=rows.dtype, device=rows.device)
-    return (eye_b - blocks.transpose(1, 2) @ solved) / damp
+    eye_m = torch.eye(m, dtype=work, device=rows.device)
+    eye_b = torch.eye(block_size, dtype=work, device=rows.device)
+    out = torch.empty(blocks.shape[0], block_size, block_size, dtype=rows.dtype, device=rows.device)
+    item = (m * m + 2 * m * block_size + block_size**2) * torch.finfo(work).bits // 8
+    for part in _slices(blocks.shape[0], item):
+        g = blocks[part].to(work)
+        kernel = m * damp * eye_m + g @ g.transpose(1, 2)  # (n, m, m)
+        factor = _cholesky(kernel, "a damped Woodbury kernel")
+        solved = torch.cholesky_solve(g, factor)  # (mλI + GGᵀ)⁻¹ G
+        out[part] = ((eye_b - g.transpose(1, 2) @ solved) / damp).to(rows.dtype)
+    return out
 
 
 def rank1_inverse_reference(rows: torch.Tensor, block_size: int, damp: float) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Model specs and weights.
 
-Specs: ``sample:NAME`` (shipped, with weights and a dataset), ``torchvision:ARCH`` (built
-untrained; give ``--weights``) and ``package.module:factory`` (any callable returning an
+Specs: ``sample:NAME`` (shipped, with weights and a dataset), ``cifar:ARCH`` (the CIFAR
+ResNets 20/32/44/56, built in; give ``--weights``), ``torchvision:ARCH`` (built untrained;
+give ``--weights``) and ``package.module:factory`` (any callable returning an
 ``nn.Module``). Weights are a state dict in .safetensors, .pt or .pth, always read with
 ``weights_only=True`` unless the user trusts the file explicitly.
 """
@@ -25,7 +26,7 @@ from prunekit.errors import (
 )
 from prunekit.sample_models import SAMPLES
 
-SPEC_FORMS = "sample:NAME, torchvision:ARCH or package.module:factory"
+SPEC_FORMS = "sample:NAME, cifar:ARCH, torchvision:ARCH or package.module:factory"
 _SHOWN = 5  # how many keys an error message lists
 
 
@@ -54,6 +55,36 @@ def _torchvision(arch: str, num_classes: int | None) -> nn.Module:
     return models.get_model(arch, weights=None, num_classes=num_classes or 1000)
 
 
+def _cifar(arch: str, num_classes: int | None) -> nn.Module:
+    from prunekit.cifar_resnet import DEPTHS, cifar_resnet
+
+    if arch not in DEPTHS:
+        raise UnknownNameError(
+            f"unknown CIFAR architecture '{arch}': {did_you_mean(arch, list(DEPTHS))}"
+            f"use one of {', '.join(DEPTHS)}"
+        )
+    return cifar_resnet(arch, num_classes or 10)
+
+
+def architecture_rows() -> list[dict[str, object]]:
+    """`prunekit models list` rows of the built-in architectures (no weights of their own)."""
+    from prunekit.cifar_resnet import DEPTHS, cifar_resnet
+
+    rows: list[dict[str, object]] = []
+    for arch, depth in DEPTHS.items():
+        model = cifar_resnet(arch)
+        rows.append(
+            {
+                "model": f"cifar:{arch}",
+                "data": "give --data",
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "test_accuracy": None,
+                "description": f"CIFAR ResNet-{6 * depth + 2}, 32x32 RGB; weights: --weights",
+            }
+        )
+    return rows
+
+
 def _factory(spec: str, num_classes: int | None) -> nn.Module:
     module_name, _, attr = spec.partition(":")
     try:
@@ -76,6 +107,8 @@ def build(spec: str, num_classes: int | None = None) -> tuple[nn.Module, Path | 
         return _sample(rest, num_classes)
     if kind == "torchvision":
         return _torchvision(rest, num_classes), None
+    if kind == "cifar":
+        return _cifar(rest, num_classes), None
     return _factory(spec, num_classes), None
 
 

@@ -26,6 +26,7 @@ from prunekit.progress import Reporter, Silent
 from prunekit.pruners.base import Pruner
 from prunekit.schedule import StepContext, run_schedule
 from prunekit.stats import Collector, check_spec
+from prunekit.timing import Timings
 from prunekit.validate import ValidateOptions, validate
 
 
@@ -37,11 +38,13 @@ class Outcome:
     model: nn.Module
     dense_model: nn.Module | None
     data: Splits
+    timings: Timings
 
 
 def check(config: PruneConfig) -> None:
     """Validate everything cheap before any work is done."""
     check_sparsity(config.sparsity)
+    config.preprocess().check()
     check_mask(config.mask, config.sparsity)
     config.schedule.check(config.sparsity)
     unknown = sorted(set(config.exports) - set(EXPORT_FORMATS))
@@ -91,14 +94,15 @@ def execute(config: PruneConfig, reporter: Reporter | None = None) -> Outcome:
     pruner = registry.create(config.pruner, config.params)
     torch.manual_seed(config.seed)
     warnings: list[str] = []
+    timings = Timings(device)
 
-    with reporter.stage("loading model and data"):
+    with reporter.stage("loading model and data"), timings.phase("load"):
         data_spec = config.data or default_data(config.model)
         if data_spec is None:
             raise UsageError(f"{config.model} comes with no dataset; pass --data SPEC")
-        data = load_data(data_spec)
+        data = load_data(data_spec, config.preprocess())
         num_classes = config.num_classes
-        if num_classes is None and config.model.startswith("torchvision:"):
+        if num_classes is None and config.model.startswith(("torchvision:", "cifar:")):
             num_classes = data.num_classes
         loaded = load_model(config.model, config.weights, num_classes, config.trust_checkpoint)
         model = loaded.model.to(device)
@@ -119,7 +123,7 @@ def execute(config: PruneConfig, reporter: Reporter | None = None) -> Outcome:
     def evaluate(m: nn.Module) -> float | None:
         return accuracy(m, data.test, device) if data.labeled else None
 
-    with reporter.stage("evaluating the dense model"):
+    with reporter.stage("evaluating the dense model"), timings.phase("evaluation"):
         dense_accuracy = evaluate(model)
     dense_model = copy.deepcopy(model).cpu() if "onnx" in config.exports else None
 
@@ -132,6 +136,7 @@ def execute(config: PruneConfig, reporter: Reporter | None = None) -> Outcome:
         config.mask,
         config.memory_budget,
         config.seed,
+        timings=timings,
     )
     if pruner.needs and config.verbose:
         plan = Collector(
@@ -154,22 +159,29 @@ def execute(config: PruneConfig, reporter: Reporter | None = None) -> Outcome:
             on_event=status,
         )
         warnings += step_warnings
-        if config.recalibrate_bn:
+    if config.recalibrate_bn:
+        with reporter.stage("re-estimating BatchNorm statistics"), timings.phase("batchnorm"):
             recalibrate_batchnorm(model, data.calibration, device)
     achieved, per_tensor = sparsity_of(targets)
 
-    with reporter.stage("evaluating the pruned model"):
+    with reporter.stage("evaluating the pruned model"), timings.phase("evaluation"):
         pruned_accuracy = evaluate(model)
+    warnings += accuracy_warnings(config, pruner, dense_accuracy, pruned_accuracy)
 
     report: dict[str, Any] = {
         "model": config.model,
         "weights": loaded.weights,
         "data": data_spec,
+        "preprocess": {"normalize": config.normalize, "image_size": config.image_size},
         "num_classes": num_classes or data.num_classes,
         "pruner": config.pruner,
         "params": pruner.hparams,
         "mask": config.mask,
-        "schedule": {"kind": config.schedule.kind, "recompute": config.schedule.recompute},
+        "schedule": {
+            "kind": config.schedule.kind,
+            "recompute": "auto" if config.schedule.recompute is None else config.schedule.recompute,
+            "pruning_steps": ctx.step,
+        },
         "recalibrate_bn": config.recalibrate_bn,
         "device": str(device),
         "seed": config.seed,
@@ -177,10 +189,38 @@ def execute(config: PruneConfig, reporter: Reporter | None = None) -> Outcome:
         "accuracy": {"dense": dense_accuracy, "pruned": pruned_accuracy},
         "history": history,
         "pruner_diagnostics": pruner.diagnostics(),
+        "statistics": ctx.statistics,
         "warnings": warnings,
+        "phases": timings.to_json(),
         "seconds": round(time.perf_counter() - started, 3),
     }
-    return Outcome(report, model, dense_model, data)
+    return Outcome(report, model, dense_model, data, timings)
+
+
+ACCURACY_DROP_WARNING = 0.10  # absolute top-1 loss that earns a warning with remedies
+
+
+def accuracy_warnings(
+    config: PruneConfig, pruner: Pruner, dense: float | None, pruned: float | None
+) -> list[str]:
+    """A warning with the likely remedies when pruning cost much of the dense accuracy."""
+    if dense is None or pruned is None or dense - pruned <= ACCURACY_DROP_WARNING:
+        return []
+    remedies = []
+    if pruner.compensates() and config.schedule.recompute is not None:
+        remedies.append("--recompute auto (or a larger K)")
+    if not pruner.compensates():
+        remedies.append("a second-order pruner (--pruner woodfisher)")
+    if not config.recalibrate_bn:
+        remedies.append("--recalibrate-bn")
+    if not config.schedule.trains():
+        remedies.append("--finetune-epochs N or --schedule gradual")
+    if config.sparsity > 0.5:
+        remedies.append("a lower --sparsity")
+    return [
+        f"pruned accuracy {pruned:.2%} is {dense - pruned:.1%} below dense ({dense:.2%}); "
+        f"try {', '.join(remedies)}"
+    ]
 
 
 def run(config: PruneConfig, reporter: Reporter | None = None) -> dict[str, Any]:
@@ -189,15 +229,21 @@ def run(config: PruneConfig, reporter: Reporter | None = None) -> dict[str, Any]
     started = time.perf_counter()
     check_writable(config.out, config.force)
     outcome = execute(config, reporter)  # validates the config before any work
-    report, data = outcome.report, outcome.data
+    report, data, timings = outcome.report, outcome.data, outcome.timings
     with reporter.stage("writing outputs"), staged_dir(config.out, config.force) as stage:
         metadata = metadata_for(report, config.to_json())
-        files = write_exports(
-            stage, outcome.model, outcome.dense_model, data.input_shape, metadata, config.exports
-        )
+        with timings.phase("export"):
+            files = write_exports(
+                stage,
+                outcome.model,
+                outcome.dense_model,
+                data.input_shape,
+                metadata,
+                config.exports,
+            )
         report["sizes"] = {name: (stage / name).stat().st_size for name in files}
         if config.validate:
-            with reporter.stage("validating in ONNX Runtime"):
+            with reporter.stage("validating in ONNX Runtime"), timings.phase("validation"):
                 report["validation"] = validate(
                     stage / "model.onnx",
                     data.test,
@@ -209,6 +255,7 @@ def run(config: PruneConfig, reporter: Reporter | None = None) -> dict[str, Any]
                 report["validation"]["model"] = str(config.out / "model.onnx")
                 report["validation"]["baseline"] = str(config.out / "dense.onnx")
         report["outputs"] = [str(config.out / name) for name in [*files, "report.json"]]
+        report["phases"] = timings.to_json()
         report["seconds"] = round(time.perf_counter() - started, 3)
         (stage / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

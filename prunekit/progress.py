@@ -1,7 +1,14 @@
-"""Progress reporting: the pipeline announces stages; the CLI shows them with rich on stderr."""
+"""Progress reporting: the pipeline announces stages; the CLI shows them with rich on stderr.
+
+On a terminal each stage is a spinner whose text follows the sub-steps (step k/K, gradients
+n/m); elsewhere (CI logs, pipes) the same events are plain lines, a sub-step line at most
+every ``PLAIN_INTERVAL`` seconds, and every stage ends with its time; they all begin with
+``progress:`` so that logs can be filtered.
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol
@@ -47,6 +54,10 @@ class RichReporter:
     @contextmanager
     def stage(self, description: str) -> Iterator[Callable[[str], None]]:
         """Show ``description``; the yielded function shows a sub-step next to it."""
+        if not self.console.is_terminal:
+            with self._plain_stage(description) as update:
+                yield update
+            return
         with self.progress:
             task = self.progress.add_task(description, total=None)
 
@@ -57,3 +68,24 @@ class RichReporter:
                 yield update
             finally:
                 self.progress.remove_task(task)
+
+    @contextmanager
+    def _plain_stage(self, description: str) -> Iterator[Callable[[str], None]]:
+        started = last = time.monotonic()
+        self.console.print(f"progress: {description}", highlight=False)
+
+        def update(text: str) -> None:
+            nonlocal last
+            now = time.monotonic()
+            if now - last >= PLAIN_INTERVAL:
+                last = now
+                self.console.print(f"progress: {description}: {text}", highlight=False)
+
+        yield update
+        self.console.print(
+            f"progress: {description}: done in {time.monotonic() - started:.1f} s",
+            highlight=False,
+        )
+
+
+PLAIN_INTERVAL = 2.0  # seconds between sub-step lines in logs

@@ -2,7 +2,9 @@
 
 - ``oneshot``: prune to the target in K sub-steps (``--recompute``), recomputing the
   statistics at the updated weights before each (density interpolated geometrically), then
-  optionally fine-tune with the masks held;
+  optionally fine-tune with the masks held. ``--recompute auto`` (the default) gives
+  OBS-style pruners enough sub-steps that none removes more than ``AUTO_STEP_FRACTION`` of
+  the remaining weights, and every other pruner one step;
 - ``gradual``: the cubic schedule of Zhu & Gupta, s_k = s_f + (s_i - s_f)(1 - k/n)³ for
   k = 1..n, with fine-tuning between steps and after the last;
 - ``pbt``: pruning before training: re-initialise the architecture (seeded), train
@@ -11,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +26,7 @@ from prunekit.errors import UsageError
 from prunekit.masks import apply, select, sparsity_of
 from prunekit.pruners.base import Pruner, Target
 from prunekit.stats import Collector
+from prunekit.timing import Timings
 from prunekit.train import TrainConfig, train
 
 
@@ -41,6 +45,20 @@ class StepContext:
     step: int = 0  # pruning steps taken so far (sub-steps of --recompute included)
     total_steps: int = 1
     say: Callable[[str], None] = lambda _: None  # progress line for long pruner work
+    timings: Timings = field(default_factory=Timings)
+    statistics: list[dict[str, Any]] = field(default_factory=list)  # one entry per step
+
+
+AUTO_STEP_FRACTION = 0.25  # --recompute auto: the most one sub-step removes (measured)
+
+
+def auto_recompute(pruner: Pruner, start: float, final: float) -> int:
+    """Sub-steps for ``--recompute auto``: 1 unless the pruner compensates (OBS-style),
+    else enough that each removes at most AUTO_STEP_FRACTION of the remaining weights."""
+    if not pruner.compensates() or final <= start:
+        return 1
+    ratio = math.log((1.0 - final) / (1.0 - start)) / math.log(1.0 - AUTO_STEP_FRACTION)
+    return max(1, math.ceil(ratio - 1e-9))
 
 
 def substep_sparsities(start: float, final: float, steps: int) -> list[float]:
@@ -53,6 +71,11 @@ def substep_sparsities(start: float, final: float, steps: int) -> list[float]:
 def prune_step(ctx: StepContext, sparsity: float) -> list[str]:
     """Score, select and (for OBS-style pruners) compensate once; return warnings."""
     ctx.step += 1
+    where = f"step {ctx.step}/{ctx.total_steps}" if ctx.total_steps > 1 else ""
+
+    def say(text: str) -> None:
+        ctx.say(f"{where}: {text}" if where else text)
+
     ctx.pruner.prepare(ctx, ctx.step, ctx.total_steps)
     collector = Collector(
         ctx.model,
@@ -63,39 +86,58 @@ def prune_step(ctx: StepContext, sparsity: float) -> list[str]:
         ctx.device,
         ctx.memory_budget,
         ctx.seed,
+        timings=ctx.timings,
+        say=say,
     )
+    compensates = ctx.pruner.compensates()
+    retain = compensates and collector.retains_for_update()
     scores: dict[str, torch.Tensor] = {}
-    kept_stats: dict[str, dict[str, torch.Tensor]] = {}
+    kept: list[tuple[list[Target], dict[str, dict[str, torch.Tensor]]]] = []
     for group, stats in collector.collect():
-        for t in group:
-            scores[t.name] = ctx.pruner.score(t, stats[t.name])
-        if collector.passes == 1:
-            kept_stats = stats  # reused for the update instead of a second pass
-    keep = select(ctx.targets, scores, sparsity, ctx.mask)
-    if ctx.pruner.compensates():
-        passes = [(ctx.targets, kept_stats)] if kept_stats else collector.collect()
-        updates = {}  # applied after all passes, so every pass sees the same weights
-        for group, stats in passes:
+        with ctx.timings.phase("prune"):
             for t in group:
-                updated = ctx.pruner.update(t, keep[t.name], stats[t.name])
-                if updated is not None:
-                    updates[t.name] = updated
+                scores[t.name] = ctx.pruner.score(t, stats[t.name])
+        if retain:
+            kept.append((group, stats if collector.passes == 1 else _to_host(stats)))
+    with ctx.timings.phase("prune"):
+        keep = select(ctx.targets, scores, sparsity, ctx.mask)
+    if compensates:
+        updates = {}  # applied after all passes, so every pass sees the same weights
+        for group, stats in kept or collector.collect():  # a second round only if not kept
+            with ctx.timings.phase("prune"):
+                for t in group:
+                    own = {k: v.to(ctx.device) for k, v in stats[t.name].items()}
+                    updated = ctx.pruner.update(t, keep[t.name], own)
+                    if updated is not None:
+                        updates[t.name] = updated
         with torch.no_grad():
             for t in ctx.targets:
                 if t.name in updates:
                     t.weight.copy_(updates[t.name])
     apply(ctx.targets, keep)
+    ctx.statistics.append(
+        {"step": ctx.step, **collector.report(), "update_passes": 0 if kept else collector.passes}
+        if compensates
+        else {"step": ctx.step, **collector.report()}
+    )
     warnings = list(dict.fromkeys(collector.warnings + ctx.pruner.warnings))  # once each
     ctx.pruner.warnings = []
     return warnings
 
 
-def oneshot(ctx: StepContext, sparsity: float, recompute: int = 1) -> list[str]:
-    """Prune to ``sparsity`` in ``recompute`` sub-steps; return the warnings raised."""
+def _to_host(stats: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+    """Move a pass's statistics to host memory until the update needs them."""
+    return {name: {k: v.cpu() for k, v in s.items()} for name, s in stats.items()}
+
+
+def oneshot(ctx: StepContext, sparsity: float, recompute: int | None = 1) -> list[str]:
+    """Prune to ``sparsity`` in ``recompute`` sub-steps (None: auto); return the warnings."""
+    start, _ = sparsity_of(ctx.targets)
+    if recompute is None:
+        recompute = auto_recompute(ctx.pruner, start, sparsity)
     if recompute < 1:
         raise UsageError(f"--recompute {recompute}: give at least 1 sub-step")
     warnings: list[str] = []
-    start, _ = sparsity_of(ctx.targets)
     for step_sparsity in substep_sparsities(start, sparsity, recompute):
         warnings += prune_step(ctx, step_sparsity)
     return warnings
@@ -107,7 +149,7 @@ SCHEDULES = ("oneshot", "gradual", "pbt")
 @dataclass(frozen=True)
 class ScheduleConfig:
     kind: str = "oneshot"
-    recompute: int = 1
+    recompute: int | None = None  # sub-steps per pruning step; None: auto
     steps: int = 1
     initial_sparsity: float = 0.0
     finetune_epochs: int = 0
@@ -118,7 +160,7 @@ class ScheduleConfig:
     def check(self, sparsity: float) -> None:
         if self.kind not in SCHEDULES:
             raise UsageError(f"--schedule {self.kind}: use one of {', '.join(SCHEDULES)}")
-        if self.recompute < 1:
+        if self.recompute is not None and self.recompute < 1:
             raise UsageError(f"--recompute {self.recompute}: give at least 1 sub-step")
         if self.steps < 1:
             raise UsageError(f"--steps {self.steps}: give at least 1 pruning step")
@@ -134,6 +176,15 @@ class ScheduleConfig:
 
     def trains(self) -> bool:
         return bool(self.finetune_epochs or self.warmup_epochs or self.epochs)
+
+    def pruning_steps(self, sparsity: float) -> list[tuple[float, float, int | None]]:
+        """(from, to, sub-steps) of every pruning step, in order."""
+        if self.kind != "gradual":
+            return [(0.0, sparsity, self.recompute)]
+        steps = [(0.0, self.initial_sparsity, 1)] if self.initial_sparsity > 0 else []
+        levels = cubic_sparsities(self.initial_sparsity, sparsity, self.steps)
+        starts = [self.initial_sparsity, *levels[:-1]]
+        return steps + [(a, b, self.recompute) for a, b in zip(starts, levels, strict=True)]
 
 
 def cubic_sparsities(initial: float, final: float, steps: int) -> list[float]:
@@ -164,31 +215,36 @@ def run_schedule(
     history: list[dict[str, Any]] = []
     say = on_event or (lambda _: None)
     ctx.say = say
-    ctx.total_steps = schedule.recompute * (schedule.steps if schedule.kind == "gradual" else 1)
-    ctx.total_steps += schedule.kind == "gradual" and schedule.initial_sparsity > 0
+    plan = schedule.pruning_steps(sparsity)
+    ctx.total_steps = sum(
+        k if k is not None else auto_recompute(ctx.pruner, start, level) for start, level, k in plan
+    )
 
     def fit(epochs: int, phase: str) -> None:
-        if epochs:
-            say(f"{phase}: training {epochs} epoch(s)")
-        records = train(
-            ctx.model,
-            train_data,
-            epochs=epochs,
-            device=ctx.device,
-            config=schedule.train,
-            seed=ctx.seed,
-            targets=ctx.targets,
-            evaluate=evaluate,
-        )
+        if not epochs:
+            return
+        say(f"{phase}: training {epochs} epoch(s)")
+        with ctx.timings.phase("training"):
+            records = train(
+                ctx.model,
+                train_data,
+                epochs=epochs,
+                device=ctx.device,
+                config=schedule.train,
+                seed=ctx.seed,
+                targets=ctx.targets,
+                evaluate=evaluate,
+            )
         history.extend({"phase": phase, **r} for r in records)
 
-    def prune_to(target: float, step: int, steps: int, recompute: int) -> None:
+    def prune_to(target: float, step: int, steps: int, recompute: int | None) -> None:
         say(f"pruning step {step}/{steps} to {target:.2%}")
         warnings.extend(oneshot(ctx, target, recompute))
         achieved, _ = sparsity_of(ctx.targets)
         entry: dict[str, Any] = {"phase": f"prune {step}/{steps}", "sparsity": achieved}
-        if evaluate is not None:
-            entry["accuracy"] = evaluate(ctx.model)
+        if evaluate is not None and schedule.trains():  # else the run's final accuracy says it
+            with ctx.timings.phase("evaluation"):
+                entry["accuracy"] = evaluate(ctx.model)
         history.append(entry)
 
     if schedule.kind == "oneshot":

@@ -3,16 +3,16 @@
 Per-sample (or per-mini-batch) loss gradients of the target tensors come from
 ``torch.func`` (vmap over grad) in chunks of samples; from them the gradient mean, the
 Fisher diagonal and the blockwise damped inverse Fisher are accumulated on the device.
-A memory plan splits the targets into groups (one pass over the calibration data each) and
-picks the chunk size so that each pass fits the memory budget.
+A memory plan (``prunekit.memory``) splits the targets into groups (one pass over the
+calibration data each) and picks the chunk size so that each pass fits the memory budget;
+an out-of-memory error halves the chunk and carries on, with a warning.
 """
 
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,118 +21,25 @@ from torch.utils.data import Dataset
 
 from prunekit import fisher
 from prunekit.data import loader
-from prunekit.errors import NumericalError, UsageError
+from prunekit.errors import NumericalError, OutOfMemoryError, UsageError
+from prunekit.memory import (
+    MemoryPlan,
+    PeakMemory,
+    available_ram,
+    default_budget,
+    estimate_activation_bytes,
+    is_out_of_memory,
+    measure_activation_bytes,
+    plan_memory,
+    size_text,
+    target_cost,
+)
 from prunekit.pruners.base import StatsSpec, Target
+from prunekit.timing import Timings
 
 AVAILABLE = frozenset({"grad_mean", "fisher_diag", "fisher_inv", "hessian_grad"})
 PER_SAMPLE = frozenset({"grad_mean", "fisher_diag", "fisher_inv"})
-FLOAT_BYTES = 4
-GRAD_WORKSPACE = 3  # per-sample gradient bytes held by vmap, as a multiple of their size
-MAX_CHUNK = 128
-
-
-@dataclass
-class MemoryPlan:
-    budget: int
-    chunk: int  # gradients computed per vmap call
-    groups: list[list[Target]]
-    group_bytes: list[int] = field(default_factory=list)
-
-    def describe(self) -> str:
-        lines = [
-            f"memory plan: budget {_size(self.budget)}, {len(self.groups)} pass(es), "
-            f"{self.chunk} gradients per vmap chunk"
-        ]
-        for group, need in zip(self.groups, self.group_bytes, strict=True):
-            lines.append(
-                f"  pass of {len(group)} target(s), {sum(t.numel for t in group):,} "
-                f"weights: about {_size(need)}"
-            )
-        return "\n".join(lines)
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    raise AssertionError
-
-
-def default_budget(device: torch.device) -> int:
-    """A safe fraction of the free memory: 80 % of free GPU memory, half of available RAM."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * 0.8)
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) * 1024 // 2
-    except (OSError, KeyError):
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
-
-
-def parse_size(text: str) -> int:
-    """'512MB', '2GiB', '1e9' -> bytes."""
-    units = {"k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 2**10, "mi": 2**20, "gi": 2**30}
-    raw = text.strip().lower().removesuffix("b")
-    for suffix in sorted(units, key=len, reverse=True):
-        if raw.endswith(suffix):
-            number, scale = raw[: -len(suffix)], units[suffix]
-            break
-    else:
-        number, scale = raw, 1
-    try:
-        value = float(number) * scale
-    except ValueError:
-        raise UsageError(f"--memory-budget {text}: give a size such as 512MB or 2GiB") from None
-    if not math.isfinite(value) or value <= 0:
-        raise UsageError(f"--memory-budget {text}: must be a positive, finite size")
-    return int(value)
-
-
-def target_bytes(target: Target, spec: StatsSpec, needs: frozenset[str]) -> tuple[int, int]:
-    """(bytes kept for the whole pass, bytes per gradient in a chunk) for one target."""
-    d = target.numel
-    kept = 2 * d  # mean and squared-gradient accumulators
-    if "fisher_inv" in needs:
-        block = spec.block_for(target)
-        padded = fisher.num_blocks(d, block) * block
-        m = spec.num_grads
-        accumulate = padded * min(m, block)  # stored rows (Woodbury) or Gram blocks
-        inverse = padded * block
-        workspace = padded * min(m, block) + fisher.num_blocks(d, block) * min(m, block) ** 2
-        kept += accumulate + inverse + workspace
-    return kept * FLOAT_BYTES, d * FLOAT_BYTES * GRAD_WORKSPACE
-
-
-def plan_memory(
-    targets: Sequence[Target], spec: StatsSpec, needs: frozenset[str], budget: int
-) -> MemoryPlan:
-    """Group targets and choose the chunk size so that every pass fits ``budget``."""
-    costs = {t.name: target_bytes(t, spec, needs) for t in targets}
-    chunk = min(MAX_CHUNK, spec.num_grads)
-    for t in targets:  # a single target with a one-gradient chunk must fit
-        kept, per_grad = costs[t.name]
-        if kept + per_grad > budget:
-            raise UsageError(
-                f"the memory budget {_size(budget)} is too small for {t.name}: it needs at "
-                f"least {_size(kept + per_grad)}; raise --memory-budget or lower "
-                "block_size / num_grads"
-            )
-        chunk = min(chunk, max(1, (budget - kept) // per_grad))
-    groups: list[list[Target]] = []
-    group_bytes: list[int] = []
-    for t in targets:
-        kept, per_grad = costs[t.name]
-        need = kept + chunk * per_grad
-        if groups and group_bytes[-1] + need <= budget:
-            groups[-1].append(t)
-            group_bytes[-1] += need
-        else:
-            groups.append([t])
-            group_bytes.append(need)
-    return MemoryPlan(budget, int(chunk), groups, group_bytes)
+DAMP_ESCALATIONS = 4  # x10 each, when a damped block is still not positive definite
 
 
 def _loss_of_batch(model: nn.Module, frozen: dict[str, torch.Tensor]):
@@ -205,6 +112,8 @@ class Collector:
         device: torch.device,
         budget: int | None = None,
         seed: int = 0,
+        timings: Timings | None = None,
+        say: Callable[[str], None] | None = None,
     ) -> None:
         unknown = sorted(needs - AVAILABLE)
         if unknown:
@@ -214,78 +123,220 @@ class Collector:
             )
         self.model, self.targets, self.calibration = model, list(targets), calibration
         self.spec, self.needs, self.device, self.seed = spec, needs, device, seed
+        self.timings = timings or Timings(device)
+        self.say = say or (lambda _: None)
         self.warnings: list[str] = []
-        self.plan = None
+        self.damping: dict[str, float] = {}  # λ used per target
+        self.fisher_scale: float | None = None  # mean diag F over all targets (relative λ)
+        self.measured_peak: int | None = None
+        self.plan: MemoryPlan | None = None
         if needs:
             check_spec(spec, len(calibration))  # type: ignore[arg-type]
-            self.plan = plan_memory(self.targets, spec, needs, budget or default_budget(device))
+            activations, source = self._activation_bytes() if needs & PER_SAMPLE else (0, "none")
+            self.plan = plan_memory(
+                self.targets, spec, needs, budget or default_budget(device), activations, source
+            )
+            self.chunk = self.plan.chunk
 
     @property
     def passes(self) -> int:
         return len(self.plan.groups) if self.plan else 1
+
+    def retains_for_update(self) -> bool:
+        """Whether the statistics of every pass can be kept for the OBS update (no second
+        round of passes): always with one pass; on CUDA, in host memory when it has room."""
+        if self.passes == 1:
+            return True
+        if self.device.type != "cuda":
+            return False  # the budget is the host's own memory
+        kept = sum(target_cost(t, self.spec, self.needs).kept for t in self.targets)
+        return kept < available_ram() // 2
+
+    def report(self) -> dict[str, Any]:
+        """The plan, the measured peak and the damping used, for report.json."""
+        out: dict[str, Any] = {}
+        if self.plan is not None:
+            out["memory"] = {
+                **self.plan.to_json(),
+                "chunk_used": self.chunk,
+                "measured_peak_bytes": self.measured_peak,
+            }
+        if self.damping:
+            out["damping"] = {
+                "mode": self.spec.damp_mode,
+                "alpha" if self.spec.damp_mode == "relative" else "lambda": self.spec.damp,
+                "mean_fisher_diag": self.fisher_scale,
+                "per_target": dict(self.damping),
+            }
+        return out
+
+    def _activation_bytes(self) -> tuple[int, str]:
+        x, y = next(iter(loader(self.calibration, TRIAL_SAMPLES)))
+        x, y = x.to(self.device), y.to(self.device).clamp(min=0)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            if self.device.type != "cuda":
+                return estimate_activation_bytes(self.model, x), "estimated from module outputs"
+            first = self.targets[:1]
+            return (
+                measure_activation_bytes(
+                    self.model,
+                    x,
+                    y,
+                    lambda xs, ys: per_sample_gradients(self.model, first, xs, ys),
+                    target_cost(first[0], self.spec, frozenset()).per_grad,
+                ),
+                f"measured with a trial chunk of {len(x)}",
+            )
+        finally:
+            self.model.train(was_training)
 
     def collect(self) -> Iterator[tuple[list[Target], dict[str, dict[str, torch.Tensor]]]]:
         """Yield each group of targets with its statistics."""
         if self.plan is None:
             yield self.targets, {t.name: {} for t in self.targets}
             return
-        for group in self.plan.groups:
-            yield group, self._collect_group(group)
+        relative = "fisher_inv" in self.needs and self.spec.damp_mode == "relative"
+        if relative and self.passes > 1:  # λ needs every target's Fisher diagonal first
+            self.fisher_scale = self._fisher_scale()
+        for index, group in enumerate(self.plan.groups, start=1):
+            with PeakMemory(self.device) as peak:
+                stats = self._collect_group(group, index)
+            if peak.peak is not None:
+                self.measured_peak = max(self.measured_peak or 0, peak.peak)
+            yield group, stats
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        spec, chunk = self.spec, self.plan.chunk  # type: ignore[union-attr]
+        spec = self.spec
         return calibration_batches(
             self.model,
             self.calibration,
             spec.num_grads * spec.grad_batch,
-            chunk * spec.grad_batch,
+            self.chunk * spec.grad_batch,
             spec.fisher == "true",
             self.device,
             self.seed,
         )
 
-    def _collect_group(self, group: list[Target]) -> dict[str, dict[str, torch.Tensor]]:
+    def _fisher_scale(self) -> float:
+        """Mean Fisher diagonal over every target: a squares-only round of passes."""
+        total = count = 0.0
+        for index, group in enumerate(self.plan.groups, start=1):  # type: ignore[union-attr]
+            where = f"damping scale, pass {index}/{self.passes}: "
+            acc = self._accumulate_group(group, where, curvature=False)
+            total += sum(float(s.double().sum()) for s in acc.squares.values())
+            count += sum(t.numel for t in group)
+        return total / self.spec.num_grads / max(count, 1)
+
+    def _accumulate_group(self, group: list[Target], where: str, curvature: bool) -> _Accumulators:
+        """One pass over the calibration samples for ``group``: sums, squares, curvature."""
         spec, m = self.spec, self.spec.num_grads
         was_training = self.model.training
         self.model.eval()
-        sums = {t.name: torch.zeros(t.numel, device=self.device) for t in group}
-        squares = {t.name: torch.zeros(t.numel, device=self.device) for t in group}
-        rows: dict[str, list[torch.Tensor]] = {t.name: [] for t in group}
-        grams: dict[str, torch.Tensor] = {}
-        use_rows = {t.name: m < spec.block_for(t) for t in group}
-        for x, y in self._batches() if self.needs & PER_SAMPLE else ():
-            chunk = per_sample_gradients(self.model, group, x, y, spec.grad_batch)
-            for t in group:
-                g = chunk[t.name]
-                sums[t.name] += g.sum(0)
-                squares[t.name] += g.square().sum(0)
-                if "fisher_inv" not in self.needs:
-                    continue
-                if use_rows[t.name]:
-                    rows[t.name].append(g)
-                else:
-                    gram = fisher.gram_blocks(g, spec.block_for(t))
-                    grams[t.name] = grams[t.name] + gram if t.name in grams else gram
-        hessian = self._hessian_gradient(group) if "hessian_grad" in self.needs else {}
+        acc = _Accumulators(group, spec, self.device, curvature)
+        with self.timings.phase("statistics"):
+            done = 0
+            for x, y in self._batches() if self.needs & PER_SAMPLE else ():
+                self._accumulate_pieces(group, x, y, acc, set())
+                done += len(x) // spec.grad_batch
+                self.say(f"{where}gradients {done}/{m}")
         self.model.train(was_training)
+        return acc
+
+    def _collect_group(self, group: list[Target], index: int) -> dict[str, dict[str, torch.Tensor]]:
+        spec, m = self.spec, self.spec.num_grads
+        where = f"pass {index}/{self.passes}: " if self.passes > 1 else ""
+        acc = self._accumulate_group(group, where, "fisher_inv" in self.needs)
+        with self.timings.phase("statistics"):
+            hessian = self._hessian_gradient(group) if "hessian_grad" in self.needs else {}
+        if "fisher_inv" in self.needs and self.fisher_scale is None:
+            self.fisher_scale = fisher.relative_damping(list(acc.squares.values()), 1.0) / m
         out: dict[str, dict[str, torch.Tensor]] = {}
         for t in group:
-            if not torch.isfinite(squares[t.name]).all():  # any NaN/Inf gradient shows here
+            squares = acc.squares[t.name]
+            if not torch.isfinite(squares).all():  # any NaN/Inf gradient shows here
                 raise NumericalError(
                     f"the gradients of {t.name} contain NaN or Inf; check the model's weights "
                     "and inputs (or lower the learning rate that produced them)"
                 )
             stats = {
-                "grad_mean": (sums[t.name] / m).reshape(t.weight.shape),
+                "grad_mean": (acc.sums[t.name] / m).reshape(t.weight.shape),
                 # × b: with mini-batch gradients this still estimates the per-sample Fisher
-                "fisher_diag": (squares[t.name] / m * spec.grad_batch).reshape(t.weight.shape),
+                "fisher_diag": (squares / m * spec.grad_batch).reshape(t.weight.shape),
             }
             if "fisher_inv" in self.needs:
-                stats["fisher_inv"] = self._inverse(t, rows[t.name], grams.get(t.name))
+                self.say(f"{where}inverse Fisher of {t.name}")
+                with self.timings.phase("inverse"):
+                    stats["fisher_inv"] = self._inverse(t, acc.pop_curvature(t))
             if t.name in hessian:
                 stats["hessian_grad"] = hessian[t.name]
             out[t.name] = stats
         return out
+
+    def _accumulate(
+        self,
+        group: list[Target],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        acc: _Accumulators,
+        done: set[str],
+    ) -> None:
+        """Add the gradients of (x, y) to ``acc`` for the targets not in ``done``; on an
+        out-of-memory error, halve the chunk and retry the rest in pieces."""
+        b = self.spec.grad_batch
+        try:
+            grads = per_sample_gradients(self.model, group, x, y, b)
+            for t in group:
+                if t.name not in done:
+                    acc.add(t, grads[t.name])
+                    done.add(t.name)
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+            if not is_out_of_memory(exc):
+                raise
+            grads = None  # frees the chunk's gradients before retrying
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            size = len(x) // b
+            if size <= 1:
+                self._out_of_memory(group)
+            self.chunk = max(1, size // 2)
+            self.warnings.append(
+                f"out of memory with {size} gradients per chunk; went on with {self.chunk} "
+                "(the memory plan underestimated this model; --memory-budget sets it)"
+            )
+            self._accumulate_pieces(group, x, y, acc, done)
+            done.update(t.name for t in group)
+
+    def _accumulate_pieces(
+        self,
+        group: list[Target],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        acc: _Accumulators,
+        done: set[str],
+    ) -> None:
+        """Accumulate (x, y) in pieces of the current chunk (which may shrink meanwhile)."""
+        start = 0
+        while start < len(x):
+            step = self.chunk * self.spec.grad_batch
+            piece = slice(start, start + step)
+            self._accumulate(group, x[piece], y[piece], acc, set(done))
+            start += step
+
+    def _out_of_memory(self, group: list[Target]) -> None:
+        plan = self.plan
+        assert plan is not None
+        one = sum(target_cost(t, self.spec, self.needs).per_grad for t in group)
+        raise OutOfMemoryError(
+            f"out of memory at one sample per chunk: one sample needs about "
+            f"{size_text(one + plan.activation_bytes)} (gradients {size_text(one)}, "
+            f"activations {size_text(plan.activation_bytes)}) on top of "
+            f"{size_text(sum(target_cost(t, self.spec, self.needs).kept for t in group))} of "
+            f"statistics, and the budget is {size_text(plan.budget)}; lower --memory-budget "
+            "if other programs share the device, or lower block_size / num_grads, or "
+            "--exclude the largest layers"
+        )
 
     def _hessian_gradient(self, group: list[Target]) -> dict[str, torch.Tensor]:
         """H ḡ by double backprop, logits divided by the temperature (the GraSP statistic).
@@ -315,30 +366,81 @@ class Collector:
                 acc += h
         return {t.name: (h * t.mask).detach() for t, h in zip(group, product, strict=True)}
 
-    def _inverse(self, t: Target, rows: list[torch.Tensor], gram: torch.Tensor | None):
-        block, damp = self.spec.block_for(t), self.spec.damp
-        for attempt in range(2):
+    def _inverse(self, t: Target, curvature: torch.Tensor) -> torch.Tensor:
+        """The damped blockwise inverse; λ escalates x10 (with a warning) while a block is
+        not positive definite."""
+        spec, block = self.spec, self.spec.block_for(t)
+        if spec.damp_mode == "relative":
+            damp = spec.damp * max(self.fisher_scale or 0.0, fisher.TINY)
+        else:
+            damp = spec.damp
+        first = damp
+        for attempt in range(DAMP_ESCALATIONS + 1):
             try:
-                if gram is None:
-                    return fisher.inverse_from_rows(torch.cat(rows), block, damp)
-                return fisher.inverse_from_gram(gram, self.spec.num_grads, damp)
+                if curvature.dim() == 3:  # Gram blocks
+                    inverse = fisher.inverse_from_gram(curvature, spec.num_grads, damp)
+                else:
+                    inverse = fisher.inverse_from_rows(curvature, block, damp)
             except NumericalError:
-                if attempt:
+                if attempt == DAMP_ESCALATIONS:
                     raise NumericalError(
                         f"the damped Fisher of {t.name} is not positive definite even with "
-                        f"damp={damp:g}; raise --param damp"
+                        f"λ={damp:g}; raise --param damp"
                     ) from None
+                damp *= 10
+                continue
+            if damp != first:
                 self.warnings.append(
                     f"the damped Fisher of {t.name} was not positive definite with "
-                    f"damp={damp:g}; used damp={damp * 10:g}"
+                    f"λ={first:g}; used λ={damp:g}"
                 )
-                damp *= 10
+            self.damping[t.name] = damp
+            return inverse
         raise AssertionError
+
+
+class _Accumulators:
+    """Running sums of one pass: gradient sums and squares, and the curvature (Gram blocks
+    when m >= B, else the gradient rows for the Woodbury form)."""
+
+    def __init__(
+        self, group: list[Target], spec: StatsSpec, device: torch.device, curvature: bool
+    ) -> None:
+        self.spec, self.curvature = spec, curvature
+        self.sums = {t.name: torch.zeros(t.numel, device=device) for t in group}
+        self.squares = {t.name: torch.zeros(t.numel, device=device) for t in group}
+        self.rows: dict[str, list[torch.Tensor]] = {t.name: [] for t in group}
+        self.grams: dict[str, torch.Tensor] = {}
+
+    def uses_rows(self, t: Target) -> bool:
+        return self.spec.num_grads < self.spec.block_for(t)
+
+    def add(self, t: Target, g: torch.Tensor) -> None:
+        self.sums[t.name] += g.sum(0)
+        self.squares[t.name] += g.square().sum(0)
+        if not self.curvature:
+            return
+        if self.uses_rows(t):
+            self.rows[t.name].append(g)
+        else:
+            gram = fisher.accumulate_gram(self.grams.get(t.name), g, self.spec.block_for(t))
+            self.grams[t.name] = gram
+
+    def pop_curvature(self, t: Target) -> torch.Tensor:
+        """(m, d) rows or (nb, B, B) Gram blocks; released here so they can be freed."""
+        if self.uses_rows(t):
+            return torch.cat(self.rows.pop(t.name))
+        return self.grams.pop(t.name)
+
+
+TRIAL_SAMPLES = 4
 
 
 def check_spec(spec: StatsSpec, available: int) -> None:
     if spec.damp <= 0 or not math.isfinite(spec.damp):
-        raise UsageError(f"--param damp={spec.damp}: damping must be positive, e.g. 1e-5")
+        raise UsageError(f"--param damp={spec.damp}: damping must be positive, e.g. 1e-2")
+    if spec.damp_mode not in {"relative", "absolute"}:
+        raise UsageError(f"--param damp_mode={spec.damp_mode}: use relative or absolute")
     if spec.block_size is not None and spec.block_size < 1:
         raise UsageError(f"--param block_size={spec.block_size}: must be at least 1, e.g. 128")
     if spec.num_grads < 1 or spec.grad_batch < 1:

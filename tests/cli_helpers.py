@@ -31,9 +31,12 @@ def prune_report(*args: str) -> dict[str, Any]:
 
 
 def assert_error(result: Result, code: int, *fragments: str) -> None:
-    """Exit ``code``, exactly one `error:` line on stderr holding every fragment, no traceback."""
+    """Exit ``code``, exactly one `error:` line on stderr holding every fragment, no traceback
+    (besides `progress:` lines, which the CLI prints when stderr is not a terminal)."""
     assert result.exit_code == code, result.output
-    lines = result.stderr.strip().splitlines()
+    lines = [
+        line for line in result.stderr.strip().splitlines() if not line.startswith("progress:")
+    ]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert "Traceback" not in result.output
     for fragment in fragments:

@@ -295,8 +295,13 @@ def test_models_and_pruners_listing():
         "sample:digits-mlp",
         "sample:digits-cnn",
         "sample:digits-resnet",
+        "cifar:resnet20",
+        "cifar:resnet32",
+        "cifar:resnet44",
+        "cifar:resnet56",
     ]
-    assert all(m["test_accuracy"] > 0.95 for m in models)
+    assert all(m["test_accuracy"] > 0.95 for m in models[:3])
+    assert [m["parameters"] for m in models[3:]] == [272474, 466906, 661338, 855770]
     pruners = json.loads(runner.invoke(app, ["pruners", "list", "--json"]).stdout)
     assert {p["name"] for p in pruners} == {
         "magnitude",

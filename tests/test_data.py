@@ -6,6 +6,7 @@ from safetensors.torch import save_file
 
 from prunekit.data import load_data
 from prunekit.errors import InputFileError, UnknownNameError, UsageError
+from prunekit.preprocess import Preprocess
 
 
 def test_digits_splits_are_fixed():
@@ -92,3 +93,61 @@ def test_imagefolder_with_only_a_train_folder_is_split(tmp_path):
             )
     splits = load_data(f"imagefolder:{tmp_path}")
     assert splits.num_classes == 2 and (len(splits.train), len(splits.test)) == (8, 2)
+
+
+def test_uint8_images_with_normalisation_equal_float_inputs_normalised_by_hand(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (10, 3, 4, 4), dtype=torch.uint8, generator=gen)
+    labels = torch.arange(10) % 3
+    np.savez(tmp_path / "train.npz", x=images.numpy(), y=labels.numpy())
+    np.savez(tmp_path / "test.npz", x=images[:4].numpy(), y=labels[:4].numpy())
+    spec = f"tensors:{tmp_path / 'train.npz'},{tmp_path / 'test.npz'}"
+    splits = load_data(spec, Preprocess(normalize="imagenet"))
+    mean = torch.tensor([0.485, 0.456, 0.406]).reshape(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).reshape(1, 3, 1, 1)
+    by_hand = (images.double() / 255 - mean.double()) / std.double()
+    x_train, y_train = splits.train.tensors
+    assert x_train.dtype == torch.float32 and torch.equal(y_train, labels)
+    torch.testing.assert_close(x_train.double(), by_hand, rtol=0, atol=1e-6)
+    torch.testing.assert_close(splits.test.tensors[0].double(), by_hand[:4], rtol=0, atol=1e-6)
+    assert (len(splits.train), len(splits.test), splits.input_shape) == (10, 4, (3, 4, 4))
+    explicit = load_data(spec, Preprocess(normalize="0.485,0.456,0.406/0.229,0.224,0.225"))
+    assert torch.equal(explicit.train.tensors[0], x_train)
+    plain = load_data(spec).train.tensors[0]  # uint8 alone is only scaled to [0, 1]
+    torch.testing.assert_close(plain, images.float() / 255)
+
+
+def test_integer_inputs_are_never_cast_to_float(tmp_path):
+    tokens = torch.randint(0, 1000, (20, 7))
+    np.savez(tmp_path / "d.npz", x=tokens.numpy(), y=(torch.arange(20) % 2).numpy())
+    x = load_data(f"tensors:{tmp_path / 'd.npz'}").train.tensors[0]
+    assert x.dtype == torch.int64
+    assert set(x[:, 0].tolist()) <= set(tokens[:, 0].tolist())
+
+
+def test_normalisation_with_the_wrong_number_of_channels_names_both(tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.zeros((10, 1, 4, 4), np.uint8), y=np.arange(10) % 2)
+    with pytest.raises(UsageError, match=r"gives 3 channel\(s\) but .* has 1; give 1 mean"):
+        load_data(f"tensors:{tmp_path / 'd.npz'}", Preprocess(normalize="imagenet"))
+    with pytest.raises(UsageError, match="one value per channel"):
+        Preprocess(normalize="0.5,0.5/0.2").check()
+    with pytest.raises(UsageError, match="must be > 0"):
+        Preprocess(normalize="0.5/0").check()
+
+
+def test_imagefolder_of_mixed_sizes_resizes_and_crops(tmp_path):
+    sizes = [(6, 6), (8, 12), (10, 7), (5, 9)]  # (height, width)
+    for cls, value in (("cat", 0), ("dog", 255)):
+        (tmp_path / cls).mkdir()
+        for i, (h, w) in enumerate(sizes):
+            Image.fromarray(np.full((h, w, 3), value, dtype=np.uint8)).save(
+                tmp_path / cls / f"{i}.png"
+            )
+    splits = load_data(f"imagefolder:{tmp_path}")  # the first image's size, 6x6
+    assert splits.input_shape == (3, 6, 6)
+    assert {tuple(splits.train[i][0].shape) for i in range(len(splits.train))} == {(3, 6, 6)}
+    sized = load_data(f"imagefolder:{tmp_path}", Preprocess(normalize="imagenet", image_size=4))
+    x, label = sized.test[0]
+    assert x.shape == (3, 4, 4)
+    expected = (255 * label / 255 - 0.485) / 0.229  # cat = black, dog = white; red channel
+    torch.testing.assert_close(x[0], torch.full((4, 4), expected), rtol=0, atol=1e-5)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from prunekit import fisher
+from prunekit.errors import NumericalError
 
 
 @pytest.fixture(autouse=True)
@@ -104,3 +105,37 @@ def test_blocks_are_independent_and_padding_is_ignored():
     assert not torch.equal(flat_after[1:4], flat_before[1:4])  # same block compensated
     scores = fisher.obs_scores(weight, inverse)
     assert scores.shape == weight.shape and torch.all(scores >= 0)
+
+
+def test_ill_conditioned_block_fails_in_float32_and_factorises_in_float64():
+    """A rank-4 Fisher block with a small absolute λ (κ ≈ 1e8): float32 Cholesky breaks
+    down; the default float64 factorisation inverts it. The integer gradients make the
+    float32 Gram exact, so only the factorisation's precision differs."""
+    gen = torch.Generator().manual_seed(0)
+    m, block, damp = 256, 64, 1e-5
+    low_rank = torch.randint(-5, 6, (m, 4), generator=gen) @ torch.randint(-2, 3, (4, block))
+    rows = low_rank.float()
+    gram = fisher.gram_blocks(rows, block)
+    assert torch.equal(gram.double(), fisher.gram_blocks(rows.double(), block))  # exact
+    with pytest.raises(NumericalError):
+        fisher.inverse_from_gram(gram, m, damp, dtype=torch.float32)
+    inverse = fisher.inverse_from_gram(gram, m, damp)  # float64 factorisation
+    assert inverse.dtype == torch.float32
+    dense = gram[0].double() / m + damp * torch.eye(block, dtype=torch.float64)
+    exact = torch.linalg.inv(dense)
+    scale = exact.abs().max()
+    torch.testing.assert_close(inverse[0].double(), exact, rtol=0, atol=1e-5 * scale)
+    woodbury = fisher.inverse_from_rows(rows, block, damp)  # the m x m kernel, float64 too
+    torch.testing.assert_close(woodbury[0].double(), exact, rtol=0, atol=1e-5 * scale)
+    # relative damping scales λ to the block: float32 copes as well
+    relative = fisher.relative_damping([gram[0].diagonal() / m], 1e-2)
+    assert relative == pytest.approx(1e-2 * float(gram[0].diagonal().double().mean()) / m)
+    fisher.inverse_from_gram(gram, m, relative, dtype=torch.float32)
+
+
+def test_in_place_gram_accumulation_equals_one_product():
+    rows = torch.randn(30, 21)
+    gram = None
+    for part in rows.split(7):
+        gram = fisher.accumulate_gram(gram, part, 8)
+    torch.testing.assert_close(gram, fisher.gram_blocks(rows, 8))

@@ -8,11 +8,19 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from prunekit import fisher, registry
-from prunekit.errors import NumericalError, UsageError
+from prunekit import stats as stats_module
+from prunekit.errors import NumericalError, OutOfMemoryError, UsageError
 from prunekit.masks import find_targets, sparsity_of
+from prunekit.memory import PeakMemory, parse_size, plan_memory
 from prunekit.pruners.base import StatsSpec
-from prunekit.schedule import StepContext, oneshot, prune_step, substep_sparsities
-from prunekit.stats import Collector, parse_size, per_sample_gradients, plan_memory
+from prunekit.schedule import (
+    StepContext,
+    auto_recompute,
+    oneshot,
+    prune_step,
+    substep_sparsities,
+)
+from prunekit.stats import Collector, per_sample_gradients
 
 CPU = torch.device("cpu")
 
@@ -55,7 +63,7 @@ def test_per_sample_gradients_match_a_backward_loop(batch):
 def test_collector_statistics_equal_dense_formulas():
     model, data = small_problem()
     targets, _ = find_targets(model)
-    spec = StatsSpec(num_grads=24, block_size=8, damp=1e-2)
+    spec = StatsSpec(num_grads=24, block_size=8, damp=1e-2, damp_mode="absolute")
     collector = Collector(model, targets, data, spec, frozenset({"fisher_inv"}), CPU, budget=10**9)
     ((_group, stats),) = list(collector.collect())
     x, y = data.tensors
@@ -67,6 +75,29 @@ def test_collector_statistics_equal_dense_formulas():
         torch.testing.assert_close(
             stats[t.name]["fisher_inv"].double(), expected, rtol=1e-4, atol=1e-4
         )
+
+
+@pytest.mark.parametrize("budget", [10**9, 9000])  # one pass; two (and a scale pre-pass)
+def test_relative_damping_is_alpha_times_the_mean_fisher_diagonal(budget):
+    model, data = small_problem()
+    targets, _ = find_targets(model)
+    spec = StatsSpec(num_grads=24, block_size=8, damp=0.1)  # relative by default
+    collector = Collector(model, targets, data, spec, frozenset({"fisher_inv"}), CPU, budget)
+    groups = list(collector.collect())
+    assert len(groups) == (1 if budget > 10**6 else 2)
+    stats = {name: s for _group, per in groups for name, s in per.items()}
+    x, y = data.tensors
+    rows = {t.name: loop_gradients(model, t.name, x, y, 1).double() for t in targets}
+    mean_diag = float(torch.cat([g.square().mean(0) for g in rows.values()]).mean())
+    damp = 0.1 * mean_diag  # α · mean of diag F over every target: one λ for the model
+    for t in targets:
+        g = rows[t.name]
+        assert collector.damping[t.name] == pytest.approx(damp, rel=1e-5)
+        expected = fisher.inverse_from_gram(fisher.gram_blocks(g, 8), 24, damp)
+        torch.testing.assert_close(
+            stats[t.name]["fisher_inv"].double(), expected, rtol=1e-3, atol=0
+        )
+    assert collector.report()["damping"]["mode"] == "relative"
 
 
 def test_true_fisher_samples_labels_from_the_model():
@@ -103,7 +134,7 @@ def test_memory_plan_splits_targets_and_rejects_tiny_budgets():
 
 def test_multi_pass_gives_the_same_result_as_one_pass():
     results = []
-    for budget in (10**9, 6000):
+    for budget in (10**9, 9000):
         model, data = small_problem()
         targets, _ = find_targets(model)
         pruner = registry.create(
@@ -207,24 +238,25 @@ def test_nan_gradients_name_the_tensor():
         list(collector.collect())
 
 
-def test_not_positive_definite_raises_damping_once(monkeypatch):
+def test_not_positive_definite_escalates_the_damping_and_reports_it():
     model, data = small_problem()
     targets, _ = find_targets(model)
     collector = Collector(
         model,
         targets,
         data,
-        StatsSpec(num_grads=24, block_size=4, damp=1e-3),
+        StatsSpec(num_grads=24, block_size=4, damp=1e-3, damp_mode="absolute"),
         frozenset({"fisher_inv"}),
         CPU,
     )
     indefinite = torch.diag(torch.tensor([1.0, 1.0, 1.0, -0.005 * 24])).unsqueeze(0)
-    inverse = collector._inverse(targets[0], [], indefinite)  # -0.005 + 1e-3 < 0 < -0.005 + 1e-2
-    assert "used damp=0.01" in collector.warnings[0]
+    inverse = collector._inverse(targets[0], indefinite)  # -0.005 + 1e-3 < 0 < + 1e-2
+    assert "used λ=0.01" in collector.warnings[0]
+    assert collector.damping[targets[0].name] == pytest.approx(0.01)
     torch.testing.assert_close(inverse[0].diagonal()[-1], torch.tensor(1 / 0.005))
-    hopeless = torch.diag(torch.tensor([1.0, -1.0 * 24, 1.0, 1.0])).unsqueeze(0)
-    with pytest.raises(NumericalError, match=r"not positive definite even with damp=0\.01"):
-        collector._inverse(targets[0], [], hopeless)
+    hopeless = torch.diag(torch.tensor([1.0, -1e6 * 24, 1.0, 1.0])).unsqueeze(0)
+    with pytest.raises(NumericalError, match=r"not positive definite even with λ=10;"):
+        collector._inverse(targets[0], hopeless)
 
 
 def test_parse_size():
@@ -247,3 +279,104 @@ def test_cuda_gives_the_same_masks_as_cpu():
         masks.append({t.name: t.mask.cpu() for t in targets})
     for name in masks[0]:
         assert torch.equal(masks[0][name], masks[1][name])
+
+
+def _woodfisher_weights(budget=10**9, **patch):
+    model, data = small_problem()
+    targets, _ = find_targets(model)
+    pruner = registry.create("woodfisher", {"num_grads": "24", "block_size": "8"})
+    ctx = StepContext(model, targets, pruner, data, CPU, memory_budget=budget)
+    warnings = prune_step(ctx, 0.5)
+    return [t.weight.detach().clone() for t in targets], warnings, ctx.statistics[-1]
+
+
+def test_out_of_memory_halves_the_chunk_and_gives_the_same_result(monkeypatch):
+    expected, _, _ = _woodfisher_weights()
+    real = stats_module.per_sample_gradients
+    sizes = []
+
+    def limited(model, targets, x, y, grad_batch=1):
+        sizes.append(len(x))
+        if len(x) > 5:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        return real(model, targets, x, y, grad_batch)
+
+    monkeypatch.setattr(stats_module, "per_sample_gradients", limited)
+    weights, warnings, record = _woodfisher_weights()
+    for a, b in zip(weights, expected, strict=True):
+        torch.testing.assert_close(a, b)
+    assert sizes[:3] == [24, 12, 6] and set(sizes[3:]) == {3}  # halved until it fits
+    assert any("out of memory with 24 gradients per chunk" in w for w in warnings)
+    assert record["memory"]["chunk"] == 24 and record["memory"]["chunk_used"] == 3
+
+
+def test_out_of_memory_at_one_sample_says_what_one_sample_needs(monkeypatch):
+    def never(*args, **kwargs):
+        raise RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(stats_module, "per_sample_gradients", never)
+    with pytest.raises(OutOfMemoryError, match=r"one sample needs about .* the budget is"):
+        _woodfisher_weights()
+
+
+def test_other_runtime_errors_are_not_taken_for_out_of_memory(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(stats_module, "per_sample_gradients", broken)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        _woodfisher_weights()
+
+
+def test_multi_pass_on_cpu_recomputes_for_the_update_and_says_so():
+    _, _, one = _woodfisher_weights()
+    _, _, two = _woodfisher_weights(budget=9000)
+    assert (one["memory"]["passes"], one["update_passes"]) == (1, 0)
+    assert (two["memory"]["passes"], two["update_passes"]) == (2, 2)
+
+
+def test_memory_plan_counts_activations_and_covers_the_measured_peak():
+    """A CNN whose activations dwarf its weights: the plan (with its activation estimate)
+    is at least the peak resident memory measured while collecting the statistics."""
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    )
+    data = TensorDataset(torch.randn(64, 3, 64, 64, generator=gen), torch.arange(64) % 10)
+    targets, _ = find_targets(model)
+    spec = StatsSpec(num_grads=64, block_size=64)
+    needs = frozenset({"fisher_inv"})
+    collector = Collector(model, targets, data, spec, needs, CPU, budget=2 * 2**30)
+    plan = collector.plan
+    weights_only = plan_memory(targets, spec, needs, plan.budget)  # activations not counted
+    assert plan.activation_bytes > 3 * 32 * 64 * 64 * 4  # at least one conv output, x3
+    assert plan.planned_peak > 2 * weights_only.planned_peak
+    with PeakMemory(CPU) as peak:
+        list(collector.collect())
+    if peak.peak is None:
+        pytest.skip("no /proc/self/clear_refs: peak RSS cannot be measured here")
+    assert peak.peak <= plan.planned_peak, (peak.peak, plan.planned_peak)
+    assert collector.report()["memory"]["measured_peak_bytes"] == pytest.approx(peak.peak, rel=0.5)
+
+
+def test_memory_budget_below_one_block_names_the_target_and_its_needs():
+    model, _ = small_problem()
+    targets, _ = find_targets(model)
+    with pytest.raises(UsageError, match=r"too small for 0\.weight: it needs at least .* Fisher"):
+        plan_memory(targets, StatsSpec(num_grads=24, block_size=8), frozenset({"fisher_inv"}), 500)
+
+
+def test_auto_recompute_limits_each_sub_step_to_a_quarter_of_the_remaining_weights():
+    woodfisher, magnitude = registry.create("woodfisher"), registry.create("magnitude")
+    assert auto_recompute(magnitude, 0.0, 0.9) == 1
+    for final, steps in ((0.5, 3), (0.7, 5), (0.8, 6), (0.9, 9), (0.95, 11)):
+        assert auto_recompute(woodfisher, 0.0, final) == steps
+        densities = [1.0, *(1 - s for s in substep_sparsities(0.0, final, steps))]
+        assert all(b / a >= 0.75 - 1e-9 for a, b in itertools.pairwise(densities))
+    assert auto_recompute(woodfisher, 0.9, 0.9) == 1

@@ -42,7 +42,8 @@ class StatsSpec:
     grad_batch: int = 1
     fisher: str = "empirical"
     block_size: int | None = 128  # None: one block per tensor
-    damp: float = 1e-5
+    damp: float = 1e-2  # relative: λ = damp · mean(diag F) of each target; or absolute
+    damp_mode: str = "relative"
     temperature: float = 200.0  # logits are divided by it for the Hessian-gradient product
 
     def block_for(self, target: Target) -> int:

@@ -13,10 +13,17 @@ from prunekit.pruners.base import SAMPLING_PARAMS, Param, Pruner, StatsSpec, Tar
 GRADIENT_PARAMS = (
     Param(
         "damp",
-        1e-5,
-        "damping λ added to the Fisher (the most sensitive knob)",
+        StatsSpec.damp,
+        "damping added to the Fisher (the most sensitive knob): relative α, λ = α · mean of "
+        "the target's Fisher diagonal, or absolute λ (damp_mode)",
         minimum=0.0,
         exclusive_minimum=True,
+    ),
+    Param(
+        "damp_mode",
+        StatsSpec.damp_mode,
+        "relative: damp scales with each layer's Fisher; absolute: damp is λ itself",
+        choices=("relative", "absolute"),
     ),
     *SAMPLING_PARAMS,
     Param(

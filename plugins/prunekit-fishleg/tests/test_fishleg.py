@@ -105,7 +105,7 @@ def test_gradual_refines_q_instead_of_restarting(digits, monkeypatch):
     ctx, pruner = mlp_context(
         digits, {"aux_iters": "40", "refine_iters": "10", "num_grads": "128", "log_every": "10"}
     )
-    run_schedule(ctx, 0.9, ScheduleConfig(kind="gradual", steps=2), digits.train)
+    run_schedule(ctx, 0.9, ScheduleConfig(kind="gradual", steps=2, recompute=1), digits.train)
     assert sparsity_of(ctx.targets)[0] == pytest.approx(0.9, abs=1e-4)
     per_step = {(e["step"], e["iterations"]) for e in pruner.trace}
     assert per_step == {(1, 40), (2, 10)}  # the second step refined the same Q

@@ -1,0 +1,125 @@
+"""Accuracy and time of one-shot pruning on the pretrained CIFAR-10 ResNets (no fine-tuning).
+
+Needs the development set: a folder with resnet32/44/56.safetensors, calibration.npz and
+test.npz (uint8 images, ImageNet normalisation). In a prunekit checkout it is at
+../shared/data/cifar10-dev; elsewhere ask the maintainers for a copy and pass --dev-dir.
+
+    python benchmarks/bench_cifar.py [--dev-dir DIR] [--device cuda] [--models resnet32,resnet56]
+        [--sparsities 0.5,0.7,0.8,0.9] [--test-images 3000]
+        [--variant magnitude=magnitude --variant wf-r8=woodfisher,recompute=8 ...]
+
+A variant is LABEL=PRUNER[,recompute=K|auto][,recalibrate_bn=1][,KEY=VALUE...] (KEY=VALUE
+are pruner hyperparameters). Prints one Markdown table of test accuracy per model (dense in
+the header) and one of seconds per run, with each run's accuracy minus magnitude's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from prunekit.config import PruneConfig
+from prunekit.pipeline import execute
+from prunekit.schedule import ScheduleConfig
+
+DEFAULT_DEV = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-dev"
+DEFAULT_VARIANTS = [
+    "magnitude=magnitude",
+    "woodfisher=woodfisher",
+    "woodfisher r8=woodfisher,recompute=8",
+]
+
+
+def parse_variant(text: str) -> tuple[str, str, dict[str, str], dict[str, str]]:
+    label, _, rest = text.partition("=")
+    pruner, *items = rest.split(",")
+    params, run = {}, {}
+    for item in items:
+        key, _, value = item.partition("=")
+        (run if key in {"recompute", "recalibrate_bn"} else params)[key] = value
+    return label, pruner, params, run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dev-dir", type=Path, default=DEFAULT_DEV)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--models", default="resnet32,resnet56")
+    parser.add_argument("--sparsities", default="0.5,0.7,0.8,0.9")
+    parser.add_argument("--test-images", type=int, default=3000)
+    parser.add_argument("--variant", action="append", default=None)
+    parser.add_argument("--json", type=Path, help="also write every run's result here")
+    args = parser.parse_args()
+    dev = args.dev_dir
+    needed = ["calibration.npz", "test.npz"]
+    if not all((dev / name).is_file() for name in needed):
+        sys.exit(
+            f"no CIFAR-10 development set in {dev}: pass --dev-dir DIR (a folder with "
+            "resnet32.safetensors, calibration.npz and test.npz; ../shared/data/cifar10-dev "
+            "in a prunekit checkout)"
+        )
+    variants = [parse_variant(v) for v in args.variant or DEFAULT_VARIANTS]
+    sparsities = [float(s) for s in args.sparsities.split(",")]
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        test = np.load(dev / "test.npz")
+        subset = Path(tmp) / "test.npz"
+        np.savez(subset, x=test["x"][: args.test_images], y=test["y"][: args.test_images])
+        data = f"tensors:{dev / 'calibration.npz'},{subset}"
+        for arch in args.models.split(","):
+            rows: dict[str, dict[float, dict]] = {}
+            dense = None
+            for label, pruner, params, run in variants:
+                for s in sparsities:
+                    recompute = run.get("recompute", "auto")
+                    config = PruneConfig(
+                        model=f"cifar:{arch}",
+                        pruner=pruner,
+                        sparsity=s,
+                        data=data,
+                        normalize="imagenet",
+                        weights=dev / f"{arch}.safetensors",
+                        params=params,
+                        schedule=ScheduleConfig(
+                            recompute=None if recompute == "auto" else int(recompute)
+                        ),
+                        recalibrate_bn=run.get("recalibrate_bn", "0") in {"1", "true"},
+                        device=args.device,
+                        exports=(),
+                    )
+                    report = execute(config).report
+                    dense = report["accuracy"]["dense"]
+                    rows.setdefault(label, {})[s] = report
+                    results.append({"model": arch, "variant": label, "report": report})
+                    print(
+                        f"{arch} {label} {s:.0%}: {report['accuracy']['pruned']:.2%} in "
+                        f"{report['seconds']:.1f} s {report.get('phases', {})}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+            print_tables(arch, dense, sparsities, rows)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, default=str))
+
+
+def print_tables(arch: str, dense: float | None, sparsities, rows) -> None:
+    labels = list(rows)
+    print(f"\n{arch} (dense {dense:.2%}), one-shot, no fine-tuning: top-1 % (seconds)\n")
+    print("| sparsity | " + " | ".join(labels) + " |")
+    print("|---|" + "---|" * len(labels))
+    for s in sparsities:
+        cells = [
+            f"{rows[label][s]['accuracy']['pruned']:.2%} ({rows[label][s]['seconds']:.0f} s)"
+            for label in labels
+        ]
+        print(f"| {s:.0%} | " + " | ".join(cells) + " |")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
