@@ -11,12 +11,12 @@ from __future__ import annotations
 import time
 
 import torch
-from peak_memory import peak_rss, reset_peak
 
 from prunekit import registry
 from prunekit.data import load_data
 from prunekit.evaluate import accuracy
 from prunekit.masks import find_targets
+from prunekit.memory import peak_rss, reset_peak_rss
 from prunekit.models import load_model
 from prunekit.schedule import StepContext, prune_step
 
@@ -29,8 +29,7 @@ def measure(name: str, pruner: str, data, sparsity: float) -> tuple[float, int, 
     ctx = StepContext(
         model, targets, registry.create(pruner), data.calibration, torch.device("cpu")
     )
-    reset_peak()
-    base = peak_rss()
+    base = reset_peak_rss()
     start = time.perf_counter()
     prune_step(ctx, sparsity)
     seconds = time.perf_counter() - start

@@ -2,7 +2,9 @@
 
 (a) a whole woodfisher step (gradients + inverse + scores + update) / computing its m gradients
 (b) the batched block inverse / the reference codes' sequential rank-1 loop, same gradients
-(c) peak memory of collecting the statistics / the memory plan's estimate
+(c) peak memory of collecting the statistics / the memory plan's estimate (an MLP, and a CNN
+    whose activations dominate)
+(d) the block factorisation in float64 (the default) / in float32
 """
 
 from __future__ import annotations
@@ -11,13 +13,13 @@ import argparse
 import time
 
 import torch
-from peak_memory import peak_rss, reset_peak
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from prunekit import fisher, registry
 from prunekit.data import load_data, loader
 from prunekit.masks import find_targets
+from prunekit.memory import PeakMemory
 from prunekit.models import load_model
 from prunekit.schedule import StepContext, prune_step
 from prunekit.stats import Collector, per_sample_gradients
@@ -97,36 +99,64 @@ def inverse_speed(device: torch.device, m: int, block: int, d: int) -> None:
 
 def memory(device: torch.device, m: int) -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(
+    gen = torch.Generator().manual_seed(0)
+    mlp = nn.Sequential(
         nn.Flatten(),
         nn.Linear(64, 1024),
         nn.ReLU(),
         nn.Linear(1024, 512),
         nn.ReLU(),
         nn.Linear(512, 10),
-    ).to(device)
-    data = load_data("digits")
-    targets, _ = find_targets(model)
-    pruner = registry.create("woodfisher", {"num_grads": str(m)})
-    collector = Collector(
-        model, targets, data.calibration, pruner.stats_spec(), pruner.needs, device
     )
-    estimate = max(collector.plan.group_bytes)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    else:
-        reset_peak()
-        base = peak_rss()
-    stats = list(collector.collect())
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss()
-    used = peak - base
-    del stats
-    weights = sum(t.numel for t in targets)
+    cnn = nn.Sequential(
+        nn.Conv2d(3, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 10),
+    )
+    images = TensorDataset(
+        torch.randn(m, 3, 64, 64, generator=gen), torch.randint(0, 10, (m,), generator=gen)
+    )
+    for label, model, data in (
+        ("MLP", mlp, load_data("digits").calibration),
+        ("CNN on 64x64", cnn, images),
+    ):
+        model.to(device)
+        targets, _ = find_targets(model)
+        pruner = registry.create("woodfisher", {"num_grads": str(m)})
+        collector = Collector(model, targets, data, pruner.stats_spec(), pruner.needs, device)
+        estimate = collector.plan.planned_peak
+        with PeakMemory(device) as peak:
+            stats = list(collector.collect())
+        del stats
+        weights = sum(t.numel for t in targets)
+        print(
+            f"(c) {label} with {weights:,} target weights, m={m}, B=128, chunk "
+            f"{collector.plan.chunk}: peak {peak.peak / 2**20:.0f} MiB, plan "
+            f"{estimate / 2**20:.0f} MiB (activations "
+            f"{collector.plan.activation_bytes / 2**20:.1f} MiB per sample), ratio "
+            f"{peak.peak / estimate:.2f} (<= 1 means the plan is safe)"
+        )
+
+
+def precision(device: torch.device, m: int, block: int, d: int) -> None:
+    rows = torch.randn(m, d, device=device) * 1e-2
+    gram = fisher.gram_blocks(rows, block)
+
+    def run(dtype):
+        def go():
+            fisher.inverse_from_gram(gram, m, 1e-2 * float(rows.square().mean()), dtype=dtype)
+            sync(device)
+
+        return go
+
+    t64, t32 = best_of(run(torch.float64)), best_of(run(torch.float32))
     print(
-        f"(c) MLP with {weights:,} target weights, m={m}, B=128: peak {used / 2**20:.0f} MiB, "
-        f"plan {estimate / 2**20:.0f} MiB, ratio {used / estimate:.2f} (<= 1 means the plan "
-        "is safe)"
+        f"(d) {d // block} blocks of {block}: factorise + invert in float64 {t64:.3f} s, "
+        f"float32 {t32:.3f} s, ratio {t64 / t32:.2f}"
     )
 
 
@@ -146,6 +176,7 @@ def main() -> None:
     overhead(device, args.num_grads, 32)
     inverse_speed(device, args.num_grads, 128, 128 * 64)
     memory(device, args.num_grads)
+    precision(device, args.num_grads, 128, 128 * 3600)  # ResNet-32's 461,872 weights
 
 
 if __name__ == "__main__":

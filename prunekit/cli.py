@@ -58,6 +58,19 @@ def handle_errors(command: F) -> F:
         except KeyboardInterrupt:
             err.print("interrupted; nothing was written")
             raise typer.Exit(130) from None
+        except RuntimeError as exc:  # an out-of-memory outside the statistics' back-off
+            from prunekit.memory import is_out_of_memory
+
+            if _debug() or not is_out_of_memory(exc):
+                raise
+            first = str(exc).splitlines()[0]
+            err.print(
+                f"[red]error:[/red] out of memory ({first}); lower --batch-size or "
+                "--memory-budget, or use a device with more memory",
+                markup=True,
+                highlight=False,
+            )
+            raise typer.Exit(1) from None
         except OSError as exc:  # disk full, permission denied, a missing folder...
             if _debug():
                 raise

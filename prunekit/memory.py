@@ -244,6 +244,28 @@ def _group_bytes(costs: Sequence[TargetCost], chunk: int, activations: int) -> i
     )
 
 
+def _pack(
+    targets: Sequence[Target],
+    costs: dict[str, TargetCost],
+    chunk: int,
+    activation_bytes: int,
+    budget: int,
+) -> tuple[list[list[Target]], list[int]]:
+    """Consecutive targets into groups that fit ``budget`` at this chunk size."""
+    groups: list[list[Target]] = []
+    group_bytes: list[int] = []
+    for t in targets:
+        if groups:
+            need = _group_bytes([costs[u.name] for u in [*groups[-1], t]], chunk, activation_bytes)
+            if need <= budget:
+                groups[-1].append(t)
+                group_bytes[-1] = need
+                continue
+        groups.append([t])
+        group_bytes.append(_group_bytes([costs[t.name]], chunk, activation_bytes))
+    return groups, group_bytes
+
+
 def plan_memory(
     targets: Sequence[Target],
     spec: StatsSpec,
@@ -268,15 +290,15 @@ def plan_memory(
             )
         room = budget - cost.kept - cost.transient
         chunk = min(chunk, max(1, room // (cost.per_grad + activation_bytes)))
-    groups: list[list[Target]] = []
-    group_bytes: list[int] = []
-    for t in targets:
-        if groups:
-            need = _group_bytes([costs[u.name] for u in [*groups[-1], t]], chunk, activation_bytes)
-            if need <= budget:
-                groups[-1].append(t)
-                group_bytes[-1] = need
-                continue
-        groups.append([t])
-        group_bytes.append(_group_bytes([costs[t.name]], chunk, activation_bytes))
+    # Every pass is a full forward/backward over the calibration data, so the fewest passes
+    # come first; among plans with as few, the largest chunk (the most efficient vmap).
+    best: tuple[int, list[list[Target]], list[int]] | None = None
+    while True:
+        groups, group_bytes = _pack(targets, costs, chunk, activation_bytes, budget)
+        if best is None or len(groups) < len(best[1]):
+            best = (chunk, groups, group_bytes)
+        if chunk == 1:
+            break
+        chunk //= 2
+    chunk, groups, group_bytes = best
     return MemoryPlan(budget, int(chunk), groups, group_bytes, activation_bytes, activation_source)

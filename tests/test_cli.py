@@ -301,7 +301,7 @@ def test_models_and_pruners_listing():
         "cifar:resnet56",
     ]
     assert all(m["test_accuracy"] > 0.95 for m in models[:3])
-    assert [m["parameters"] for m in models[3:]] == [272474, 466906, 661338, 855770]
+    assert all(m["test_accuracy"] is None and m["parameters"] > 2e5 for m in models[3:])
     pruners = json.loads(runner.invoke(app, ["pruners", "list", "--json"]).stdout)
     assert {p["name"] for p in pruners} == {
         "magnitude",
@@ -365,7 +365,8 @@ def test_pruners_show_lists_hyperparameters():
     defaults = {p["name"]: p["default"] for p in info["params"]}
     assert defaults == {
         "block_size": 128,
-        "damp": 1e-5,
+        "damp": 1e-2,
+        "damp_mode": "relative",
         "num_grads": 1000,
         "grad_batch": 1,
         "fisher": "empirical",

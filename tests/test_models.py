@@ -55,3 +55,38 @@ def test_trusted_module_checkpoint(tmp_path):
     with pytest.raises(InputFileError, match="--trust-checkpoint"):
         read_state_dict(path)
     assert set(read_state_dict(path, trust=True)) == {"weight", "bias"}
+
+
+@pytest.mark.parametrize(
+    ("arch", "blocks", "prunable"),
+    [("resnet32", 5, 461_872), ("resnet44", 7, 655_408), ("resnet56", 9, 848_944)],
+)
+def test_cifar_resnets_match_the_published_checkpoints_layout(arch, blocks, prunable):
+    """Key names, shapes and prunable-weight counts of the public CIFAR-10 checkpoints."""
+    model, weights = build(f"cifar:{arch}")
+    assert weights is None
+    state = model.state_dict()
+    convs = {k: tuple(v.shape) for k, v in state.items() if k.endswith("conv1.weight")}
+    assert convs["conv1.weight"] == (16, 3, 3, 3)
+    assert convs["layer1.0.conv1.weight"] == (16, 16, 3, 3)
+    assert convs["layer2.0.conv1.weight"] == (32, 16, 3, 3)  # the stride-2 block
+    assert convs[f"layer3.{blocks - 1}.conv1.weight"] == (64, 64, 3, 3)
+    assert f"layer3.{blocks}.conv1.weight" not in convs
+    assert tuple(state["linear.weight"].shape) == (10, 64) and "linear.bias" in state
+    assert not any("shortcut" in k for k in state)  # option A: no parameters
+    count = sum(v.numel() for k, v in state.items() if k.endswith("weight") and v.dim() > 1)
+    assert count == prunable
+
+
+def test_cifar_resnet_option_a_shortcut_pads_channels():
+    from prunekit.cifar_resnet import PadShortcut
+
+    x = torch.arange(2 * 16 * 4 * 4, dtype=torch.float32).reshape(2, 16, 4, 4)
+    y = PadShortcut(16)(x)
+    assert y.shape == (2, 32, 2, 2)
+    assert torch.equal(y[:, 8:24], x[:, :, ::2, ::2])
+    assert y[:, :8].abs().sum() == 0 and y[:, 24:].abs().sum() == 0
+    model, _ = build("cifar:resnet20", num_classes=7)
+    assert model(torch.randn(3, 3, 32, 32)).shape == (3, 7)
+    with pytest.raises(UnknownNameError, match=r"did you mean .*resnet20.*use one of"):
+        build("cifar:resnet21")
