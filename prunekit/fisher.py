@@ -25,7 +25,7 @@ import torch
 from prunekit.errors import NumericalError
 
 FACTOR_DTYPE = torch.float64
-FACTOR_SLICE_BYTES = 256 * 2**20  # float64 workspace of one factorisation slice
+FACTOR_SLICE_BYTES = 32 * 2**20  # float64 workspace of one factorisation slice
 TINY = 1e-30  # floor of a relative damping's scale: a target without gradient signal
 
 
