@@ -84,12 +84,14 @@ def inverse_from_gram(
     """
     work = dtype or gram.dtype
     size = gram.shape[-1]
-    eye = torch.eye(size, dtype=work, device=gram.device)
     out = torch.empty_like(gram)
     item = size * size * torch.finfo(work).bits // 8
-    for part in _slices(gram.shape[0], 3 * item):
-        factor = _cholesky(gram[part].to(work) / m + damp * eye, "a damped Fisher block")
-        out[part] = torch.cholesky_inverse(factor).to(gram.dtype)
+    for part in _slices(gram.shape[0], 3 * item):  # at most three slices alive at once
+        damped = gram[part].to(work, copy=True).div_(m)
+        damped.diagonal(dim1=-2, dim2=-1).add_(damp)
+        factor = _cholesky(damped, "a damped Fisher block")
+        del damped
+        out[part] = torch.cholesky_inverse(factor)
     return out
 
 

@@ -5,7 +5,8 @@ the Fisher blocks (Gram blocks, replaced one target at a time by their inverse),
 chunk of samples the per-sample gradients and the activations of the forward/backward pass.
 The activations are measured with a trial chunk on CUDA and estimated from the outputs of
 every module (forward hooks, one sample) on the CPU. Targets are grouped so that each pass
-fits the budget; an out-of-memory error at run time halves the chunk instead (see stats).
+fits the budget (less ``HEADROOM`` for allocator slack); an out-of-memory error at run time
+halves the chunk instead (see stats).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ GRAD_WORKSPACE = 3  # per-sample gradient bytes held by vmap and the Gram update
 ACTIVATION_WORKSPACE = 3  # CPU estimate: saved outputs, their gradients, vmap's batching
 MAX_CHUNK = 128
 TRIAL_CHUNK = 4
+HEADROOM = 0.9  # plan against this share of the budget: allocator slack, framework buffers
 
 
 def size_text(n: float) -> str:
@@ -277,24 +279,25 @@ def plan_memory(
     """Group targets and choose the chunk size so that every pass fits ``budget``."""
     costs = {t.name: target_cost(t, spec, needs) for t in targets}
     chunk = min(MAX_CHUNK, spec.num_grads)
+    usable = int(budget * HEADROOM)
     for t in targets:  # a single target with a one-gradient chunk must fit
         cost = costs[t.name]
         alone = _group_bytes([cost], 1, activation_bytes)
-        if alone > budget:
+        if alone > usable:
             raise UsageError(
                 f"the memory budget {size_text(budget)} is too small for {t.name}: it needs "
-                f"at least {size_text(alone)} (its statistics and Fisher blocks "
+                f"at least {size_text(alone / HEADROOM)} (its statistics and Fisher blocks "
                 f"{size_text(cost.kept + cost.transient)}, one sample's gradient and "
                 f"activations {size_text(cost.per_grad + activation_bytes)}); raise "
                 "--memory-budget or lower block_size / num_grads"
             )
-        room = budget - cost.kept - cost.transient
+        room = usable - cost.kept - cost.transient
         chunk = min(chunk, max(1, room // (cost.per_grad + activation_bytes)))
     # Every pass is a full forward/backward over the calibration data, so the fewest passes
     # come first; among plans with as few, the largest chunk (the most efficient vmap).
     best: tuple[int, list[list[Target]], list[int]] | None = None
     while True:
-        groups, group_bytes = _pack(targets, costs, chunk, activation_bytes, budget)
+        groups, group_bytes = _pack(targets, costs, chunk, activation_bytes, usable)
         if best is None or len(groups) < len(best[1]):
             best = (chunk, groups, group_bytes)
         if chunk == 1:

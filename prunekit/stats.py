@@ -198,7 +198,7 @@ class Collector:
             yield self.targets, {t.name: {} for t in self.targets}
             return
         relative = "fisher_inv" in self.needs and self.spec.damp_mode == "relative"
-        if relative and self.passes > 1:  # λ needs every target's Fisher diagonal first
+        if relative and self.passes > 1 and self.fisher_scale is None:  # every target's diag F
             self.fisher_scale = self._fisher_scale()
         for index, group in enumerate(self.plan.groups, start=1):
             with PeakMemory(self.device) as peak:

@@ -20,7 +20,16 @@ from prunekit.errors import UsageError
 from prunekit.pruners import Param, Pruner, Target
 from prunekit.pruners.base import StatsSpec
 from prunekit.stats import calibration_batches, check_spec, per_sample_gradients
-from prunekit_fishleg.qmatrix import KroneckerQ, fit_q, solve_restricted
+from prunekit_fishleg.qmatrix import (
+    KroneckerQ,
+    calibrate_scale,
+    fit_q,
+    fit_quality,
+    solve_restricted,
+)
+
+DIAGNOSTIC_PROBES = 16
+FIT_SLACK = 0.05  # probe noise: a fit that loses more than this share of the optimum warns
 
 SUPPORTED = (nn.Linear, nn.Conv2d)
 
@@ -30,7 +39,26 @@ class FishLegPruner(Pruner):
 
     name = "fishleg"
     params = (
-        Param("damping", 1e-5, "γ in Q ≈ (F + γI)⁻¹", minimum=0.0, exclusive_minimum=True),
+        Param(
+            "damping",
+            1e-2,
+            "γ in Q ≈ (F + γI)⁻¹: relative α, γ = α · mean diagonal of the Fisher over every "
+            "layer, or absolute γ (damping_mode)",
+            minimum=0.0,
+            exclusive_minimum=True,
+        ),
+        Param(
+            "damping_mode",
+            "relative",
+            "relative: damping scales with the model's Fisher; absolute: damping is γ itself",
+            choices=("relative", "absolute"),
+        ),
+        Param(
+            "init",
+            "diagonal",
+            "start of Q: diagonal ((diag F + γ)⁻¹) or identity (I/γ, the paper's)",
+            choices=("diagonal", "identity"),
+        ),
         Param(
             "aux_lr",
             1e-3,
@@ -62,6 +90,7 @@ class FishLegPruner(Pruner):
         self.q: dict[str, KroneckerQ] = {}
         self.trace: list[dict[str, Any]] = []
         self.seconds = 0.0
+        self.gamma: float | None = None
 
     def _parameterised(self, targets: list[Target]) -> list[Target]:
         kept = [t for t in targets if isinstance(t.module, SUPPORTED)]
@@ -75,13 +104,27 @@ class FishLegPruner(Pruner):
             self.warnings.append(f"fishleg skips {', '.join(skipped)}: not pruned")
         return kept
 
-    def _q(self, target: Target) -> KroneckerQ:
+    def _q(self, target: Target, rows: torch.Tensor | None = None) -> KroneckerQ:
         if target.name not in self.q:
             w = target.weight
+            diagonal = self.hparams["init"] == "diagonal" and rows is not None
             self.q[target.name] = KroneckerQ(
-                w.shape[0], w[0].numel(), self.hparams["damping"], device=w.device
+                w.shape[0],
+                w[0].numel(),
+                self.gamma or self.hparams["damping"],
+                device=w.device,
+                fisher_diag=rows.square().mean(0) if diagonal else None,
             )
         return self.q[target.name]
+
+    def _damping(self, pool: dict[str, torch.Tensor]) -> float:
+        """γ: absolute, or α times the mean Fisher diagonal over every layer."""
+        alpha = self.hparams["damping"]
+        if self.hparams["damping_mode"] == "absolute":
+            return alpha
+        total = sum(float(rows.double().square().sum()) for rows in pool.values())
+        count = sum(rows.shape[0] * rows.shape[1] for rows in pool.values())
+        return alpha * max(total / max(count, 1), 1e-30)
 
     def _pool(self, context: Any, targets: list[Target]) -> dict[str, torch.Tensor]:
         """Per-sample gradients with labels sampled from the model (the true Fisher)."""
@@ -104,9 +147,18 @@ class FishLegPruner(Pruner):
         first = not self.q
         iterations = self.hparams["aux_iters"] if first else self.hparams["refine_iters"]
         pool = self._pool(context, targets)
+        if first:
+            self.gamma = self._damping(pool)
         generator = torch.Generator(context.device).manual_seed(context.seed + step)
+        poor = []
         for t in targets:
-            q = self._q(t)
+            new = t.name not in self.q
+            q = self._q(t, pool[t.name])
+            mask = t.mask.reshape(q.shape)  # a Conv2d kernel is flattened to (out, in·kh·kw)
+            probes = pool[t.name][:DIAGNOSTIC_PROBES].reshape(-1, *q.shape)
+            if new:  # the start's overall scale against this layer's Fisher, in closed form
+                calibrate_scale(q, pool[t.name], mask, pool[t.name].reshape(-1, *q.shape))
+            before = fit_quality(q, pool[t.name], mask, probes)
 
             def log(it: int, loss: float, name: str = t.name) -> None:
                 context.say(
@@ -116,7 +168,7 @@ class FishLegPruner(Pruner):
             trace = fit_q(
                 q,
                 pool[t.name],
-                t.mask.reshape(q.shape),  # a Conv2d kernel is flattened to (out, in·kh·kw)
+                mask,
                 iterations,
                 self.hparams["aux_lr"],
                 self.hparams["probe"],
@@ -126,13 +178,35 @@ class FishLegPruner(Pruner):
                 on_log=log,
                 name=t.name,
             )
+            after = fit_quality(q, pool[t.name], mask, probes)
+            if after["ratio"] <= 0 or after["ratio"] < before["ratio"] - FIT_SLACK:
+                poor.append(f"{t.name} ({before['ratio']:.0%} -> {after['ratio']:.0%})")
             self.trace.append(
-                {"step": step, "target": t.name, "iterations": iterations, "loss": trace}
+                {
+                    "step": step,
+                    "target": t.name,
+                    "iterations": iterations,
+                    "loss": trace,
+                    "fit_before": before,
+                    "fit_after": after,
+                }
+            )
+        if poor:
+            self.warnings.append(
+                f"fishleg: the fit of Q did not converge at step {step} for {len(poor)} "
+                "layer(s) (auxiliary loss as a share of the closed-form optimum, before -> "
+                f"after; at most 0 or falling by over 5 points): {', '.join(poor[:5])}"
+                f"{' and more' if len(poor) > 5 else ''}; raise --param aux_iters or "
+                "lower --param aux_lr (report.json: pruner_diagnostics)"
             )
         self.seconds += time.perf_counter() - started
 
     def diagnostics(self) -> dict[str, Any]:
-        return {"auxiliary_seconds": round(self.seconds, 3), "auxiliary_loss": self.trace}
+        return {
+            "auxiliary_seconds": round(self.seconds, 3),
+            "gamma": self.gamma,
+            "auxiliary_loss": self.trace,
+        }
 
     def score(self, target: Target, stats: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
         if not isinstance(target.module, SUPPORTED):

@@ -4,10 +4,12 @@ For a weight U of shape (out, inp) (a Conv2d kernel flattened to (out, in·kh·k
 
     Q u = A ⊙ (Rᵀ R · (A ⊙ U) · L Lᵀ)
 
-with L (inp x inp) and R (out x out) initialised to the identity and A = a₀ Â, a₀ = 1/√γ
-fixed and Â initialised to ones, so Q starts at I/γ = (0 + γI)⁻¹ and Adam's steps on Â are
-relative. Q is symmetric positive semi-definite: D_A (RᵀR ⊗ LLᵀ) D_A. Its diagonal has the
-closed form diag(Q)_ij = A_ij² (RᵀR)_ii (LLᵀ)_jj. Q is trained on
+with L (inp x inp) and R (out x out) initialised to the identity and A = a₀ ⊙ Â, a₀ fixed and
+Â initialised to ones, so Adam's steps on Â are relative. a₀ = 1/√(diag F + γ) starts Q at
+the inverse of the damped diagonal Fisher (the default); a₀ = 1/√γ starts it at I/γ, which
+is far from the optimum whenever γ is small against F. Q is symmetric positive
+semi-definite: D_A (RᵀR ⊗ LLᵀ) D_A. Its diagonal has the closed form
+diag(Q)_ij = A_ij² (RᵀR)_ii (LLᵀ)_jj. Q is trained on
 
     ℓ(ψ) = ½ vᵀ (F + γI) v − uᵀ v,   v = Q(ψ) u,
 
@@ -28,10 +30,21 @@ from prunekit.errors import NumericalError
 class KroneckerQ(nn.Module):
     """Q(ψ) ≈ (F + γI)⁻¹ for one (out, inp) weight."""
 
-    def __init__(self, out: int, inp: int, gamma: float, device: torch.device | None = None):
+    def __init__(
+        self,
+        out: int,
+        inp: int,
+        gamma: float,
+        device: torch.device | None = None,
+        fisher_diag: torch.Tensor | None = None,
+    ):
         super().__init__()
         self.gamma = gamma
-        self.scale = gamma**-0.5
+        if fisher_diag is None:
+            scale = torch.full((out, inp), gamma**-0.5, device=device)
+        else:
+            scale = (fisher_diag.reshape(out, inp).to(device) + gamma).rsqrt()
+        self.register_buffer("scale", scale)
         self.L = nn.Parameter(torch.eye(inp, device=device))
         self.R = nn.Parameter(torch.eye(out, device=device))
         self.A = nn.Parameter(torch.ones(out, inp, device=device))
@@ -70,6 +83,49 @@ def auxiliary_loss(
     fisher_term = (flat_v @ rows.T).square().mean(1)  # vᵀ F v with F = mean g gᵀ
     quad = 0.5 * (fisher_term + q.gamma * flat_v.square().sum(1))
     return (quad - (u.reshape(len(u), -1) * flat_v).sum(1)).mean()
+
+
+def calibrate_scale(
+    q: KroneckerQ, rows: torch.Tensor, mask: torch.Tensor, u: torch.Tensor
+) -> float:
+    """Rescale Q by the scalar c that minimises the auxiliary loss of c·Q on probes ``u``:
+    c = Σ uᵀv / Σ vᵀ(F + γI)v, v = Q u. The loss is then −½ (Σ uᵀv)² / Σ vᵀ(F + γI)v < 0,
+    better than Q = 0, whatever the start's scale against F. Returns c."""
+    with torch.no_grad():
+        u = u * mask
+        v = (q(u) * mask).reshape(len(u), -1)
+        curvature = (v @ rows.T).square().mean(1) + q.gamma * v.square().sum(1)
+        c = float((u.reshape(len(u), -1) * v).sum() / curvature.sum())
+        if c > 0 and torch.isfinite(torch.tensor(c)):
+            q.scale.mul_(c**0.5)
+    return c
+
+
+def exact_inverse_product(rows: torch.Tensor, gamma: float, u: torch.Tensor) -> torch.Tensor:
+    """(F + γI)⁻¹ u for F = mean of the rows' outer products, by Woodbury (n x n solve).
+
+    ``rows`` (n, d), ``u`` (k, d). The oracle of the fit diagnostics.
+    """
+    g = rows.double()
+    n = len(g)
+    kernel = n * gamma * torch.eye(n, dtype=g.dtype, device=g.device) + g @ g.T
+    inner = torch.linalg.solve(kernel, g @ u.double().T)  # (n, k)
+    return ((u.double().T - g.T @ inner) / gamma).T
+
+
+def fit_quality(
+    q: KroneckerQ, rows: torch.Tensor, mask: torch.Tensor, u: torch.Tensor
+) -> dict[str, float]:
+    """The auxiliary loss of Q on fixed probes ``u`` with the whole pool as F, next to the
+    closed-form optimum −½ uᵀ(F + γI)⁻¹u over the kept weights; ``ratio`` = loss / optimum
+    (1: Q is exact on these probes; 0: no better than Q = 0; below 0: worse)."""
+    keep = mask.reshape(-1)
+    with torch.no_grad():
+        loss = float(auxiliary_loss(q, u, rows, mask))
+        flat = (u * mask).reshape(len(u), -1)[:, keep]
+        best = exact_inverse_product(rows[:, keep], q.gamma, flat)
+        optimum = float(-0.5 * (flat.double() * best).sum(1).mean())
+    return {"loss": loss, "optimum": optimum, "ratio": loss / optimum if optimum else 0.0}
 
 
 def fit_q(

@@ -4,6 +4,8 @@ OBS pruning with Q, progressive refinement, and bad inputs."""
 import pytest
 import torch
 from prunekit_fishleg import KroneckerQ, fit_q
+from prunekit_fishleg import pruner as pruner_module
+from prunekit_fishleg.qmatrix import calibrate_scale, exact_inverse_product, fit_quality
 from torch import nn
 
 from prunekit import registry
@@ -178,3 +180,71 @@ def test_pool_larger_than_the_calibration_split(digits):
     ctx, pruner = mlp_context(digits, {"num_grads": "5000"})
     with pytest.raises(UsageError, match="calibration split has 1438; lower --param num_grads"):
         pruner.prepare(ctx, 1, 1)
+
+
+def _fisher_rows(n=512, out=3, inp=6, seed=0):
+    """Gradient rows of an (out, inp) layer with a Kronecker-factored, strongly correlated
+    Fisher (vec(S_o E S_i) with iid E has covariance S_oS_oᵀ ⊗ S_iS_iᵀ), spread over decades."""
+    gen = torch.Generator().manual_seed(seed)
+    s_out = torch.randn(out, out, generator=gen) * torch.logspace(0, -1, out)
+    s_in = torch.randn(inp, inp, generator=gen) * torch.logspace(0, -1, inp)
+    e = torch.randn(n, out, inp, generator=gen)
+    return (s_out @ e @ s_in).reshape(n, -1), gen
+
+
+def test_fit_quality_is_one_for_the_exact_inverse_and_zero_for_nothing():
+    rows, _ = _fisher_rows()
+    gamma = 1e-3
+    q = KroneckerQ(3, 6, gamma)
+    probes = rows[:8].reshape(-1, 3, 6)
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    exact = exact_inverse_product(rows, gamma, rows[:8])
+    fisher = rows.T.double() @ rows.double() / len(rows)
+    dense = torch.linalg.solve(
+        fisher + gamma * torch.eye(18, dtype=torch.float64), rows[:8].T.double()
+    )
+    torch.testing.assert_close(exact, dense.T, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        q.A.zero_()
+    assert fit_quality(q, rows, mask, probes)["ratio"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_q_fit_converges_from_the_diagonal_initialisation():
+    """A layer with a known Fisher (correlated, spread over two decades) and a small γ: the
+    paper's I/γ start is far worse than doing nothing; the diagonal start is already good,
+    and the auxiliary fit brings it close to the closed-form optimum."""
+    rows, gen = _fisher_rows()
+    gamma = 1e-2 * float(rows.square().mean())  # the relative default, α = 1e-2
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    probes = rows[:16].reshape(-1, 3, 6)
+    identity = KroneckerQ(3, 6, gamma)
+    diagonal = KroneckerQ(3, 6, gamma, fisher_diag=rows.square().mean(0))
+    start_identity = fit_quality(identity, rows, mask, probes)["ratio"]
+    assert start_identity < 0  # worse than Q = 0
+    for q in (identity, diagonal):
+        calibrate_scale(q, rows, mask, rows.reshape(-1, 3, 6))
+    calibrated_identity = fit_quality(identity, rows, mask, probes)["ratio"]
+    start_diagonal = fit_quality(diagonal, rows, mask, probes)["ratio"]
+    assert 0 < calibrated_identity < start_diagonal
+    fit_q(diagonal, rows, mask, 600, 1e-2, batch=512, probes=32, generator=gen)
+    end = fit_quality(diagonal, rows, mask, probes)["ratio"]
+    assert end > max(0.8, start_diagonal)  # measured 0.86 (from 0.37)
+
+
+def test_poor_fit_warns_and_names_the_layers(digits, monkeypatch):
+    good, fitted = mlp_context(digits, {"aux_iters": "100", "num_grads": "64", "aux_lr": "1e-2"})
+    fitted.prepare(good, 1, 1)
+    assert fitted.warnings == []
+    for entry in fitted.diagnostics()["auxiliary_loss"]:
+        before, after = entry["fit_before"]["ratio"], entry["fit_after"]["ratio"]
+        assert 0 < before < after + 0.05 and after <= 1
+    ctx, pruner = mlp_context(
+        digits, {"aux_iters": "0", "init": "identity", "num_grads": "64", "damping": "1e-3"}
+    )
+    monkeypatch.setattr(pruner_module, "calibrate_scale", lambda *args: 1.0)  # the raw I/γ
+    pruner.prepare(ctx, 1, 1)
+    (warning,) = pruner.warnings
+    assert "the fit of Q did not converge at step 1 for 3 layer(s)" in warning
+    assert "net.1.weight" in warning and "raise --param aux_iters" in warning
+    fit = pruner.diagnostics()["auxiliary_loss"][0]
+    assert fit["fit_after"]["ratio"] < 0 and fit["fit_after"]["optimum"] < 0
