@@ -1,7 +1,8 @@
 """The memory plan of the statistics passes, and how memory is measured.
 
 A pass over the calibration data holds, for every target of its group, the gradient sums and
-the Fisher blocks (Gram blocks, replaced one target at a time by their inverse), plus per
+the Fisher blocks (Gram blocks, replaced one target at a time by their inverse) or the
+gradient rows themselves (``grad_rows``, for pruners that work on them), plus per
 chunk of samples the per-sample gradients and the activations of the forward/backward pass.
 The activations are measured with a trial chunk on CUDA and estimated from the outputs of
 every module (forward hooks, one sample) on the CPU. Targets are grouped so that each pass
@@ -235,6 +236,13 @@ def target_cost(target: Target, spec: StatsSpec, needs: frozenset[str]) -> Targe
         kept += max(accumulate, inverse)
         factor_workspace = min(fisher.FACTOR_SLICE_BYTES, 3 * inverse * 2)  # float64 slices
         transient = min(accumulate, inverse) + factor_workspace
+    if "grad_rows" in needs:
+        kept += spec.num_grads * d * FLOAT_BYTES
+        out = target.weight.shape[0]
+        inp = d // out
+        # what a pruner working on the rows holds besides them: its per-layer factors, an
+        # optimiser's moments and float64 copies (FishLeg: L, R, A and their Adam state)
+        transient = max(transient, 8 * (out * out + inp * inp + d) * FLOAT_BYTES)
     return TargetCost(kept, transient, d * FLOAT_BYTES * GRAD_WORKSPACE)
 
 
@@ -280,16 +288,18 @@ def plan_memory(
     costs = {t.name: target_cost(t, spec, needs) for t in targets}
     chunk = min(MAX_CHUNK, spec.num_grads)
     usable = int(budget * HEADROOM)
+    held = "gradient rows" if "grad_rows" in needs else "Fisher blocks"
+    knobs = "--param num_grads" if "grad_rows" in needs else "block_size / num_grads"
     for t in targets:  # a single target with a one-gradient chunk must fit
         cost = costs[t.name]
         alone = _group_bytes([cost], 1, activation_bytes)
         if alone > usable:
             raise UsageError(
                 f"the memory budget {size_text(budget)} is too small for {t.name}: it needs "
-                f"at least {size_text(alone / HEADROOM)} (its statistics and Fisher blocks "
+                f"at least {size_text(alone / HEADROOM)} (its statistics, {held}, "
                 f"{size_text(cost.kept + cost.transient)}, one sample's gradient and "
                 f"activations {size_text(cost.per_grad + activation_bytes)}); raise "
-                "--memory-budget or lower block_size / num_grads"
+                f"--memory-budget or lower {knobs}"
             )
         room = usable - cost.kept - cost.transient
         chunk = min(chunk, max(1, room // (cost.per_grad + activation_bytes)))

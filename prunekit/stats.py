@@ -37,8 +37,8 @@ from prunekit.memory import (
 from prunekit.pruners.base import StatsSpec, Target
 from prunekit.timing import Timings
 
-AVAILABLE = frozenset({"grad_mean", "fisher_diag", "fisher_inv", "hessian_grad"})
-PER_SAMPLE = frozenset({"grad_mean", "fisher_diag", "fisher_inv"})
+AVAILABLE = frozenset({"grad_mean", "fisher_diag", "fisher_inv", "grad_rows", "hessian_grad"})
+PER_SAMPLE = frozenset({"grad_mean", "fisher_diag", "fisher_inv", "grad_rows"})
 DAMP_ESCALATIONS = 4  # x10 each, when a damped block is still not positive definite
 
 
@@ -197,7 +197,7 @@ class Collector:
         if self.plan is None:
             yield self.targets, {t.name: {} for t in self.targets}
             return
-        relative = "fisher_inv" in self.needs and self.spec.damp_mode == "relative"
+        relative = self._damps() and self.spec.damp_mode == "relative"
         if relative and self.passes > 1 and self.fisher_scale is None:  # every target's diag F
             self.fisher_scale = self._fisher_scale()
         for index, group in enumerate(self.plan.groups, start=1):
@@ -206,6 +206,11 @@ class Collector:
             if peak.peak is not None:
                 self.measured_peak = max(self.measured_peak or 0, peak.peak)
             yield group, stats
+
+    def _damps(self) -> bool:
+        """Whether the statistics come with a damping scale (mean diag F over all targets,
+        set before the first group is yielded): for the inverse Fisher and gradient rows."""
+        return bool(self.needs & {"fisher_inv", "grad_rows"})
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         spec = self.spec
@@ -234,7 +239,7 @@ class Collector:
         spec, m = self.spec, self.spec.num_grads
         was_training = self.model.training
         self.model.eval()
-        acc = _Accumulators(group, spec, self.device, curvature)
+        acc = _Accumulators(group, spec, self.device, curvature, "grad_rows" in self.needs)
         with self.timings.phase("statistics"):
             done = 0
             for x, y in self._batches() if self.needs & PER_SAMPLE else ():
@@ -250,7 +255,7 @@ class Collector:
         acc = self._accumulate_group(group, where, "fisher_inv" in self.needs)
         with self.timings.phase("statistics"):
             hessian = self._hessian_gradient(group) if "hessian_grad" in self.needs else {}
-        if "fisher_inv" in self.needs and self.fisher_scale is None:
+        if self._damps() and self.fisher_scale is None:
             self.fisher_scale = fisher.relative_damping(list(acc.squares.values()), 1.0) / m
         out: dict[str, dict[str, torch.Tensor]] = {}
         for t in group:
@@ -265,6 +270,8 @@ class Collector:
                 # × b: with mini-batch gradients this still estimates the per-sample Fisher
                 "fisher_diag": (squares / m * spec.grad_batch).reshape(t.weight.shape),
             }
+            if "grad_rows" in self.needs:
+                stats["grad_rows"] = acc.pop_rows(t)
             if "fisher_inv" in self.needs:
                 self.say(f"{where}inverse Fisher of {t.name}")
                 with self.timings.phase("inverse"):
@@ -401,12 +408,17 @@ class Collector:
 
 class _Accumulators:
     """Running sums of one pass: gradient sums and squares, and the curvature (Gram blocks
-    when m >= B, else the gradient rows for the Woodbury form)."""
+    when m >= B, else the gradient rows for the Woodbury form), or all rows (``keep_rows``)."""
 
     def __init__(
-        self, group: list[Target], spec: StatsSpec, device: torch.device, curvature: bool
+        self,
+        group: list[Target],
+        spec: StatsSpec,
+        device: torch.device,
+        curvature: bool,
+        keep_rows: bool = False,
     ) -> None:
-        self.spec, self.curvature = spec, curvature
+        self.spec, self.curvature, self.keep_rows = spec, curvature, keep_rows
         self.sums = {t.name: torch.zeros(t.numel, device=device) for t in group}
         self.squares = {t.name: torch.zeros(t.numel, device=device) for t in group}
         self.rows: dict[str, list[torch.Tensor]] = {t.name: [] for t in group}
@@ -418,18 +430,23 @@ class _Accumulators:
     def add(self, t: Target, g: torch.Tensor) -> None:
         self.sums[t.name] += g.sum(0)
         self.squares[t.name] += g.square().sum(0)
-        if not self.curvature:
-            return
-        if self.uses_rows(t):
+        if self.keep_rows or (self.curvature and self.uses_rows(t)):
             self.rows[t.name].append(g)
-        else:
+        if self.curvature and not self.uses_rows(t):
             gram = fisher.accumulate_gram(self.grams.get(t.name), g, self.spec.block_for(t))
             self.grams[t.name] = gram
+
+    def pop_rows(self, t: Target) -> torch.Tensor:
+        """The (m, d) gradient rows; released here (unless the curvature still needs them)."""
+        rows = torch.cat(self.rows.pop(t.name))
+        if self.curvature and self.uses_rows(t):
+            self.rows[t.name] = [rows]
+        return rows
 
     def pop_curvature(self, t: Target) -> torch.Tensor:
         """(m, d) rows or (nb, B, B) Gram blocks; released here so they can be freed."""
         if self.uses_rows(t):
-            return torch.cat(self.rows.pop(t.name))
+            return self.pop_rows(t)
         return self.grams.pop(t.name)
 
 

@@ -27,6 +27,10 @@ from torch import nn
 from prunekit.errors import NumericalError
 
 
+def _symmetric(m: torch.Tensor) -> torch.Tensor:
+    return (m + m.T) / 2
+
+
 class KroneckerQ(nn.Module):
     """Q(ψ) ≈ (F + γI)⁻¹ for one (out, inp) weight."""
 
@@ -63,6 +67,44 @@ class KroneckerQ(nn.Module):
         a = self.A * self.scale
         return a.square() * self.R.square().sum(0)[:, None] * self.L.square().sum(1)[None, :]
 
+    def start_kronecker(self, rows: torch.Tensor) -> None:
+        """Start at the damped inverse of the nearest Kronecker estimate of the Fisher.
+
+        From gradient rows G_n (out x inp): F ≈ E[G Gᵀ] ⊗ E[Gᵀ G] / tr F (exact when F is a
+        Kronecker product), damped as (R + π√γ I)⁻¹ ⊗ (L + √γ/π I)⁻¹ with π balancing the two
+        factors' mean eigenvalues (K-FAC's split). Sets RᵀR and LLᵀ to the two inverses by
+        Cholesky factors, A to ones and the fixed scale so that diag Q is exact for R ⊗ L.
+        """
+        out, inp = self.shape
+        g = rows.reshape(-1, out, inp)
+        n = len(g)
+        with torch.no_grad():
+            # float32 products (as the gradients), float64 from here on
+            left = torch.einsum("noi,npi->op", g, g).double()
+            right = (g.reshape(-1, inp).T @ g.reshape(-1, inp)).double()
+            trace = float(left.trace()) / n
+            left /= n * max(trace, 1e-300)
+            right /= n
+            pi = (float(left.trace()) / out / max(float(right.trace()) / inp, 1e-300)) ** 0.5
+            pi = max(pi, 1e-12)
+            root = self.gamma**0.5
+            eye_o = torch.eye(out, dtype=torch.float64, device=g.device)
+            eye_i = torch.eye(inp, dtype=torch.float64, device=g.device)
+            left_inv = _symmetric(torch.linalg.inv(left + pi * root * eye_o))
+            right_inv = _symmetric(torch.linalg.inv(right + root / pi * eye_i))
+            self.R.copy_(torch.linalg.cholesky(left_inv).T.float())
+            self.L.copy_(torch.linalg.cholesky(right_inv).float())
+            # The split's extra damping √γ(π I⊗L + R⊗I/π) shrinks diag Q unevenly; the scale
+            # makes diag Q exactly the diagonal of (R ⊗ L + γI)⁻¹ (in the eigenbases of R, L),
+            # which is what the OBS scores read.
+            r, u_r = torch.linalg.eigh(left)
+            ell, u_l = torch.linalg.eigh(right)
+            inv_eig = 1.0 / (r.clamp(min=0)[:, None] * ell.clamp(min=0)[None, :] + self.gamma)
+            wanted = u_r.square() @ inv_eig @ u_l.square().T
+            have = left_inv.diagonal()[:, None] * right_inv.diagonal()[None, :]
+            self.scale.copy_((wanted / have).sqrt().float())
+            self.A.fill_(1.0)
+
     def dense(self) -> torch.Tensor:
         """The explicit (d x d) matrix, d = out·inp (for tests on small layers)."""
         eye = torch.eye(self.A.numel(), device=self.A.device).reshape(-1, *self.shape)
@@ -85,47 +127,60 @@ def auxiliary_loss(
     return (quad - (u.reshape(len(u), -1) * flat_v).sum(1)).mean()
 
 
-def calibrate_scale(
-    q: KroneckerQ, rows: torch.Tensor, mask: torch.Tensor, u: torch.Tensor
-) -> float:
-    """Rescale Q by the scalar c that minimises the auxiliary loss of c·Q on probes ``u``:
-    c = Σ uᵀv / Σ vᵀ(F + γI)v, v = Q u. The loss is then −½ (Σ uᵀv)² / Σ vᵀ(F + γI)v < 0,
-    better than Q = 0, whatever the start's scale against F. Returns c."""
-    with torch.no_grad():
-        u = u * mask
-        v = (q(u) * mask).reshape(len(u), -1)
-        curvature = (v @ rows.T).square().mean(1) + q.gamma * v.square().sum(1)
-        c = float((u.reshape(len(u), -1) * v).sum() / curvature.sum())
-        if c > 0 and torch.isfinite(torch.tensor(c)):
-            q.scale.mul_(c**0.5)
-    return c
-
-
 def exact_inverse_product(rows: torch.Tensor, gamma: float, u: torch.Tensor) -> torch.Tensor:
     """(F + γI)⁻¹ u for F = mean of the rows' outer products, by Woodbury (n x n solve).
 
     ``rows`` (n, d), ``u`` (k, d). The oracle of the fit diagnostics.
     """
-    g = rows.double()
-    n = len(g)
-    kernel = n * gamma * torch.eye(n, dtype=g.dtype, device=g.device) + g @ g.T
-    inner = torch.linalg.solve(kernel, g @ u.double().T)  # (n, k)
-    return ((u.double().T - g.T @ inner) / gamma).T
+    n = len(rows)
+    gram = (rows @ rows.T).double()  # float32 products (the d-long sums), float64 solve
+    kernel = n * gamma * torch.eye(n, dtype=gram.dtype, device=gram.device) + gram
+    inner = torch.linalg.solve(kernel, (rows @ u.T).double())  # (n, k)
+    return ((u.double().T - rows.double().T @ inner) / gamma).T
+
+
+def diagnostic_probes(
+    rows: torch.Tensor, shape: tuple[int, int], probe: str, seed: int, count: int = 16
+) -> torch.Tensor:
+    """Fixed probes for the fit diagnostics, drawn like the training probes: the first
+    ``count`` gradient rows, or seeded standard normal vectors."""
+    if probe == "gradient":
+        return rows[:count].reshape(-1, *shape)
+    generator = torch.Generator(rows.device).manual_seed(seed)
+    return torch.randn(count, *shape, generator=generator, device=rows.device)
+
+
+class FitOracle:
+    """The closed-form optimum of the auxiliary loss on fixed probes, for judging a Q.
+
+    For probes u (k, out, inp) over the kept weights, the optimum is −½ uᵀ(F + γI)⁻¹u (by
+    Woodbury, once); ``quality(q)`` is Q's loss on the same probes with the whole pool as F,
+    and ``ratio`` = loss / optimum (1: exact on these probes; 0: no better than Q = 0; below 0:
+    worse).
+    """
+
+    def __init__(
+        self, rows: torch.Tensor, gamma: float, mask: torch.Tensor, probes: torch.Tensor
+    ) -> None:
+        self.rows, self.mask, self.probes = rows, mask, probes
+        keep = mask.reshape(-1)
+        with torch.no_grad():
+            flat = (probes * mask).reshape(len(probes), -1)[:, keep]
+            best = exact_inverse_product(rows[:, keep], gamma, flat)
+            self.optimum = float(-0.5 * (flat.double() * best).sum(1).mean())
+
+    def quality(self, q: KroneckerQ) -> dict[str, float]:
+        with torch.no_grad():
+            loss = float(auxiliary_loss(q, self.probes, self.rows, self.mask))
+        ratio = loss / self.optimum if self.optimum else 0.0
+        return {"loss": loss, "optimum": self.optimum, "ratio": ratio}
 
 
 def fit_quality(
     q: KroneckerQ, rows: torch.Tensor, mask: torch.Tensor, u: torch.Tensor
 ) -> dict[str, float]:
-    """The auxiliary loss of Q on fixed probes ``u`` with the whole pool as F, next to the
-    closed-form optimum −½ uᵀ(F + γI)⁻¹u over the kept weights; ``ratio`` = loss / optimum
-    (1: Q is exact on these probes; 0: no better than Q = 0; below 0: worse)."""
-    keep = mask.reshape(-1)
-    with torch.no_grad():
-        loss = float(auxiliary_loss(q, u, rows, mask))
-        flat = (u * mask).reshape(len(u), -1)[:, keep]
-        best = exact_inverse_product(rows[:, keep], q.gamma, flat)
-        optimum = float(-0.5 * (flat.double() * best).sum(1).mean())
-    return {"loss": loss, "optimum": optimum, "ratio": loss / optimum if optimum else 0.0}
+    """Q's auxiliary loss on probes ``u`` against the closed-form optimum (see FitOracle)."""
+    return FitOracle(rows, q.gamma, mask, u).quality(q)
 
 
 def fit_q(

@@ -4,8 +4,7 @@ OBS pruning with Q, progressive refinement, and bad inputs."""
 import pytest
 import torch
 from prunekit_fishleg import KroneckerQ, fit_q
-from prunekit_fishleg import pruner as pruner_module
-from prunekit_fishleg.qmatrix import calibrate_scale, exact_inverse_product, fit_quality
+from prunekit_fishleg.qmatrix import exact_inverse_product, fit_quality
 from torch import nn
 
 from prunekit import registry
@@ -102,17 +101,17 @@ def mlp_context(digits, params, name="digits-mlp"):
     return StepContext(model, targets, pruner, digits.calibration, CPU), pruner
 
 
-def test_gradual_refines_q_instead_of_restarting(digits, monkeypatch):
+def test_warm_assimilation_refines_q_instead_of_restarting(digits, monkeypatch):
     monkeypatch.setenv("PRUNEKIT_PLUGINS", "prunekit-fishleg")
-    ctx, pruner = mlp_context(
-        digits, {"aux_iters": "40", "refine_iters": "10", "num_grads": "128", "log_every": "10"}
-    )
+    params = {"aux_iters": "40", "refine_iters": "10", "num_grads": "128", "log_every": "10"}
+    ctx, pruner = mlp_context(digits, {**params, "assimilate": "warm"})
     run_schedule(ctx, 0.9, ScheduleConfig(kind="gradual", steps=2, recompute=1), digits.train)
     assert sparsity_of(ctx.targets)[0] == pytest.approx(0.9, abs=1e-4)
     per_step = {(e["step"], e["iterations"]) for e in pruner.trace}
     assert per_step == {(1, 40), (2, 10)}  # the second step refined the same Q
     first = next(e for e in pruner.trace if e["step"] == 1 and e["target"] == "net.3.weight")
-    assert first["loss"][-1][1] < first["loss"][0][1]  # the auxiliary loss went down
+    # the auxiliary loss on the fixed diagnostic probes went down
+    assert first["fit_after"]["loss"] < first["fit_before"]["loss"]
     assert all(torch.all(t.weight[~t.mask] == 0) for t in ctx.targets)
 
 
@@ -203,36 +202,60 @@ def test_fit_quality_is_one_for_the_exact_inverse_and_zero_for_nothing():
     dense = torch.linalg.solve(
         fisher + gamma * torch.eye(18, dtype=torch.float64), rows[:8].T.double()
     )
-    torch.testing.assert_close(exact, dense.T, rtol=1e-6, atol=1e-6)
+    # the Gram matrix is formed in float32 (the d-long sums; float64 costs 20x more time on
+    # the CIFAR ResNets), solved in float64: 0.3 % measured here, ample for a fit ratio
+    torch.testing.assert_close(exact, dense.T, rtol=1e-2, atol=1e-2 * float(dense.abs().max()))
     with torch.no_grad():
         q.A.zero_()
     assert fit_quality(q, rows, mask, probes)["ratio"] == pytest.approx(0.0, abs=1e-9)
 
 
-def test_q_fit_converges_from_the_diagonal_initialisation():
-    """A layer with a known Fisher (correlated, spread over two decades) and a small γ: the
-    paper's I/γ start is far worse than doing nothing; the diagonal start is already good,
-    and the auxiliary fit brings it close to the closed-form optimum."""
-    rows, gen = _fisher_rows()
-    gamma = 1e-2 * float(rows.square().mean())  # the relative default, α = 1e-2
+def test_q_fit_converges_from_the_kronecker_initialisation():
+    """A layer with a known, Kronecker-structured Fisher (correlated, spread over two
+    decades) and the relative default γ: the paper's I/γ start is far worse than Q = 0; from
+    the Kronecker start (diagonal exact, off-diagonal from the damped factors) the auxiliary
+    fit gets close to the closed-form optimum, closer than from the diagonal start."""
+    rows, _ = _fisher_rows()
+    gamma = 1e-2 * float(rows.square().mean())
     mask = torch.ones(3, 6, dtype=torch.bool)
     probes = rows[:16].reshape(-1, 3, 6)
-    identity = KroneckerQ(3, 6, gamma)
-    diagonal = KroneckerQ(3, 6, gamma, fisher_diag=rows.square().mean(0))
-    start_identity = fit_quality(identity, rows, mask, probes)["ratio"]
-    assert start_identity < 0  # worse than Q = 0
-    for q in (identity, diagonal):
-        calibrate_scale(q, rows, mask, rows.reshape(-1, 3, 6))
-    calibrated_identity = fit_quality(identity, rows, mask, probes)["ratio"]
-    start_diagonal = fit_quality(diagonal, rows, mask, probes)["ratio"]
-    assert 0 < calibrated_identity < start_diagonal
-    fit_q(diagonal, rows, mask, 600, 1e-2, batch=512, probes=32, generator=gen)
-    end = fit_quality(diagonal, rows, mask, probes)["ratio"]
-    assert end > max(0.8, start_diagonal)  # measured 0.86 (from 0.37)
+    assert fit_quality(KroneckerQ(3, 6, gamma), rows, mask, probes)["ratio"] < -1000
+    ends = {}
+    for name in ("diagonal", "kronecker"):
+        q = KroneckerQ(3, 6, gamma, fisher_diag=rows.square().mean(0))
+        if name == "kronecker":
+            q.start_kronecker(rows)
+        gen = torch.Generator().manual_seed(0)
+        fit_q(q, rows, mask, 300, 1e-2, batch=512, probes=32, generator=gen)
+        ends[name] = fit_quality(q, rows, mask, probes)["ratio"]
+    assert ends["kronecker"] > max(0.8, ends["diagonal"] + 0.05)  # measured 0.87 vs 0.72
+
+
+def test_kronecker_start_is_the_damped_inverse_of_an_exact_kronecker_fisher():
+    """Rows whose second moment is exactly S_o ⊗ S_i (all ±1 sign patterns of a 2x2 basis):
+    the start's diagonal (what the OBS scores read) is exactly that of (F + γI)⁻¹."""
+    gen = torch.Generator().manual_seed(3)
+    a, b = torch.randn(2, 2, generator=gen), torch.randn(3, 3, generator=gen)
+    signs = torch.tensor([[i, j] for i in (-1.0, 1.0) for j in (-1.0, 1.0)])
+    basis_out = torch.linalg.qr(a)[0] * torch.tensor([2.0, 0.5])
+    basis_in = torch.linalg.qr(b)[0] * torch.tensor([1.5, 1.0, 0.2])
+    rows = []
+    for i in range(3):  # E[G Gᵀ ⊗ ...]: every outer product of out- and in-directions
+        for s in signs:
+            rows.append(torch.outer(basis_out @ s, basis_in[:, i] * 3**0.5).reshape(-1))
+    rows = torch.stack(rows)
+    fisher = rows.T @ rows / len(rows)
+    gamma = 1e-2
+    exact = torch.linalg.inv(fisher.double() + gamma * torch.eye(6, dtype=torch.float64))
+    q = KroneckerQ(2, 3, gamma)
+    q.start_kronecker(rows)
+    torch.testing.assert_close(
+        q.diagonal().reshape(-1).double(), exact.diagonal(), rtol=1e-4, atol=0
+    )
 
 
 def test_poor_fit_warns_and_names_the_layers(digits, monkeypatch):
-    good, fitted = mlp_context(digits, {"aux_iters": "100", "num_grads": "64", "aux_lr": "1e-2"})
+    good, fitted = mlp_context(digits, {"aux_iters": "100", "num_grads": "64"})
     fitted.prepare(good, 1, 1)
     assert fitted.warnings == []
     for entry in fitted.diagnostics()["auxiliary_loss"]:
@@ -241,10 +264,47 @@ def test_poor_fit_warns_and_names_the_layers(digits, monkeypatch):
     ctx, pruner = mlp_context(
         digits, {"aux_iters": "0", "init": "identity", "num_grads": "64", "damping": "1e-3"}
     )
-    monkeypatch.setattr(pruner_module, "calibrate_scale", lambda *args: 1.0)  # the raw I/γ
-    pruner.prepare(ctx, 1, 1)
+    pruner.prepare(ctx, 1, 1)  # I/γ, not fitted
     (warning,) = pruner.warnings
     assert "the fit of Q did not converge at step 1 for 3 layer(s)" in warning
     assert "net.1.weight" in warning and "raise --param aux_iters" in warning
     fit = pruner.diagnostics()["auxiliary_loss"][0]
     assert fit["fit_after"]["ratio"] < 0 and fit["fit_after"]["optimum"] < 0
+
+
+def test_gradient_pool_follows_the_memory_plan_more_passes_same_result(digits):
+    """A budget too small for every layer's gradient rows at once, large enough for the
+    largest layer alone: two or more passes, the same Q, masks and weights as one pass."""
+    from prunekit.memory import HEADROOM, target_cost
+    from prunekit.pruners.base import StatsSpec
+
+    params = {"aux_iters": "20", "num_grads": "256", "aux_batch": "32"}
+    ctx, _ = mlp_context(digits, params, "digits-cnn")
+    costs = [
+        target_cost(t, StatsSpec(num_grads=256), frozenset({"grad_rows"})) for t in ctx.targets
+    ]
+    largest = max(c.kept + c.transient + c.per_grad for c in costs)
+    together = sum(c.kept + c.per_grad for c in costs) + max(c.transient for c in costs)
+    assert largest < together
+    budget = int((largest + together) / 2 / HEADROOM)
+    runs = []
+    for limit in (None, budget):
+        ctx, pruner = mlp_context(digits, params, "digits-cnn")
+        ctx.memory_budget = limit
+        run_schedule(ctx, 0.7, ScheduleConfig(kind="oneshot", recompute=2), digits.train)
+        runs.append((pruner, {t.name: t.weight.detach().clone() for t in ctx.targets}))
+    (whole, dense_run), (split, budget_run) = runs
+    assert whole.memory["passes"] == 1 and split.memory["passes"] >= 2
+    assert split.memory["planned_peak_bytes"] <= budget
+    assert whole.gamma == pytest.approx(split.gamma, rel=1e-5)
+    for name, weight in dense_run.items():  # float noise of other chunk sizes: 6e-6 measured
+        torch.testing.assert_close(budget_run[name], weight, rtol=1e-3, atol=1e-5)
+        assert torch.equal(budget_run[name] == 0, weight == 0)
+
+
+def test_budget_too_small_for_one_layer_is_a_usage_error(digits):
+    ctx, pruner = mlp_context(digits, {"num_grads": "256"}, "digits-cnn")
+    ctx.memory_budget = 5_000_000  # features.2 needs 6.1 MiB
+    message = r"too small for features\.2\.weight: .*gradient rows.*lower --param num_grads"
+    with pytest.raises(UsageError, match=message):
+        pruner.prepare(ctx, 1, 1)
