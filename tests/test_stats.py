@@ -119,6 +119,24 @@ def test_true_fisher_samples_labels_from_the_model():
     assert not torch.equal(true1["2.weight"]["fisher_diag"], empirical["2.weight"]["fisher_diag"])
 
 
+@pytest.mark.parametrize("budget", [10**9, 6000])  # one pass; several (and a scale pre-pass)
+def test_gradient_rows_are_the_per_sample_gradients_in_every_plan(budget):
+    model, data = small_problem()
+    targets, _ = find_targets(model)
+    spec = StatsSpec(num_grads=24, damp=0.1)
+    collector = Collector(model, targets, data, spec, frozenset({"grad_rows"}), CPU, budget)
+    groups = list(collector.collect())
+    assert len(groups) == collector.passes and (collector.passes > 1) == (budget < 10**6)
+    x, y = data.tensors
+    rows = {t.name: loop_gradients(model, t.name, x, y, 1) for t in targets}
+    for _group, stats in groups:
+        for name, s in stats.items():
+            torch.testing.assert_close(s["grad_rows"], rows[name], rtol=1e-5, atol=1e-6)
+    mean_diag = float(torch.cat([g.square().mean(0) for g in rows.values()]).mean())
+    assert collector.fisher_scale == pytest.approx(mean_diag, rel=1e-5)
+    assert collector.report()["memory"]["planned_peak_bytes"] <= budget
+
+
 def test_memory_plan_splits_targets_and_rejects_tiny_budgets():
     model, _ = small_problem()
     targets, _ = find_targets(model)
