@@ -1,13 +1,14 @@
 """The `fishleg` pruner: OBS with a learned inverse Fisher Q instead of an inverted estimate.
 
 Score θ²/(2 diag Q); update δθ = −Q[:, P] Q[P,P]⁻¹ θ_P (conjugate gradients), pruned weights
-set to zero. Q starts at a damped Kronecker estimate of each layer's inverse Fisher and lives
-on the pruner object, so before every later step or sub-step it is refined by a few auxiliary
-iterations at the pruned weights ("progressive assimilation") instead of being estimated
-anew. The gradient rows it is trained on come in the passes of prunekit's memory plan. Linear
-and Conv2d weights are parameterised; biases and BatchNorm are not pruned and have no Q;
-other layer types are skipped with a warning (never pruned). Defaults measured on the
-pretrained CIFAR-10 ResNets (benchmarks/bench_cifar.py).
+set to zero. Q starts at a damped Kronecker estimate of each layer's inverse Fisher, is
+trained by a few auxiliary iterations, and before every later step or sub-step is started
+again from the current Fisher (default) or, with assimilate=warm, kept on the pruner object
+and only refined at the pruned weights (the paper's "progressive assimilation"). The
+gradient rows it is trained on come in the passes of prunekit's memory plan. Linear and
+Conv2d weights are parameterised; biases and BatchNorm are not pruned and have no Q; other
+layer types are skipped with a warning (never pruned). Defaults measured on the pretrained
+CIFAR-10 ResNets (benchmarks/bench_cifar.py).
 """
 
 from __future__ import annotations
@@ -71,10 +72,10 @@ class FishLegPruner(Pruner):
         ),
         Param(
             "assimilate",
-            "warm",
-            "Q at every later step: restart (from the start estimate of the current Fisher, "
-            "then refine_iters) or warm (the previous Q, refined: the paper's progressive "
-            "assimilation)",
+            "restart",
+            "Q at every later step or sub-step: restart (from the start estimate of the "
+            "current Fisher, then refine_iters; measured best at 90 %) or warm (the previous Q, "
+            "refined: the paper's progressive assimilation; best at 80 %, stale at 90 %)",
             choices=("restart", "warm"),
         ),
         Param("aux_iters", 30, "auxiliary iterations before the first pruning step", minimum=0),
