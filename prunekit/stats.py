@@ -207,6 +207,13 @@ class Collector:
                 self.measured_peak = max(self.measured_peak or 0, peak.peak)
             yield group, stats
 
+    def base_damping(self) -> float:
+        """λ before any escalation: α times the mean Fisher diagonal over every target
+        (relative; known once the first group is yielded), or the absolute value."""
+        if self.spec.damp_mode == "relative":
+            return self.spec.damp * max(self.fisher_scale or 0.0, fisher.TINY)
+        return self.spec.damp
+
     def _damps(self) -> bool:
         """Whether the statistics come with a damping scale (mean diag F over all targets,
         set before the first group is yielded): for the inverse Fisher and gradient rows."""
@@ -377,10 +384,7 @@ class Collector:
         """The damped blockwise inverse; λ escalates x10 (with a warning) while a block is
         not positive definite."""
         spec, block = self.spec, self.spec.block_for(t)
-        if spec.damp_mode == "relative":
-            damp = spec.damp * max(self.fisher_scale or 0.0, fisher.TINY)
-        else:
-            damp = spec.damp
+        damp = self.base_damping()
         first = damp
         for attempt in range(DAMP_ESCALATIONS + 1):
             try:

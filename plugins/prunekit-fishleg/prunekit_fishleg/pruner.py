@@ -27,8 +27,8 @@ from prunekit.stats import Collector
 from prunekit_fishleg.qmatrix import (
     FitOracle,
     KroneckerQ,
-    diagnostic_probes,
     fit_q,
+    gaussian_probes,
     solve_restricted,
 )
 
@@ -137,12 +137,11 @@ class FishLegPruner(Pruner):
     def _collector(self, context: Any, targets: list[Target]) -> Collector:
         """Gradient rows (labels sampled from the model: the true Fisher) in the passes of the
         memory plan: only one group's rows are held at a time."""
-        relative = self.hparams["damping_mode"] == "relative"
         spec = StatsSpec(
             num_grads=self.hparams["num_grads"],
             fisher="true",
             damp=self.hparams["damping"],
-            damp_mode="relative" if relative else "absolute",
+            damp_mode=self.hparams["damping_mode"],
         )
         return Collector(
             context.model,
@@ -169,11 +168,8 @@ class FishLegPruner(Pruner):
         generator = torch.Generator(context.device).manual_seed(context.seed + step)
         poor: list[str] = []
         for group, stats in collector.collect():
-            if self.gamma is None:  # set by the first pass (or a squares-only round before)
-                alpha = self.hparams["damping"]
-                relative = self.hparams["damping_mode"] == "relative"
-                scale = max(collector.fisher_scale or 0.0, 1e-30)
-                self.gamma = alpha * scale if relative else alpha
+            if self.gamma is None:  # known from the first pass (or a squares-only round)
+                self.gamma = collector.base_damping()
             for t in group:
                 rows = stats[t.name].pop("grad_rows")
                 poor += self._fit(context, t, rows, step, iterations, generator)
@@ -199,10 +195,11 @@ class FishLegPruner(Pruner):
         iterations: int,
         generator: torch.Generator,
     ) -> list[str]:
-        """Start (first step) and train Q of one layer on its gradient rows; record the fit."""
+        """Start Q of one layer (first step, or every step with restart) and train it on its
+        gradient rows; record the fit."""
         q = self._q(t, rows)
         mask = t.mask.reshape(q.shape)  # a Conv2d kernel is flattened to (out, in·kh·kw)
-        probes = diagnostic_probes(rows, q.shape, "gaussian", context.seed)
+        probes = gaussian_probes(q.shape, context.seed, rows.device)
         oracle = FitOracle(rows, q.gamma, mask, probes)
         before = oracle.quality(q)
 

@@ -139,15 +139,13 @@ def exact_inverse_product(rows: torch.Tensor, gamma: float, u: torch.Tensor) -> 
     return ((u.double().T - rows.double().T @ inner) / gamma).T
 
 
-def diagnostic_probes(
-    rows: torch.Tensor, shape: tuple[int, int], probe: str, seed: int, count: int = 16
+def gaussian_probes(
+    shape: tuple[int, int], seed: int, device: torch.device, count: int = 16
 ) -> torch.Tensor:
-    """Fixed probes for the fit diagnostics, drawn like the training probes: the first
-    ``count`` gradient rows, or seeded standard normal vectors."""
-    if probe == "gradient":
-        return rows[:count].reshape(-1, *shape)
-    generator = torch.Generator(rows.device).manual_seed(seed)
-    return torch.randn(count, *shape, generator=generator, device=rows.device)
+    """Fixed, seeded standard normal probes for the fit diagnostics: every direction counts,
+    as in the OBS scores and updates (gradient probes would see only the pool's span)."""
+    generator = torch.Generator(device).manual_seed(seed)
+    return torch.randn(count, *shape, generator=generator, device=device)
 
 
 class FitOracle:
