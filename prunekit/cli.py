@@ -8,6 +8,7 @@ and errors go to stderr.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import json
 import os
@@ -74,15 +75,31 @@ def handle_errors(command: F) -> F:
         except OSError as exc:  # disk full, permission denied, a missing folder...
             if _debug():
                 raise
-            where = f" ({exc.filename})" if exc.filename else ""
-            err.print(
-                f"[red]error:[/red] {exc.strerror or exc}{where}; check the path and free space",
-                markup=True,
-                highlight=False,
-            )
+            err.print(f"[red]error:[/red] {os_error_line(exc)}", markup=True, highlight=False)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+_OS_FIXES = {
+    errno.ENOSPC: "the disk is full: free space or write elsewhere",
+    errno.EDQUOT: "the disk quota is used up: free space or write elsewhere",
+    errno.EACCES: "permission denied: pick a path you may write",
+    errno.EPERM: "not permitted: pick a path you may write",
+    errno.EROFS: "the file system is read-only: write elsewhere",
+    errno.ENOENT: "no such file or folder: check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: check the path",
+    errno.EISDIR: "that is a folder, not a file: check the path",
+    errno.EEXIST: "it already exists: pass --force or pick another path",
+    errno.ENAMETOOLONG: "the name is too long: pick a shorter path",
+}
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for an OSError, with the fix that its errno calls for."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    fix = _OS_FIXES.get(exc.errno or 0, "check the path")
+    return f"{(exc.strerror or str(exc)).splitlines()[0]}{where}; {fix}"
 
 
 def _print_json(obj: Any) -> None:
@@ -345,13 +362,17 @@ def prune(
         force=force,
     )
     report = run(config, RichReporter())
-    for warning in report["warnings"]:
-        err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+    _warn(report["warnings"])
     if as_json:
         _print_json(report)
     else:
         _print_report(report)
     _exit_if_failed(report.get("validation"))
+
+
+def _warn(warnings: list[str]) -> None:
+    for warning in warnings:
+        err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
 
 
 def _exit_if_failed(validation: dict[str, Any] | None) -> None:
@@ -498,12 +519,18 @@ def models_list(
 
 def _print_validation(v: dict[str, Any]) -> None:
     session = v["session"]
+    accuracy = "not measured (no labels)" if v["accuracy"] is None else f"{v['accuracy']:.2%}"
+    baseline = v.get("baseline_accuracy")
     console.print(
         f"ONNX Runtime ({session['provider']}, intra-op threads "
         f"{session['intra_op_threads']}, {session['graph_optimization']}): accuracy "
-        f"{v['accuracy']:.2%}"
-        + (f", baseline {v['baseline_accuracy']:.2%}" if "baseline_accuracy" in v else "")
+        f"{accuracy}" + (f", baseline {baseline:.2%}" if baseline is not None else "")
     )
+    if "parity_skipped" in v:
+        err.print(
+            f"[yellow]warning:[/yellow] parity with PyTorch not checked: {v['parity_skipped']}",
+            highlight=False,
+        )
     if "parity" in v:
         p = v["parity"]
         console.print(
@@ -587,7 +614,7 @@ def sweep(
     from prunekit import registry
     from prunekit.config import PruneConfig
     from prunekit.pipeline import check, execute
-    from prunekit.sweep import run_sweep
+    from prunekit.sweep import finished_cells, run_sweep
 
     names = [p.strip() for p in pruners.split(",") if p.strip()]
     levels = _number_list(sparsities, "--sparsities", float)
@@ -648,7 +675,15 @@ def sweep(
         def done(name: str, cached: bool) -> None:
             bar.update(task, advance=1, description=f"{name}{' (cached)' if cached else ''}")
 
-        rows = run_sweep(base, names, levels, seed_list, out, one_cell, done)
+        try:
+            rows = run_sweep(base, names, levels, seed_list, out, one_cell, done)
+        except KeyboardInterrupt:
+            bar.stop()
+            err.print(
+                f"interrupted; {finished_cells(out)} of {total} cells are kept in {out}/cells: "
+                "rerun the same command to resume"
+            )
+            raise typer.Exit(130) from None
     console.print((out / "results.md").read_text())
     console.print(f"{len(rows)} cells in {out}: results.csv, results.md, accuracy_vs_sparsity.png")
 
@@ -690,7 +725,7 @@ def export(
     from prunekit.compact import save_compact
     from prunekit.export import read_metadata, save_safetensors
     from prunekit.models import default_data, load_model
-    from prunekit.outputs import staged_file
+    from prunekit.outputs import prepare_output, staged_file
 
     if format not in {"onnx", "safetensors"}:
         raise UsageError(f"--format {format}: use onnx or safetensors")
@@ -702,12 +737,18 @@ def export(
         from prunekit.data import load_data
 
         shape = load_data(data_spec).input_shape
+    notes = prepare_output(out, force, kind="file")
     loaded = load_model(model, weights, num_classes, trust_checkpoint)
+    _warn([*notes, *loaded.warnings])
     metadata = {"format": "pt", "prunekit_version": __version__, "model": model}
     if weights is not None and weights.suffix == ".safetensors":
         metadata.update({k: v for k, v in read_metadata(weights).items() if k != "prunekit_sparse"})
     if data_spec:
         metadata["data"] = data_spec
+    if weights is not None:  # lets `prunekit validate` find them for its parity check
+        metadata["weights_file"] = os.path.relpath(weights.absolute(), out.absolute().parent)
+    if num_classes:
+        metadata["num_classes"] = str(num_classes)
     with staged_file(out, force) as tmp:
         if format == "onnx":
             from prunekit.onnx_export import export_onnx
@@ -743,8 +784,9 @@ def densify(
     Example: prunekit densify run/model.compact.safetensors dense.safetensors
     """
     from prunekit.compact import densify as densify_file
-    from prunekit.outputs import staged_file
+    from prunekit.outputs import prepare_output, staged_file
 
+    _warn(prepare_output(dst, force, kind="file"))
     with staged_file(dst, force) as tmp:
         densify_file(src, tmp)
     console.print(f"wrote {dst} ({dst.stat().st_size:,} bytes)")
@@ -786,9 +828,8 @@ def validate_command(
     Example: prunekit validate run/model.onnx --baseline run/dense.onnx --max-accuracy-drop 0.01
     """
     from prunekit.data import load_data
-    from prunekit.models import load_model
     from prunekit.preprocess import Preprocess
-    from prunekit.validate import ValidateOptions, read_onnx_metadata, validate
+    from prunekit.validate import ValidateOptions, parity_model, read_onnx_metadata, validate
 
     options = ValidateOptions(
         batch_sizes=_number_list(batch_sizes, "--batch-sizes"),
@@ -806,17 +847,11 @@ def validate_command(
         normalize = normalize or meta.get("normalize")
         image_size = image_size or (int(meta["image_size"]) if meta.get("image_size") else None)
     splits = load_data(spec, Preprocess(normalize, image_size))
-    model = None
     classes = num_classes or (int(meta["num_classes"]) if meta.get("num_classes") else None)
-    if torch_model is not None:
-        model = load_model(torch_model, weights, classes).model
-    elif meta.get("model") and meta.get("weights_file"):
-        sibling = onnx_file.parent / meta["weights_file"]
-        if sibling.is_file():
-            model = load_model(meta["model"], sibling, classes).model
+    model, skipped = parity_model(onnx_file, meta, torch_model, weights, classes)
     reference = float(meta["accuracy_dense"]) if "accuracy_dense" in meta else None
     result = validate(
-        onnx_file, splits.test, splits.input_shape, options, baseline, model, reference
+        onnx_file, splits.test, splits.input_shape, options, baseline, model, reference, skipped
     )
     if as_json:
         _print_json(result)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from prunekit.errors import InputFileError
+from prunekit.safetensors_io import read_metadata, write_safetensors
 
 FORMAT_KEY = "prunekit_sparse"
 MASK, VALUES = "::mask", "::values"
@@ -59,10 +60,8 @@ def compact_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
 
 
 def save_compact(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
     tensors, index = compact_state(state)
-    save_file(tensors, str(path), metadata={**metadata, FORMAT_KEY: json.dumps(index)})
+    write_safetensors(tensors, path, {**metadata, FORMAT_KEY: json.dumps(index)})
 
 
 def load_sparse(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
@@ -74,30 +73,51 @@ def load_sparse(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor
         raise InputFileError(f"{path} does not exist; check the path")
     try:
         with safe_open(str(path), framework="pt") as f:
-            index = json.loads((f.metadata() or {}).get(FORMAT_KEY, "{}"))
+            index_text = (f.metadata() or {}).get(FORMAT_KEY, "{}")
             raw = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iter)
-    except (SafetensorError, OSError, ValueError) as exc:
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
         raise InputFileError(
             f"{path} is not a valid safetensors file ({exc}); re-export the weights"
         ) from exc
+    try:
+        dense = _expand(raw, json.loads(index_text))
+    except (ValueError, TypeError, KeyError, RuntimeError) as exc:
+        detail = f"no tensor {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise InputFileError(
+            f"{path}: its compact index is inconsistent ({detail}); re-export the weights"
+        ) from exc
+    return {k: v.to(device) for k, v in dense.items()}
+
+
+def _expand(raw: dict[str, torch.Tensor], index: object) -> dict[str, torch.Tensor]:
+    """Dense tensors from the raw ones and the index; ValueError/KeyError where they disagree."""
+    if not isinstance(index, dict):
+        raise ValueError(f"{FORMAT_KEY} is not a JSON object")
     dense = {k: v for k, v in raw.items() if not k.endswith((MASK, VALUES))}
     for name, info in index.items():
-        numel = int(np.prod(info["shape"], dtype=np.int64))
-        bits = np.unpackbits(raw[name + MASK].numpy(), count=numel, bitorder="little")
-        values = raw[name + VALUES]
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise ValueError(f"{name}: shape {shape!r} is not a list of sizes")
+        numel = int(np.prod(shape, dtype=np.int64))
+        mask, values = raw[name + MASK], raw[name + VALUES]
+        if mask.dtype != torch.uint8 or mask.dim() != 1 or mask.numel() * 8 < numel:
+            raise ValueError(f"{name}{MASK} is too short for shape {shape}")
+        bits = torch.from_numpy(
+            np.unpackbits(mask.numpy(), count=numel, bitorder="little").astype(bool)
+        )
+        if values.dim() != 1 or int(bits.sum()) != values.numel():
+            raise ValueError(f"{name}: {values.numel()} values for {int(bits.sum())} mask bits")
+        if str(values.dtype).removeprefix("torch.") != info.get("dtype"):
+            raise ValueError(f"{name}: values are {values.dtype}, index says {info.get('dtype')}")
         flat = torch.zeros(numel, dtype=values.dtype)
-        flat[torch.from_numpy(bits.astype(bool))] = values
-        dense[name] = flat.reshape(info["shape"])
-    return {k: v.to(device) for k, v in dense.items()}
+        flat[bits] = values
+        dense[name] = flat.reshape(shape)
+    return dense
 
 
 def densify(src: Path, dst: Path) -> None:
     """Write the dense equivalent of ``src`` to ``dst`` (metadata kept, index dropped)."""
-    from safetensors.torch import save_file
-
-    from prunekit.export import read_metadata
-
     state = load_sparse(src)
     meta = read_metadata(src)
     meta.pop(FORMAT_KEY, None)
-    save_file(state, str(dst), metadata=meta)
+    write_safetensors(state, dst, meta)

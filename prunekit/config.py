@@ -34,6 +34,7 @@ class PruneConfig:
     validate: bool = False
     out: Path = Path("prunekit-out")
     force: bool = False
+    command: tuple[str, ...] = ()  # the command line that asked for the run, if any
 
     def preprocess(self) -> Preprocess:
         return Preprocess(self.normalize, self.image_size)

@@ -24,6 +24,7 @@ CALIBRATION_MAX = 2048
 DIGITS_FILE = Path(__file__).parent / "datasets" / "digits.safetensors"
 SPEC_FORMS = "digits, cifar10:DIR, imagefolder:DIR, tensors:FILE, tensors:TRAIN,TEST"
 UNLABELED = -1
+MIN_TRAIN, MIN_TEST = 2, 1  # samples: the least that calibration and the test split run on
 
 
 @dataclass
@@ -38,6 +39,15 @@ class Splits:
     input_shape: tuple[int, ...]
     labeled: bool = True  # False: labels are UNLABELED; no accuracy, no empirical Fisher
 
+    def __post_init__(self) -> None:
+        n_train, n_test = len(self.train), len(self.test)  # type: ignore[arg-type]
+        if n_train < MIN_TRAIN or n_test < MIN_TEST:
+            raise InputFileError(
+                f"{self.spec} gives {n_train} training and {n_test} test samples; prunekit "
+                f"needs at least {MIN_TRAIN} and {MIN_TEST} ({MIN_TRAIN + MIN_TEST} samples "
+                "in one file): add data"
+            )
+
 
 def _permutation(n: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
@@ -50,8 +60,9 @@ def _calibration_of(train: Dataset) -> Dataset:
 
 def _split_tensors(spec: str, x: torch.Tensor, y: torch.Tensor, prep: Preprocess) -> Splits:
     """Shuffle once with the fixed split seed; the last TEST_FRACTION is the test split."""
+    _check_pair(spec, x, y)
     order = _permutation(len(x))
-    n_test = round(len(x) * TEST_FRACTION)
+    n_test = max(MIN_TEST, round(len(x) * TEST_FRACTION)) if len(x) > MIN_TEST else 0
     train_idx, test_idx = order[: len(x) - n_test], order[len(x) - n_test :]
     return _from_tensors(spec, x[train_idx], y[train_idx], x[test_idx], y[test_idx], prep)
 
@@ -64,12 +75,17 @@ def _from_tensors(
     y_test: torch.Tensor,
     prep: Preprocess,
 ) -> Splits:
-    if len(x_train) != len(y_train) or len(x_test) != len(y_test):
-        raise InputFileError(f"{spec}: x and y have different lengths; fix the file")
+    _check_pair(f"{spec} (train)", x_train, y_train)
+    _check_pair(f"{spec} (test)", x_test, y_test)
     shape = tuple(x_train.shape[1:])
     x_train, x_test = prep.tensors(x_train, spec), prep.tensors(x_test, spec)
     train = TensorDataset(x_train, y_train.long())
-    labeled = bool((y_train >= 0).all() and (y_test >= 0).all())
+    unlabeled = [bool((y == UNLABELED).all()) for y in (y_train, y_test)]
+    if unlabeled[0] != unlabeled[1]:
+        raise InputFileError(
+            f"{spec}: one split has labels and the other none; label both or neither"
+        )
+    labeled = not unlabeled[0]
     return Splits(
         spec=spec,
         train=train,
@@ -79,6 +95,37 @@ def _from_tensors(
         input_shape=shape,
         labeled=labeled,
     )
+
+
+def _check_pair(spec: str, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Same length, one integer label per sample (all -1: unlabeled), finite inputs."""
+    if x.dim() == 0 or y.dim() == 0:
+        raise InputFileError(f"{spec}: x and y must have a sample dimension; got scalars")
+    if len(x) != len(y):
+        raise InputFileError(
+            f"{spec}: x has {len(x)} samples and y {len(y)}; give one label per sample"
+        )
+    if y.dim() != 1:
+        raise InputFileError(
+            f"{spec}: y has shape {tuple(y.shape)}; labels must be one class index per sample, "
+            "shape (N,): save y.reshape(-1) (or argmax of one-hot labels)"
+        )
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise InputFileError(
+            f"{spec}: y is {str(y.dtype).removeprefix('torch.')}; labels must be integer "
+            "class indices 0..C-1"
+        )
+    negative = (y < 0) & (y != UNLABELED)
+    partly_unlabeled = bool((y == UNLABELED).any()) and not bool((y == UNLABELED).all())
+    if negative.any() or partly_unlabeled:
+        i = int(torch.nonzero(negative | (y == UNLABELED))[0])
+        raise InputFileError(
+            f"{spec}: label {int(y[i])} at sample {i}; labels are class indices 0..C-1 "
+            f"(all {UNLABELED}, or no y, for unlabeled data)"
+        )
+    if (x.dtype.is_floating_point or x.dtype.is_complex) and not torch.isfinite(x).all():
+        i = int(torch.nonzero(~torch.isfinite(x.reshape(len(x), -1)).all(1))[0])
+        raise InputFileError(f"{spec}: x holds NaN or Inf (first at sample {i}); clean the data")
 
 
 def digits(prep: Preprocess) -> Splits:
@@ -211,6 +258,17 @@ def _image_transform(root: Path, prep: Preprocess):
     return transforms.Compose(steps)
 
 
+def _open_rgb(path: str):
+    """ImageFolder's loader, with a one-line error naming an unreadable file."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise InputFileError(f"cannot read image {path} ({exc}); remove or replace it") from exc
+
+
 def _is_image(path: Path) -> bool:
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -227,11 +285,11 @@ def imagefolder(root: Path, prep: Preprocess) -> Splits:
     test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
     try:
         if (root / "train").is_dir() and test_dir is not None:
-            train = datasets.ImageFolder(str(root / "train"), transform=to_tensor)
-            test = datasets.ImageFolder(str(test_dir), transform=to_tensor)
+            train = datasets.ImageFolder(str(root / "train"), to_tensor, loader=_open_rgb)
+            test = datasets.ImageFolder(str(test_dir), to_tensor, loader=_open_rgb)
         else:  # split root/train when it stands alone, else root itself
             source = root / "train" if (root / "train").is_dir() else root
-            full = datasets.ImageFolder(str(source), transform=to_tensor)
+            full = datasets.ImageFolder(str(source), to_tensor, loader=_open_rgb)
             order = _permutation(len(full)).tolist()
             n_test = round(len(full) * TEST_FRACTION)
             train, test = Subset(full, order[n_test:]), Subset(full, order[:n_test])

@@ -9,6 +9,9 @@ from typing import Any
 from torch import nn
 
 from prunekit import __version__
+from prunekit.safetensors_io import read_metadata, write_safetensors
+
+__all__ = ["read_metadata", "save_safetensors", "write_exports"]
 
 EXPORT_FORMATS = ("safetensors", "onnx")
 
@@ -37,17 +40,8 @@ def metadata_for(report: dict[str, Any], config: dict[str, Any]) -> dict[str, st
 
 def save_safetensors(model: nn.Module, path: Path, metadata: dict[str, str]) -> None:
     """Save the model's state dict (dense tensors, pruned entries exactly zero)."""
-    from safetensors.torch import save_file
-
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata=metadata)
-
-
-def read_metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    write_safetensors(state, path, metadata)
 
 
 def write_exports(

@@ -89,6 +89,14 @@ def check_mask(mode: str, sparsity: float) -> None:
         )
 
 
+def nm_misfits(targets: Sequence[Target], mode: str) -> list[Target]:
+    """Targets an N:M mask cannot cover: inputs per output not a multiple of M."""
+    nm = parse_nm(mode)
+    if nm is None:
+        return []
+    return [t for t in targets if (t.numel // t.weight.shape[0]) % nm[1]]
+
+
 def _n_of_m(score: torch.Tensor, target: Target, n: int, m: int) -> torch.Tensor:
     rows = score.reshape(target.weight.shape[0], -1)
     if rows.shape[1] % m:

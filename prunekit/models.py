@@ -10,8 +10,11 @@ give ``--weights``) and ``package.module:factory`` (any callable returning an
 from __future__ import annotations
 
 import importlib
+import inspect
 import pickle
-from dataclasses import dataclass
+import sys
+import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,6 +38,8 @@ class LoadedModel:
     spec: str
     model: nn.Module
     weights: str | None
+    warnings: list[str] = field(default_factory=list)
+    trusted_checkpoint: str | None = None  # a pickle loaded with --trust-checkpoint
 
 
 def _sample(name: str, num_classes: int | None) -> tuple[nn.Module, Path]:
@@ -85,15 +90,50 @@ def architecture_rows() -> list[dict[str, object]]:
     return rows
 
 
-def _factory(spec: str, num_classes: int | None) -> nn.Module:
+def _import_factory(spec: str):
+    """Import ``module:attr``, looking in the current folder first (as ``python -m`` does)."""
     module_name, _, attr = spec.partition(":")
+    added = "" not in sys.path and "." not in sys.path
+    if added:
+        sys.path.insert(0, "")
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
+        return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise UnknownNameError(
-            f"cannot import model factory '{spec}' ({exc}); use {SPEC_FORMS}"
+            f"cannot import model factory '{spec}' ({type(exc).__name__}: {exc}); prunekit "
+            f"looks in the current folder and the installed packages; use {SPEC_FORMS}"
         ) from exc
-    model = factory(num_classes=num_classes) if num_classes else factory()
+    except Exception as exc:  # the module itself failed while importing
+        raise UsageError(
+            f"importing model factory '{spec}' failed ({type(exc).__name__}: {exc}); fix "
+            "that module"
+        ) from exc
+    finally:
+        if added:
+            sys.path.remove("")
+
+
+def _takes_num_classes(factory) -> bool:
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return True  # unknown: let the call decide
+    return "num_classes" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _factory(spec: str, num_classes: int | None) -> nn.Module:
+    factory = _import_factory(spec)
+    if num_classes and not _takes_num_classes(factory):
+        raise UsageError(
+            f"model factory '{spec}' has no num_classes argument; drop --num-classes or add "
+            "the argument to the factory"
+        )
+    try:
+        model = factory(num_classes=num_classes) if num_classes else factory()
+    except Exception as exc:
+        raise UsageError(
+            f"model factory '{spec}' failed ({type(exc).__name__}: {exc}); fix the factory"
+        ) from exc
     if not isinstance(model, nn.Module):
         raise UsageError(f"model factory '{spec}' returned {type(model).__name__}, not a Module")
     return model
@@ -132,6 +172,8 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
 
 def read_state_dict(path: Path, trust: bool = False) -> dict[str, torch.Tensor]:
     """Read a state dict from .safetensors / .pt / .pth, safely unless ``trust``."""
+    if path.is_dir():
+        raise InputFileError(f"--weights {path} is a folder; give the weights file in it")
     if not path.is_file():
         raise InputFileError(f"weights file {path} does not exist; check --weights")
     if path.suffix == ".safetensors":
@@ -140,6 +182,11 @@ def read_state_dict(path: Path, trust: bool = False) -> dict[str, torch.Tensor]:
         return load_sparse(path)  # plain or compact (bitmask) form
     if path.suffix not in {".pt", ".pth", ".bin"}:
         raise InputFileError(f"{path}: weights must be .safetensors, .pt or .pth")
+    if not _looks_like_checkpoint(path):
+        raise InputFileError(
+            f"{path} is not a PyTorch checkpoint (neither a torch.save zip archive nor a "
+            "pickle); check that the file is complete and is what you meant"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as exc:
@@ -156,6 +203,25 @@ def read_state_dict(path: Path, trust: bool = False) -> dict[str, torch.Tensor]:
             "check the file or re-save it"
         ) from exc
     return _unwrap(obj, path)
+
+
+def _looks_like_checkpoint(path: Path) -> bool:
+    """torch.save writes a zip archive (or, legacy, a pickle: protocol byte 0x80 first)."""
+    if zipfile.is_zipfile(path):
+        return True
+    with path.open("rb") as f:
+        return f.read(1) == b"\x80"
+
+
+def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
+    """One error naming the first tensor holding NaN or Inf."""
+    for name, t in state.items():
+        if (t.is_floating_point() or t.is_complex()) and not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise InputFileError(
+                f"{source}: tensor {name} holds {bad} NaN/Inf value(s); the weights are "
+                "broken: use a good checkpoint"
+            )
 
 
 def check_fit(model: nn.Module, state: dict[str, torch.Tensor], source: str, spec: str) -> None:
@@ -192,12 +258,25 @@ def load_model(
     """Build ``spec`` and load ``weights`` (or the sample's own) into it, on the CPU."""
     model, default_weights = build(spec, num_classes)
     path = weights or default_weights
+    loaded = LoadedModel(spec, model, str(path) if path else None)
     if path is not None:
         state = read_state_dict(path, trust)
         check_fit(model, state, str(path), spec)
+        check_finite(state, f"weights {path}")
         model.load_state_dict(state, strict=False)
+        if trust and path.suffix != ".safetensors":
+            loaded.trusted_checkpoint = str(path)
+            loaded.warnings.append(
+                f"--trust-checkpoint: {path} was unpickled, which runs any code it holds; "
+                "use it only for files you trust, and re-save as safetensors"
+            )
+    else:
+        loaded.warnings.append(
+            f"{spec} has no --weights: it is randomly initialised, so its accuracy means "
+            "nothing; pass --weights FILE"
+        )
     model.eval()
-    return LoadedModel(spec, model, str(path) if path else None)
+    return loaded
 
 
 def default_data(spec: str) -> str | None:

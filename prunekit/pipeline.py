@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import copy
 import json
+import shlex
+import sys
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 import torch
@@ -16,12 +19,12 @@ from prunekit.batchnorm import recalibrate_batchnorm
 from prunekit.config import PruneConfig
 from prunekit.data import Splits, load_data
 from prunekit.device import resolve_device
-from prunekit.errors import UsageError
+from prunekit.errors import ModelMismatchError, NumericalError, UsageError
 from prunekit.evaluate import accuracy
 from prunekit.export import EXPORT_FORMATS, metadata_for, write_exports
-from prunekit.masks import check_mask, check_sparsity, find_targets, sparsity_of
+from prunekit.masks import check_mask, check_sparsity, find_targets, nm_misfits, sparsity_of
 from prunekit.models import default_data, load_model
-from prunekit.outputs import check_writable, staged_dir
+from prunekit.outputs import prepare_output, staged_dir
 from prunekit.progress import Reporter, Silent
 from prunekit.pruners.base import Pruner
 from prunekit.schedule import StepContext, run_schedule
@@ -105,11 +108,27 @@ def execute(config: PruneConfig, reporter: Reporter | None = None) -> Outcome:
         if num_classes is None and config.model.startswith(("torchvision:", "cifar:")):
             num_classes = data.num_classes
         loaded = load_model(config.model, config.weights, num_classes, config.trust_checkpoint)
+        warnings += loaded.warnings
         model = loaded.model.to(device)
+        outputs = check_outputs(model, data, device)
         targets, unused = find_targets(model, config.exclude)
         warnings += [f"--exclude '{g}' matched no prunable weight" for g in unused]
+        misfits = nm_misfits(targets, config.mask)
+        if misfits:
+            names = ", ".join(t.name for t in misfits)
+            warnings.append(
+                f"--mask {config.mask}: left dense {names} (inputs per output not "
+                f"a multiple of {config.mask.split(':')[1]})"
+            )
+            targets = [t for t in targets if t not in misfits]
+            if not targets:
+                raise UsageError(
+                    f"--mask {config.mask} fits none of the prunable weights (inputs per "
+                    "output not a multiple of M); use another mask"
+                )
 
     _check_labels(config, pruner, data)
+    warnings += cap_num_grads(config, pruner, len(data.calibration))  # type: ignore[arg-type]
     if pruner.needs:
         check_spec(pruner.stats_spec(), len(data.calibration))  # type: ignore[arg-type]
         if pruner.stats_spec().fisher == "true" and pruner.needs - CURVATURE:
@@ -162,6 +181,7 @@ def execute(config: PruneConfig, reporter: Reporter | None = None) -> Outcome:
     if config.recalibrate_bn:
         with reporter.stage("re-estimating BatchNorm statistics"), timings.phase("batchnorm"):
             recalibrate_batchnorm(model, data.calibration, device)
+    check_finite_model(model)
     achieved, per_tensor = sparsity_of(targets)
 
     with reporter.stage("evaluating the pruned model"), timings.phase("evaluation"):
@@ -169,11 +189,15 @@ def execute(config: PruneConfig, reporter: Reporter | None = None) -> Outcome:
     warnings += accuracy_warnings(config, pruner, dense_accuracy, pruned_accuracy)
 
     report: dict[str, Any] = {
+        "command": shlex.join(config.command) if config.command else None,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
         "model": config.model,
-        "weights": loaded.weights,
+        "weights": str(config.weights) if config.weights else loaded.weights and "shipped",
+        "trusted_checkpoint": loaded.trusted_checkpoint,
         "data": data_spec,
         "preprocess": {"normalize": config.normalize, "image_size": config.image_size},
-        "num_classes": num_classes or data.num_classes,
+        "num_classes": outputs,
         "pruner": config.pruner,
         "params": pruner.hparams,
         "mask": config.mask,
@@ -186,6 +210,7 @@ def execute(config: PruneConfig, reporter: Reporter | None = None) -> Outcome:
         "device": str(device),
         "seed": config.seed,
         "sparsity": {"target": config.sparsity, "achieved": achieved, "per_tensor": per_tensor},
+        "parameters": parameter_counts(model),
         "accuracy": {"dense": dense_accuracy, "pruned": pruned_accuracy},
         "history": history,
         "pruner_diagnostics": pruner.diagnostics(),
@@ -195,6 +220,80 @@ def execute(config: PruneConfig, reporter: Reporter | None = None) -> Outcome:
         "seconds": round(time.perf_counter() - started, 3),
     }
     return Outcome(report, model, dense_model, data, timings)
+
+
+def versions() -> dict[str, str]:
+    """prunekit and the libraries whose behaviour decides a run's numbers."""
+    import onnx
+    import onnxruntime
+
+    from prunekit import __version__
+
+    return {
+        "prunekit": __version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "python": sys.version.split()[0],
+    }
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    params = list(model.parameters())
+    return {
+        "total": sum(p.numel() for p in params),
+        "nonzero": sum(int(torch.count_nonzero(p)) for p in params),
+    }
+
+
+@torch.no_grad()
+def check_outputs(model: nn.Module, data: Splits, device: torch.device) -> int:
+    """The model's number of outputs; an error when the data's labels do not fit it."""
+    x = data.calibration[0][0].unsqueeze(0).to(device)
+    try:
+        was_training = model.training
+        logits = model.eval()(x)
+        model.train(was_training)
+    except RuntimeError as exc:
+        raise ModelMismatchError(
+            f"the model cannot take inputs of shape {tuple(x.shape[1:])} from {data.spec} "
+            f"({str(exc).splitlines()[0]}); pick --data that matches the architecture"
+        ) from exc
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ModelMismatchError(
+            f"the model returns {getattr(logits, 'shape', type(logits).__name__)} for one "
+            "input; prunekit prunes classifiers that return (batch, classes) logits"
+        )
+    outputs = logits.shape[1]
+    if data.labeled and data.num_classes > outputs:
+        raise ModelMismatchError(
+            f"{data.spec} has labels up to {data.num_classes - 1} but the model has {outputs} "
+            "outputs; check --data, or --num-classes for torchvision and factory models"
+        )
+    return outputs
+
+
+def check_finite_model(model: nn.Module) -> None:
+    """No NaN model is written: name the first tensor that went non-finite."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise NumericalError(
+                f"after pruning, {name} holds NaN or Inf; raise --param damp or lower the "
+                "sparsity per step (--recompute), or report it with --debug"
+            )
+
+
+def cap_num_grads(config: PruneConfig, pruner: Pruner, available: int) -> list[str]:
+    """Fit the default num_grads to a small calibration split (an explicit value must fit)."""
+    wanted, batch = pruner.hparams.get("num_grads"), pruner.hparams.get("grad_batch", 1)
+    if wanted is None or "num_grads" in config.params or wanted * batch <= available:
+        return []
+    capped = max(1, available // batch)
+    pruner.hparams["num_grads"] = capped
+    return [
+        f"num_grads lowered from {wanted} to {capped}: the calibration split has "
+        f"{available} samples"
+    ]
 
 
 ACCURACY_DROP_WARNING = 0.10  # absolute top-1 loss that earns a warning with remedies
@@ -227,9 +326,10 @@ def run(config: PruneConfig, reporter: Reporter | None = None) -> dict[str, Any]
     """Prune ``config.model`` and write OUT/model.safetensors, the exports and report.json."""
     reporter = reporter or Silent()
     started = time.perf_counter()
-    check_writable(config.out, config.force)
+    cleaned = prepare_output(config.out, config.force)
     outcome = execute(config, reporter)  # validates the config before any work
     report, data, timings = outcome.report, outcome.data, outcome.timings
+    report["warnings"] = cleaned + report["warnings"]
     with reporter.stage("writing outputs"), staged_dir(config.out, config.force) as stage:
         metadata = metadata_for(report, config.to_json())
         with timings.phase("export"):

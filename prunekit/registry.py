@@ -8,7 +8,9 @@ plugins to those pruner or distribution names ("" leaves the built-ins only).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
@@ -72,6 +74,12 @@ def names() -> list[str]:
 
 def _single(name: str, plugins: dict[str, list[PluginInfo]]) -> PluginInfo:
     if name not in plugins:
+        hidden = [ep for ep in entry_points(group=GROUP) if ep.name == name]
+        if hidden:
+            raise UnknownNameError(
+                f"pruner '{name}' from {_info(hidden[0]).distribution} is hidden by "
+                f"{ENV_FILTER}={os.environ.get(ENV_FILTER, '')!r}: add {name} to it or unset it"
+            )
         hint = did_you_mean(name, list(plugins))
         raise UnknownNameError(
             f"unknown pruner '{name}': {hint}see `prunekit pruners list` "
@@ -85,9 +93,10 @@ def _single(name: str, plugins: dict[str, list[PluginInfo]]) -> PluginInfo:
 
 
 def _import(info: PluginInfo) -> type[Pruner]:
-    try:
-        obj = EntryPoint(info.name, info.value, GROUP).load()
-    except Exception as exc:  # a plugin may fail in any way; report it, never crash the CLI
+    try:  # whatever the plugin prints at import goes to stderr, so --json stays clean
+        with contextlib.redirect_stdout(sys.stderr):
+            obj = EntryPoint(info.name, info.value, GROUP).load()
+    except (Exception, SystemExit) as exc:  # a plugin may fail in any way; never crash the CLI
         raise PluginError(
             f"pruner '{info.name}' from {info.distribution} {info.version} failed to import "
             f"({type(exc).__name__}: {exc}); reinstall or fix that distribution"

@@ -11,13 +11,14 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
 import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from prunekit.config import PruneConfig
-from prunekit.errors import UsageError
+from prunekit.errors import InputFileError, UsageError
 from prunekit.outputs import staged_file
 
 COLUMNS = (
@@ -45,6 +46,26 @@ def _settings(base: PruneConfig) -> dict[str, Any]:
     return json.loads(json.dumps(view))  # the form it has when read back (tuples -> lists)
 
 
+def _read_json(path: Path, fix: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputFileError(f"{path} is corrupt ({exc}); {fix}") from exc
+
+
+def _read_cell(path: Path) -> dict[str, Any]:
+    fix = f"delete {path.name} and rerun the sweep to recompute that cell"
+    row = _read_json(path, fix)
+    if not isinstance(row, dict) or not set(COLUMNS) <= row.keys():
+        raise InputFileError(f"{path} is not a sweep cell (fields missing); {fix}")
+    return row
+
+
+def finished_cells(out: Path) -> int:
+    """How many cells an (interrupted) sweep in ``out`` has kept."""
+    return len(list((out / "cells").glob("*.json"))) if (out / "cells").is_dir() else 0
+
+
 def _write_json(path: Path, obj: Any) -> None:
     with staged_file(path, force=True) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
@@ -64,8 +85,10 @@ def run_sweep(
         raise UsageError("--pruners, --sparsities and --seeds each need at least one value")
     settings = _settings(base)
     marker = out / "sweep.json"
+    if os.path.lexists(out) and not out.is_dir():
+        raise UsageError(f"--out {out} is not a folder; pick another --out")
     if marker.exists():
-        previous = json.loads(marker.read_text())
+        previous = _read_json(marker, "delete the folder to start the sweep again")
         if previous != settings:
             changed = sorted(k for k in settings if previous.get(k) != settings[k])
             raise UsageError(
@@ -101,7 +124,7 @@ def run_sweep(
                     )
                 if on_cell is not None:
                     on_cell(name, cached)
-                rows.append(json.loads(path.read_text()))
+                rows.append(_read_cell(path))
     write_results(rows, out, pruners, sparsities)
     return rows
 

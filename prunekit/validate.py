@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from prunekit.data import loader
+from prunekit.data import UNLABELED, loader
 from prunekit.errors import InputFileError, ModelMismatchError, UsageError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -42,6 +42,11 @@ class ValidateOptions:
             raise UsageError(f"--threads {self.threads}: give 0 (default) or more")
         if self.runs < 1:
             raise UsageError("--runs must be at least 1")
+        drop = self.max_accuracy_drop
+        if drop is not None and not 0.0 <= drop <= 1.0:  # NaN fails this test too
+            raise UsageError(
+                f"--max-accuracy-drop {drop}: give a fraction in [0, 1], e.g. 0.01 for one point"
+            )
 
 
 def open_session(path: Path, options: ValidateOptions):
@@ -91,6 +96,40 @@ def read_onnx_metadata(path: Path) -> dict[str, str]:
     if not proto.graph.node:
         raise InputFileError(f"{path} holds no ONNX graph; re-export it with `prunekit export`")
     return {p.key: p.value for p in proto.metadata_props}
+
+
+def parity_model(
+    onnx_file: Path,
+    meta: dict[str, str],
+    spec: str | None = None,
+    weights: Path | None = None,
+    num_classes: int | None = None,
+) -> tuple[nn.Module | None, str | None]:
+    """The PyTorch model to check parity against, or None and the reason there is none.
+
+    ``spec``/``weights`` when given; else the model spec and weights file that prunekit
+    recorded in the ONNX file (the weights path is relative to the ONNX file's folder).
+    """
+    from prunekit.models import load_model
+
+    if spec is not None:
+        return load_model(spec, weights, num_classes).model, None
+    recorded = meta.get("model")
+    if not recorded:
+        return None, "the file records no model spec; pass --torch SPEC --weights FILE"
+    if not meta.get("weights_file"):
+        if recorded.startswith("sample:"):  # the shipped weights
+            return load_model(recorded, None, num_classes).model, None
+        return None, (
+            f"the file records model {recorded} but no weights file; pass --torch "
+            f"{recorded} --weights FILE"
+        )
+    sibling = onnx_file.parent / meta["weights_file"]
+    if not sibling.is_file():
+        return None, (
+            f"the recorded weights {sibling} are not there; pass --torch {recorded} --weights FILE"
+        )
+    return load_model(recorded, sibling, num_classes).model, None
 
 
 def session_settings(session, options: ValidateOptions) -> dict[str, Any]:
@@ -209,8 +248,12 @@ def validate(
     baseline: Path | None = None,
     torch_model: nn.Module | None = None,
     reference_accuracy: float | None = None,
+    parity_skipped: str | None = None,
 ) -> dict[str, Any]:
-    """Everything ``prunekit validate`` reports; ``passed`` is false when a gate fails."""
+    """Everything ``prunekit validate`` reports; ``passed`` is false when a gate fails.
+
+    ``parity_skipped`` says why there is no ``torch_model`` to compare with; it is reported.
+    """
     options.check()
     session = open_session(onnx_path, options)
     check_input_fits(session, onnx_path, sample_shape)
@@ -225,13 +268,25 @@ def validate(
         "failures": [],
     }
     logits, labels = run_logits(session, dataset)
-    report["accuracy"] = float((logits.argmax(1) == labels).mean())
+    labeled = bool((labels != UNLABELED).any())
+    if labeled and labels.max() >= logits.shape[1]:
+        raise ModelMismatchError(
+            f"the data has labels up to {int(labels.max())} but {onnx_path} has "
+            f"{logits.shape[1]} outputs; pass the --data the model was trained on"
+        )
+    if not labeled and options.max_accuracy_drop is not None:
+        raise UsageError(
+            "--max-accuracy-drop needs labeled data; this data has no labels, so no accuracy"
+        )
+    report["accuracy"] = float((logits.argmax(1) == labels).mean()) if labeled else None
     if baseline is not None:
         base_logits, _ = run_logits(sessions["baseline"], dataset)
-        report["baseline_accuracy"] = reference_accuracy = float(
-            (base_logits.argmax(1) == labels).mean()
+        report["baseline_accuracy"] = reference_accuracy = (
+            float((base_logits.argmax(1) == labels).mean()) if labeled else None
         )
-    if torch_model is not None:
+    if torch_model is None:
+        report["parity_skipped"] = parity_skipped or "no PyTorch model was given"
+    else:
         check_pair(onnx_path, torch_model)
         report["parity"] = parity(logits, torch_logits(torch_model, dataset))
         if not report["parity"]["passed"]:

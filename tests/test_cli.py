@@ -208,8 +208,14 @@ def test_out_exists_without_force(tmp_path):
     args = (*MLP_HALF, "--out", str(out))
     assert_error(prune(*args), 2, f"{out} already exists", "--force")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    # --force replaces prunekit outputs only, never a folder of the user's
+    assert_error(prune(*args, "--force"), 2, "not a prunekit output", "pick another --out")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    assert prune(*args).exit_code == 0
     assert prune(*args, "--force").exit_code == 0
     assert sorted(p.name for p in out.iterdir()) == [
+        ".prunekit-output",
         "model.compact.safetensors",
         "model.safetensors",
         "report.json",

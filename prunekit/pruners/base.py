@@ -10,6 +10,7 @@ are set to -inf by the pipeline, so a pruner never has to care about them.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -74,6 +75,8 @@ class Param:
             raise UsageError(
                 f"--param {self.name}={raw}: expected a {kind.__name__} ({self.help})"
             ) from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--param {self.name}={raw}: must be a finite number ({self.help})")
         if self.choices is not None and value not in self.choices:
             raise UsageError(f"--param {self.name}={raw}: choose one of {', '.join(self.choices)}")
         if self.minimum is not None:

@@ -1,0 +1,35 @@
+"""safetensors reads and writes with prunekit's errors: OSError for a failed write (disk
+full, permission), InputFileError for a file that is not safetensors."""
+
+from __future__ import annotations
+
+import errno
+import re
+from pathlib import Path
+
+import torch
+
+from prunekit.errors import InputFileError
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]):
+    """safetensors' save_file; its Rust I/O errors come back as OSError with their errno."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as exc:
+        code = re.search(r"code: (\d+)", str(exc))
+        number = int(code[1]) if code else errno.EIO
+        raise OSError(number, f"writing safetensors failed: {exc}", str(path)) from exc
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise InputFileError(f"{path} is not a valid safetensors file ({exc})") from exc
