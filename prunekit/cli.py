@@ -360,6 +360,7 @@ def prune(
         validate=validate,
         out=out,
         force=force,
+        command=(Path(sys.argv[0]).name, *sys.argv[1:]),
     )
     report = run(config, RichReporter())
     _warn(report["warnings"])
@@ -526,11 +527,6 @@ def _print_validation(v: dict[str, Any]) -> None:
         f"{session['intra_op_threads']}, {session['graph_optimization']}): accuracy "
         f"{accuracy}" + (f", baseline {baseline:.2%}" if baseline is not None else "")
     )
-    if "parity_skipped" in v:
-        err.print(
-            f"[yellow]warning:[/yellow] parity with PyTorch not checked: {v['parity_skipped']}",
-            highlight=False,
-        )
     if "parity" in v:
         p = v["parity"]
         console.print(
@@ -853,6 +849,8 @@ def validate_command(
     result = validate(
         onnx_file, splits.test, splits.input_shape, options, baseline, model, reference, skipped
     )
+    if skipped:
+        _warn([f"parity with PyTorch not checked: {skipped}"])
     if as_json:
         _print_json(result)
     else:

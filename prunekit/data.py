@@ -40,13 +40,16 @@ class Splits:
     labeled: bool = True  # False: labels are UNLABELED; no accuracy, no empirical Fisher
 
     def __post_init__(self) -> None:
-        n_train, n_test = len(self.train), len(self.test)  # type: ignore[arg-type]
-        if n_train < MIN_TRAIN or n_test < MIN_TEST:
-            raise InputFileError(
-                f"{self.spec} gives {n_train} training and {n_test} test samples; prunekit "
-                f"needs at least {MIN_TRAIN} and {MIN_TEST} ({MIN_TRAIN + MIN_TEST} samples "
-                "in one file): add data"
-            )
+        check_sizes(self.spec, len(self.train), len(self.test))  # type: ignore[arg-type]
+
+
+def check_sizes(spec: str, n_train: int, n_test: int) -> None:
+    if n_train < MIN_TRAIN or n_test < MIN_TEST:
+        raise InputFileError(
+            f"{spec} gives {n_train} training and {n_test} test samples; prunekit needs at "
+            f"least {MIN_TRAIN} and {MIN_TEST} ({MIN_TRAIN + MIN_TEST} samples in one file): "
+            "add data"
+        )
 
 
 def _permutation(n: int) -> torch.Tensor:
@@ -77,6 +80,7 @@ def _from_tensors(
 ) -> Splits:
     _check_pair(f"{spec} (train)", x_train, y_train)
     _check_pair(f"{spec} (test)", x_test, y_test)
+    check_sizes(spec, len(x_train), len(x_test))
     shape = tuple(x_train.shape[1:])
     x_train, x_test = prep.tensors(x_train, spec), prep.tensors(x_test, spec)
     train = TensorDataset(x_train, y_train.long())

@@ -93,7 +93,7 @@ def check_writable(out: Path, force: bool, kind: str = "folder") -> None:
             f"--out {out} is the current folder or one above it; prunekit writes a folder of "
             "its own: name a new one, e.g. --out prunekit-out/run1"
         )
-    if os.path.lexists(out) and not _empty_folder(out):
+    if os.path.lexists(out) and not (kind == "folder" and _empty_folder(out)):
         mode = os.lstat(out).st_mode
         if kind == "folder" and not stat.S_ISDIR(mode):
             what = "a file" if stat.S_ISREG(mode) else "a link, device or other special file"

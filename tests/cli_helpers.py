@@ -40,4 +40,4 @@ def assert_error(result: Result, code: int, *fragments: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert "Traceback" not in result.output
     for fragment in fragments:
-        assert fragment in lines[0]
+        assert fragment in lines[0], lines[0]

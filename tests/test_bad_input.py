@@ -1,0 +1,488 @@
+"""Bad input and faults through the CLI: exit code, the one-line message, and what is left on
+disk. One test per finding of the fault trial (issue 11)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from prunekit.models import load_model
+from tests.cli_helpers import CNN_HALF, MLP_HALF, assert_error, invoke, prune, prune_report
+
+ALL_NUMPY_DIGITS = 40
+
+
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path, monkeypatch):
+    """Runs without --out write prunekit-out/ here, never into the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
+def digits_like(path: Path, n: int = ALL_NUMPY_DIGITS, **override) -> Path:
+    """An .npz of n digits-shaped samples with labels 0..9 (``override`` replaces x or y)."""
+    rng = np.random.default_rng(0)
+    arrays = {
+        "x": rng.random((n, 1, 8, 8), dtype=np.float32),
+        "y": np.arange(n) % 10,
+    }
+    arrays.update(override)
+    np.savez(path, **arrays)
+    return path
+
+
+def data_arg(path: Path) -> tuple[str, str]:
+    return "--data", f"tensors:{path}"
+
+
+# --- wrong results with exit 0 -------------------------------------------------------------
+
+
+def test_labels_shaped_n_by_1_are_refused(tmp_path):
+    path = digits_like(tmp_path / "d.npz", y=(np.arange(40) % 10)[:, None])
+    result = prune(*CNN_HALF, *data_arg(path), "--out", str(tmp_path / "o"))
+    assert_error(result, 2, "y has shape (40, 1)", "y.reshape(-1)")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("pruner", ["magnitude", "woodfisher", "snip"])
+def test_labels_beyond_the_model_outputs(tmp_path, pruner):
+    path = digits_like(tmp_path / "d.npz", y=np.where(np.arange(40) == 3, 50, np.arange(40) % 10))
+    result = prune("sample:digits-cnn", "-p", pruner, "-s", "0.5", *data_arg(path))
+    assert_error(result, 1, "labels up to 50", "10 outputs", "--num-classes")
+
+
+def test_nan_in_input_data(tmp_path):
+    x = np.random.default_rng(0).random((40, 1, 8, 8), dtype=np.float32)
+    x[7, 0, 2, 2] = np.nan
+    result = prune(*CNN_HALF, *data_arg(digits_like(tmp_path / "d.npz", x=x)))
+    assert_error(result, 2, "x holds NaN or Inf", "sample")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_in_an_excluded_weight_is_refused_and_named(tmp_path, value):
+    state = load_model("sample:digits-cnn").model.state_dict()
+    state["classifier.3.weight"][0, 0] = value  # the last layer, excluded from pruning
+    path = tmp_path / "w.pt"
+    torch.save(state, path)
+    out = tmp_path / "o"
+    result = prune(
+        *CNN_HALF, "--weights", str(path), "--exclude", "classifier.3.*", "--out", str(out)
+    )
+    assert_error(result, 2, "classifier.3.weight holds 1 NaN/Inf", str(path))
+    assert not out.exists()
+
+
+def test_one_negative_label_is_an_error_not_unlabeled(tmp_path):
+    y = np.arange(40) % 10
+    y[17] = -3
+    result = prune(*CNN_HALF, *data_arg(digits_like(tmp_path / "d.npz", y=y)))
+    assert_error(result, 2, "label -3 at sample", "0..C-1")
+
+
+def test_float_labels_are_refused(tmp_path):
+    path = digits_like(tmp_path / "d.npz", y=(np.arange(40) % 10).astype(np.float32))
+    assert_error(prune(*CNN_HALF, *data_arg(path)), 2, "y is float32", "integer class")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A pruned run with ONNX exports (module-wide: validate tests only read it)."""
+    out = tmp_path_factory.mktemp("run") / "o"
+    prune_report(*CNN_HALF, "--export", "safetensors,onnx", "--out", str(out))
+    return out
+
+
+def test_validate_unlabeled_data_has_no_accuracy_and_no_gate(tmp_path, exported):
+    x = np.random.default_rng(0).random((20, 1, 8, 8), dtype=np.float32)
+    np.savez(tmp_path / "u.npz", x=x)
+    spec = f"tensors:{tmp_path / 'u.npz'}"
+    args = ("validate", str(exported / "model.onnx"), "--data", spec, "--runs", "2")
+    result = invoke(*args, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["accuracy"] is None
+    assert_error(invoke(*args, "--max-accuracy-drop", "0.01"), 2, "needs labeled data")
+
+
+@pytest.mark.parametrize("value", ["nan", "-0.1", "1.5"])
+def test_validate_accuracy_gate_values(exported, value):
+    result = invoke("validate", str(exported / "model.onnx"), "--max-accuracy-drop", value)
+    assert_error(result, 2, f"--max-accuracy-drop {float(value)}", "[0, 1]")
+
+
+def test_validate_checks_parity_of_a_prunekit_export(tmp_path, exported):
+    onnx_file = tmp_path / "m.onnx"
+    weights = exported / "model.safetensors"
+    args = ("export", "sample:digits-cnn", "--weights", str(weights), "--out", str(onnx_file))
+    assert invoke(*args).exit_code == 0
+    result = invoke("validate", str(onnx_file), "--runs", "2", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["parity"]["passed"] and "parity_skipped" not in report
+
+
+def test_validate_says_when_parity_is_skipped(tmp_path, exported):
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes((exported / "model.safetensors").read_bytes())
+    onnx_file = tmp_path / "m.onnx"
+    args = ("export", "sample:digits-cnn", "--weights", str(weights), "--out", str(onnx_file))
+    assert invoke(*args).exit_code == 0
+    weights.unlink()
+    result = invoke("validate", str(onnx_file), "--runs", "2", "--json")
+    assert result.exit_code == 0, result.output
+    assert "are not there" in json.loads(result.stdout)["parity_skipped"]
+    assert "warning: parity with PyTorch not checked" in result.stderr
+
+
+# --- where outputs go ----------------------------------------------------------------------
+
+
+def test_out_dot_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.txt").write_text("keep")
+    for out in (".", "..", "./"):
+        assert_error(prune(*MLP_HALF, "--out", out, "--force"), 2, "current folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
+
+
+def test_out_that_is_a_device_or_file_is_refused(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    assert_error(prune(*MLP_HALF, "--out", str(fifo), "--force"), 2, "special file", "--out")
+    assert fifo.is_fifo()
+    plain = tmp_path / "plain.txt"
+    plain.write_text("mine")
+    assert_error(prune(*MLP_HALF, "--out", str(plain), "--force"), 2, "is a file, not a folder")
+    assert plain.read_text() == "mine"
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    result = invoke("export", "sample:digits-mlp", "--out", str(folder), "--force")
+    assert_error(result, 2, "is a folder, not a file")
+
+
+# --- tracebacks turned into one-line errors ------------------------------------------------
+
+
+def test_x_and_y_of_different_lengths(tmp_path):
+    path = digits_like(tmp_path / "d.npz", y=np.arange(39) % 10)
+    assert_error(prune(*CNN_HALF, *data_arg(path)), 2, "x has 40 samples and y 39")
+
+
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_datasets_too_small(tmp_path, n):
+    path = digits_like(tmp_path / "d.npz", n=n)
+    assert_error(prune(*CNN_HALF, *data_arg(path)), 2, "prunekit needs at least", "add data")
+
+
+def test_three_samples_are_enough(tmp_path):
+    path = digits_like(tmp_path / "d.npz", n=3)
+    args = ("sample:digits-cnn", "-p", "woodfisher", "-s", "0.5", *data_arg(path))
+    report = prune_report(*args, "--out", str(tmp_path / "o"))
+    assert report["sparsity"]["achieved"] == pytest.approx(0.5, abs=1e-3)
+    assert any("num_grads lowered from 1000 to 2" in w for w in report["warnings"])
+
+
+def test_explicit_num_grads_beyond_the_split_is_an_error(tmp_path):
+    path = digits_like(tmp_path / "d.npz", n=20)
+    result = prune(
+        "sample:digits-cnn", "-p", "woodfisher", "-s", "0.5", *data_arg(path),
+        "--param", "num_grads=1000",
+    )  # fmt: skip
+    assert_error(result, 2, "num_grads=1000", "lower --param num_grads")
+
+
+def test_disk_full_in_the_safetensors_writer(tmp_path, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '
+            'space left on device" })'
+        )
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    out = tmp_path / "o"
+    result = prune(*MLP_HALF, "--out", str(out))
+    assert_error(result, 1, "writing safetensors failed", "the disk is full")
+    assert list(tmp_path.iterdir()) == []  # no output, no staging folder
+
+
+def test_inconsistent_compact_index(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from prunekit.compact import save_compact
+    from prunekit.export import read_metadata
+
+    path = tmp_path / "m.compact.safetensors"
+    state = load_model("sample:digits-cnn").model.state_dict()
+    state["features.0.weight"][:, :, :2] = 0
+    save_compact(state, path, {})
+    tensors, meta = load_file(path), read_metadata(path)
+    del tensors["features.0.weight::mask"]
+    save_file(tensors, path, metadata=meta)
+    result = invoke("densify", str(path), str(tmp_path / "d.safetensors"))
+    assert_error(result, 2, "compact index is inconsistent", "features.0.weight::mask")
+    assert not (tmp_path / "d.safetensors").exists()
+
+
+SWEEP = ("sweep", *MLP_HALF[:1], "--pruners", "magnitude", "--sparsities", "0.5,0.6")
+
+
+@pytest.mark.parametrize("victim", ["cells/magnitude_s0.5_seed0.json", "sweep.json"])
+def test_corrupt_sweep_files(tmp_path, victim):
+    out = tmp_path / "sw"
+    assert invoke(*SWEEP, "--out", str(out)).exit_code == 0
+    (out / victim).write_text("{not json")
+    assert_error(invoke(*SWEEP, "--out", str(out)), 2, "is corrupt", "delete")
+
+
+def test_interrupted_sweep_says_how_many_cells_are_kept(tmp_path, monkeypatch):
+    import prunekit.pipeline
+
+    real, calls = prunekit.pipeline.execute, []
+
+    def execute(config, reporter=None):
+        calls.append(config)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(config, reporter)
+
+    monkeypatch.setattr(prunekit.pipeline, "execute", execute)
+    result = invoke(*SWEEP, "--out", str(tmp_path / "sw"))
+    assert result.exit_code == 130
+    assert "interrupted; 1 of 2 cells are kept" in result.stderr
+    assert "nothing was written" not in result.stderr
+
+
+def _images(root: Path, sizes: list[tuple[int, int]]) -> None:
+    from PIL import Image
+
+    for i, (h, w) in enumerate(sizes):
+        folder = root / f"class{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((h, w), 40 * i, np.uint8)).save(folder / f"{i}.png")
+
+
+def test_image_folder_of_mixed_sizes_loads_at_one_size(tmp_path):
+    from prunekit.data import load_data
+
+    _images(tmp_path / "imgs", [(8, 8), (20, 6), (6, 30), (9, 9), (8, 12), (30, 30)])
+    splits = load_data(f"imagefolder:{tmp_path / 'imgs'}")
+    shapes = {tuple(splits.train[i][0].shape) for i in range(len(splits.train))}
+    shapes |= {tuple(splits.test[i][0].shape) for i in range(len(splits.test))}
+    assert shapes == {(3, 8, 8)}
+
+
+def test_unreadable_image_is_named(tmp_path):
+    _images(tmp_path / "imgs", [(8, 8)] * 6)
+    bad = tmp_path / "imgs" / "class0" / "bad.png"
+    bad.write_bytes(b"not an image")
+    result = prune(
+        "torchvision:resnet18", "-p", "woodfisher", "-s", "0.5",
+        "--data", f"imagefolder:{tmp_path / 'imgs'}", "--param", "num_grads=4",
+    )  # fmt: skip
+    assert_error(result, 2, "cannot read image", "bad.png")
+
+
+FACTORY = """
+from torch import nn
+
+def net():
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+"""
+
+
+def test_factory_in_the_current_folder_and_num_classes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "localmodels", raising=False)
+    (tmp_path / "localmodels.py").write_text(FACTORY)
+    report = prune_report("localmodels:net", "-p", "magnitude", "-s", "0.5", "--data", "digits")
+    assert any("randomly initialised" in w for w in report["warnings"])
+    args = ("-p", "magnitude", "-s", "0.5", "--data", "digits")
+    result = prune("localmodels:net", *args, "--num-classes", "10", "--out", "o2")
+    assert_error(result, 2, "has no num_classes argument", "drop --num-classes")
+    missing = prune("nowhere_models:net", *args, "--out", "o3")
+    assert_error(missing, 2, "cannot import model factory", "current folder")
+
+
+# --- plugins -------------------------------------------------------------------------------
+
+
+def test_plugin_that_exits_or_prints_at_import(tmp_path, monkeypatch):
+    from tests.fake_plugins import GOOD, install, unique
+
+    exiting, chatty = unique("exiting"), unique("chatty")
+    install(
+        tmp_path / "site",
+        monkeypatch,
+        "odd-plugins",
+        {exiting: "raise SystemExit(3)", chatty: "print('hello from import')\n" + GOOD},
+        {"exiting": f"{exiting}:P", "chatty": f"{chatty}:Fixed"},
+    )
+    monkeypatch.setenv("PRUNEKIT_PLUGINS", "odd-plugins")
+    listing = invoke("pruners", "list", "--json")
+    assert listing.exit_code == 0
+    rows = {r["name"]: r for r in json.loads(listing.stdout)}  # stdout is JSON only
+    assert "SystemExit" in rows["exiting"]["error"] and rows["chatty"]["error"] is None
+    assert "hello from import" in listing.stderr
+
+
+def test_pruner_hidden_by_the_plugin_filter(monkeypatch):
+    monkeypatch.setenv("PRUNEKIT_PLUGINS", "")
+    result = prune("sample:digits-mlp", "-p", "fishleg", "-s", "0.5")
+    assert_error(result, 2, "pruner 'fishleg' from prunekit-fishleg is hidden", "PRUNEKIT_PLUGINS")
+
+
+# --- messages ------------------------------------------------------------------------------
+
+
+def test_random_bytes_are_not_a_checkpoint(tmp_path):
+    path = tmp_path / "w.pt"
+    path.write_bytes(os.urandom(256).replace(b"\x80", b"\x00"))
+    result = prune(*CNN_HALF, "--weights", str(path))
+    assert_error(result, 2, "is not a PyTorch checkpoint")
+    assert "--trust-checkpoint" not in result.stderr
+
+
+def test_folder_as_weights(tmp_path):
+    assert_error(prune(*CNN_HALF, "--weights", str(tmp_path)), 2, "is a folder")
+
+
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_non_finite_hyperparameter(value):
+    result = prune("sample:digits-mlp", "-p", "woodfisher", "-s", "0.5", "--param", f"damp={value}")
+    assert_error(result, 2, f"--param damp={value}: must be a finite number")
+
+
+def test_os_errors_name_their_own_fix():
+    import errno
+
+    from prunekit.cli import os_error_line
+
+    exists = os_error_line(FileExistsError(errno.EEXIST, "File exists", "x"))
+    assert "already exists" in exists and "free space" not in exists
+    assert "the disk is full" in os_error_line(OSError(errno.ENOSPC, "No space", "x"))
+    assert "permission" in os_error_line(PermissionError(errno.EACCES, "Denied", "x"))
+
+
+# --- trust and the report ------------------------------------------------------------------
+
+
+def test_trusted_checkpoint_is_warned_and_recorded(tmp_path):
+    path = tmp_path / "whole.pt"
+    torch.save(load_model("sample:digits-mlp").model, path)
+    args = (*MLP_HALF, "--weights", str(path), "--trust-checkpoint", "--out", str(tmp_path / "o"))
+    result = prune(*args, "--json")
+    assert result.exit_code == 0, result.output
+    assert f"warning: --trust-checkpoint: {path} was unpickled" in result.stderr
+    assert json.loads(result.stdout)["trusted_checkpoint"] == str(path)
+
+
+def test_report_records_versions_command_time_and_counts(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["prunekit", "prune", *CNN_HALF, "--out", "rel/o"])
+    report = prune_report(*CNN_HALF, "--out", "rel/o")
+    assert set(report["versions"]) == {"prunekit", "torch", "onnx", "onnxruntime", "python"}
+    assert report["versions"]["torch"] == torch.__version__
+    assert report["created"].endswith("+00:00")
+    assert report["command"] == "prunekit prune sample:digits-cnn -p magnitude -s 0.5 --out rel/o"
+    params = dict(load_model("sample:digits-cnn").model.named_parameters())
+    total = sum(p.numel() for p in params.values())
+    removed = sum(round(f * params[n].numel()) for n, f in report["sparsity"]["per_tensor"].items())
+    assert report["parameters"] == {"total": total, "nonzero": total - removed}
+    assert report["outputs"][0] == "rel/o/model.safetensors"  # relative, as given
+    assert report["weights"] == "shipped"
+
+
+# --- N:M and leftovers ---------------------------------------------------------------------
+
+
+def test_nm_mask_leaves_misfit_layers_dense_with_a_warning(tmp_path):
+    report = prune_report("sample:digits-cnn", "-p", "magnitude", "-s", "0.5", "--mask", "2:4")
+    assert any("left dense features.0.weight" in w for w in report["warnings"])
+    assert "features.0.weight" not in report["sparsity"]["per_tensor"]
+    assert report["sparsity"]["per_tensor"]["features.2.weight"] == 0.5
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_stale_staging_of_a_killed_run_is_cleaned(tmp_path):
+    from prunekit.outputs import _host
+
+    dead = tmp_path / f".o.staging-{_host()}-{_dead_pid()}-0123abcd"
+    live = tmp_path / f".o.staging-{_host()}-{os.getpid()}-0123abcd"
+    other = tmp_path / ".o.something-else"
+    for folder in (dead, live, other):
+        folder.mkdir()
+        (folder / "model.safetensors").write_text("x")
+    report = prune_report(*MLP_HALF, "--out", str(tmp_path / "o"))
+    assert any(f"removed {dead}, left by a killed run" in w for w in report["warnings"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["o", live.name, other.name])
+
+
+KILLED_MID_WRITE = """
+import os, signal, sys
+from pathlib import Path
+from prunekit.outputs import staged_dir
+with staged_dir(Path(sys.argv[1]), force=True) as stage:
+    (stage / "report.json").write_text("new")
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_kill_mid_write_keeps_the_old_output(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "report.json").write_text("old")
+    done = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, str(out)], check=False)
+    assert done.returncode == -9
+    assert (out / "report.json").read_text() == "old"
+    assert len(list(tmp_path.iterdir())) == 2  # the killed run's staging folder
+    report = prune_report(*MLP_HALF, "--out", str(out), "--force")
+    assert any("left by a killed run" in w for w in report["warnings"])
+    assert [p.name for p in tmp_path.iterdir()] == ["o"]
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_force_replace_is_one_step_and_leaks_nothing(tmp_path, monkeypatch, exchange):
+    from prunekit import outputs
+
+    if not exchange:  # where renameat2 is missing: the three-rename fallback
+        monkeypatch.setattr(outputs, "_renameat2", lambda src, dst, flags: False)
+    out = tmp_path / "o"
+    for content in ("first", "second"):
+        with outputs.staged_dir(out, force=True) as stage:
+            (stage / "report.json").write_text(content)
+    assert (out / "report.json").read_text() == "second"
+    # two runs with --force finishing in turn: the last one wins, nothing is leaked
+    with outputs.staged_dir(out, force=True) as a, outputs.staged_dir(out, force=True) as b:
+        (a / "report.json").write_text("a")
+        (b / "report.json").write_text("b")
+    assert (out / "report.json").read_text() == "a"
+    assert [p.name for p in tmp_path.iterdir()] == ["o"]
+
+
+def test_concurrent_run_without_force_loses_cleanly(tmp_path):
+    from prunekit.errors import OutputExistsError
+    from prunekit.outputs import staged_dir
+
+    out = tmp_path / "o"
+    with (
+        pytest.raises(OutputExistsError, match="created by another run"),
+        staged_dir(out, force=False) as a,
+        staged_dir(out, force=False) as b,
+    ):
+        (a / "report.json").write_text("a")
+        (b / "report.json").write_text("b")
+    assert (out / "report.json").read_text() == "b"
+    assert [p.name for p in tmp_path.iterdir()] == ["o"]
