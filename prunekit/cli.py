@@ -137,6 +137,14 @@ def parse_params(items: list[str]) -> dict[str, str]:
     return params
 
 
+# Help panels of `prune` (and `sweep`), so ~30 options read in groups.
+TARGETS = "Targets"
+MODEL_DATA = "Model and data"
+STATISTICS = "Statistics and device"
+SCHEDULE = "Schedule and training"
+EXPORT = "Export and validation"
+OUTPUT = "Output"
+
 # Options shared by `prune`, `sweep` and `validate`.
 NormalizeOpt = Annotated[
     str | None,
@@ -144,13 +152,20 @@ NormalizeOpt = Annotated[
         "--normalize",
         help="Per-channel input normalisation: imagenet, cifar10 or MEAN/STD "
         "(e.g. 0.5,0.5,0.5/0.25,0.25,0.25). uint8 images are scaled to [0, 1] first.",
+        rich_help_panel=MODEL_DATA,
     ),
 ]
 ImageSizeOpt = Annotated[
     int | None,
-    typer.Option("--image-size", help="imagefolder: resize and centre-crop to N x N pixels."),
+    typer.Option(
+        "--image-size",
+        help="imagefolder: resize and centre-crop to N x N pixels.",
+        rich_help_panel=MODEL_DATA,
+    ),
 ]
-ScheduleOpt = Annotated[str, typer.Option("--schedule", help="oneshot, gradual or pbt.")]
+ScheduleOpt = Annotated[
+    str, typer.Option("--schedule", help="oneshot, gradual or pbt.", rich_help_panel=SCHEDULE)
+]
 RecomputeOpt = Annotated[
     str,
     typer.Option(
@@ -158,24 +173,54 @@ RecomputeOpt = Annotated[
         help="Split each pruning step into K sub-steps, recomputing the statistics before "
         "each; auto: enough that no sub-step of an OBS-style pruner removes over 25 % of the "
         "remaining weights (1 for the other pruners).",
+        rich_help_panel=SCHEDULE,
     ),
 ]
-StepsOpt = Annotated[int, typer.Option("--steps", help="gradual: number of pruning steps.")]
+StepsOpt = Annotated[
+    int, typer.Option("--steps", help="gradual: number of pruning steps.", rich_help_panel=SCHEDULE)
+]
 InitialOpt = Annotated[
-    float, typer.Option("--initial-sparsity", help="gradual: sparsity before the first step.")
+    float,
+    typer.Option(
+        "--initial-sparsity",
+        help="gradual: sparsity before the first step.",
+        rich_help_panel=SCHEDULE,
+    ),
 ]
 FinetuneOpt = Annotated[
-    int, typer.Option("--finetune-epochs", help="Epochs of masked fine-tuning after each step.")
+    int,
+    typer.Option(
+        "--finetune-epochs",
+        help="Epochs of masked fine-tuning after each step.",
+        rich_help_panel=SCHEDULE,
+    ),
 ]
 WarmupOpt = Annotated[
-    int, typer.Option("--warmup-epochs", help="pbt: dense epochs before the mask is chosen.")
+    int,
+    typer.Option(
+        "--warmup-epochs",
+        help="pbt: dense epochs before the mask is chosen.",
+        rich_help_panel=SCHEDULE,
+    ),
 ]
-EpochsOpt = Annotated[int, typer.Option("--epochs", help="pbt: epochs trained with the mask.")]
-LrOpt = Annotated[float, typer.Option("--lr", help="Learning rate.")]
-OptimizerOpt = Annotated[str, typer.Option("--optimizer", help="sgd or adam.")]
-LrScheduleOpt = Annotated[str, typer.Option("--lr-schedule", help="cosine, multistep, constant.")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", help="Training batch size.")]
-DecayOpt = Annotated[float, typer.Option("--weight-decay", help="Weight decay.")]
+EpochsOpt = Annotated[
+    int,
+    typer.Option("--epochs", help="pbt: epochs trained with the mask.", rich_help_panel=SCHEDULE),
+]
+LrOpt = Annotated[float, typer.Option("--lr", help="Learning rate.", rich_help_panel=SCHEDULE)]
+OptimizerOpt = Annotated[
+    str, typer.Option("--optimizer", help="sgd or adam.", rich_help_panel=SCHEDULE)
+]
+LrScheduleOpt = Annotated[
+    str,
+    typer.Option("--lr-schedule", help="cosine, multistep, constant.", rich_help_panel=SCHEDULE),
+]
+BatchOpt = Annotated[
+    int, typer.Option("--batch-size", help="Training batch size.", rich_help_panel=SCHEDULE)
+]
+DecayOpt = Annotated[
+    float, typer.Option("--weight-decay", help="Weight decay.", rich_help_panel=SCHEDULE)
+]
 
 
 def _recompute(text: str) -> int | None:
@@ -228,36 +273,57 @@ def prune(
     model: Annotated[
         str, typer.Argument(help="sample:NAME, cifar:ARCH, torchvision:ARCH or pkg.module:factory")
     ],
-    pruner: Annotated[str, typer.Option("--pruner", "-p", help="Criterion (see `pruners list`).")],
+    pruner: Annotated[
+        str,
+        typer.Option(
+            "--pruner", "-p", help="Criterion (see `pruners list`).", rich_help_panel=TARGETS
+        ),
+    ],
     sparsity: Annotated[
-        float, typer.Option("--sparsity", "-s", help="Fraction to remove, in [0, 1).")
+        float,
+        typer.Option(
+            "--sparsity", "-s", help="Fraction to remove, in [0, 1).", rich_help_panel=TARGETS
+        ),
     ],
     mask: Annotated[
-        str, typer.Option(help="global: one threshold; layer: each tensor to S; N:M (e.g. 2:4).")
+        str,
+        typer.Option(
+            help="global: one threshold; layer: each tensor to S; N:M (e.g. 2:4).",
+            rich_help_panel=TARGETS,
+        ),
     ] = "global",
     exclude: Annotated[
         list[str] | None,
-        typer.Option(help="Glob on dotted weight names to leave dense; repeatable."),
+        typer.Option(
+            help="Glob on dotted weight names to leave dense; repeatable.", rich_help_panel=TARGETS
+        ),
     ] = None,
     data: Annotated[
         str | None,
         typer.Option(
             help="digits, cifar10:DIR, imagefolder:DIR or tensors:FILE "
-            "(sample models bring their own)."
+            "(sample models bring their own).",
+            rich_help_panel=MODEL_DATA,
         ),
     ] = None,
     normalize: NormalizeOpt = None,
     image_size: ImageSizeOpt = None,
     weights: Annotated[
-        Path | None, typer.Option(help="State dict: .safetensors, .pt or .pth.")
+        Path | None,
+        typer.Option(help="State dict: .safetensors, .pt or .pth.", rich_help_panel=MODEL_DATA),
     ] = None,
     num_classes: Annotated[
         int | None,
-        typer.Option(help="Classes of a torchvision/factory model (default: from the data)."),
+        typer.Option(
+            help="Classes of a torchvision/factory model (default: from the data).",
+            rich_help_panel=MODEL_DATA,
+        ),
     ] = None,
     param: Annotated[
         list[str] | None,
-        typer.Option("--param", help="Pruner hyperparameter key=value; repeatable."),
+        typer.Option(
+            "--param", help="Pruner hyperparameter key=value; repeatable.", rich_help_panel=TARGETS
+        ),
     ] = None,
     schedule: ScheduleOpt = "oneshot",
     recompute: RecomputeOpt = "auto",
@@ -272,33 +338,69 @@ def prune(
     batch_size: BatchOpt = 64,
     weight_decay: DecayOpt = 5e-4,
     recalibrate_bn: Annotated[
-        bool, typer.Option(help="Re-estimate BatchNorm statistics on the calibration split.")
+        bool,
+        typer.Option(
+            "--recalibrate-bn",
+            help="Re-estimate BatchNorm statistics on the calibration split.",
+            rich_help_panel=SCHEDULE,
+        ),
     ] = False,
     memory_budget: Annotated[
         str | None,
-        typer.Option(help="Memory for statistics, e.g. 2GiB (default: a safe share of free)."),
+        typer.Option(
+            help="Memory for statistics, e.g. 2GiB (default: a safe share of free).",
+            rich_help_panel=STATISTICS,
+        ),
     ] = None,
-    verbose: Annotated[bool, typer.Option(help="Show the statistics memory plan.")] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:i].")] = "auto",
-    seed: Annotated[int, typer.Option(help="Seed for random criteria and re-initialisation.")] = 0,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose", help="Show the statistics memory plan.", rich_help_panel=STATISTICS
+        ),
+    ] = False,
+    device: Annotated[
+        str, typer.Option(help="auto, cpu or cuda[:i].", rich_help_panel=STATISTICS)
+    ] = "auto",
+    seed: Annotated[
+        int,
+        typer.Option(
+            help="Seed for random criteria and re-initialisation.", rich_help_panel=STATISTICS
+        ),
+    ] = 0,
     export: Annotated[
-        str, typer.Option(help="Formats to write: safetensors, onnx (comma-separated).")
+        str,
+        typer.Option(
+            help="Formats to write: safetensors, onnx (comma-separated).", rich_help_panel=EXPORT
+        ),
     ] = "safetensors",
     validate: Annotated[
-        bool, typer.Option(help="Validate the ONNX export in ONNX Runtime (implies onnx).")
+        bool,
+        typer.Option(
+            "--validate",
+            help="Validate the ONNX export in ONNX Runtime (implies onnx).",
+            rich_help_panel=EXPORT,
+        ),
     ] = False,
     out: Annotated[
-        Path | None, typer.Option(help="Output folder (default prunekit-out/MODEL-PRUNER-S).")
+        Path | None,
+        typer.Option(
+            help="Output folder (default prunekit-out/MODEL-PRUNER-S).", rich_help_panel=OUTPUT
+        ),
     ] = None,
-    force: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace OUT if it exists.", rich_help_panel=OUTPUT)
+    ] = False,
     trust_checkpoint: Annotated[
         bool,
         typer.Option(
-            help="Allow pickled (non weights-only) checkpoints. Only for files you trust."
+            "--trust-checkpoint",
+            help="Allow pickled (non weights-only) checkpoints. Only for files you trust.",
+            rich_help_panel=MODEL_DATA,
         ),
     ] = False,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print the report as one JSON object.")
+        bool,
+        typer.Option("--json", help="Print the report as one JSON object.", rich_help_panel=OUTPUT),
     ] = False,
 ) -> None:
     """Prune MODEL and write OUT/model.safetensors and OUT/report.json.
@@ -568,20 +670,39 @@ def sweep(
     model: Annotated[
         str, typer.Argument(help="sample:NAME, cifar:ARCH, torchvision:ARCH or pkg.module:factory")
     ],
-    pruners: Annotated[str, typer.Option(help="Comma-separated pruner names.")],
-    sparsities: Annotated[str, typer.Option(help="Comma-separated sparsities, e.g. 0.8,0.9.")],
-    out: Annotated[Path, typer.Option(help="Sweep folder (resumed if it exists).")],
-    seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0",
-    mask: Annotated[str, typer.Option(help="global, layer or N:M.")] = "global",
+    pruners: Annotated[
+        str, typer.Option(help="Comma-separated pruner names.", rich_help_panel=TARGETS)
+    ],
+    sparsities: Annotated[
+        str, typer.Option(help="Comma-separated sparsities, e.g. 0.8,0.9.", rich_help_panel=TARGETS)
+    ],
+    out: Annotated[
+        Path, typer.Option(help="Sweep folder (resumed if it exists).", rich_help_panel=OUTPUT)
+    ],
+    seeds: Annotated[
+        str, typer.Option(help="Comma-separated seeds.", rich_help_panel=TARGETS)
+    ] = "0",
+    mask: Annotated[
+        str, typer.Option(help="global, layer or N:M.", rich_help_panel=TARGETS)
+    ] = "global",
     data: Annotated[
-        str | None, typer.Option(help="Dataset spec (sample models bring their own).")
+        str | None,
+        typer.Option(
+            help="Dataset spec (sample models bring their own).", rich_help_panel=MODEL_DATA
+        ),
     ] = None,
     normalize: NormalizeOpt = None,
     image_size: ImageSizeOpt = None,
-    weights: Annotated[Path | None, typer.Option(help="State dict to start from.")] = None,
+    weights: Annotated[
+        Path | None, typer.Option(help="State dict to start from.", rich_help_panel=MODEL_DATA)
+    ] = None,
     param: Annotated[
         list[str] | None,
-        typer.Option("--param", help="key=value, given to the pruners that accept it."),
+        typer.Option(
+            "--param",
+            help="key=value, given to the pruners that accept it.",
+            rich_help_panel=TARGETS,
+        ),
     ] = None,
     schedule: ScheduleOpt = "oneshot",
     recompute: RecomputeOpt = "auto",
@@ -595,8 +716,15 @@ def sweep(
     lr_schedule: LrScheduleOpt = "cosine",
     batch_size: BatchOpt = 64,
     weight_decay: DecayOpt = 5e-4,
-    recalibrate_bn: Annotated[bool, typer.Option(help="Re-estimate BatchNorm statistics.")] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:i].")] = "auto",
+    recalibrate_bn: Annotated[
+        bool,
+        typer.Option(
+            "--recalibrate-bn", help="Re-estimate BatchNorm statistics.", rich_help_panel=SCHEDULE
+        ),
+    ] = False,
+    device: Annotated[
+        str, typer.Option(help="auto, cpu or cuda[:i].", rich_help_panel=STATISTICS)
+    ] = "auto",
 ) -> None:
     """Run a pruner x sparsity x seed grid; write results.csv, results.md and a plot.
 
@@ -702,11 +830,13 @@ def export(
     num_classes: Annotated[
         int | None, typer.Option(help="Classes of a torchvision/factory model.")
     ] = None,
-    dense: Annotated[bool, typer.Option(help="Write dense tensors / initializers only.")] = False,
-    trust_checkpoint: Annotated[
-        bool, typer.Option(help="Allow pickled checkpoints you trust.")
+    dense: Annotated[
+        bool, typer.Option("--dense", help="Write dense tensors / initializers only.")
     ] = False,
-    force: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    trust_checkpoint: Annotated[
+        bool, typer.Option("--trust-checkpoint", help="Allow pickled checkpoints you trust.")
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
 ) -> None:
     """Export MODEL (e.g. a pruned model.safetensors) to ONNX or compact safetensors.
@@ -773,7 +903,7 @@ def export(
 def densify(
     src: Annotated[Path, typer.Argument(help="Compact (or plain) safetensors file.")],
     dst: Annotated[Path, typer.Argument(help="Dense safetensors file to write.")],
-    force: Annotated[bool, typer.Option(help="Replace DST if it exists.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace DST if it exists.")] = False,
 ) -> None:
     """Write the dense tensors of a compact safetensors file, bit for bit.
 

@@ -486,3 +486,14 @@ def test_concurrent_run_without_force_loses_cleanly(tmp_path):
         (b / "report.json").write_text("b")
     assert (out / "report.json").read_text() == "b"
     assert [p.name for p in tmp_path.iterdir()] == ["o"]
+
+
+def test_prune_help_is_grouped_and_fits_80_columns(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    result = invoke("prune", "--help")
+    assert result.exit_code == 0
+    for panel in ("Targets", "Model and data", "Statistics and device", "Schedule and training"):
+        assert f"─ {panel} ─" in result.stdout
+    assert "─ Export and validation ─" in result.stdout and "─ Output ─" in result.stdout
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80
+    assert "--no-force" not in result.stdout  # flags are single switches
