@@ -1,4 +1,6 @@
-"""Sample models shipped with prunekit: weights, cards and the script that trains them."""
+"""Sample models shipped with prunekit: their architectures here; weights, cards and the
+script that trains them in the project's top-level ``sample_models/`` folder, which the wheel
+carries as ``prunekit/sample_models/files/``."""
 
 from __future__ import annotations
 
@@ -15,6 +17,14 @@ from prunekit.sample_models.architectures import DigitsCNN, DigitsMLP, DigitsRes
 HERE = Path(__file__).parent
 
 
+def _files() -> Path:
+    packaged = HERE / "files"  # a wheel install
+    return packaged if packaged.is_dir() else HERE.parents[1] / "sample_models"  # source tree
+
+
+FILES = _files()
+
+
 @dataclass(frozen=True)
 class SampleModel:
     name: str
@@ -23,11 +33,11 @@ class SampleModel:
 
     @property
     def weights(self) -> Path:
-        return HERE / f"{self.name}.safetensors"
+        return FILES / f"{self.name}.safetensors"
 
     @property
     def card_path(self) -> Path:
-        return HERE / f"{self.name}.json"
+        return FILES / f"{self.name}.json"
 
     def card(self) -> dict[str, Any]:
         return json.loads(self.card_path.read_text())

@@ -1,6 +1,6 @@
 """Train the sample models and write their weights and cards.
 
-    python -m prunekit.sample_models.train [--only NAME] [--out DIR]
+    python sample_models/train.py [--only NAME] [--out DIR]
 
 Deterministic on the CPU for a given torch version: fixed seed, fixed data split, one thread.
 """
@@ -17,7 +17,7 @@ import torch
 from prunekit.data import load_data
 from prunekit.evaluate import accuracy
 from prunekit.export import save_safetensors
-from prunekit.sample_models import HERE, SAMPLES
+from prunekit.sample_models import FILES, SAMPLES
 from prunekit.train import TrainConfig, train
 
 RECIPE = {
@@ -63,7 +63,7 @@ def train_one(name: str, out: Path) -> dict:
         "final_train_loss": round(history[-1]["loss"], 5),
         "recipe": RECIPE,
         "torch": torch.__version__,
-        "command": f"python -m prunekit.sample_models.train --only {name}",
+        "command": f"python sample_models/train.py --only {name}",
         "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
     }
     (out / f"{name}.json").write_text(json.dumps(card, indent=2) + "\n")
@@ -73,7 +73,7 @@ def train_one(name: str, out: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=sorted(SAMPLES), action="append")
-    parser.add_argument("--out", type=Path, default=HERE)
+    parser.add_argument("--out", type=Path, default=FILES)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.only or SAMPLES:
