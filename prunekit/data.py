@@ -9,6 +9,7 @@ on the same data.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,7 +156,9 @@ def _read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
             with np.load(path, allow_pickle=False) as arrays:
                 return {k: torch.from_numpy(arrays[k]) for k in arrays.files}
         if path.suffix in {".pt", ".pth"}:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # a damaged file is an error, not a warning
+                warnings.simplefilter("ignore", UserWarning)
+                loaded = torch.load(path, map_location="cpu", weights_only=True)
             if isinstance(loaded, dict):
                 return loaded
             raise InputFileError(f"{path} must hold a dict of tensors with keys x and y")
@@ -171,6 +174,11 @@ def _read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
 
 def _read_xy(path: Path) -> dict[str, torch.Tensor]:
     data = _read_tensor_file(path)
+    for key, value in data.items():
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            raise InputFileError(
+                f"{path}: {key} is not an array with one entry per sample; fix the file"
+            )
     for x_key, y_key in (("x", "y"), ("x_train", "y_train"), ("x_test", "y_test")):
         if x_key in data and y_key not in data:
             data[y_key] = torch.full((len(data[x_key]),), UNLABELED)

@@ -13,6 +13,7 @@ import importlib
 import inspect
 import pickle
 import sys
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,7 +189,9 @@ def read_state_dict(path: Path, trust: bool = False) -> dict[str, torch.Tensor]:
             "pickle); check that the file is complete and is what you meant"
         )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=not trust)
+        with warnings.catch_warnings():  # a damaged file is an error, not a warning
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as exc:
         if "weights_only" in str(exc) or "Weights only" in str(exc):
             raise InputFileError(
