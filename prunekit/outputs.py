@@ -1,22 +1,23 @@
 """Atomic outputs: a run writes into a staging folder that replaces OUT only on success.
 
-Staging folders and files are named ``.NAME.staging-HOST-PID-RANDOM`` beside NAME, so a run
-that was killed can be recognised later: a staging entry whose process is gone (same host)
-is removed by the next run that writes NAME. An existing output is replaced with one atomic
-exchange (Linux ``renameat2``), so a kill at any moment leaves either the old or the new
-output in place, never neither. ``--force`` replaces only what prunekit wrote: a folder with
-a ``report.json``, ``sweep.json`` or the ``.prunekit-output`` marker, or a regular file.
+Each run writing NAME takes a token and holds an ``flock`` on ``.NAME.lock-TOKEN`` for as
+long as it works; its staging folder or file is ``.NAME.staging-TOKEN``. A staging entry
+whose lock nobody holds belongs to a killed run: the next run writing NAME removes it (and
+says so). An existing output is replaced in one atomic exchange (Linux ``renameat2``), so a
+kill at any moment leaves the old or the new output in place. Where the exchange is missing,
+the old output is parked as ``.NAME.previous-TOKEN`` for the two renames, and put back by
+the next run if a kill came between them. ``--force`` replaces only what prunekit wrote.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
-import hashlib
+import fcntl
+import json
 import os
 import re
 import shutil
-import socket
 import stat
 import uuid
 from collections.abc import Iterator
@@ -26,45 +27,73 @@ from pathlib import Path
 from prunekit.errors import OutputExistsError, UsageError
 
 MARKER = ".prunekit-output"
-OUTPUT_SIGNS = ("report.json", "sweep.json", MARKER)
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
 _AT_FDCWD = -100
 
 
-def _host() -> str:
-    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+def _token() -> str:
+    return f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def staging_name(name: str) -> str:
-    return f".{name}.staging-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+def _entry(out: Path, kind: str, token: str) -> Path:
+    return out.with_name(f".{out.name}.{kind}-{token}")
 
 
-def _pid_alive(pid: int) -> bool:
+@contextmanager
+def _held(out: Path) -> Iterator[str]:
+    """A fresh token whose lock file is held (flock) until the block ends."""
+    token = _token()
+    lock = _entry(out, "lock", token)
+    fd = os.open(lock, os.O_CREAT | os.O_WRONLY, 0o644)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield token
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def clean_stale(out: Path) -> list[str]:
-    """Remove staging entries of OUT left by killed runs on this host; say what went."""
-    pattern = re.compile(rf"^\.{re.escape(out.name)}\.staging-([0-9a-f]{{8}})-(\d+)-[0-9a-f]{{8}}")
-    notes = []
+    """Tidy what killed runs left beside OUT; the notes say what was done."""
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
-        return notes
+        return []
+    pattern = re.compile(
+        rf"^\.{re.escape(out.name)}\.(staging|previous|lock)-(\d+-[0-9a-f]{{8}})(\.tmp)?$"
+    )
+    tokens: dict[str, list[Path]] = {}
     for entry in parent.iterdir():
         match = pattern.match(entry.name)
-        if not match or match[1] != _host() or _pid_alive(int(match[2])):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-        notes.append(f"removed {entry}, left by a killed run (process {match[2]})")
+        if match:
+            tokens.setdefault(match[2], []).append(entry)
+    notes = []
+    for token, entries in tokens.items():
+        lock = _entry(out, "lock", token)
+        fd = os.open(lock, os.O_CREAT | os.O_WRONLY, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live run
+            for entry in entries:
+                if entry == lock:
+                    continue
+                if entry.name.startswith(f".{out.name}.previous-") and not os.path.lexists(out):
+                    os.rename(entry, out)
+                    notes.append(f"restored {out} from {entry.name}, parked by a killed run")
+                    continue
+                _remove(entry)
+                notes.append(f"removed {entry}, left by a killed run")
+            lock.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
     return notes
 
 
@@ -79,8 +108,23 @@ def _empty_folder(path: Path) -> bool:
     return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
 
 
+def _json_keys(path: Path) -> set[str]:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return set()
+    return set(obj) if isinstance(obj, dict) else set()
+
+
 def is_prunekit_output(path: Path) -> bool:
-    return path.is_dir() and any((path / sign).is_file() for sign in OUTPUT_SIGNS)
+    """prunekit's marker, or a report.json / sweep.json with prunekit's own keys."""
+    if not path.is_dir():
+        return False
+    return (
+        (path / MARKER).is_file()
+        or {"model", "pruner", "sparsity", "schedule"} <= _json_keys(path / "report.json")
+        or {"model", "schedule", "mask", "data"} <= _json_keys(path / "sweep.json")
+    )
 
 
 def check_writable(out: Path, force: bool, kind: str = "folder") -> None:
@@ -101,13 +145,13 @@ def check_writable(out: Path, force: bool, kind: str = "folder") -> None:
         if kind == "file" and not stat.S_ISREG(mode):
             what = "a folder" if stat.S_ISDIR(mode) else "a link, device or other special file"
             raise UsageError(f"{out} is {what}, not a file prunekit can replace; pick another path")
-        if not force:
-            raise OutputExistsError(f"{out} already exists; pass --force to replace it")
         if kind == "folder" and not is_prunekit_output(out):
             raise UsageError(
-                f"{out} is not a prunekit output (no {' or '.join(OUTPUT_SIGNS)} in it); "
-                "--force replaces only prunekit outputs: pick another --out"
+                f"{out} exists and is not a prunekit output (no {MARKER} or prunekit "
+                "report.json in it); prunekit replaces only its own outputs: pick another --out"
             )
+        if not force:
+            raise OutputExistsError(f"{out} already exists; pass --force to replace it")
     folder = out.absolute().parent
     while not folder.exists():
         folder = folder.parent
@@ -118,9 +162,10 @@ def check_writable(out: Path, force: bool, kind: str = "folder") -> None:
 
 
 def prepare_output(out: Path, force: bool, kind: str = "folder") -> list[str]:
-    """check_writable, then remove what killed runs left beside OUT; the notes say what."""
+    """Tidy what killed runs left beside OUT (notes say what), then check_writable."""
+    notes = clean_stale(out)
     check_writable(out, force, kind)
-    return clean_stale(out)
+    return notes
 
 
 def _readable(path: Path) -> None:
@@ -146,7 +191,7 @@ def _renameat2(src: Path, dst: Path, flags: int) -> bool:
     raise OSError(code, os.strerror(code), str(dst))
 
 
-def _move_into_place(staging: Path, out: Path, force: bool) -> None:
+def _move_into_place(staging: Path, out: Path, force: bool, token: str) -> None:
     """Put ``staging`` at ``out``; if ``out`` exists, ``staging`` ends up holding the old one."""
     for _ in range(3):  # another run may create or remove OUT between the checks
         if _empty_folder(out):  # a folder the user made for us
@@ -170,11 +215,15 @@ def _move_into_place(staging: Path, out: Path, force: bool) -> None:
         check_writable(out, force)  # still a prunekit output?
         if _renameat2(staging, out, _RENAME_EXCHANGE):
             return
-        # No atomic exchange here: move the old output to a staging name (cleaned if we die).
-        old = out.with_name(staging_name(out.name))
-        os.rename(out, old)
-        os.rename(staging, out)
-        os.rename(old, staging)
+        # No atomic exchange here: park the old output where the next run can restore it.
+        previous = _entry(out, "previous", token)
+        os.rename(out, previous)
+        try:
+            os.rename(staging, out)
+        except BaseException:
+            os.rename(previous, out)
+            raise
+        os.rename(previous, staging)  # removed with the staging folder
         return
     raise OutputExistsError(f"{out} keeps changing under another run; try again")
 
@@ -184,15 +233,16 @@ def staged_dir(out: Path, force: bool) -> Iterator[Path]:
     """Yield an empty folder beside ``out``; move it into place only if the block succeeds."""
     check_writable(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(staging_name(out.name))
-    staging.mkdir(mode=0o755)
-    try:
-        yield staging
-        (staging / MARKER).write_text("written by prunekit\n")
-        _readable(staging)
-        _move_into_place(staging, out, force)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with _held(out) as token:
+        staging = _entry(out, "staging", token)
+        staging.mkdir(mode=0o755)
+        try:
+            yield staging
+            (staging / MARKER).write_text("written by prunekit\n")
+            _readable(staging)
+            _move_into_place(staging, out, force, token)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 @contextmanager
@@ -200,21 +250,23 @@ def staged_file(path: Path, force: bool) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it over ``path`` only on success."""
     check_writable(path, force, kind="file")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(staging_name(path.name) + ".tmp")
-    try:
-        yield tmp
-        _readable(tmp)
-        if not force and not _renameat2(tmp, path, _RENAME_NOREPLACE):
-            if os.path.lexists(path):
-                raise OutputExistsError(f"{path} was created by another run; nothing replaced")
-            os.replace(tmp, path)
-        elif force:
-            os.replace(tmp, path)
-    except OSError as exc:
-        if exc.errno == errno.EEXIST:
-            raise OutputExistsError(
-                f"{path} was created by another run while this one worked; nothing replaced"
-            ) from None
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)
+    with _held(path) as token:
+        staging = _entry(path, "staging", token)
+        tmp = staging.with_name(staging.name + ".tmp")
+        try:
+            yield tmp
+            _readable(tmp)
+            if force:
+                os.replace(tmp, path)
+            elif not _renameat2(tmp, path, _RENAME_NOREPLACE):
+                if os.path.lexists(path):
+                    raise OutputExistsError(f"{path} was created by another run; nothing replaced")
+                os.replace(tmp, path)
+        except OSError as exc:
+            if exc.errno == errno.EEXIST:
+                raise OutputExistsError(
+                    f"{path} was created by another run while this one worked; nothing replaced"
+                ) from None
+            raise
+        finally:
+            tmp.unlink(missing_ok=True)

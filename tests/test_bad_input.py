@@ -410,47 +410,74 @@ def test_nm_mask_leaves_misfit_layers_dense_with_a_warning(tmp_path):
     assert report["sparsity"]["per_tensor"]["features.2.weight"] == 0.5
 
 
-def _dead_pid() -> int:
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
-
-
 def test_stale_staging_of_a_killed_run_is_cleaned(tmp_path):
-    from prunekit.outputs import _host
+    from prunekit import outputs
 
-    dead = tmp_path / f".o.staging-{_host()}-{_dead_pid()}-0123abcd"
-    live = tmp_path / f".o.staging-{_host()}-{os.getpid()}-0123abcd"
+    out = tmp_path / "o"
+    dead = tmp_path / ".o.staging-111-0123abcd"  # its lock file is gone with its process
     other = tmp_path / ".o.something-else"
-    for folder in (dead, live, other):
+    for folder in (dead, other):
         folder.mkdir()
         (folder / "model.safetensors").write_text("x")
-    report = prune_report(*MLP_HALF, "--out", str(tmp_path / "o"))
-    assert any(f"removed {dead}, left by a killed run" in w for w in report["warnings"])
+    with outputs._held(out) as token:  # a live run, holding its lock
+        live = tmp_path / f".o.staging-{token}"
+        live.mkdir()
+        report = prune_report(*MLP_HALF, "--out", str(out))
+        assert f"removed {dead}, left by a killed run" in report["warnings"]
+        names = sorted(p.name for p in tmp_path.iterdir())
+        assert names == sorted(["o", live.name, other.name, f".o.lock-{token}"])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["o", live.name, other.name])
 
 
 KILLED_MID_WRITE = """
 import os, signal, sys
 from pathlib import Path
-from prunekit.outputs import staged_dir
-with staged_dir(Path(sys.argv[1]), force=True) as stage:
+from prunekit import outputs
+if sys.argv[2] == "fallback":  # no renameat2: die between the two renames of the replace
+    outputs._renameat2 = lambda src, dst, flags: False
+    real = os.rename
+    def rename(src, dst):
+        real(src, dst)
+        if ".previous-" in str(dst):
+            os.kill(os.getpid(), signal.SIGKILL)
+    os.rename = rename
+with outputs.staged_dir(Path(sys.argv[1]), force=True) as stage:
     (stage / "report.json").write_text("new")
-    os.kill(os.getpid(), signal.SIGKILL)
+    if sys.argv[2] == "writing":
+        os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
-def test_a_kill_mid_write_keeps_the_old_output(tmp_path):
+@pytest.mark.parametrize("when", ["writing", "fallback"])
+def test_a_kill_never_loses_the_old_output(tmp_path, when):
     out = tmp_path / "o"
     out.mkdir()
+    (out / ".prunekit-output").write_text("")
     (out / "report.json").write_text("old")
-    done = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, str(out)], check=False)
-    assert done.returncode == -9
+    script = [sys.executable, "-c", KILLED_MID_WRITE, str(out), when]
+    assert subprocess.run(script, check=False).returncode == -9
+    if when == "writing":
+        assert (out / "report.json").read_text() == "old"
+    else:  # parked, not deleted
+        assert not out.exists()
+        assert [p.name for p in tmp_path.glob(".o.previous-*")]
+    # without --force: the old output is put back (or kept), and not replaced
+    assert_error(prune(*MLP_HALF, "--out", str(out)), 2, "already exists", "--force")
     assert (out / "report.json").read_text() == "old"
-    assert len(list(tmp_path.iterdir())) == 2  # the killed run's staging folder
-    report = prune_report(*MLP_HALF, "--out", str(out), "--force")
-    assert any("left by a killed run" in w for w in report["warnings"])
     assert [p.name for p in tmp_path.iterdir()] == ["o"]
+    report = prune_report(*MLP_HALF, "--out", str(out), "--force")
+    assert report["model"] == "sample:digits-mlp"
+    assert [p.name for p in tmp_path.iterdir()] == ["o"]
+
+
+def test_force_never_replaces_a_folder_with_a_foreign_report(tmp_path):
+    out = tmp_path / "proj"
+    (out / "src").mkdir(parents=True)
+    (out / "report.json").write_text("{}")
+    (out / "src" / "main.py").write_text("code")
+    result = prune(*MLP_HALF, "--out", str(out), "--force")
+    assert_error(result, 2, "is not a prunekit output", "pick another --out")
+    assert (out / "src" / "main.py").read_text() == "code"
 
 
 @pytest.mark.parametrize("exchange", [True, False])

@@ -206,13 +206,14 @@ def test_out_exists_without_force(tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     args = (*MLP_HALF, "--out", str(out))
-    assert_error(prune(*args), 2, f"{out} already exists", "--force")
+    assert_error(prune(*args), 2, f"{out} exists and is not a prunekit output")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     # --force replaces prunekit outputs only, never a folder of the user's
     assert_error(prune(*args, "--force"), 2, "not a prunekit output", "pick another --out")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     (out / "keep.txt").unlink()
     assert prune(*args).exit_code == 0
+    assert_error(prune(*args), 2, f"{out} already exists", "--force")
     assert prune(*args, "--force").exit_code == 0
     assert sorted(p.name for p in out.iterdir()) == [
         ".prunekit-output",
