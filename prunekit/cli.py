@@ -852,6 +852,7 @@ def export(
     from prunekit.export import read_metadata, save_safetensors
     from prunekit.models import default_data, load_model
     from prunekit.outputs import prepare_output, staged_file
+    from prunekit.validate import file_sha256
 
     if format not in {"onnx", "safetensors"}:
         raise UsageError(f"--format {format}: use onnx or safetensors")
@@ -873,6 +874,7 @@ def export(
         metadata["data"] = data_spec
     if weights is not None:  # lets `prunekit validate` find them for its parity check
         metadata["weights_file"] = os.path.relpath(weights.absolute(), out.absolute().parent)
+        metadata["weights_sha256"] = file_sha256(weights)
     if num_classes:
         metadata["num_classes"] = str(num_classes)
     with staged_file(out, force) as tmp:
@@ -931,7 +933,12 @@ def validate_command(
     torch_model: Annotated[
         str | None, typer.Option("--torch", help="PyTorch model spec for the parity check.")
     ] = None,
-    weights: Annotated[Path | None, typer.Option(help="Weights of --torch.")] = None,
+    weights: Annotated[
+        Path | None,
+        typer.Option(
+            help="Weights for the parity model (--torch, or the spec recorded in the file)."
+        ),
+    ] = None,
     num_classes: Annotated[
         int | None, typer.Option(help="Classes of --torch (default: recorded in the file).")
     ] = None,
@@ -973,8 +980,7 @@ def validate_command(
         normalize = normalize or meta.get("normalize")
         image_size = image_size or (int(meta["image_size"]) if meta.get("image_size") else None)
     splits = load_data(spec, Preprocess(normalize, image_size))
-    classes = num_classes or (int(meta["num_classes"]) if meta.get("num_classes") else None)
-    model, skipped = parity_model(onnx_file, meta, torch_model, weights, classes)
+    model, skipped = parity_model(onnx_file, meta, torch_model, weights, num_classes)
     reference = float(meta["accuracy_dense"]) if "accuracy_dense" in meta else None
     result = validate(
         onnx_file, splits.test, splits.input_shape, options, baseline, model, reference, skipped

@@ -65,6 +65,7 @@ def _calibration_of(train: Dataset) -> Dataset:
 def _split_tensors(spec: str, x: torch.Tensor, y: torch.Tensor, prep: Preprocess) -> Splits:
     """Shuffle once with the fixed split seed; the last TEST_FRACTION is the test split."""
     _check_pair(spec, x, y)
+    y = _labels(spec, y)
     order = _permutation(len(x))
     n_test = max(MIN_TEST, round(len(x) * TEST_FRACTION)) if len(x) > MIN_TEST else 0
     train_idx, test_idx = order[: len(x) - n_test], order[len(x) - n_test :]
@@ -81,6 +82,7 @@ def _from_tensors(
 ) -> Splits:
     _check_pair(f"{spec} (train)", x_train, y_train)
     _check_pair(f"{spec} (test)", x_test, y_test)
+    y_train, y_test = _labels(spec, y_train), _labels(spec, y_test)
     check_sizes(spec, len(x_train), len(x_test))
     shape = tuple(x_train.shape[1:])
     x_train, x_test = prep.tensors(x_train, spec), prep.tensors(x_test, spec)
@@ -102,6 +104,16 @@ def _from_tensors(
     )
 
 
+def _labels(spec: str, y: torch.Tensor) -> torch.Tensor:
+    """Integer labels as int64 (unsigned types included); anything else is an error."""
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise InputFileError(
+            f"{spec}: y is {str(y.dtype).removeprefix('torch.')}; labels must be integer "
+            "class indices 0..C-1"
+        )
+    return y.to(torch.int64)  # uint64 beyond int64 wraps negative: refused as a label below
+
+
 def _check_pair(spec: str, x: torch.Tensor, y: torch.Tensor) -> None:
     """Same length, one integer label per sample (all -1: unlabeled), finite inputs."""
     if x.dim() == 0 or y.dim() == 0:
@@ -115,11 +127,7 @@ def _check_pair(spec: str, x: torch.Tensor, y: torch.Tensor) -> None:
             f"{spec}: y has shape {tuple(y.shape)}; labels must be one class index per sample, "
             "shape (N,): save y.reshape(-1) (or argmax of one-hot labels)"
         )
-    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
-        raise InputFileError(
-            f"{spec}: y is {str(y.dtype).removeprefix('torch.')}; labels must be integer "
-            "class indices 0..C-1"
-        )
+    y = _labels(spec, y)
     negative = (y < 0) & (y != UNLABELED)
     partly_unlabeled = bool((y == UNLABELED).any()) and not bool((y == UNLABELED).all())
     if negative.any() or partly_unlabeled:
@@ -172,17 +180,21 @@ def _read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
     raise InputFileError(f"{path}: use a .safetensors, .npz or .pt file for tensors:FILE")
 
 
+XY_KEYS = (("x", "y"), ("x_train", "y_train"), ("x_test", "y_test"))
+
+
 def _read_xy(path: Path) -> dict[str, torch.Tensor]:
     data = _read_tensor_file(path)
-    for key, value in data.items():
+    used = {k: v for k, v in data.items() if any(k in pair for pair in XY_KEYS)}
+    for key, value in used.items():
         if not isinstance(value, torch.Tensor) or value.dim() == 0:
             raise InputFileError(
                 f"{path}: {key} is not an array with one entry per sample; fix the file"
             )
-    for x_key, y_key in (("x", "y"), ("x_train", "y_train"), ("x_test", "y_test")):
-        if x_key in data and y_key not in data:
-            data[y_key] = torch.full((len(data[x_key]),), UNLABELED)
-    return data
+    for x_key, y_key in XY_KEYS:
+        if x_key in used and y_key not in used:
+            used[y_key] = torch.full((len(used[x_key]),), UNLABELED)
+    return used
 
 
 def _needs_xy(path: Path, data: dict[str, torch.Tensor], also: str = "") -> InputFileError:
@@ -299,6 +311,12 @@ def imagefolder(root: Path, prep: Preprocess) -> Splits:
         if (root / "train").is_dir() and test_dir is not None:
             train = datasets.ImageFolder(str(root / "train"), to_tensor, loader=_open_rgb)
             test = datasets.ImageFolder(str(test_dir), to_tensor, loader=_open_rgb)
+            if test.classes != train.classes:
+                raise InputFileError(
+                    f"image folder {root}: {test_dir.name}/ has classes "
+                    f"{', '.join(test.classes)} but train/ has {', '.join(train.classes)}; "
+                    f"give {test_dir.name}/ the same class folders as train/"
+                )
         else:  # split root/train when it stands alone, else root itself
             source = root / "train" if (root / "train").is_dir() else root
             full = datasets.ImageFolder(str(source), to_tensor, loader=_open_rgb)

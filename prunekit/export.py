@@ -67,12 +67,17 @@ def write_exports(
         files.append("model.compact.safetensors")
     if "onnx" in formats:
         from prunekit.onnx_export import export_onnx
+        from prunekit.validate import file_sha256
 
         export_onnx(
             model,
             input_shape,
             folder / "model.onnx",
-            {**metadata, "weights_file": "model.safetensors"},
+            {
+                **metadata,
+                "weights_file": "model.safetensors",
+                "weights_sha256": file_sha256(folder / "model.safetensors"),
+            },
         )
         assert dense_model is not None
         dense_meta = {**metadata, "pruner": "none (dense baseline)", "sparsity_target": "0.0"}

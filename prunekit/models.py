@@ -9,6 +9,7 @@ give ``--weights``) and ``package.module:factory`` (any callable returning an
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import pickle
@@ -97,14 +98,15 @@ def _import_factory(spec: str):
     added = "" not in sys.path and "." not in sys.path
     if added:
         sys.path.insert(0, "")
-    try:
-        return getattr(importlib.import_module(module_name), attr)
+    try:  # prints go to stderr (stdout may be --json); SystemExit is an error like any
+        with contextlib.redirect_stdout(sys.stderr):
+            return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise UnknownNameError(
             f"cannot import model factory '{spec}' ({type(exc).__name__}: {exc}); prunekit "
             f"looks in the current folder and the installed packages; use {SPEC_FORMS}"
         ) from exc
-    except Exception as exc:  # the module itself failed while importing
+    except (Exception, SystemExit) as exc:  # the module itself failed while importing
         raise UsageError(
             f"importing model factory '{spec}' failed ({type(exc).__name__}: {exc}); fix "
             "that module"
@@ -130,8 +132,9 @@ def _factory(spec: str, num_classes: int | None) -> nn.Module:
             "the argument to the factory"
         )
     try:
-        model = factory(num_classes=num_classes) if num_classes else factory()
-    except Exception as exc:
+        with contextlib.redirect_stdout(sys.stderr):
+            model = factory(num_classes=num_classes) if num_classes else factory()
+    except (Exception, SystemExit) as exc:
         raise UsageError(
             f"model factory '{spec}' failed ({type(exc).__name__}: {exc}); fix the factory"
         ) from exc
@@ -183,16 +186,16 @@ def read_state_dict(path: Path, trust: bool = False) -> dict[str, torch.Tensor]:
         return load_sparse(path)  # plain or compact (bitmask) form
     if path.suffix not in {".pt", ".pth", ".bin"}:
         raise InputFileError(f"{path}: weights must be .safetensors, .pt or .pth")
-    if not _looks_like_checkpoint(path):
-        raise InputFileError(
-            f"{path} is not a PyTorch checkpoint (neither a torch.save zip archive nor a "
-            "pickle); check that the file is complete and is what you meant"
-        )
     try:
         with warnings.catch_warnings():  # a damaged file is an error, not a warning
             warnings.simplefilter("ignore", UserWarning)
             obj = torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as exc:
+        if not _looks_like_checkpoint(path):
+            raise InputFileError(
+                f"{path} is not a PyTorch checkpoint (neither a torch.save zip archive nor a "
+                "pickle); check that the file is complete and is what you meant"
+            ) from exc
         if "weights_only" in str(exc) or "Weights only" in str(exc):
             raise InputFileError(
                 f"{path} contains pickled Python objects that safe loading refuses; re-save "
@@ -209,11 +212,12 @@ def read_state_dict(path: Path, trust: bool = False) -> dict[str, torch.Tensor]:
 
 
 def _looks_like_checkpoint(path: Path) -> bool:
-    """torch.save writes a zip archive (or, legacy, a pickle: protocol byte 0x80 first)."""
+    """torch.save writes a zip archive (or, legacy, a pickle: protocol 2+ starts with 0x80,
+    protocols 0 and 1 with an opcode such as '(' ']' '}' 'c')."""
     if zipfile.is_zipfile(path):
         return True
     with path.open("rb") as f:
-        return f.read(1) == b"\x80"
+        return f.read(1) in {b"\x80", b"(", b"]", b"}", b"c", b"N", b"I", b"L"}
 
 
 def check_finite(state: dict[str, torch.Tensor], source: str) -> None:

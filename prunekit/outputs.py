@@ -97,7 +97,7 @@ def clean_stale(out: Path) -> list[str]:
     return notes
 
 
-def _inside_cwd_chain(out: Path) -> bool:
+def inside_cwd_chain(out: Path) -> bool:
     """OUT is the current folder, one above it, or the filesystem root."""
     target = out.resolve()
     cwd = Path.cwd().resolve()
@@ -132,7 +132,7 @@ def check_writable(out: Path, force: bool, kind: str = "folder") -> None:
 
     ``kind`` is "folder" (a run's output folder) or "file" (one exported file).
     """
-    if _inside_cwd_chain(out):
+    if inside_cwd_chain(out):
         raise UsageError(
             f"--out {out} is the current folder or one above it; prunekit writes a folder of "
             "its own: name a new one, e.g. --out prunekit-out/run1"

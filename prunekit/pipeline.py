@@ -250,15 +250,21 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
 def check_outputs(model: nn.Module, data: Splits, device: torch.device) -> int:
     """The model's number of outputs; an error when the data's labels do not fit it."""
     x = data.calibration[0][0].unsqueeze(0).to(device)
+    was_training = model.training
     try:
-        was_training = model.training
         logits = model.eval()(x)
-        model.train(was_training)
-    except RuntimeError as exc:
+    except Exception as exc:  # shape errors come as RuntimeError, ValueError, AssertionError...
+        from prunekit.memory import is_out_of_memory
+
+        if isinstance(exc, RuntimeError) and is_out_of_memory(exc):
+            raise
         raise ModelMismatchError(
             f"the model cannot take inputs of shape {tuple(x.shape[1:])} from {data.spec} "
-            f"({str(exc).splitlines()[0]}); pick --data that matches the architecture"
+            f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}); pick --data that "
+            "matches the architecture"
         ) from exc
+    finally:
+        model.train(was_training)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         raise ModelMismatchError(
             f"the model returns {getattr(logits, 'shape', type(logits).__name__)} for one "

@@ -19,7 +19,7 @@ from typing import Any
 
 from prunekit.config import PruneConfig
 from prunekit.errors import InputFileError, UsageError
-from prunekit.outputs import staged_file
+from prunekit.outputs import inside_cwd_chain, staged_file
 
 COLUMNS = (
     "model",
@@ -53,11 +53,32 @@ def _read_json(path: Path, fix: str) -> Any:
         raise InputFileError(f"{path} is corrupt ({exc}); {fix}") from exc
 
 
+def check_sweep_folder(out: Path) -> None:
+    """A sweep writes a new or empty folder, or resumes one holding its sweep.json."""
+    if inside_cwd_chain(out):
+        raise UsageError(f"--out {out} is the current folder or one above it; name a new one")
+    if os.path.lexists(out) and not out.is_dir():
+        raise UsageError(f"--out {out} is not a folder; pick another --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / "sweep.json").exists():
+        raise UsageError(
+            f"--out {out} holds files and no sweep.json: a sweep resumes only its own folder; "
+            "pick another --out"
+        )
+
+
+NUMBERS = ("sparsity", "achieved_sparsity", "seconds")
+
+
 def _read_cell(path: Path) -> dict[str, Any]:
     fix = f"delete {path.name} and rerun the sweep to recompute that cell"
     row = _read_json(path, fix)
     if not isinstance(row, dict) or not set(COLUMNS) <= row.keys():
         raise InputFileError(f"{path} is not a sweep cell (fields missing); {fix}")
+    numeric = [row[k] for k in NUMBERS] + [
+        row[k] for k in ("accuracy", "accuracy_dense") if row[k] is not None
+    ]
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in numeric):
+        raise InputFileError(f"{path} holds a non-numeric result; {fix}")
     return row
 
 
@@ -85,10 +106,11 @@ def run_sweep(
         raise UsageError("--pruners, --sparsities and --seeds each need at least one value")
     settings = _settings(base)
     marker = out / "sweep.json"
-    if os.path.lexists(out) and not out.is_dir():
-        raise UsageError(f"--out {out} is not a folder; pick another --out")
+    check_sweep_folder(out)
     if marker.exists():
         previous = _read_json(marker, "delete the folder to start the sweep again")
+        if not isinstance(previous, dict):
+            raise InputFileError(f"{marker} is not a sweep's settings; delete the folder")
         if previous != settings:
             changed = sorted(k for k in settings if previous.get(k) != settings[k])
             raise UsageError(

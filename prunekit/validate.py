@@ -98,6 +98,19 @@ def read_onnx_metadata(path: Path) -> dict[str, str]:
     return {p.key: p.value for p in proto.metadata_props}
 
 
+BUILTIN_SPECS = ("sample:", "cifar:", "torchvision:")  # built without importing user code
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def parity_model(
     onnx_file: Path,
     meta: dict[str, str],
@@ -107,9 +120,12 @@ def parity_model(
 ) -> tuple[nn.Module | None, str | None]:
     """The PyTorch model to check parity against, or None and the reason there is none.
 
-    ``spec``/``weights`` when given; else the model spec and weights file that prunekit
-    recorded in the ONNX file (the weights path is relative to the ONNX file's folder).
+    ``spec`` (and ``weights``) when given. Otherwise the model spec recorded in the ONNX file,
+    only if prunekit builds it itself (no code named in a file is imported), with ``weights``
+    or the recorded weights file (relative to the ONNX file's folder; skipped when its
+    recorded hash no longer matches).
     """
+    from prunekit.errors import PrunekitError
     from prunekit.models import load_model
 
     if spec is not None:
@@ -117,19 +133,25 @@ def parity_model(
     recorded = meta.get("model")
     if not recorded:
         return None, "the file records no model spec; pass --torch SPEC --weights FILE"
-    if not meta.get("weights_file"):
-        if recorded.startswith("sample:"):  # the shipped weights
-            return load_model(recorded, None, num_classes).model, None
+    if not recorded.startswith(BUILTIN_SPECS):
         return None, (
-            f"the file records model {recorded} but no weights file; pass --torch "
-            f"{recorded} --weights FILE"
+            f"the file names model factory {recorded}, and prunekit does not import code a "
+            f"file names; pass --torch {recorded} --weights FILE"
         )
-    sibling = onnx_file.parent / meta["weights_file"]
-    if not sibling.is_file():
-        return None, (
-            f"the recorded weights {sibling} are not there; pass --torch {recorded} --weights FILE"
-        )
-    return load_model(recorded, sibling, num_classes).model, None
+    if num_classes is None and not recorded.startswith("sample:") and meta.get("num_classes"):
+        num_classes = int(meta["num_classes"])
+    if weights is None and meta.get("weights_file"):
+        weights = onnx_file.parent / meta["weights_file"]
+        if not weights.is_file():
+            return None, f"the recorded weights {weights} are not there; pass --weights FILE"
+        if meta.get("weights_sha256") and file_sha256(weights) != meta["weights_sha256"]:
+            return None, f"the recorded weights {weights} changed since the export"
+    elif weights is None and not recorded.startswith("sample:"):
+        return None, f"the file records no weights for {recorded}; pass --weights FILE"
+    try:
+        return load_model(recorded, weights, num_classes).model, None
+    except PrunekitError as exc:
+        return None, f"the recorded model could not be built ({exc})"
 
 
 def session_settings(session, options: ValidateOptions) -> dict[str, Any]:
