@@ -524,3 +524,127 @@ def test_prune_help_is_grouped_and_fits_80_columns(monkeypatch):
     assert "─ Export and validation ─" in result.stdout and "─ Output ─" in result.stdout
     assert max(len(line) for line in result.stdout.splitlines()) <= 80
     assert "--no-force" not in result.stdout  # flags are single switches
+
+
+# --- review findings -----------------------------------------------------------------------
+
+ODD_FACTORIES = {
+    "exiting_models": "import sys\nsys.exit(0)\n",
+    "chatty_models": "print('hello')\n" + FACTORY,
+    "bn_first_models": (
+        "from torch import nn\n\ndef net():\n"
+        "    return nn.Sequential(nn.BatchNorm1d(64), nn.Flatten(), nn.Linear(64, 10))\n"
+    ),
+}
+
+
+def test_factories_that_exit_print_or_do_not_fit(tmp_path, monkeypatch):
+    for name, source in ODD_FACTORIES.items():
+        (tmp_path / f"{name}.py").write_text(source)
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    args = ("-p", "magnitude", "-s", "0.5", "--data", "digits")
+    exiting = prune("exiting_models:net", *args, "--json", "--out", "a")
+    assert_error(exiting, 2, "importing model factory 'exiting_models:net' failed", "SystemExit")
+    assert exiting.stdout == ""
+    chatty = prune("chatty_models:net", *args, "--json", "--out", "b")
+    assert chatty.exit_code == 0 and json.loads(chatty.stdout)["model"] == "chatty_models:net"
+    assert "hello" in chatty.stderr
+    result = prune("bn_first_models:net", *args, "--out", "c")
+    assert_error(result, 1, "the model cannot take inputs of shape (1, 8, 8)", "ValueError")
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.int32])
+def test_integer_label_types(tmp_path, dtype):
+    path = digits_like(tmp_path / "d.npz", y=(np.arange(40) % 10).astype(dtype))
+    report = prune_report(*CNN_HALF, *data_arg(path), "--out", "o")
+    assert report["num_classes"] == 10
+    y = (np.arange(40) % 10).astype(dtype)
+    y[5] = 255  # a real class index for uint8, not "unlabeled"
+    result = prune(*CNN_HALF, *data_arg(digits_like(tmp_path / "e.npz", y=y)), "--out", "p")
+    assert_error(result, 1, "labels up to 255", "10 outputs")
+
+
+def test_data_file_with_extra_entries_loads(tmp_path):
+    rng = np.random.default_rng(0)
+    torch.save(
+        {
+            "x": torch.from_numpy(rng.random((20, 1, 8, 8), dtype=np.float32)),
+            "y": torch.arange(20) % 10,
+            "classes": [str(i) for i in range(10)],
+            "version": 2,
+        },
+        tmp_path / "d.pt",
+    )
+    report = prune_report(*CNN_HALF, "--data", f"tensors:{tmp_path / 'd.pt'}", "--out", "o")
+    assert report["data"].endswith("d.pt")
+
+
+def test_legacy_protocol_0_checkpoint_is_a_checkpoint(tmp_path):
+    """torch's safe loader cannot read protocol 0: say that (not "not a checkpoint")."""
+    path = tmp_path / "w.pt"
+    state = load_model("sample:digits-cnn").model.state_dict()
+    torch.save(state, path, pickle_protocol=0, _use_new_zipfile_serialization=False)
+    result = prune(*CNN_HALF, "--weights", str(path))
+    assert_error(result, 2, "safe loading refuses", "--trust-checkpoint")
+
+
+def test_imagefolder_val_classes_must_match_train(tmp_path):
+    from PIL import Image
+
+    for split, classes in (("train", ["cat", "dog", "eel"]), ("val", ["dog", "eel"])):
+        for c in classes:
+            (tmp_path / "imgs" / split / c).mkdir(parents=True)
+            Image.fromarray(np.zeros((8, 8), np.uint8)).save(
+                tmp_path / "imgs" / split / c / "a.png"
+            )
+    result = prune(*CNN_HALF, "--data", f"imagefolder:{tmp_path / 'imgs'}")
+    assert_error(result, 2, "val/ has classes dog, eel but train/ has cat, dog, eel")
+
+
+def test_sweep_never_writes_into_a_foreign_folder(tmp_path):
+    out = tmp_path / "proj"
+    out.mkdir()
+    (out / "results.csv").write_text("my,data\n")
+    assert_error(invoke(*SWEEP, "--out", str(out)), 2, "holds files and no sweep.json")
+    assert (out / "results.csv").read_text() == "my,data\n"
+    assert_error(invoke(*SWEEP, "--out", "."), 2, "current folder")
+
+
+def test_sweep_json_that_is_not_an_object(tmp_path):
+    out = tmp_path / "sw"
+    assert invoke(*SWEEP, "--out", str(out)).exit_code == 0
+    (out / "sweep.json").write_text("[]")
+    assert_error(invoke(*SWEEP, "--out", str(out)), 2, "is not a sweep's settings")
+
+
+PWNED = "from pathlib import Path\nPath('PWNED').write_text('x')\n" + FACTORY
+
+
+def test_validate_never_imports_a_factory_named_in_the_file(tmp_path, monkeypatch):
+    (tmp_path / "evil_models.py").write_text(PWNED)
+    monkeypatch.delitem(sys.modules, "evil_models", raising=False)
+    args = ("-p", "magnitude", "-s", "0.5", "--data", "digits", "--export", "safetensors,onnx")
+    assert prune("evil_models:net", *args, "--out", "o").exit_code == 0
+    Path("PWNED").unlink()
+    monkeypatch.delitem(sys.modules, "evil_models", raising=False)
+    result = invoke("validate", "o/model.onnx", "--runs", "2", "--json")
+    assert result.exit_code == 0, result.output
+    assert "does not import code" in json.loads(result.stdout)["parity_skipped"]
+    assert not Path("PWNED").exists()
+
+
+def test_validate_weights_with_the_recorded_spec_and_changed_weights(tmp_path, exported):
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("model.onnx", "model.safetensors"):
+        (run / name).write_bytes((exported / name).read_bytes())
+    args = ("validate", str(run / "model.onnx"), "--runs", "2", "--json")
+    given = invoke(*args, "--weights", str(exported / "model.safetensors"))
+    assert given.exit_code == 0 and json.loads(given.stdout)["parity"]["passed"]
+    dense = load_model("sample:digits-cnn").model  # replace the recorded weights
+    from prunekit.export import save_safetensors
+
+    save_safetensors(dense, run / "model.safetensors", {})
+    changed = invoke(*args)
+    assert changed.exit_code == 0, changed.output
+    assert "changed since the export" in json.loads(changed.stdout)["parity_skipped"]

@@ -108,6 +108,7 @@ ARRAYS = hnp.arrays(
     dtype=st.one_of(
         hnp.floating_dtypes(),
         hnp.integer_dtypes(),
+        hnp.unsigned_integer_dtypes(),
         hnp.boolean_dtypes(),
         hnp.unicode_string_dtypes(),
     ),
@@ -115,10 +116,15 @@ ARRAYS = hnp.arrays(
 )
 
 
+LABELS = st.one_of(hnp.integer_dtypes(), hnp.unsigned_integer_dtypes(), hnp.floating_dtypes())
+
+
 def test_data_loader_on_odd_arrays(tmp_path):
     @FUZZ
-    @given(x=ARRAYS, y=st.one_of(st.none(), ARRAYS))
-    def run(x, y):
+    @given(x=ARRAYS, y=st.one_of(st.none(), ARRAYS), label_dtype=LABELS, data=st.data())
+    def run(x, y, label_dtype, data):
+        if y is None and x.ndim and data.draw(st.booleans()):  # labels that fit x's length
+            y = data.draw(hnp.arrays(label_dtype, (len(x),)))
         arrays = {"x": x} if y is None else {"x": x, "y": y}
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
