@@ -250,6 +250,7 @@ def staged_file(path: Path, force: bool) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it over ``path`` only on success."""
     check_writable(path, force, kind="file")
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(path)  # temp files of this same file from a killed run
     with _held(path) as token:
         staging = _entry(path, "staging", token)
         tmp = staging.with_name(staging.name + ".tmp")

@@ -648,3 +648,17 @@ def test_validate_weights_with_the_recorded_spec_and_changed_weights(tmp_path, e
     changed = invoke(*args)
     assert changed.exit_code == 0, changed.output
     assert "changed since the export" in json.loads(changed.stdout)["parity_skipped"]
+
+
+def test_sweep_resumed_after_a_kill_leaves_no_temp_files(tmp_path):
+    out = tmp_path / "sw"
+    assert invoke(*SWEEP, "--out", str(out)).exit_code == 0
+    cell = out / "cells" / "magnitude_s0.5_seed0.json"
+    cell.unlink()
+    (out / "cells" / f".{cell.name}.staging-999-0123abcd.tmp").write_text("half")
+    (out / "cells" / f".{cell.name}.lock-999-0123abcd").write_text("")
+    assert invoke(*SWEEP, "--out", str(out)).exit_code == 0
+    assert sorted(p.name for p in (out / "cells").iterdir()) == [
+        "magnitude_s0.5_seed0.json",
+        "magnitude_s0.6_seed0.json",
+    ]
