@@ -1,3 +1,40 @@
-"""prunekit: prune PyTorch models with first- and second-order criteria, export and validate."""
+"""prunekit: prune PyTorch models with first- and second-order criteria, export and validate.
+
+The stable Python API (see the README): ``prune`` an ``nn.Module`` in memory, ``hold_masks``
+in your own training loop, ``export_onnx``, ``validate_onnx``; ``ScheduleConfig`` and
+``TrainConfig`` for schedules that train; ``PruneConfig`` / ``load_recipe`` / ``run`` for run
+recipes. Plugin authors: ``prunekit.api``. Names are imported on first use, so that
+``import prunekit`` (and the CLI's start) stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+_API = {
+    "prune": "prunekit.library",
+    "PruneResult": "prunekit.library",
+    "hold_masks": "prunekit.library",
+    "MaskHandle": "prunekit.library",
+    "export_onnx": "prunekit.library",
+    "validate_onnx": "prunekit.library",
+    "ScheduleConfig": "prunekit.schedule",
+    "TrainConfig": "prunekit.train",
+    "PruneConfig": "prunekit.config",
+    "load_recipe": "prunekit.recipe",
+    "run": "prunekit.pipeline",
+}
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'prunekit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -121,3 +121,13 @@ def densify(src: Path, dst: Path) -> None:
     meta = read_metadata(src)
     meta.pop(FORMAT_KEY, None)
     write_safetensors(state, dst, meta)
+
+
+def densify_file(src: Path, dst: Path, force: bool = False) -> list[str]:
+    """`prunekit densify`: write ``dst`` atomically; return notes on what killed runs left."""
+    from prunekit.outputs import prepare_output, staged_file
+
+    notes = prepare_output(dst, force, kind="file")
+    with staged_file(dst, force) as tmp:
+        densify(src, tmp)
+    return notes

@@ -36,6 +36,13 @@ class PruneConfig:
     force: bool = False
     command: tuple[str, ...] = ()  # the command line that asked for the run, if any
 
+    @staticmethod
+    def default_out(model: str, pruner: str, sparsity: float) -> Path:
+        """prunekit-out/MODEL-PRUNER-S, where OUT is not given."""
+        return (
+            Path("prunekit-out") / f"{model.split(':')[-1].replace('.', '_')}-{pruner}-{sparsity:g}"
+        )
+
     def preprocess(self) -> Preprocess:
         return Preprocess(self.normalize, self.image_size)
 

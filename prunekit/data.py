@@ -57,15 +57,15 @@ def _permutation(n: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
 
 
-def _calibration_of(train: Dataset) -> Dataset:
+def calibration_of(train: Dataset) -> Dataset:
     n = len(train)  # type: ignore[arg-type]
     return Subset(train, _permutation(n)[: min(n, CALIBRATION_MAX)].tolist())
 
 
 def _split_tensors(spec: str, x: torch.Tensor, y: torch.Tensor, prep: Preprocess) -> Splits:
     """Shuffle once with the fixed split seed; the last TEST_FRACTION is the test split."""
-    _check_pair(spec, x, y)
-    y = _labels(spec, y)
+    check_pair(spec, x, y)
+    y = labels_of(spec, y)
     order = _permutation(len(x))
     n_test = max(MIN_TEST, round(len(x) * TEST_FRACTION)) if len(x) > MIN_TEST else 0
     train_idx, test_idx = order[: len(x) - n_test], order[len(x) - n_test :]
@@ -80,9 +80,9 @@ def _from_tensors(
     y_test: torch.Tensor,
     prep: Preprocess,
 ) -> Splits:
-    _check_pair(f"{spec} (train)", x_train, y_train)
-    _check_pair(f"{spec} (test)", x_test, y_test)
-    y_train, y_test = _labels(spec, y_train), _labels(spec, y_test)
+    check_pair(f"{spec} (train)", x_train, y_train)
+    check_pair(f"{spec} (test)", x_test, y_test)
+    y_train, y_test = labels_of(spec, y_train), labels_of(spec, y_test)
     check_sizes(spec, len(x_train), len(x_test))
     shape = tuple(x_train.shape[1:])
     x_train, x_test = prep.tensors(x_train, spec), prep.tensors(x_test, spec)
@@ -96,7 +96,7 @@ def _from_tensors(
     return Splits(
         spec=spec,
         train=train,
-        calibration=_calibration_of(train),
+        calibration=calibration_of(train),
         test=TensorDataset(x_test, y_test.long()),
         num_classes=int(max(y_train.max(), y_test.max())) + 1 if labeled else 0,
         input_shape=shape,
@@ -104,7 +104,7 @@ def _from_tensors(
     )
 
 
-def _labels(spec: str, y: torch.Tensor) -> torch.Tensor:
+def labels_of(spec: str, y: torch.Tensor) -> torch.Tensor:
     """Integer labels as int64 (unsigned types included); anything else is an error."""
     if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
         raise InputFileError(
@@ -114,7 +114,7 @@ def _labels(spec: str, y: torch.Tensor) -> torch.Tensor:
     return y.to(torch.int64)  # uint64 beyond int64 wraps negative: refused as a label below
 
 
-def _check_pair(spec: str, x: torch.Tensor, y: torch.Tensor) -> None:
+def check_pair(spec: str, x: torch.Tensor, y: torch.Tensor) -> None:
     """Same length, one integer label per sample (all -1: unlabeled), finite inputs."""
     if x.dim() == 0 or y.dim() == 0:
         raise InputFileError(f"{spec}: x and y must have a sample dimension; got scalars")
@@ -127,7 +127,7 @@ def _check_pair(spec: str, x: torch.Tensor, y: torch.Tensor) -> None:
             f"{spec}: y has shape {tuple(y.shape)}; labels must be one class index per sample, "
             "shape (N,): save y.reshape(-1) (or argmax of one-hot labels)"
         )
-    y = _labels(spec, y)
+    y = labels_of(spec, y)
     negative = (y < 0) & (y != UNLABELED)
     partly_unlabeled = bool((y == UNLABELED).any()) and not bool((y == UNLABELED).all())
     if negative.any() or partly_unlabeled:
@@ -253,7 +253,7 @@ def cifar10(root: Path, prep: Preprocess) -> Splits:
             f"CIFAR-10 not found in {root}: download cifar-10-python.tar.gz from the CIFAR "
             f"site and extract it there, so that {root}/cifar-10-batches-py exists"
         ) from exc
-    return Splits(f"cifar10:{root}", train, _calibration_of(train), test, 10, (3, 32, 32))
+    return Splits(f"cifar10:{root}", train, calibration_of(train), test, 10, (3, 32, 32))
 
 
 def _image_transform(root: Path, prep: Preprocess):
@@ -327,7 +327,7 @@ def imagefolder(root: Path, prep: Preprocess) -> Splits:
         raise InputFileError(f"cannot read image folder {root}: {exc}") from exc
     classes = getattr(train, "classes", None) or train.dataset.classes  # type: ignore[attr-defined]
     shape = tuple(train[0][0].shape)
-    return Splits(f"imagefolder:{root}", train, _calibration_of(train), test, len(classes), shape)
+    return Splits(f"imagefolder:{root}", train, calibration_of(train), test, len(classes), shape)
 
 
 def load_data(spec: str, prep: Preprocess | None = None) -> Splits:

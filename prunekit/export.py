@@ -16,6 +16,37 @@ __all__ = ["read_metadata", "save_safetensors", "write_exports"]
 EXPORT_FORMATS = ("safetensors", "onnx")
 
 
+def export_formats(text: str, validate: bool = False) -> tuple[str, ...]:
+    """``--export a,b`` as a tuple; validating needs the ONNX export, so it is added."""
+    formats = [f.strip() for f in text.split(",") if f.strip()]
+    if validate and "onnx" not in formats:
+        formats.append("onnx")
+    return tuple(formats)
+
+
+def export_metadata(
+    model: str, weights: Path | None, out: Path, data: str | None, num_classes: int | None
+) -> dict[str, str]:
+    """Metadata of a `prunekit export` file: the run's (from a prunekit safetensors), the
+    model spec, the data, and the weights as a path relative to the output with its hash
+    (so `prunekit validate` finds them for its parity check)."""
+    import os
+
+    from prunekit.validate import file_sha256
+
+    metadata = {"format": "pt", "prunekit_version": __version__, "model": model}
+    if weights is not None and weights.suffix == ".safetensors":
+        metadata.update({k: v for k, v in read_metadata(weights).items() if k != "prunekit_sparse"})
+    if data:
+        metadata["data"] = data
+    if weights is not None:
+        metadata["weights_file"] = os.path.relpath(weights.absolute(), out.absolute().parent)
+        metadata["weights_sha256"] = file_sha256(weights)
+    if num_classes:
+        metadata["num_classes"] = str(num_classes)
+    return metadata
+
+
 def metadata_for(report: dict[str, Any], config: dict[str, Any]) -> dict[str, str]:
     """The ``__metadata__`` strings stored in every file prunekit writes."""
     sparsity = report["sparsity"]
@@ -86,3 +117,51 @@ def write_exports(
         export_onnx(dense_model, input_shape, folder / "dense.onnx", dense_meta, sparse=False)
         files += ["model.onnx", "dense.onnx"]
     return files
+
+
+def export_file(
+    model: str,
+    out: Path,
+    format: str = "onnx",
+    weights: Path | None = None,
+    data: str | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    num_classes: int | None = None,
+    dense: bool = False,
+    trust_checkpoint: bool = False,
+    force: bool = False,
+) -> tuple[dict[str, Any], list[str]]:
+    """`prunekit export`: write MODEL (with ``weights``) as ONNX or (compact) safetensors.
+
+    Returns a summary and the warnings (stale files tidied, untrusted or missing weights).
+    """
+    from prunekit.compact import save_compact
+    from prunekit.errors import UsageError
+    from prunekit.models import default_data, load_model
+    from prunekit.outputs import prepare_output, staged_file
+
+    if format not in {"onnx", "safetensors"}:
+        raise UsageError(f"--format {format}: use onnx or safetensors")
+    data_spec = data or default_data(model)
+    if input_shape is None and format == "onnx":
+        if data_spec is None:
+            raise UsageError(f"{model} has no dataset: pass --data SPEC or --input-shape C,H,W")
+        from prunekit.data import load_data
+
+        input_shape = load_data(data_spec).input_shape
+    notes = prepare_output(out, force, kind="file")
+    loaded = load_model(model, weights, num_classes, trust_checkpoint)
+    metadata = export_metadata(model, weights, out, data_spec, num_classes)
+    with staged_file(out, force) as tmp:
+        if format == "onnx":
+            from prunekit.onnx_export import export_onnx
+
+            assert input_shape is not None
+            export_onnx(loaded.model, input_shape, tmp, metadata, sparse=not dense,
+                        final_name=out.name)  # fmt: skip
+        elif dense:
+            save_safetensors(loaded.model, tmp, metadata)
+        else:
+            save_compact(loaded.model.state_dict(), tmp, metadata)
+    summary = {"model": model, "format": format, "out": str(out), "bytes": out.stat().st_size}
+    return summary, [*notes, *loaded.warnings]

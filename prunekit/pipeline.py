@@ -26,7 +26,8 @@ from prunekit.masks import check_mask, check_sparsity, find_targets, nm_misfits,
 from prunekit.models import default_data, load_model
 from prunekit.outputs import prepare_output, staged_dir
 from prunekit.progress import Reporter, Silent
-from prunekit.pruners.base import Pruner
+from prunekit.pruners.base import Pruner, Target
+from prunekit.recipe import recipe_of
 from prunekit.schedule import StepContext, run_schedule
 from prunekit.stats import Collector, check_spec
 from prunekit.timing import Timings
@@ -42,6 +43,11 @@ class Outcome:
     dense_model: nn.Module | None
     data: Splits
     timings: Timings
+    targets: list[Target]
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Keep-masks (True = kept) by dotted weight name, on the CPU."""
+        return {t.name: t.mask.detach().cpu().clone() for t in self.targets}
 
 
 def check(config: PruneConfig) -> None:
@@ -95,8 +101,6 @@ def execute(config: PruneConfig, reporter: Reporter | None = None) -> Outcome:
     check(config)
     device = resolve_device(config.device)
     pruner = registry.create(config.pruner, config.params)
-    torch.manual_seed(config.seed)
-    warnings: list[str] = []
     timings = Timings(device)
 
     with reporter.stage("loading model and data"), timings.phase("load"):
@@ -108,8 +112,35 @@ def execute(config: PruneConfig, reporter: Reporter | None = None) -> Outcome:
         if num_classes is None and config.model.startswith(("torchvision:", "cifar:")):
             num_classes = data.num_classes
         loaded = load_model(config.model, config.weights, num_classes, config.trust_checkpoint)
-        warnings += loaded.warnings
-        model = loaded.model.to(device)
+    source = {
+        "model": config.model,
+        "weights": str(config.weights) if config.weights else loaded.weights and "shipped",
+        "trusted_checkpoint": loaded.trusted_checkpoint,
+        "data": data_spec,
+    }
+    return prune_model(
+        config, loaded.model, data, pruner, reporter, source, loaded.warnings, timings, started
+    )
+
+
+def prune_model(
+    config: PruneConfig,
+    model: nn.Module,
+    data: Splits,
+    pruner: Pruner,
+    reporter: Reporter,
+    source: dict[str, Any],
+    warnings: list[str],
+    timings: Timings,
+    started: float,
+) -> Outcome:
+    """Prune an in-memory ``model`` on ``data`` by ``config`` (its model/data specs are only
+    recorded); ``source`` names where model and data came from, for the report."""
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    warnings = list(warnings)
+    with reporter.stage("checking model and data"), timings.phase("load"):
+        model = model.to(device)
         outputs = check_outputs(model, data, device)
         targets, unused = find_targets(model, config.exclude)
         warnings += [f"--exclude '{g}' matched no prunable weight" for g in unused]
@@ -192,14 +223,12 @@ def execute(config: PruneConfig, reporter: Reporter | None = None) -> Outcome:
         "command": shlex.join(config.command) if config.command else None,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
-        "model": config.model,
-        "weights": str(config.weights) if config.weights else loaded.weights and "shipped",
-        "trusted_checkpoint": loaded.trusted_checkpoint,
-        "data": data_spec,
+        **source,
         "preprocess": {"normalize": config.normalize, "image_size": config.image_size},
         "num_classes": outputs,
         "pruner": config.pruner,
         "params": pruner.hparams,
+        "recipe": recipe_of(config, pruner.hparams),
         "mask": config.mask,
         "schedule": {
             "kind": config.schedule.kind,
@@ -219,7 +248,7 @@ def execute(config: PruneConfig, reporter: Reporter | None = None) -> Outcome:
         "phases": timings.to_json(),
         "seconds": round(time.perf_counter() - started, 3),
     }
-    return Outcome(report, model, dense_model, data, timings)
+    return Outcome(report, model, dense_model, data, timings, list(targets))
 
 
 def versions() -> dict[str, str]:

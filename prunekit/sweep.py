@@ -222,3 +222,29 @@ def _plot(
     with staged_file(path, force=True) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
+
+
+def cell_runner(
+    base: PruneConfig, pruners: Sequence[str], sparsities: Sequence[float]
+) -> Callable[[PruneConfig], dict[str, Any]]:
+    """Check the grid before any work; return the function that runs one cell.
+
+    ``--param`` values go to the pruners that accept them; one no pruner accepts is an error.
+    """
+    from prunekit import registry
+    from prunekit.pipeline import check, execute
+
+    if not pruners or not sparsities:
+        raise UsageError("--pruners, --sparsities and --seeds each need at least one value")
+    accepted = {name: {p.name for p in registry.load(name).params} for name in pruners}
+    unused = sorted(k for k in base.params if not any(k in a for a in accepted.values()))
+    if unused:
+        raise UsageError(f"--param {', '.join(unused)}: none of the pruners accepts it")
+    for level in sparsities:
+        check(dataclasses.replace(base, sparsity=level))
+
+    def one_cell(config: PruneConfig) -> dict[str, Any]:
+        own = {k: v for k, v in config.params.items() if k in accepted[config.pruner]}
+        return execute(dataclasses.replace(config, params=own)).report
+
+    return one_cell

@@ -343,3 +343,36 @@ def validate(
     )
     report["passed"] = not report["failures"]
     return report
+
+
+def validate_file(
+    onnx_file: Path,
+    options: ValidateOptions,
+    baseline: Path | None = None,
+    data: str | None = None,
+    normalize: str | None = None,
+    image_size: int | None = None,
+    torch_model: str | None = None,
+    weights: Path | None = None,
+    num_classes: int | None = None,
+) -> tuple[dict[str, Any], list[str]]:
+    """`prunekit validate`: the data, its preprocessing and the parity model default to what
+    prunekit recorded in the file. Returns the result and the warnings."""
+    from prunekit.data import load_data
+    from prunekit.preprocess import Preprocess
+
+    options.check()
+    meta = read_onnx_metadata(onnx_file)
+    spec = data or meta.get("data")
+    if spec is None:
+        raise UsageError(f"{onnx_file} records no dataset; pass --data SPEC")
+    if data is None:  # the recorded data comes with its recorded preprocessing
+        normalize = normalize or meta.get("normalize")
+        image_size = image_size or (int(meta["image_size"]) if meta.get("image_size") else None)
+    splits = load_data(spec, Preprocess(normalize, image_size))
+    model, skipped = parity_model(onnx_file, meta, torch_model, weights, num_classes)
+    reference = float(meta["accuracy_dense"]) if "accuracy_dense" in meta else None
+    result = validate(
+        onnx_file, splits.test, splits.input_shape, options, baseline, model, reference, skipped
+    )
+    return result, [f"parity with PyTorch not checked: {skipped}"] if skipped else []

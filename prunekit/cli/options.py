@@ -1,0 +1,281 @@
+"""Options shared by several commands, each declared once, and how they become a recipe.
+
+``with_options(GROUP, ...)`` appends a group's options to a command's signature and hands
+their values to the command as ``options`` (a dict), with ``options["given"]`` the names the
+user typed (so a ``--config`` recipe is overridden only by what was given).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from prunekit.errors import UsageError
+
+# Help panels, so ~30 options read in groups.
+TARGETS = "Targets"
+MODEL_DATA = "Model and data"
+STATISTICS = "Statistics and device"
+SCHEDULE = "Schedule and training"
+EXPORT = "Export and validation"
+OUTPUT = "Output"
+
+
+@dataclass(frozen=True)
+class Opt:
+    name: str
+    annotation: Any
+    default: Any
+
+
+def _opt(name: str, kind: Any, default: Any, flag: str, help: str, panel: str) -> Opt:
+    return Opt(name, Annotated[kind, typer.Option(flag, help=help, rich_help_panel=panel)], default)
+
+
+PREPROCESS = (
+    _opt(
+        "normalize",
+        str | None,
+        None,
+        "--normalize",
+        "Per-channel input normalisation: imagenet, cifar10 or MEAN/STD "
+        "(e.g. 0.5,0.5,0.5/0.25,0.25,0.25). uint8 images are scaled to [0, 1] first.",
+        MODEL_DATA,
+    ),
+    _opt(
+        "image_size",
+        int | None,
+        None,
+        "--image-size",
+        "imagefolder: resize and centre-crop to N x N pixels.",
+        MODEL_DATA,
+    ),
+)
+
+RUN = (
+    _opt(
+        "mask",
+        str,
+        "global",
+        "--mask",
+        "global: one threshold; layer: each tensor to S; N:M (e.g. 2:4).",
+        TARGETS,
+    ),
+    _opt(
+        "exclude",
+        list[str] | None,
+        None,
+        "--exclude",
+        "Glob on dotted weight names to leave dense; repeatable.",
+        TARGETS,
+    ),
+    _opt(
+        "param",
+        list[str] | None,
+        None,
+        "--param",
+        "Pruner hyperparameter key=value; repeatable.",
+        TARGETS,
+    ),
+    _opt(
+        "data",
+        str | None,
+        None,
+        "--data",
+        "digits, cifar10:DIR, imagefolder:DIR or tensors:FILE (sample models bring their own).",
+        MODEL_DATA,
+    ),
+    *PREPROCESS,
+    _opt(
+        "weights",
+        Path | None,
+        None,
+        "--weights",
+        "State dict: .safetensors, .pt or .pth.",
+        MODEL_DATA,
+    ),
+    _opt(
+        "num_classes",
+        int | None,
+        None,
+        "--num-classes",
+        "Classes of a torchvision/factory model (default: from the data).",
+        MODEL_DATA,
+    ),
+    _opt(
+        "trust_checkpoint",
+        bool,
+        False,
+        "--trust-checkpoint",
+        "Allow pickled (non weights-only) checkpoints. Only for files you trust.",
+        MODEL_DATA,
+    ),
+    _opt(
+        "recalibrate_bn",
+        bool,
+        False,
+        "--recalibrate-bn",
+        "Re-estimate BatchNorm statistics on the calibration split.",
+        SCHEDULE,
+    ),
+    _opt(
+        "memory_budget",
+        str | None,
+        None,
+        "--memory-budget",
+        "Memory for statistics, e.g. 2GiB (default: a safe share of free).",
+        STATISTICS,
+    ),
+    _opt("device", str, "auto", "--device", "auto, cpu or cuda[:i].", STATISTICS),
+)
+
+TRAINING = (
+    _opt("schedule", str, "oneshot", "--schedule", "oneshot, gradual or pbt.", SCHEDULE),
+    _opt(
+        "recompute",
+        str,
+        "auto",
+        "--recompute",
+        "Split each pruning step into K sub-steps, recomputing the statistics before each; "
+        "auto: enough that no sub-step of an OBS-style pruner removes over 25 % of the "
+        "remaining weights (1 for the other pruners).",
+        SCHEDULE,
+    ),
+    _opt("steps", int, 1, "--steps", "gradual: number of pruning steps.", SCHEDULE),
+    _opt(
+        "initial_sparsity",
+        float,
+        0.0,
+        "--initial-sparsity",
+        "gradual: sparsity before the first step.",
+        SCHEDULE,
+    ),
+    _opt(
+        "finetune_epochs",
+        int,
+        0,
+        "--finetune-epochs",
+        "Epochs of masked fine-tuning after each step.",
+        SCHEDULE,
+    ),
+    _opt(
+        "warmup_epochs",
+        int,
+        0,
+        "--warmup-epochs",
+        "pbt: dense epochs before the mask is chosen.",
+        SCHEDULE,
+    ),
+    _opt("epochs", int, 0, "--epochs", "pbt: epochs trained with the mask.", SCHEDULE),
+    _opt("lr", float, 0.05, "--lr", "Learning rate.", SCHEDULE),
+    _opt("optimizer", str, "sgd", "--optimizer", "sgd or adam.", SCHEDULE),
+    _opt("lr_schedule", str, "cosine", "--lr-schedule", "cosine, multistep, constant.", SCHEDULE),
+    _opt("batch_size", int, 64, "--batch-size", "Training batch size.", SCHEDULE),
+    _opt("weight_decay", float, 5e-4, "--weight-decay", "Weight decay.", SCHEDULE),
+)
+
+
+def with_options(*groups: tuple[Opt, ...]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add the groups' options to a command; it receives them as ``options``."""
+    extra = [o for group in groups for o in group]
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        signature = inspect.signature(command)
+        hints = typing.get_type_hints(command, include_extras=True)
+        own = [
+            p.replace(annotation=hints.get(p.name, p.annotation))
+            for p in signature.parameters.values()
+            if p.name != "options"
+        ]
+        added = [
+            inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=o.default,
+                              annotation=o.annotation)
+            for o in extra
+        ] + [inspect.Parameter("typer_context", inspect.Parameter.KEYWORD_ONLY,
+                               annotation=typer.Context)]  # fmt: skip
+
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            ctx = kwargs.pop("typer_context")
+            options = {o.name: kwargs.pop(o.name) for o in extra}
+            sources = {n: ctx.get_parameter_source(n) for n in [*options, *kwargs]}
+            options["given"] = {
+                n for n, source in sources.items()
+                if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
+            }  # fmt: skip
+            return command(*args, options=options, **kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=[*own, *added])  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {p.name: p.annotation for p in [*own, *added]}
+        return wrapper
+
+    return decorate
+
+
+def parse_params(items: list[str] | None) -> dict[str, str]:
+    params = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--param expects key=value, got '{item}'")
+        params[key.strip()] = value.strip()
+    return params
+
+
+def recompute_of(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"--recompute {text}: give auto or a number of sub-steps") from None
+
+
+_SCHEDULE_KEYS = {"schedule": "kind", "recompute": "recompute", "steps": "steps",
+                  "initial_sparsity": "initial_sparsity", "finetune_epochs": "finetune_epochs",
+                  "warmup_epochs": "warmup_epochs", "epochs": "epochs"}  # fmt: skip
+_TRAIN_KEYS = ("lr", "optimizer", "lr_schedule", "batch_size", "weight_decay")
+
+
+def _value(name: str, value: Any) -> Any:
+    """An option's value as the recipe holds it."""
+    from prunekit.memory import parse_size
+
+    if name == "recompute":
+        return recompute_of(value)
+    if name == "memory_budget":
+        return parse_size(value) if value else None
+    if name == "exclude":
+        return list(value or ())
+    if name == "weights":
+        return str(value) if value is not None else None
+    return value
+
+
+def to_recipe(options: dict[str, Any], recipe: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The recipe of the options: all of them, or over ``recipe`` only those given."""
+    given = options.get("given", set())
+    result: dict[str, Any] = dict(recipe or {})
+    schedule = dict(result.get("schedule") or {})
+    train = dict(schedule.get("train") or {})
+    for name, value in options.items():
+        if name == "given" or (recipe is not None and name not in given):
+            continue
+        if name == "param":
+            result["params"] = {**(result.get("params") or {}), **parse_params(value)}
+        elif name in _SCHEDULE_KEYS:
+            schedule[_SCHEDULE_KEYS[name]] = _value(name, value)
+        elif name in _TRAIN_KEYS:
+            train[name] = value
+        else:
+            result[name] = _value(name, value)
+    schedule["train"] = train
+    result["schedule"] = schedule
+    return result

@@ -1,0 +1,63 @@
+"""Human-readable output of reports and validations (the --json forms are the dicts)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+from prunekit.cli.common import console
+
+
+def print_report(report: dict[str, Any]) -> None:
+    table = Table(title=f"{report['model']} pruned with {report['pruner']} ({report['mask']} mask)")
+    table.add_column("tensor")
+    table.add_column("sparsity", justify="right")
+    for name, fraction in report["sparsity"]["per_tensor"].items():
+        table.add_row(name, f"{fraction:.1%}")
+    sparsity, acc = report["sparsity"], report["accuracy"]
+    table.add_section()
+    table.add_row("all targets", f"{sparsity['achieved']:.1%} (asked {sparsity['target']:.1%})")
+    console.print(table)
+    if acc["dense"] is None:
+        console.print("test accuracy: not measured (the data has no labels)")
+    else:
+        console.print(f"test accuracy: dense {acc['dense']:.2%} -> pruned {acc['pruned']:.2%}")
+    if "validation" in report:
+        print_validation(report["validation"])
+    console.print(f"wrote {', '.join(report['outputs'])} in {report['seconds']:.1f} s")
+
+
+def print_validation(v: dict[str, Any]) -> None:
+    session = v["session"]
+    accuracy = "not measured (no labels)" if v["accuracy"] is None else f"{v['accuracy']:.2%}"
+    baseline = v.get("baseline_accuracy")
+    console.print(
+        f"ONNX Runtime ({session['provider']}, intra-op threads "
+        f"{session['intra_op_threads']}, {session['graph_optimization']}): accuracy "
+        f"{accuracy}" + (f", baseline {baseline:.2%}" if baseline is not None else "")
+    )
+    if "parity" in v:
+        p = v["parity"]
+        console.print(
+            f"parity with PyTorch: top-1 agreement {p['top1_agreement']:.2%}, max |diff| "
+            f"{p['max_abs_diff']:.2e} ({'ok' if p['passed'] else 'FAILED'})"
+        )
+    table = Table(title="latency (ms)")
+    for column in ("model", "batch", "p50", "p90", "p99", "samples/s"):
+        table.add_column(column, justify="right" if column != "model" else "left")
+    for label, per_batch in v["latency"].items():
+        for batch, m in per_batch.items():
+            table.add_row(
+                label,
+                batch,
+                f"{m['p50_ms']:.3f}",
+                f"{m['p90_ms']:.3f}",
+                f"{m['p99_ms']:.3f}",
+                f"{m['throughput_per_s']:,.0f}",
+            )
+    console.print(table)
+    if "latency_ratio" in v:
+        ratios = ", ".join(f"batch {b}: {r:.2f}" for b, r in v["latency_ratio"].items())
+        console.print(f"p50 latency pruned / dense: {ratios}")
+    console.print(f"note: {v['note']}")

@@ -1,0 +1,112 @@
+"""`prunekit prune`: a recipe from the options (and --config), then `prunekit.pipeline.run`."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from prunekit.cli.common import exit_if_failed, handle_errors, print_json, warn
+from prunekit.cli.options import (
+    EXPORT,
+    OUTPUT,
+    RUN,
+    STATISTICS,
+    TARGETS,
+    TRAINING,
+    to_recipe,
+    with_options,
+)
+from prunekit.cli.output import print_report
+
+MODEL_HELP = "sample:NAME, cifar:ARCH, torchvision:ARCH or pkg.module:factory"
+
+
+@handle_errors
+@with_options(RUN, TRAINING)
+def prune(
+    model: Annotated[str | None, typer.Argument(help=MODEL_HELP, show_default=False)] = None,
+    pruner: Annotated[
+        str | None,
+        typer.Option("--pruner", "-p", help="Criterion (see `pruners list`).",
+                     rich_help_panel=TARGETS),
+    ] = None,
+    sparsity: Annotated[
+        float | None,
+        typer.Option("--sparsity", "-s", help="Fraction to remove, in [0, 1).",
+                     rich_help_panel=TARGETS),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="Recipe (.toml, .json, or a run's report.json); options "
+                     "given here override it.", rich_help_panel=TARGETS),
+    ] = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Show the statistics memory plan.",
+                           rich_help_panel=STATISTICS)
+    ] = False,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed for random criteria and re-initialisation.",
+                          rich_help_panel=STATISTICS)
+    ] = 0,
+    export: Annotated[
+        str, typer.Option("--export", help="Formats to write: safetensors, onnx "
+                          "(comma-separated).", rich_help_panel=EXPORT)
+    ] = "safetensors",
+    validate: Annotated[
+        bool, typer.Option("--validate", help="Validate the ONNX export in ONNX Runtime "
+                           "(implies onnx).", rich_help_panel=EXPORT)
+    ] = False,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Output folder (default "
+                                  "prunekit-out/MODEL-PRUNER-S).", rich_help_panel=OUTPUT)
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace OUT if it exists.", rich_help_panel=OUTPUT)
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the report as one JSON object.",
+                           rich_help_panel=OUTPUT)
+    ] = False,
+    options: dict[str, Any] | None = None,
+) -> None:  # fmt: skip
+    """Prune MODEL and write OUT/model.safetensors and OUT/report.json.
+
+    Examples:
+
+        prunekit prune sample:digits-cnn --pruner magnitude --sparsity 0.5
+
+        prunekit prune torchvision:resnet18 --weights r18.pt --data cifar10:~/data
+        -p magnitude -s 0.9 --mask layer --exclude 'fc.*' --json
+
+        prunekit prune sample:digits-resnet -p woodfisher -s 0.95 --schedule gradual
+        --steps 4 --finetune-epochs 3
+
+        prunekit prune --config run/report.json --out run2   (repeat a run)
+    """
+    from prunekit.export import export_formats
+    from prunekit.pipeline import run
+    from prunekit.progress import RichReporter
+    from prunekit.recipe import config_from, load_recipe
+
+    assert options is not None
+    given = set(options["given"])
+    if given & {"export", "validate"}:
+        given.add("exports")
+    own = {"model": model, "pruner": pruner, "sparsity": sparsity, "seed": seed,
+           "verbose": verbose, "validate": validate, "out": out, "force": force,
+           "exports": list(export_formats(export, validate))}  # fmt: skip
+    recipe = to_recipe({**options, **own, "given": given}, load_recipe(config) if config else None)
+    run_config = dataclasses.replace(
+        config_from(recipe), command=(Path(sys.argv[0]).name, *sys.argv[1:])
+    )
+    report = run(run_config, RichReporter())
+    warn(report["warnings"])
+    if as_json:
+        print_json(report)
+    else:
+        print_report(report)
+    exit_if_failed(report.get("validation"))

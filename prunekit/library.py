@@ -1,0 +1,214 @@
+"""prunekit from Python: prune an ``nn.Module`` in memory, hold its masks in your own training
+loop, export and validate it. The CLI runs the same code (``prunekit.pipeline``)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from prunekit import registry
+from prunekit.config import PruneConfig
+from prunekit.data import Splits, calibration_of, check_pair, labels_of
+from prunekit.device import resolve_device
+from prunekit.errors import UsageError
+from prunekit.pipeline import check, prune_model
+from prunekit.progress import Reporter, Silent
+from prunekit.pruners.base import Pruner
+from prunekit.schedule import ScheduleConfig
+from prunekit.timing import Timings
+
+DataLike = DataLoader | Dataset | tuple[torch.Tensor, torch.Tensor] | torch.Tensor
+
+
+@dataclass
+class PruneResult:
+    """The pruned model (the one passed in, pruned in place), its keep-masks and the report."""
+
+    model: nn.Module
+    masks: dict[str, torch.Tensor]  # dotted weight name -> bool, True = kept
+    report: dict[str, Any]
+
+    def hold(self) -> MaskHandle:
+        """Keep the pruned weights at zero while you train; ``.remove()`` when done."""
+        return hold_masks(self.model, self.masks)
+
+
+def _dataset(data: DataLike, what: str) -> tuple[Dataset, bool, int]:
+    """(dataset, labeled, num_classes or 0 when unknown) of tensors, a Dataset or a loader."""
+    if isinstance(data, DataLoader):
+        return data.dataset, True, 0
+    if isinstance(data, torch.Tensor):
+        return TensorDataset(data, torch.full((len(data),), -1)), False, 0
+    if isinstance(data, tuple):
+        if len(data) != 2:
+            raise UsageError(f"{what}: give (x, y) tensors, a Dataset or a DataLoader")
+        x, y = data
+        check_pair(what, x, y)
+        y = labels_of(what, y)
+        return TensorDataset(x, y), True, int(y.max()) + 1 if len(y) else 0
+    if isinstance(data, Dataset):
+        return data, True, 0
+    raise UsageError(f"{what}: give (x, y) tensors, a Dataset or a DataLoader")
+
+
+def splits_of(data: DataLike, test_data: DataLike | None = None) -> Splits:
+    """Splits for in-memory data; without ``test_data`` accuracy is measured on ``data``."""
+    train, labeled, classes = _dataset(data, "data")
+    test, test_labeled, test_classes = (
+        _dataset(test_data, "test_data") if test_data is not None else (train, labeled, classes)
+    )
+    first = train[0][0]
+    return Splits(
+        spec="in-memory" if test_data is not None else "in-memory (no test split)",
+        train=train,
+        calibration=calibration_of(train),
+        test=test,
+        num_classes=max(classes, test_classes),
+        input_shape=tuple(first.shape),
+        labeled=labeled and test_labeled,
+    )
+
+
+def prune(
+    model: nn.Module,
+    pruner: str | Pruner,
+    sparsity: float,
+    data: DataLike,
+    *,
+    test_data: DataLike | None = None,
+    mask: str = "global",
+    exclude: Sequence[str] = (),
+    params: Mapping[str, Any] | None = None,
+    schedule: ScheduleConfig | None = None,
+    device: str = "auto",
+    seed: int = 0,
+    memory_budget: int | None = None,
+    recalibrate_bn: bool = False,
+    reporter: Reporter | None = None,
+) -> PruneResult:
+    """Prune ``model`` in place to ``sparsity`` with ``pruner`` (a name or an instance).
+
+    ``data`` is the calibration (and, for schedules that train, training) data: ``(x, y)``
+    tensors, a Dataset of ``(x, y)`` or a DataLoader; x alone is unlabeled data.
+    ``test_data`` (same forms) is where accuracy is measured; without it, on ``data``.
+    ``mask`` is global, layer or N:M; ``schedule`` a ScheduleConfig (default: one-shot with
+    automatic recomputation). Everything numeric runs on ``device``.
+    """
+    started = time.perf_counter()
+    if isinstance(pruner, Pruner):
+        instance, name = pruner, pruner.name
+    else:
+        instance, name = registry.create(pruner, dict(params or {})), pruner
+    config = PruneConfig(
+        model=f"in-memory:{type(model).__name__}",
+        pruner=name,
+        sparsity=sparsity,
+        mask=mask,
+        exclude=tuple(exclude),
+        params={k: str(v) for k, v in (params or {}).items()},
+        schedule=schedule or ScheduleConfig(),
+        recalibrate_bn=recalibrate_bn,
+        memory_budget=memory_budget,
+        device=device,
+        seed=seed,
+        exports=(),
+    )
+    check(config)
+    splits = splits_of(data, test_data)
+    source = {"model": config.model, "weights": None, "trusted_checkpoint": None}
+    source["data"] = splits.spec
+    timings = Timings(resolve_device(device))
+    outcome = prune_model(
+        config, model, splits, instance, reporter or Silent(), source, [], timings, started
+    )
+    return PruneResult(outcome.model, outcome.masks(), outcome.report)
+
+
+class _KeepMask(nn.Module):
+    """A parametrization: the weight as trained, times a fixed keep-mask."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.mask
+
+
+class MaskHandle:
+    """Masks held on a model by ``hold_masks``; ``remove()`` bakes the zeros in and detaches."""
+
+    def __init__(self, held: list[tuple[nn.Module, str]]) -> None:
+        self.held = held
+
+    def remove(self) -> None:
+        for module, name in self.held:
+            if parametrize.is_parametrized(module, name):
+                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+        self.held = []
+
+    def __enter__(self) -> MaskHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def hold_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> MaskHandle:
+    """Hold ``masks`` (weight name -> keep) on ``model`` with torch parametrizations.
+
+    The forward pass sees ``weight * mask``, so pruned weights stay zero and get no
+    gradient, whatever optimizer, weight decay or loop you use. Works with optimizers made
+    before or after (the parameter object is kept). Call ``remove()`` (or use it as a
+    context manager) before saving or exporting: the zeros are then written into the weight.
+    """
+    held = []
+    for name, keep in masks.items():
+        module_name, _, attr = name.rpartition(".")
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            raise UsageError(f"mask {name} names no module of the model") from None
+        weight = getattr(module, attr, None)
+        if not isinstance(weight, torch.Tensor) or weight.shape != keep.shape:
+            raise UsageError(f"mask {name} does not fit the model's {name}")
+        parametrize.register_parametrization(
+            module, attr, _KeepMask(keep.to(weight.device, weight.dtype))
+        )
+        held.append((module, attr))
+    return MaskHandle(held)
+
+
+@contextmanager
+def masks_held(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> Iterator[MaskHandle]:
+    handle = hold_masks(model, masks)
+    try:
+        yield handle
+    finally:
+        handle.remove()
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    input_shape: Sequence[int],
+    metadata: Mapping[str, str] | None = None,
+    sparse: bool = True,
+) -> dict[str, object]:
+    """Export ``model`` (CPU copy, eval mode) to a self-contained ONNX file; pruned
+    initializers are stored as sparse tensors where that is smaller (``sparse``)."""
+    import copy
+
+    from prunekit.onnx_export import export_onnx as write
+
+    exported = copy.deepcopy(model).cpu().eval()
+    return write(exported, tuple(input_shape), Path(path), dict(metadata or {}), sparse=sparse)
