@@ -212,3 +212,35 @@ def export_onnx(
 
     exported = copy.deepcopy(model).cpu().eval()
     return write(exported, tuple(input_shape), Path(path), dict(metadata or {}), sparse=sparse)
+
+
+def validate_onnx(
+    path: str | Path,
+    data: DataLike,
+    *,
+    torch_model: nn.Module | None = None,
+    baseline: str | Path | None = None,
+    batch_sizes: Sequence[int] = (1, 32),
+    runs: int = 100,
+    max_accuracy_drop: float | None = None,
+    provider: str = "cpu",
+) -> dict[str, Any]:
+    """Run ``path`` in ONNX Runtime on ``data``: accuracy, parity with ``torch_model``,
+    latency (against ``baseline``); ``passed`` is false when a gate fails."""
+    from prunekit.validate import ValidateOptions, validate
+
+    splits = splits_of(data)
+    options = ValidateOptions(
+        batch_sizes=tuple(batch_sizes),
+        provider=provider,
+        runs=runs,
+        max_accuracy_drop=max_accuracy_drop,
+    )
+    return validate(
+        Path(path),
+        splits.test,
+        splits.input_shape,
+        options,
+        Path(baseline) if baseline else None,
+        torch_model,
+    )

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from prunekit.errors import PrunekitError, UsageError
 
@@ -30,7 +31,7 @@ def debug() -> bool:
 
 
 def _fail(message: str, code: int) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", markup=True, highlight=False)
+    err.print(f"[red]error:[/red] {escape(message)}", markup=True, highlight=False)
     return typer.Exit(code)
 
 
@@ -94,13 +95,13 @@ def print_json(obj: Any) -> None:
 
 def warn(warnings: list[str]) -> None:
     for warning in warnings:
-        err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+        err.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
 
 
 def exit_if_failed(validation: dict[str, Any] | None) -> None:
     if validation is not None and not validation["passed"]:
         for failure in validation["failures"]:
-            err.print(f"[red]validation failed:[/red] {failure}", highlight=False)
+            err.print(f"[red]validation failed:[/red] {escape(failure)}", highlight=False)
         raise typer.Exit(1)
 
 

@@ -1,0 +1,152 @@
+"""The Python API: the README's example runs as written, masks hold in a user's own loop, and
+run recipes repeat a run's masks exactly."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import prunekit
+from tests.cli_helpers import assert_error, invoke, prune_report
+
+README = Path(__file__).parents[1] / "README.md"
+
+
+def _readme_block(marker: str) -> str:
+    text = README.read_text()
+    match = re.search(rf"<!-- {marker} -->\n```python\n(.*?)```", text, re.S)
+    assert match, f"README has no python block after <!-- {marker} -->"
+    return match[1]
+
+
+def test_readme_api_example_runs(tmp_path, monkeypatch, capsys):
+    import onnx
+    from onnx import numpy_helper
+
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(_readme_block("api-example"), "README api-example", "exec"), namespace)
+    printed = capsys.readouterr().out.split("\n")
+    assert printed[0].startswith("0.5 ") and printed[1] == "True"
+    model, masks = namespace["model"], namespace["result"].masks
+    assert not any(n.endswith("original") for n, _ in model.named_parameters())  # detached
+    for name, keep in masks.items():  # the pruned weights stayed exactly zero while training
+        weight = model.get_submodule(name.rpartition(".")[0]).weight.detach()
+        assert torch.all(weight[~keep] == 0) and weight[keep].ne(0).float().mean() > 0.99
+    proto = onnx.load("squeezenet-pruned.onnx")
+    dense = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    sparse = {s.values.name for s in proto.graph.sparse_initializer}
+    name = "features.3.expand3x3.weight"
+    assert name in sparse or np.count_nonzero(dense[name] == 0) >= int((~masks[name]).sum())
+
+
+def test_hold_masks_in_a_plain_loop_with_weight_decay():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1)  # made before
+    keep = {"0.weight": torch.rand(16, 8) > 0.5, "2.weight": torch.rand(3, 16) > 0.5}
+    handle = prunekit.hold_masks(model, keep)
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    for _ in range(5):
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    handle.remove()
+    assert torch.all(model[0].weight[~keep["0.weight"]] == 0)
+    assert torch.all(model[2].weight[~keep["2.weight"]] == 0)
+    assert model[0].weight[keep["0.weight"]].ne(0).all()
+    assert {n for n, _ in model.named_parameters()} == {"0.weight", "0.bias", "2.weight", "2.bias"}
+
+
+def test_api_prune_matches_the_cli_on_the_same_data(tmp_path):
+    """The CLI is a layer over the API: same model, data and pruner, same masks."""
+    from prunekit.data import load_data
+    from prunekit.models import load_model
+
+    cli = prune_report("sample:digits-mlp", "-p", "snip", "-s", "0.8", "--out", str(tmp_path / "o"))
+    splits = load_data("digits")
+    model = load_model("sample:digits-mlp").model
+    x, y = splits.train.tensors  # type: ignore[attr-defined]
+    result = prunekit.prune(model, "snip", 0.8, (x, y), test_data=splits.test.tensors)
+    assert result.report["sparsity"]["per_tensor"] == cli["sparsity"]["per_tensor"]
+    assert result.report["accuracy"] == cli["accuracy"]
+
+
+def test_api_bad_input_is_a_prunekit_error():
+    from prunekit.errors import PrunekitError
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(PrunekitError, match="labels up to 5 but the model has 2 outputs"):
+        prunekit.prune(model, "magnitude", 0.5, (torch.randn(8, 4), torch.arange(8) % 6))
+    with pytest.raises(PrunekitError, match="sparsity must be in"):
+        prunekit.prune(model, "magnitude", 1.5, (torch.randn(8, 4), torch.arange(8) % 2))
+
+
+def _masks_of(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v != 0 for k, v in load_file(folder / "model.safetensors").items()}
+
+
+def test_config_from_a_report_repeats_the_masks_exactly(tmp_path):
+    first = tmp_path / "a"
+    args = ("sample:digits-cnn", "-p", "woodfisher", "-s", "0.8", "--param", "num_grads=64")
+    report = prune_report(*args, "--schedule", "gradual", "--steps", "2", "--out", str(first))
+    recipe = report["recipe"]
+    assert recipe["params"]["num_grads"] == 64 and recipe["params"]["damp"] == 0.01
+    assert recipe["schedule"]["kind"] == "gradual" and "out" not in recipe
+    again = prune_report("--config", str(first / "report.json"), "--out", str(tmp_path / "b"))
+    assert again["recipe"] == recipe
+    one, two = _masks_of(first), _masks_of(tmp_path / "b")
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    # an option given on the command line overrides the recipe
+    other = prune_report("--config", str(first / "report.json"), "-s", "0.5",
+                         "--out", str(tmp_path / "c"))  # fmt: skip
+    assert other["sparsity"]["target"] == 0.5 and other["pruner"] == "woodfisher"
+
+
+TOML = """
+model = "sample:digits-mlp"
+pruner = "magnitude"
+sparsity = 0.7
+mask = "layer"
+[schedule]
+kind = "oneshot"
+finetune_epochs = 1
+[schedule.train]
+lr = 0.01
+batch_size = 32
+"""
+
+
+def test_toml_recipe(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text(TOML)
+    report = prune_report("--config", str(path), "--out", str(tmp_path / "o"))
+    assert report["mask"] == "layer" and report["sparsity"]["target"] == 0.7
+    assert report["recipe"]["schedule"]["train"]["batch_size"] == 32
+    assert [h["phase"] for h in report["history"]][-1] == "fine-tune"
+
+
+def test_bad_recipes(tmp_path):
+    typo = tmp_path / "typo.toml"
+    typo.write_text(TOML.replace("mask =", "masks ="))
+    assert_error(invoke("prune", "--config", str(typo)), 2, "unknown option(s) masks")
+    nested = tmp_path / "nested.toml"
+    nested.write_text(TOML.replace("batch_size", "batchsize"))
+    assert_error(invoke("prune", "--config", str(nested)), 2, "[schedule.train]", "batchsize")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("model = ")
+    assert_error(invoke("prune", "--config", str(broken)), 2, "cannot be parsed")
+    assert_error(invoke("prune", "-p", "magnitude"), 2, "the run needs model, sparsity")
+    assert_error(invoke("prune", "--config", str(tmp_path / "no.toml")), 2, "does not exist")
+    json_recipe = tmp_path / "r.json"
+    json_recipe.write_text(json.dumps({"model": "sample:digits-mlp", "pruner": "magnitude"}))
+    assert_error(invoke("prune", "--config", str(json_recipe)), 2, "the run needs sparsity")
