@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
+from prunekit import __version__
 from prunekit.errors import PluginError, UnknownNameError, did_you_mean
-from prunekit.pruners.base import Pruner
+from prunekit.pruners.base import CONTRACT_VERSION, Pruner
+from prunekit.statistics import STATISTICS
 
 GROUP = "prunekit.pruners"
 BUILTIN_DISTRIBUTION = "prunekit"
@@ -104,7 +106,20 @@ def _import(info: PluginInfo) -> type[Pruner]:
     if not (isinstance(obj, type) and issubclass(obj, Pruner)):
         raise PluginError(
             f"pruner '{info.name}' from {info.distribution} points at {info.value}, which is "
-            "not a prunekit.pruners.Pruner subclass; fix its entry point"
+            "not a prunekit.api.Pruner subclass; fix its entry point"
+        )
+    if getattr(obj, "contract", None) != CONTRACT_VERSION:
+        raise PluginError(
+            f"pruner '{info.name}' from {info.distribution} {info.version} is written for "
+            f"plugin contract {getattr(obj, 'contract', '?')}, and this prunekit "
+            f"{__version__} speaks contract {CONTRACT_VERSION}: install a matching version "
+            "of the plugin or of prunekit"
+        )
+    unknown = sorted(set(obj.needs) - set(STATISTICS))
+    if unknown:
+        raise PluginError(
+            f"pruner '{info.name}' from {info.distribution} needs {', '.join(unknown)}, which "
+            f"prunekit does not collect (known: {', '.join(STATISTICS)}); fix the plugin"
         )
     return obj
 

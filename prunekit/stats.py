@@ -20,6 +20,7 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.data import Dataset
 
 from prunekit import fisher
+from prunekit.curvature import BlockInverse
 from prunekit.data import loader
 from prunekit.errors import NumericalError, OutOfMemoryError, UsageError
 from prunekit.memory import (
@@ -35,10 +36,10 @@ from prunekit.memory import (
     target_cost,
 )
 from prunekit.pruners.base import StatsSpec, Target
+from prunekit.statistics import PER_SAMPLE, STATISTICS
 from prunekit.timing import Timings
 
-AVAILABLE = frozenset({"grad_mean", "fisher_diag", "fisher_inv", "grad_rows", "hessian_grad"})
-PER_SAMPLE = frozenset({"grad_mean", "fisher_diag", "fisher_inv", "grad_rows"})
+AVAILABLE = frozenset(STATISTICS)
 DAMP_ESCALATIONS = 4  # x10 each, when a damped block is still not positive definite
 
 
@@ -282,7 +283,8 @@ class Collector:
             if "fisher_inv" in self.needs:
                 self.say(f"{where}inverse Fisher of {t.name}")
                 with self.timings.phase("inverse"):
-                    stats["fisher_inv"] = self._inverse(t, acc.pop_curvature(t))
+                    blocks = self._inverse(t, acc.pop_curvature(t))
+                    stats["fisher_inv"] = BlockInverse(blocks, t.numel)
             if t.name in hessian:
                 stats["hessian_grad"] = hessian[t.name]
             out[t.name] = stats

@@ -1,21 +1,26 @@
-"""Helpers for plugin authors: ``check_pruner`` verifies the pruner contract.
+"""Helpers for plugin authors: ``check_pruner`` verifies the plugin contract (v1).
 
 Use it in a plugin's own tests::
 
-    from prunekit.testing import check_pruner
+    from prunekit.api import check_pruner
     def test_contract():
         check_pruner(MyPruner)
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from prunekit.masks import find_targets, select
-from prunekit.pruners.base import Pruner
+from prunekit.pruners.base import CONTRACT_VERSION, Pruner, StatsSpec, Target
+from prunekit.statistics import STATISTICS
+
+TINY_SAMPLES = 16
 
 
 def tiny_model() -> nn.Module:
@@ -24,37 +29,84 @@ def tiny_model() -> nn.Module:
     return nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
 
 
-def check_pruner(
-    cls: type[Pruner], stats: Mapping[str, Mapping[str, torch.Tensor]] | None = None
-) -> None:
-    """Assert that ``cls`` honours the contract; ``stats`` feeds pruners that need statistics."""
-    assert issubclass(cls, Pruner), f"{cls} must subclass prunekit.pruners.Pruner"
+def tiny_data() -> TensorDataset:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(TINY_SAMPLES, 1, 6, 6, generator=generator)
+    return TensorDataset(x, torch.randint(0, 3, (TINY_SAMPLES,), generator=generator))
+
+
+def check_declarations(cls: type[Pruner]) -> None:
+    """What a class declares: name, summary, contract, statistics, parameters."""
+    assert issubclass(cls, Pruner), f"{cls} must subclass prunekit.api.Pruner"
     assert cls.name and cls.name.isidentifier(), "name must be a non-empty identifier"
     assert cls.summary(), "the class docstring's first line is the pruner's summary"
+    assert cls.contract == CONTRACT_VERSION, (
+        f"{cls.name} is written for plugin contract {cls.contract}, prunekit speaks "
+        f"{CONTRACT_VERSION}"
+    )
     assert isinstance(cls.needs, frozenset), "needs must be a frozenset of statistic names"
+    unknown = sorted(cls.needs - set(STATISTICS))
+    assert not unknown, f"needs names unknown statistics {unknown}; known: {list(STATISTICS)}"
     names = [p.name for p in cls.params]
     assert len(names) == len(set(names)), "parameter names must be unique"
     for p in cls.params:
         assert p.help, f"parameter {p.name} needs a help text"
         assert p.parse(str(p.default)) == p.default, f"default of {p.name} must parse back"
-    if cls.needs and stats is None:
-        return  # scoring needs statistics the caller did not provide
-    pruner = cls()
+    fields = {f.name for f in dataclasses.fields(StatsSpec)}
+    for name in cls.stats_params:
+        assert name in names, f"stats_params names {name}, which is not one of params"
+        assert name in fields, f"stats_params names {name}, which is not a StatsSpec field"
+
+
+def tiny_statistics(pruner: Pruner, model: nn.Module, targets: list[Target]) -> dict:
+    """The statistics ``pruner.needs`` on the tiny model and data, by prunekit's collector."""
+    from prunekit.stats import Collector
+
+    spec = pruner.stats_spec()
+    spec = dataclasses.replace(spec, num_grads=max(1, TINY_SAMPLES // spec.grad_batch))
+    collector = Collector(model, targets, tiny_data(), spec, pruner.needs, torch.device("cpu"))
+    stats: dict = {}
+    for _, group_stats in collector.collect():
+        stats.update(group_stats)
+    return stats
+
+
+def check_pruner(
+    cls: type[Pruner], stats: Mapping[str, Mapping[str, torch.Tensor]] | None = None
+) -> None:
+    """Assert that ``cls`` honours the contract, end to end on a tiny model.
+
+    ``prepare`` gets a real ``StepContext``; the statistics in ``needs`` are collected by
+    prunekit on tiny data unless ``stats`` (target name -> statistics) is given; every score
+    and update must have the weight's shape, no NaN, and leave the weights untouched.
+    """
+    from prunekit.schedule import StepContext
+
+    check_declarations(cls)
+    small = {"num_grads": 8} if any(p.name == "num_grads" for p in cls.params) else {}
+    pruner = cls(**small)
     model = tiny_model()
     targets, _ = find_targets(model)
+    context = StepContext(model, targets, pruner, tiny_data(), torch.device("cpu"))
+    pruner.prepare(context, 1, 1)
+    if stats is None:
+        stats = tiny_statistics(pruner, model, targets) if cls.needs else {}
     scores = {}
     for t in targets:
-        target_stats = (stats or {}).get(t.name, {})
         before = t.weight.detach().clone()
-        score = pruner.score(t, target_stats)
+        score = pruner.score(t, stats.get(t.name, {}))
         scores[t.name] = score
         if score is None:
             continue  # the pruner declines this tensor
         assert isinstance(score, torch.Tensor), "score must return a tensor or None"
-        assert score.shape == t.weight.shape, f"score for {t.name} must match the weight shape"
+        assert score.shape == t.weight.shape, (
+            f"score for {t.name} has shape {tuple(score.shape)}, the weight {tuple(t.weight.shape)}"
+        )
         assert not torch.isnan(score).any(), f"score for {t.name} has NaN"
         assert torch.equal(before, t.weight.detach()), "score must not modify the weights"
     keep = select(targets, scores, 0.5, "global")
     for t in targets:
-        updated = pruner.update(t, keep[t.name], (stats or {}).get(t.name, {}))
-        assert updated is None or updated.shape == t.weight.shape, "update must match the shape"
+        updated = pruner.update(t, keep[t.name], stats.get(t.name, {}))
+        assert updated is None or updated.shape == t.weight.shape, (
+            f"update for {t.name} must have the weight's shape {tuple(t.weight.shape)}"
+        )

@@ -8,7 +8,7 @@ import uuid
 from pathlib import Path
 
 GOOD = """
-from prunekit.pruners import Pruner
+from prunekit.api import Pruner
 
 class Fixed(Pruner):
     \"\"\"Scores every weight 1.\"\"\"

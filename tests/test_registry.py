@@ -47,7 +47,7 @@ def test_entry_point_that_is_not_a_pruner(tmp_path, monkeypatch):
     mod = unique("notpruner")
     install(tmp_path, monkeypatch, "odd", {mod: "class X: pass"}, {"odd": f"{mod}:X"})
     monkeypatch.setenv("PRUNEKIT_PLUGINS", "odd")
-    with pytest.raises(PluginError, match=r"not a prunekit\.pruners\.Pruner subclass"):
+    with pytest.raises(PluginError, match=r"not a prunekit\.api\.Pruner subclass"):
         registry.load("odd")
 
 

@@ -9,16 +9,20 @@ are set to -inf by the pipeline, so a pruner never has to care about them.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from prunekit.errors import UnknownNameError, UsageError
+
+if TYPE_CHECKING:
+    from prunekit.schedule import StepContext
+
+CONTRACT_VERSION = 1  # raised when a change would break plugins written for the old one
 
 
 @dataclass
@@ -93,8 +97,11 @@ class Pruner:
     """Base class of every pruning criterion (the first docstring line is its summary)."""
 
     name: ClassVar[str] = ""
-    needs: ClassVar[frozenset[str]] = frozenset()
+    needs: ClassVar[frozenset[str]] = frozenset()  # names from prunekit.api (GRAD_MEAN, ...)
     params: ClassVar[tuple[Param, ...]] = ()
+    # the hyperparameters that set how statistics are gathered, each a StatsSpec field
+    stats_params: ClassVar[tuple[str, ...]] = ()
+    contract: ClassVar[int] = CONTRACT_VERSION  # the plugin contract the class is written for
 
     def __init__(self, **values: Any) -> None:
         self.hparams = self.resolve_params(values)
@@ -122,23 +129,23 @@ class Pruner:
         return doc.splitlines()[0] if doc else ""
 
     def stats_spec(self) -> StatsSpec:
-        """How statistics are gathered: from the hyperparameters named like StatsSpec fields."""
-        fields = {f.name for f in dataclasses.fields(StatsSpec)}
-        return StatsSpec(**{k: v for k, v in self.hparams.items() if k in fields})
+        """How statistics are gathered: StatsSpec defaults, set by the hyperparameters named
+        in ``stats_params`` (declared, never matched by name)."""
+        return StatsSpec(**{k: self.hparams[k] for k in self.stats_params})
 
     def diagnostics(self) -> dict[str, Any]:
         """Anything worth recording in the run's report (e.g. a convergence trace)."""
         return {}
 
-    def prepare(self, context: Any, step: int, steps: int) -> None:
+    def prepare(self, context: StepContext, step: int, steps: int) -> None:
         """Called before each pruning step (``step`` of ``steps``, from 1; every sub-step of
         ``--recompute`` counts).
 
         The pruner object lives for the whole run, so whatever it keeps on ``self`` carries
         over from one step to the next: a gradual schedule lets a learned statistic be refined
-        between steps instead of re-estimated from scratch. ``context`` is the
-        ``prunekit.schedule.StepContext`` (model, targets, calibration data, device, seed,
-        and ``say(text)`` for a progress line).
+        between steps instead of re-estimated from scratch. ``context`` is a
+        ``prunekit.api.StepContext`` (model, targets, calibration data, device, seed, memory
+        budget, and ``say(text)`` for a progress line).
         """
 
     @classmethod
@@ -163,6 +170,7 @@ class Pruner:
         return None
 
 
+SAMPLING_NAMES = ("num_grads", "grad_batch", "fisher")
 SAMPLING_PARAMS = (
     Param("num_grads", 1000, "number m of gradients averaged into the statistics", minimum=1),
     Param("grad_batch", 1, "samples per gradient (1: per-sample gradients)", minimum=1),

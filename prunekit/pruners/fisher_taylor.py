@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import torch
 
-from prunekit.pruners.base import SAMPLING_PARAMS, Param, Pruner, Target
+from prunekit.pruners.base import SAMPLING_NAMES, SAMPLING_PARAMS, Param, Pruner, Target
 
 FBSS_EPS = 1e-12  # lower clamp of F in fbss: zero-gradient weights get a finite score
 
@@ -22,6 +22,7 @@ class GradNormPruner(Pruner):
     name = "grad_norm"
     needs = frozenset({"grad_mean"})
     params = SAMPLING_PARAMS
+    stats_params = SAMPLING_NAMES
 
     def score(self, target: Target, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return stats["grad_mean"].abs()
@@ -33,6 +34,7 @@ class SnipPruner(Pruner):
     name = "snip"
     needs = frozenset({"grad_mean"})
     params = SAMPLING_PARAMS
+    stats_params = SAMPLING_NAMES
 
     def score(self, target: Target, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return (_weight(target) * stats["grad_mean"]).abs()
@@ -43,6 +45,7 @@ class GraspPruner(Pruner):
 
     name = "grasp"
     needs = frozenset({"hessian_grad"})
+    stats_params = (*SAMPLING_NAMES, "temperature")
     params = (
         *SAMPLING_PARAMS,
         Param(
@@ -64,6 +67,7 @@ class FisherDiagPruner(Pruner):
     name = "fisher_diag"
     needs = frozenset({"fisher_diag"})
     params = SAMPLING_PARAMS
+    stats_params = SAMPLING_NAMES
 
     def score(self, target: Target, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return stats["fisher_diag"]
@@ -75,6 +79,7 @@ class FisherPruner(Pruner):
     name = "fisher_pruner"
     needs = frozenset({"fisher_diag"})
     params = SAMPLING_PARAMS
+    stats_params = SAMPLING_NAMES
 
     def score(self, target: Target, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return 0.5 * _weight(target).square() * stats["fisher_diag"]
@@ -86,6 +91,7 @@ class FTSPruner(Pruner):
     name = "fts"
     needs = frozenset({"grad_mean", "fisher_diag"})
     params = SAMPLING_PARAMS
+    stats_params = SAMPLING_NAMES
 
     def score(self, target: Target, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
         w = _weight(target)
@@ -98,6 +104,7 @@ class FBSSPruner(Pruner):
     name = "fbss"
     needs = frozenset({"grad_mean", "fisher_diag"})
     params = SAMPLING_PARAMS
+    stats_params = SAMPLING_NAMES
 
     def score(self, target: Target, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
         f = stats["fisher_diag"].clamp_min(FBSS_EPS)

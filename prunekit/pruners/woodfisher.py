@@ -8,7 +8,15 @@ from collections.abc import Mapping
 import torch
 
 from prunekit.fisher import obs_scores, obs_update
-from prunekit.pruners.base import SAMPLING_PARAMS, Param, Pruner, StatsSpec, Target
+from prunekit.pruners.base import (
+    SAMPLING_NAMES,
+    SAMPLING_PARAMS,
+    Param,
+    Pruner,
+    StatsSpec,
+    Target,
+)
+from prunekit.statistics import FISHER_INV
 
 GRADIENT_PARAMS = (
     Param(
@@ -39,14 +47,15 @@ class WoodFisherPruner(Pruner):
     """OBS with a blockwise inverse empirical Fisher: score θ²/(2[F⁻¹]qq), compensating update."""
 
     name = "woodfisher"
-    needs = frozenset({"fisher_inv"})
+    needs = frozenset({FISHER_INV})
+    stats_params = (*SAMPLING_NAMES, "block_size", "damp", "damp_mode")
     params = (
         Param("block_size", 128, "weights per Fisher block along each tensor", minimum=1),
         *GRADIENT_PARAMS,
     )
 
     def score(self, target: Target, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return obs_scores(target.weight.detach(), stats["fisher_inv"])
+        return obs_scores(target.weight.detach(), stats[FISHER_INV].blocks)
 
     def update(
         self, target: Target, keep: torch.Tensor, stats: Mapping[str, torch.Tensor]
@@ -55,7 +64,7 @@ class WoodFisherPruner(Pruner):
         if not prune.any():
             return None
         return obs_update(
-            target.weight.detach(), stats["fisher_inv"], prune, exact=self.hparams["exact"]
+            target.weight.detach(), stats[FISHER_INV].blocks, prune, exact=self.hparams["exact"]
         )
 
 
@@ -64,6 +73,7 @@ class OBSPruner(WoodFisherPruner):
 
     name = "obs"
     params = GRADIENT_PARAMS
+    stats_params = (*SAMPLING_NAMES, "damp", "damp_mode")
 
     def stats_spec(self) -> StatsSpec:
         return dataclasses.replace(super().stats_spec(), block_size=None)

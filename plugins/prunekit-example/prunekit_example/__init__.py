@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import torch
 
-from prunekit.pruners import Pruner, Target
+from prunekit.api import Pruner, Target
 
 
 def lamp_scores(weight: torch.Tensor) -> torch.Tensor:

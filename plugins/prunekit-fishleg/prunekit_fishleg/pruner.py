@@ -20,10 +20,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit.errors import UsageError
-from prunekit.pruners import Param, Pruner, Target
-from prunekit.pruners.base import StatsSpec
-from prunekit.stats import Collector
+from prunekit.api import (
+    GRAD_ROWS,
+    Collector,
+    Param,
+    Pruner,
+    StatsSpec,
+    StepContext,
+    Target,
+    UsageError,
+)
 from prunekit_fishleg.qmatrix import (
     FitOracle,
     KroneckerQ,
@@ -134,7 +140,7 @@ class FishLegPruner(Pruner):
             self.q[target.name] = q
         return self.q[target.name]
 
-    def _collector(self, context: Any, targets: list[Target]) -> Collector:
+    def _collector(self, context: StepContext, targets: list[Target]) -> Collector:
         """Gradient rows (labels sampled from the model: the true Fisher) in the passes of the
         memory plan: only one group's rows are held at a time."""
         spec = StatsSpec(
@@ -148,7 +154,7 @@ class FishLegPruner(Pruner):
             targets,
             context.calibration,
             spec,
-            frozenset({"grad_rows"}),
+            frozenset({GRAD_ROWS}),
             context.device,
             context.memory_budget,
             context.seed,
@@ -156,7 +162,7 @@ class FishLegPruner(Pruner):
             say=context.say,
         )
 
-    def prepare(self, context: Any, step: int, steps: int) -> None:
+    def prepare(self, context: StepContext, step: int, steps: int) -> None:
         """Fit Q (first step) or refine it (later steps) at the current weights, one group of
         layers at a time."""
         started = time.perf_counter()
@@ -171,7 +177,7 @@ class FishLegPruner(Pruner):
             if self.gamma is None:  # known from the first pass (or a squares-only round)
                 self.gamma = collector.base_damping()
             for t in group:
-                rows = stats[t.name].pop("grad_rows")
+                rows = stats[t.name].pop(GRAD_ROWS)
                 poor += self._fit(context, t, rows, step, iterations, generator)
                 del rows
         self.memory = collector.report().get("memory")
@@ -188,7 +194,7 @@ class FishLegPruner(Pruner):
 
     def _fit(
         self,
-        context: Any,
+        context: StepContext,
         t: Target,
         rows: torch.Tensor,
         step: int,

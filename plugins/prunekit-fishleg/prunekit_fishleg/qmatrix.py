@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from prunekit.errors import NumericalError
+from prunekit.api import NumericalError
 
 
 def _symmetric(m: torch.Tensor) -> torch.Tensor:

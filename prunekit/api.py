@@ -1,0 +1,66 @@
+"""The pruner plugin contract, version 1: everything a plugin may import from prunekit.
+
+A pruner subclasses ``Pruner`` and declares:
+
+- ``name`` and a docstring (first line: the summary `prunekit pruners list` shows);
+- ``needs``: the statistics to collect, from the constants below (``GRAD_MEAN``,
+  ``FISHER_DIAG``, ``FISHER_INV``, ``GRAD_ROWS``, ``HESSIAN_GRAD``);
+- ``params``: its hyperparameters (``Param``), given by users as ``--param key=value``;
+- ``stats_params``: which of those set how statistics are gathered (fields of
+  ``StatsSpec``: num_grads, grad_batch, fisher, block_size, damp, damp_mode, temperature);
+  ``SAMPLING_PARAMS`` / ``SAMPLING_NAMES`` are the common three;
+
+and implements ``score(target, stats)`` (one score per weight, larger = keep; None declines
+the tensor), optionally ``update(target, keep, stats)`` (OBS-style compensation) and
+``prepare(context, step, steps)`` (before every pruning step, with a ``StepContext``).
+``check_pruner`` verifies all of this in a plugin's own tests. The registry refuses a class
+whose ``contract`` is not ``CONTRACT_VERSION`` or whose ``needs`` names an unknown statistic.
+"""
+
+from __future__ import annotations
+
+from prunekit.curvature import BlockInverse
+from prunekit.errors import NumericalError, PrunekitError, UsageError
+from prunekit.pruners.base import (
+    CONTRACT_VERSION,
+    SAMPLING_NAMES,
+    SAMPLING_PARAMS,
+    Param,
+    Pruner,
+    StatsSpec,
+    Target,
+)
+from prunekit.schedule import StepContext
+from prunekit.statistics import (
+    FISHER_DIAG,
+    FISHER_INV,
+    GRAD_MEAN,
+    GRAD_ROWS,
+    HESSIAN_GRAD,
+    STATISTICS,
+)
+from prunekit.stats import Collector
+from prunekit.testing import check_pruner
+
+__all__ = [
+    "CONTRACT_VERSION",
+    "FISHER_DIAG",
+    "FISHER_INV",
+    "GRAD_MEAN",
+    "GRAD_ROWS",
+    "HESSIAN_GRAD",
+    "SAMPLING_NAMES",
+    "SAMPLING_PARAMS",
+    "STATISTICS",
+    "BlockInverse",
+    "Collector",
+    "NumericalError",
+    "Param",
+    "PrunekitError",
+    "Pruner",
+    "StatsSpec",
+    "StepContext",
+    "Target",
+    "UsageError",
+    "check_pruner",
+]

@@ -1,0 +1,37 @@
+"""The statistics a pruner may declare in ``needs`` (plugin contract v1), one constant each.
+
+Every statistic is per target tensor; ``score(target, stats)`` gets ``stats[NAME]``.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+GRAD_MEAN: Final = "grad_mean"
+"""ḡ: the mean loss gradient over the calibration samples, shaped like the weight. Needs true
+labels (with labels sampled from the model it averages to zero)."""
+
+FISHER_DIAG: Final = "fisher_diag"
+"""diag F = E[g ⊙ g]: the mean squared per-sample (or per-mini-batch) gradient, shaped like
+the weight; empirical (true labels) or true Fisher (labels sampled), by StatsSpec.fisher."""
+
+FISHER_INV: Final = "fisher_inv"
+"""(F + λI)⁻¹, block-diagonal along the flattened weight, as a ``prunekit.api.BlockInverse``
+(``diag()``, ``matvec(v)``, ``solve(v)``); λ by StatsSpec.damp / damp_mode."""
+
+GRAD_ROWS: Final = "grad_rows"
+"""The (m, d) matrix of the m per-sample gradients of the flattened weight, for pruners that
+build their own curvature (e.g. FishLeg)."""
+
+HESSIAN_GRAD: Final = "hessian_grad"
+"""H ḡ: the Hessian-gradient product of the temperature-scaled loss, shaped like the weight
+(GraSP)."""
+
+STATISTICS: Final = {
+    GRAD_MEAN: "mean loss gradient ḡ (true labels)",
+    FISHER_DIAG: "Fisher diagonal E[g ⊙ g]",
+    FISHER_INV: "damped blockwise inverse Fisher, a BlockInverse",
+    GRAD_ROWS: "the (m, d) per-sample gradient rows",
+    HESSIAN_GRAD: "Hessian-gradient product H ḡ",
+}
+PER_SAMPLE: Final = frozenset({GRAD_MEAN, FISHER_DIAG, FISHER_INV, GRAD_ROWS})
