@@ -150,3 +150,53 @@ def test_bad_recipes(tmp_path):
     json_recipe = tmp_path / "r.json"
     json_recipe.write_text(json.dumps({"model": "sample:digits-mlp", "pruner": "magnitude"}))
     assert_error(invoke("prune", "--config", str(json_recipe)), 2, "the run needs sparsity")
+
+
+# Flags whose meaning differs by command, so each command declares its own: --out is a run's
+# folder (prune, sweep) or one file (export); --weights the run's start or the parity model's;
+# --data the run's data or the export's input shape.
+PER_COMMAND = {"--out", "--weights", "--data"}
+
+
+def test_every_shared_option_is_declared_once():
+    import typer
+
+    from prunekit.cli import app
+
+    def commands(group, prefix=""):
+        for name, command in group.commands.items():
+            if hasattr(command, "commands"):
+                yield from commands(command, f"{prefix}{name} ")
+            else:
+                yield f"{prefix}{name}", command
+
+    helps: dict[str, set[str]] = {}
+    for _, command in commands(typer.main.get_command(app)):
+        for param in command.params:
+            for flag in getattr(param, "opts", []):
+                if flag.startswith("--") and flag not in {"--help"}:
+                    helps.setdefault(flag, set()).add(param.help or "")
+    repeated = {f: h for f, h in helps.items() if len(h) > 1 and f not in PER_COMMAND}
+    assert not repeated, f"options declared more than once, with different texts: {repeated}"
+    source = "".join(p.read_text() for p in (Path(prunekit.__file__).parent / "cli").glob("*.py"))
+    declared = re.findall(r'(?:typer\.Option\(|_opt\()[^)]*?"(--[a-z][a-z-]*)"', source, re.S)
+    doubled = {f for f in declared if declared.count(f) > 1} - PER_COMMAND
+    assert not doubled, f"flags written in more than one declaration: {doubled}"
+
+
+def test_cli_holds_no_library_logic():
+    """Each command module only parses options and prints: no torch, no file formats."""
+    cli = Path(prunekit.__file__).parent / "cli"
+    for path in cli.glob("*.py"):
+        text = path.read_text()
+        for forbidden in (
+            "import torch",
+            "import safetensors",
+            "from safetensors",
+            "import onnx",
+            "load_state_dict",
+            "read_metadata",
+            "os.path.relpath",
+            "Collector",
+        ):
+            assert forbidden not in text, f"{path.name} holds library logic ({forbidden})"

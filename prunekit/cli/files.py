@@ -15,12 +15,13 @@ from prunekit.cli.common import (
     print_json,
     warn,
 )
-from prunekit.cli.options import PREPROCESS, with_options
+from prunekit.cli.options import FORCE, JSON, NUM_CLASSES, PREPROCESS, TRUST, with_options
 from prunekit.cli.output import print_validation
 from prunekit.cli.prune import MODEL_HELP
 
 
 @handle_errors
+@with_options(NUM_CLASSES, TRUST, FORCE, JSON)
 def export(
     model: Annotated[str, typer.Argument(help=MODEL_HELP)],
     out: Annotated[Path, typer.Option(help="Output file (.onnx or .safetensors).")],
@@ -32,17 +33,10 @@ def export(
     input_shape: Annotated[
         str | None, typer.Option(help="Input shape without batch, e.g. 3,32,32.")
     ] = None,
-    num_classes: Annotated[
-        int | None, typer.Option(help="Classes of a torchvision/factory model.")
-    ] = None,
     dense: Annotated[
         bool, typer.Option("--dense", help="Write dense tensors / initializers only.")
     ] = False,
-    trust_checkpoint: Annotated[
-        bool, typer.Option("--trust-checkpoint", help="Allow pickled checkpoints you trust.")
-    ] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
+    options: dict | None = None,
 ) -> None:
     """Export MODEL (e.g. a pruned model.safetensors) to ONNX or compact safetensors.
 
@@ -55,22 +49,25 @@ def export(
     """
     from prunekit.export import export_file
 
+    assert options is not None
     shape = number_list(input_shape, "--input-shape") if input_shape else None
     summary, warnings = export_file(
-        model, out, format, weights, data, shape, num_classes, dense, trust_checkpoint, force
-    )
+        model, out, format, weights, data, shape, options["num_classes"], dense,
+        options["trust_checkpoint"], options["force"],
+    )  # fmt: skip
     warn(warnings)
-    if as_json:
+    if options["as_json"]:
         print_json(summary)
     else:
         console.print(f"wrote {out} ({summary['bytes']:,} bytes)")
 
 
 @handle_errors
+@with_options(FORCE)
 def densify(
     src: Annotated[Path, typer.Argument(help="Compact (or plain) safetensors file.")],
     dst: Annotated[Path, typer.Argument(help="Dense safetensors file to write.")],
-    force: Annotated[bool, typer.Option("--force", help="Replace DST if it exists.")] = False,
+    options: dict | None = None,
 ) -> None:
     """Write the dense tensors of a compact safetensors file, bit for bit.
 
@@ -78,12 +75,13 @@ def densify(
     """
     from prunekit.compact import densify_file
 
-    warn(densify_file(src, dst, force))
+    assert options is not None
+    warn(densify_file(src, dst, options["force"]))
     console.print(f"wrote {dst} ({dst.stat().st_size:,} bytes)")
 
 
 @handle_errors
-@with_options(PREPROCESS)
+@with_options(PREPROCESS, NUM_CLASSES, JSON)
 def validate(
     onnx_file: Annotated[Path, typer.Argument(help="The ONNX model to validate.")],
     baseline: Annotated[Path | None, typer.Option(help="Dense ONNX model timed alongside.")] = None,
@@ -97,9 +95,6 @@ def validate(
         Path | None,
         typer.Option(help="Weights for the parity check (of --torch, or of the recorded spec)."),
     ] = None,
-    num_classes: Annotated[
-        int | None, typer.Option(help="Classes of --torch (default: recorded in the file).")
-    ] = None,
     batch_sizes: Annotated[str, typer.Option(help="Batch sizes to time, e.g. 1,32.")] = "1,32",
     threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads (0: default).")] = 0,
     provider: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
@@ -108,7 +103,6 @@ def validate(
         float | None,
         typer.Option(help="Fail when accuracy falls more than this (0..1) below the baseline."),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     options: dict | None = None,
 ) -> None:
     """Check an ONNX export in ONNX Runtime: accuracy, parity with PyTorch, latency.
@@ -131,10 +125,10 @@ def validate(
     )
     result, warnings = validate_file(
         onnx_file, settings, baseline, data, options["normalize"], options["image_size"],
-        torch_model, weights, num_classes,
+        torch_model, weights, options["num_classes"],
     )  # fmt: skip
     warn(warnings)
-    if as_json:
+    if options["as_json"]:
         print_json(result)
     else:
         print_validation(result)

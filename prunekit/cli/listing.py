@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from prunekit.cli.common import console, handle_errors, print_json
+from prunekit.cli.options import JSON, with_options
 
 pruners_app = typer.Typer(help="List and inspect the pruner plugins.", no_args_is_help=True)
 models_app = typer.Typer(help="List the sample models.", no_args_is_help=True)
@@ -15,8 +16,9 @@ models_app = typer.Typer(help="List the sample models.", no_args_is_help=True)
 
 @pruners_app.command("list")
 @handle_errors
+@with_options(JSON)
 def pruners_list(
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+    options: dict | None = None,
 ) -> None:
     """List every registered pruner, with its distribution and any import error.
 
@@ -25,7 +27,7 @@ def pruners_list(
     from prunekit import registry
 
     rows = registry.describe()
-    if as_json:
+    if options and options["as_json"]:
         print_json(rows)
         return
     table = Table(title="pruners")
@@ -39,9 +41,10 @@ def pruners_list(
 
 @pruners_app.command("show")
 @handle_errors
+@with_options(JSON)
 def pruners_show(
     name: Annotated[str, typer.Argument(help="Pruner name.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    options: dict | None = None,
 ) -> None:
     """Show a pruner's summary, needed statistics and hyperparameters.
 
@@ -65,7 +68,7 @@ def pruners_show(
             for p in cls.params
         ],
     }
-    if as_json:
+    if options and options["as_json"]:
         print_json(info)
         return
     console.print(f"[bold]{name}[/bold]: {info['summary']}")
@@ -81,8 +84,9 @@ def pruners_show(
 
 @models_app.command("list")
 @handle_errors
+@with_options(JSON)
 def models_list(
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+    options: dict | None = None,
 ) -> None:
     """List the sample models (dataset, size, test accuracy) and the built-in architectures.
 
@@ -104,7 +108,7 @@ def models_list(
             }
         )
     rows += architecture_rows()
-    if as_json:
+    if options and options["as_json"]:
         print_json(rows)
         return
     table = Table(title="sample models and built-in architectures")

@@ -59,6 +59,38 @@ PREPROCESS = (
     ),
 )
 
+JSON = (_opt("as_json", bool, False, "--json", "Print the result as JSON on stdout.", OUTPUT),)
+FORCE = (
+    _opt(
+        "force",
+        bool,
+        False,
+        "--force",
+        "Replace the output if it exists (only ever a prunekit output).",
+        OUTPUT,
+    ),
+)
+TRUST = (
+    _opt(
+        "trust_checkpoint",
+        bool,
+        False,
+        "--trust-checkpoint",
+        "Allow pickled (non weights-only) checkpoints. Only for files you trust.",
+        MODEL_DATA,
+    ),
+)
+NUM_CLASSES = (
+    _opt(
+        "num_classes",
+        int | None,
+        None,
+        "--num-classes",
+        "Classes of a torchvision/factory model (default: from the data, or the file).",
+        MODEL_DATA,
+    ),
+)
+
 RUN = (
     _opt(
         "mask",
@@ -101,22 +133,8 @@ RUN = (
         "State dict: .safetensors, .pt or .pth.",
         MODEL_DATA,
     ),
-    _opt(
-        "num_classes",
-        int | None,
-        None,
-        "--num-classes",
-        "Classes of a torchvision/factory model (default: from the data).",
-        MODEL_DATA,
-    ),
-    _opt(
-        "trust_checkpoint",
-        bool,
-        False,
-        "--trust-checkpoint",
-        "Allow pickled (non weights-only) checkpoints. Only for files you trust.",
-        MODEL_DATA,
-    ),
+    *NUM_CLASSES,
+    *TRUST,
     _opt(
         "recalibrate_bn",
         bool,
@@ -266,7 +284,7 @@ def to_recipe(options: dict[str, Any], recipe: dict[str, Any] | None = None) -> 
     schedule = dict(result.get("schedule") or {})
     train = dict(schedule.get("train") or {})
     for name, value in options.items():
-        if name == "given" or (recipe is not None and name not in given):
+        if name in ("given", "as_json") or (recipe is not None and name not in given):
             continue
         if name == "param":
             result["params"] = {**(result.get("params") or {}), **parse_params(value)}

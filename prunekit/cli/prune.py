@@ -12,6 +12,8 @@ import typer
 from prunekit.cli.common import exit_if_failed, handle_errors, print_json, warn
 from prunekit.cli.options import (
     EXPORT,
+    FORCE,
+    JSON,
     OUTPUT,
     RUN,
     STATISTICS,
@@ -26,7 +28,7 @@ MODEL_HELP = "sample:NAME, cifar:ARCH, torchvision:ARCH or pkg.module:factory"
 
 
 @handle_errors
-@with_options(RUN, TRAINING)
+@with_options(RUN, TRAINING, FORCE, JSON)
 def prune(
     model: Annotated[str | None, typer.Argument(help=MODEL_HELP, show_default=False)] = None,
     pruner: Annotated[
@@ -64,13 +66,6 @@ def prune(
         Path | None, typer.Option("--out", help="Output folder (default "
                                   "prunekit-out/MODEL-PRUNER-S).", rich_help_panel=OUTPUT)
     ] = None,
-    force: Annotated[
-        bool, typer.Option("--force", help="Replace OUT if it exists.", rich_help_panel=OUTPUT)
-    ] = False,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print the report as one JSON object.",
-                           rich_help_panel=OUTPUT)
-    ] = False,
     options: dict[str, Any] | None = None,
 ) -> None:  # fmt: skip
     """Prune MODEL and write OUT/model.safetensors and OUT/report.json.
@@ -97,7 +92,7 @@ def prune(
     if given & {"export", "validate"}:
         given.add("exports")
     own = {"model": model, "pruner": pruner, "sparsity": sparsity, "seed": seed,
-           "verbose": verbose, "validate": validate, "out": out, "force": force,
+           "verbose": verbose, "validate": validate, "out": out,
            "exports": list(export_formats(export, validate))}  # fmt: skip
     recipe = to_recipe({**options, **own, "given": given}, load_recipe(config) if config else None)
     run_config = dataclasses.replace(
@@ -105,7 +100,7 @@ def prune(
     )
     report = run(run_config, RichReporter())
     warn(report["warnings"])
-    if as_json:
+    if options["as_json"]:
         print_json(report)
     else:
         print_report(report)
