@@ -2,8 +2,8 @@
 
 The stable Python API (see the README): ``prune`` an ``nn.Module`` in memory, ``hold_masks``
 in your own training loop, ``export_onnx``, ``validate_onnx``; ``ScheduleConfig`` and
-``TrainConfig`` for schedules that train; ``PruneConfig`` / ``load_recipe`` / ``run`` for run
-recipes. Plugin authors: ``prunekit.api``. Names are imported on first use, so that
+``TrainConfig`` for schedules that train; ``run_recipe`` / ``load_recipe`` / ``PruneConfig``
+for run recipes. Plugin authors: ``prunekit.api``. Names are imported on first use, so that
 ``import prunekit`` (and the CLI's start) stays light.
 """
 
@@ -25,7 +25,7 @@ _API = {
     "TrainConfig": "prunekit.train",
     "PruneConfig": "prunekit.config",
     "load_recipe": "prunekit.recipe",
-    "run": "prunekit.pipeline",
+    "run_recipe": "prunekit.library",
 }
 __all__ = ["__version__", *_API]
 

@@ -244,3 +244,14 @@ def validate_onnx(
         Path(baseline) if baseline else None,
         torch_model,
     )
+
+
+def run_recipe(recipe: str | Path | Mapping[str, Any], **overrides: Any) -> dict[str, Any]:
+    """Run a recipe — a .toml/.json file, a run's report.json, or a dict — like
+    ``prunekit prune --config``: ``overrides`` (recipe keys, e.g. ``out=...``, ``seed=1``)
+    replace its own values. Writes OUT and returns the report."""
+    from prunekit.pipeline import run
+    from prunekit.recipe import config_from, load_recipe
+
+    base = dict(recipe) if isinstance(recipe, Mapping) else load_recipe(recipe)
+    return run(config_from({**base, **overrides}))

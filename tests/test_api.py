@@ -106,6 +106,10 @@ def test_config_from_a_report_repeats_the_masks_exactly(tmp_path):
     assert again["recipe"] == recipe
     one, two = _masks_of(first), _masks_of(tmp_path / "b")
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    from_python = prunekit.run_recipe(first / "report.json", out=str(tmp_path / "d"))
+    assert from_python["recipe"] == recipe
+    three = _masks_of(tmp_path / "d")
+    assert all(torch.equal(one[k], three[k]) for k in one)
     # an option given on the command line overrides the recipe
     other = prune_report("--config", str(first / "report.json"), "-s", "0.5",
                          "--out", str(tmp_path / "c"))  # fmt: skip
