@@ -30,10 +30,11 @@ from typing import Any
 
 from prunekit.config import PruneConfig
 from prunekit.errors import InputFileError, UsageError
-from prunekit.schedule import ScheduleConfig
+from prunekit.schedule import ScheduleConfig, recompute_of
 from prunekit.train import TrainConfig
 
-NOT_RECORDED = ("out", "force", "verbose", "command")  # where and how, not what
+# where and how, not what; trust is the user's decision each time, never a file's
+NOT_RECORDED = ("out", "force", "verbose", "command", "trust_checkpoint")
 
 
 def recipe_of(config: PruneConfig, resolved_params: Mapping[str, Any]) -> dict[str, Any]:
@@ -42,12 +43,26 @@ def recipe_of(config: PruneConfig, resolved_params: Mapping[str, Any]) -> dict[s
     for key in NOT_RECORDED:
         view.pop(key, None)
     view["params"] = dict(resolved_params)
+    if view.get("weights"):  # a repeat must not depend on the folder it starts in
+        view["weights"] = str(Path(view["weights"]).absolute())
+    if view.get("data"):
+        view["data"] = absolute_data(view["data"])
     return view
+
+
+def absolute_data(spec: str) -> str:
+    """A data spec with its paths made absolute (digits has none)."""
+    kind, sep, arg = spec.partition(":")
+    if not sep or kind not in ("cifar10", "imagefolder", "tensors"):
+        return spec
+    return f"{kind}:" + ",".join(str(Path(p).expanduser().absolute()) for p in arg.split(","))
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
     """Read a recipe from .toml or .json (a report.json gives its ``recipe``)."""
     path = Path(path)
+    if path.is_dir() and (path / "report.json").is_file():
+        path = path / "report.json"  # a run's output folder
     if not path.is_file():
         raise InputFileError(f"recipe {path} does not exist; check --config")
     try:
@@ -67,6 +82,7 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
         recipe = recipe["recipe"]  # a run's report.json
     if not isinstance(recipe, dict):
         raise InputFileError(f"recipe {path} is not a table of options")
+    recipe.pop("trust_checkpoint", None)  # only ever from the command line
     return recipe
 
 
@@ -78,32 +94,83 @@ def _unknown(where: str, given: Mapping[str, Any], cls: type) -> None:
     unknown = sorted(set(given) - _fields(cls))
     if unknown:
         raise UsageError(
-            f"recipe {where}: unknown option(s) {', '.join(unknown)}; known: "
+            f"recipe{where}: unknown option(s) {', '.join(unknown)}; known: "
             f"{', '.join(sorted(_fields(cls)))}"
         )
 
 
-def schedule_from(table: Mapping[str, Any]) -> ScheduleConfig:
-    _unknown("[schedule]", table, ScheduleConfig)
+NUMBER, INTEGER, TEXT, FLAG = "a number", "an integer", "a string", "true or false"
+TYPES = {  # the options' kinds, as a recipe must hold them
+    "model": TEXT, "pruner": TEXT, "sparsity": NUMBER, "mask": TEXT, "data": TEXT,
+    "normalize": TEXT, "image_size": INTEGER, "weights": TEXT, "num_classes": INTEGER,
+    "recalibrate_bn": FLAG, "memory_budget": INTEGER, "verbose": FLAG, "device": TEXT,
+    "seed": INTEGER, "validate": FLAG, "out": TEXT, "force": FLAG,
+    "kind": TEXT, "steps": INTEGER, "initial_sparsity": NUMBER, "finetune_epochs": INTEGER,
+    "warmup_epochs": INTEGER, "epochs": INTEGER, "lr": NUMBER, "optimizer": TEXT,
+    "lr_schedule": TEXT, "batch_size": INTEGER, "weight_decay": NUMBER,
+}  # fmt: skip
+CHECKS = {
+    NUMBER: lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    INTEGER: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    TEXT: lambda v: isinstance(v, str),
+    FLAG: lambda v: isinstance(v, bool),
+}
+
+
+def _typed(where: str, table: Mapping[str, Any]) -> dict[str, Any]:
+    """Check each value's kind; read the forms the CLI takes (recompute "auto", "2GiB")."""
+    from prunekit.memory import parse_size
+
+    values = {k: str(v) if isinstance(v, Path) else v for k, v in table.items()}
+    if isinstance(values.get("recompute"), str):
+        values["recompute"] = recompute_of(values["recompute"])
+    if isinstance(values.get("memory_budget"), str):
+        values["memory_budget"] = parse_size(values["memory_budget"])
+    for key in ("exclude", "exports"):
+        if isinstance(values.get(key), str):
+            values[key] = [values[key]]
+        if key in values and not all(isinstance(v, str) for v in values[key] or ()):
+            raise UsageError(f"recipe{where}: {key} must be a list of strings")
+    for key, value in values.items():
+        kind = TYPES.get(key)
+        if value is not None and kind is not None and not CHECKS[kind](value):
+            raise UsageError(f"recipe{where}: {key} = {value!r} must be {kind}")
+    if values.get("recompute") is not None and not CHECKS[INTEGER](values["recompute"]):
+        raise UsageError(f'recipe{where}: recompute must be "auto" or an integer')
+    return values
+
+
+def schedule_from(table: Any) -> ScheduleConfig:
+    if not isinstance(table, Mapping):
+        raise UsageError("recipe: schedule must be a table ([schedule] with kind = ...)")
+    _unknown(" [schedule]", table, ScheduleConfig)
     train = table.get("train") or {}
-    _unknown("[schedule.train]", train, TrainConfig)
-    return ScheduleConfig(**{**table, "train": TrainConfig(**train)})
+    if not isinstance(train, Mapping):
+        raise UsageError("recipe: schedule.train must be a table ([schedule.train])")
+    _unknown(" [schedule.train]", train, TrainConfig)
+    values = _typed(" [schedule]", {k: v for k, v in table.items() if k != "train"})
+    return ScheduleConfig(**values, train=TrainConfig(**_typed(" [schedule.train]", train)))
 
 
 def config_from(recipe: Mapping[str, Any]) -> PruneConfig:
-    """A PruneConfig from a recipe; unknown options and missing essentials are errors."""
+    """A PruneConfig from a recipe; unknown options, wrong kinds and missing essentials are
+    errors."""
     _unknown("", recipe, PruneConfig)
     missing = [k for k in ("model", "pruner", "sparsity") if recipe.get(k) is None]
     if missing:
         raise UsageError(
             f"the run needs {', '.join(missing)}: give them on the command line or in --config"
         )
-    values = dict(recipe)
-    values["schedule"] = schedule_from(values.get("schedule") or {})
-    values["params"] = dict(values.get("params") or {})
-    for key in ("exclude", "exports", "command"):
+    values = _typed("", {k: v for k, v in recipe.items() if k not in ("schedule", "params")})
+    values["schedule"] = schedule_from(recipe.get("schedule") or {})
+    params = recipe.get("params") or {}
+    if not isinstance(params, Mapping):
+        raise UsageError("recipe: params must be a table ([params] with key = value)")
+    values["params"] = dict(params)
+    for key in ("exclude", "exports"):
         if key in values:
             values[key] = tuple(values[key])
+    values.pop("command", None)  # recorded for the report only
     for key in ("weights", "out"):
         if values.get(key) is not None:
             values[key] = Path(values[key])
@@ -111,7 +178,13 @@ def config_from(recipe: Mapping[str, Any]) -> PruneConfig:
         values["out"] = PruneConfig.default_out(
             values["model"], values["pruner"], values["sparsity"]
         )
-    try:
-        return PruneConfig(**values)
-    except TypeError as exc:
-        raise UsageError(f"recipe: {exc}") from None
+    return PruneConfig(**values)
+
+
+def kept_params(pruner: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """A recipe's hyperparameters that another pruner accepts (the rest belonged to the
+    recipe's own pruner)."""
+    from prunekit import registry
+
+    accepted = {p.name for p in registry.load(pruner).params}
+    return {k: v for k, v in params.items() if k in accepted}

@@ -146,6 +146,16 @@ def oneshot(ctx: StepContext, sparsity: float, recompute: int | None = 1) -> lis
 SCHEDULES = ("oneshot", "gradual", "pbt")
 
 
+def recompute_of(text: str) -> int | None:
+    """``--recompute``: auto (None) or a number of sub-steps."""
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"--recompute {text}: give auto or a number of sub-steps") from None
+
+
 @dataclass(frozen=True)
 class ScheduleConfig:
     kind: str = "oneshot"

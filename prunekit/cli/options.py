@@ -139,7 +139,7 @@ RUN = (
         "recalibrate_bn",
         bool,
         False,
-        "--recalibrate-bn",
+        "--recalibrate-bn/--no-recalibrate-bn",
         "Re-estimate BatchNorm statistics on the calibration split.",
         SCHEDULE,
     ),
@@ -247,14 +247,7 @@ def parse_params(items: list[str] | None) -> dict[str, str]:
     return params
 
 
-def recompute_of(text: str) -> int | None:
-    if text == "auto":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise UsageError(f"--recompute {text}: give auto or a number of sub-steps") from None
-
+from prunekit.schedule import recompute_of  # noqa: E402  (re-exported for the options)
 
 _SCHEDULE_KEYS = {"schedule": "kind", "recompute": "recompute", "steps": "steps",
                   "initial_sparsity": "initial_sparsity", "finetune_epochs": "finetune_epochs",

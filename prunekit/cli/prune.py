@@ -59,8 +59,8 @@ def prune(
                           "(comma-separated).", rich_help_panel=EXPORT)
     ] = "safetensors",
     validate: Annotated[
-        bool, typer.Option("--validate", help="Validate the ONNX export in ONNX Runtime "
-                           "(implies onnx).", rich_help_panel=EXPORT)
+        bool, typer.Option("--validate/--no-validate", help="Validate the ONNX export in ONNX "
+                           "Runtime (implies onnx).", rich_help_panel=EXPORT)
     ] = False,
     out: Annotated[
         Path | None, typer.Option("--out", help="Output folder (default "
@@ -85,7 +85,7 @@ def prune(
     from prunekit.export import export_formats
     from prunekit.pipeline import run
     from prunekit.progress import RichReporter
-    from prunekit.recipe import config_from, load_recipe
+    from prunekit.recipe import config_from, kept_params, load_recipe
 
     assert options is not None
     given = set(options["given"])
@@ -94,7 +94,11 @@ def prune(
     own = {"model": model, "pruner": pruner, "sparsity": sparsity, "seed": seed,
            "verbose": verbose, "validate": validate, "out": out,
            "exports": list(export_formats(export, validate))}  # fmt: skip
-    recipe = to_recipe({**options, **own, "given": given}, load_recipe(config) if config else None)
+    base = load_recipe(config) if config else None
+    if base is not None and pruner is not None and pruner != base.get("pruner"):
+        base["params"] = kept_params(pruner, base.get("params") or {})
+    recipe = to_recipe({**options, **own, "given": given}, base)
+    recipe["trust_checkpoint"] = options["trust_checkpoint"]  # never from a file
     run_config = dataclasses.replace(
         config_from(recipe), command=(Path(sys.argv[0]).name, *sys.argv[1:])
     )
