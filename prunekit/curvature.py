@@ -43,10 +43,21 @@ class BlockInverse:
         return self._flat(torch.bmm(self.blocks, blocked), k, v)
 
     def solve(self, v: torch.Tensor) -> torch.Tensor:
-        """H⁻¹ v = (F + λI) v, solved block by block (Cholesky)."""
+        """H⁻¹ v = (F + λI) v, solved block by block (Cholesky, in float64).
+
+        Exact up to the precision of the stored inverse: with a damping λ far below the
+        Fisher's scale (relative α ≪ 1e-3) the float32 inverse limits it.
+        """
+        from prunekit.errors import NumericalError
+
         blocked, k = self._blocked(v)
-        factor = torch.linalg.cholesky(self.blocks)
-        return self._flat(torch.cholesky_solve(blocked, factor), k, v)
+        try:
+            factor = torch.linalg.cholesky(self.blocks.double())
+        except torch.linalg.LinAlgError as exc:
+            raise NumericalError(
+                f"the inverse Fisher is not positive definite in float64 ({exc}); raise damp"
+            ) from exc
+        return self._flat(torch.cholesky_solve(blocked.double(), factor), k, v)
 
     def to(self, device: torch.device | str) -> BlockInverse:
         return BlockInverse(self.blocks.to(device), self.numel)

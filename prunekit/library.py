@@ -45,7 +45,9 @@ class PruneResult:
 def _dataset(data: DataLike, what: str) -> tuple[Dataset, bool, int]:
     """(dataset, labeled, num_classes or 0 when unknown) of tensors, a Dataset or a loader."""
     if isinstance(data, DataLoader):
-        return data.dataset, True, 0
+        data = data.dataset
+    if isinstance(data, TensorDataset) and len(data.tensors) == 2:
+        data = (data.tensors[0], data.tensors[1])
     if isinstance(data, torch.Tensor):
         return TensorDataset(data, torch.full((len(data),), -1)), False, 0
     if isinstance(data, tuple):
@@ -54,7 +56,8 @@ def _dataset(data: DataLike, what: str) -> tuple[Dataset, bool, int]:
         x, y = data
         check_pair(what, x, y)
         y = labels_of(what, y)
-        return TensorDataset(x, y), True, int(y.max()) + 1 if len(y) else 0
+        labeled = not bool((y == -1).all())
+        return TensorDataset(x, y), labeled, int(y.max()) + 1 if labeled else 0
     if isinstance(data, Dataset):
         return data, True, 0
     raise UsageError(f"{what}: give (x, y) tensors, a Dataset or a DataLoader")
@@ -104,7 +107,11 @@ def prune(
     automatic recomputation). Everything numeric runs on ``device``.
     """
     started = time.perf_counter()
+    if isinstance(exclude, str):
+        exclude = (exclude,)
     if isinstance(pruner, Pruner):
+        if params:
+            raise UsageError("params go to a pruner given by name; set them on the instance")
         instance, name = pruner, pruner.name
     else:
         instance, name = registry.create(pruner, dict(params or {})), pruner
@@ -127,10 +134,13 @@ def prune(
     source = {"model": config.model, "weights": None, "trusted_checkpoint": None}
     source["data"] = splits.spec
     timings = Timings(resolve_device(device))
-    outcome = prune_model(
-        config, model, splits, instance, reporter or Silent(), source, [], timings, started
-    )
-    return PruneResult(outcome.model, outcome.masks(), outcome.report)
+    home = next((p.device for p in model.parameters()), torch.device("cpu"))
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+        outcome = prune_model(
+            config, model, splits, instance, reporter or Silent(), source, [], timings, started
+        )
+    model.to(home)  # where the caller had it
+    return PruneResult(model, outcome.masks(), outcome.report)
 
 
 class _KeepMask(nn.Module):
@@ -141,7 +151,7 @@ class _KeepMask(nn.Module):
         self.register_buffer("mask", mask, persistent=False)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight * self.mask
+        return weight * self.mask.to(weight.dtype)
 
 
 class MaskHandle:
@@ -164,26 +174,42 @@ class MaskHandle:
 
 
 def hold_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> MaskHandle:
-    """Hold ``masks`` (weight name -> keep) on ``model`` with torch parametrizations.
+    """Hold ``masks`` (weight name -> keep, True = kept) on ``model`` with parametrizations.
 
     The forward pass sees ``weight * mask``, so pruned weights stay zero and get no
-    gradient, whatever optimizer, weight decay or loop you use. Works with optimizers made
-    before or after (the parameter object is kept). Call ``remove()`` (or use it as a
-    context manager) before saving or exporting: the zeros are then written into the weight.
+    gradient, whatever optimizer, weight decay or loop you use; a weight shared by several
+    modules is masked in each. Optimizers made before or after both work (the parameter
+    object is kept). Call ``remove()`` (or use it as a context manager) before saving or
+    exporting: the zeros are then written into the weight. A weight that already has a
+    parametrization of yours is refused (removing ours would remove yours).
     """
-    held = []
-    for name, keep in masks.items():
+    planned: list[tuple[nn.Module, str, torch.Tensor]] = []
+    for name, keep in masks.items():  # check every mask before holding any
         module_name, _, attr = name.rpartition(".")
         try:
-            module = model.get_submodule(module_name)
+            owner = model.get_submodule(module_name)
         except AttributeError:
             raise UsageError(f"mask {name} names no module of the model") from None
-        weight = getattr(module, attr, None)
+        weight = getattr(owner, attr, None)
         if not isinstance(weight, torch.Tensor) or weight.shape != keep.shape:
             raise UsageError(f"mask {name} does not fit the model's {name}")
-        parametrize.register_parametrization(
-            module, attr, _KeepMask(keep.to(weight.device, weight.dtype))
-        )
+        for module in model.modules():  # every module sharing this very parameter
+            if (
+                module._parameters.get(attr) is weight
+                or (
+                    parametrize.is_parametrized(module, attr)
+                    and getattr(module.parametrizations[attr], "original", None) is weight
+                )
+                or (module is owner and parametrize.is_parametrized(module, attr))
+            ):
+                if parametrize.is_parametrized(module, attr):
+                    raise UsageError(
+                        f"{name} already has a parametrization; remove it before holding masks"
+                    )
+                planned.append((module, attr, keep.to(weight.device).bool()))
+    held = []
+    for module, attr, keep in planned:
+        parametrize.register_parametrization(module, attr, _KeepMask(keep))
         held.append((module, attr))
     return MaskHandle(held)
 
@@ -236,13 +262,16 @@ def validate_onnx(
         runs=runs,
         max_accuracy_drop=max_accuracy_drop,
     )
+    import copy
+
+    reference = copy.deepcopy(torch_model) if torch_model is not None else None  # yours stays
     return validate(
         Path(path),
         splits.test,
         splits.input_shape,
         options,
         Path(baseline) if baseline else None,
-        torch_model,
+        reference,
     )
 
 

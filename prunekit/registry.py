@@ -108,12 +108,18 @@ def _import(info: PluginInfo) -> type[Pruner]:
             f"pruner '{info.name}' from {info.distribution} points at {info.value}, which is "
             "not a prunekit.api.Pruner subclass; fix its entry point"
         )
-    if getattr(obj, "contract", None) != CONTRACT_VERSION:
+    declared = obj.declared_contract()
+    if declared != CONTRACT_VERSION:
+        written = (
+            f"plugin contract {declared}"
+            if declared is not None
+            else "no plugin contract (prunekit before contract 1)"
+        )
         raise PluginError(
             f"pruner '{info.name}' from {info.distribution} {info.version} is written for "
-            f"plugin contract {getattr(obj, 'contract', '?')}, and this prunekit "
-            f"{__version__} speaks contract {CONTRACT_VERSION}: install a matching version "
-            "of the plugin or of prunekit"
+            f"{written}, and this prunekit {__version__} speaks contract {CONTRACT_VERSION}: "
+            f"install a matching version of the plugin, or declare contract = "
+            f"{CONTRACT_VERSION} once it follows prunekit.api"
         )
     unknown = sorted(set(obj.needs) - set(STATISTICS))
     if unknown:

@@ -10,6 +10,7 @@ Use it in a plugin's own tests::
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 
 import torch
@@ -38,11 +39,13 @@ def tiny_data() -> TensorDataset:
 def check_declarations(cls: type[Pruner]) -> None:
     """What a class declares: name, summary, contract, statistics, parameters."""
     assert issubclass(cls, Pruner), f"{cls} must subclass prunekit.api.Pruner"
-    assert cls.name and cls.name.isidentifier(), "name must be a non-empty identifier"
+    assert cls.name and re.fullmatch(r"[A-Za-z0-9_.-]+", cls.name), (
+        "name must be non-empty: letters, digits, _ . -"
+    )
     assert cls.summary(), "the class docstring's first line is the pruner's summary"
-    assert cls.contract == CONTRACT_VERSION, (
-        f"{cls.name} is written for plugin contract {cls.contract}, prunekit speaks "
-        f"{CONTRACT_VERSION}"
+    assert cls.declared_contract() == CONTRACT_VERSION, (
+        f"{cls.name} declares plugin contract {cls.declared_contract()}, prunekit speaks "
+        f"{CONTRACT_VERSION}: set contract = {CONTRACT_VERSION} on the class"
     )
     assert isinstance(cls.needs, frozenset), "needs must be a frozenset of statistic names"
     unknown = sorted(cls.needs - set(STATISTICS))
@@ -83,7 +86,8 @@ def check_pruner(
     from prunekit.schedule import StepContext
 
     check_declarations(cls)
-    small = {"num_grads": 8} if any(p.name == "num_grads" for p in cls.params) else {}
+    num_grads = next((p for p in cls.params if p.name == "num_grads"), None)
+    small = {"num_grads": max(8, int(num_grads.minimum or 1))} if num_grads else {}
     pruner = cls(**small)
     model = tiny_model()
     targets, _ = find_targets(model)
@@ -106,7 +110,12 @@ def check_pruner(
         assert torch.equal(before, t.weight.detach()), "score must not modify the weights"
     keep = select(targets, scores, 0.5, "global")
     for t in targets:
+        before = t.weight.detach().clone()
         updated = pruner.update(t, keep[t.name], stats.get(t.name, {}))
-        assert updated is None or updated.shape == t.weight.shape, (
+        assert torch.equal(before, t.weight.detach()), "update must not modify the weights"
+        if updated is None:
+            continue
+        assert updated.shape == t.weight.shape, (
             f"update for {t.name} must have the weight's shape {tuple(t.weight.shape)}"
         )
+        assert torch.isfinite(updated).all(), f"update for {t.name} has NaN or Inf"

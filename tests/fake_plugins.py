@@ -13,6 +13,7 @@ from prunekit.api import Pruner
 class Fixed(Pruner):
     \"\"\"Scores every weight 1.\"\"\"
     name = "{name}"
+    contract = 1
     def score(self, target, stats):
         return target.weight.detach().abs() * 0 + 1
 """

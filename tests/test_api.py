@@ -204,3 +204,95 @@ def test_cli_holds_no_library_logic():
             "Collector",
         ):
             assert forbidden not in text, f"{path.name} holds library logic ({forbidden})"
+
+
+def test_hold_masks_edge_cases():
+    from torch.nn.utils import parametrizations
+
+    from prunekit.errors import UsageError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.ReLU(), nn.Linear(4, 4, bias=False))
+    model[2].weight = model[0].weight  # one weight, two modules (tied)
+    keep = torch.rand(4, 4) > 0.5
+    with prunekit.hold_masks(model, {"0.weight": keep.float() * 2}):  # a 0/2 mask is bool too
+        assert torch.all(model[2].weight[~keep] == 0) and torch.all(model[0].weight[~keep] == 0)
+        assert torch.equal(model[2].weight, model[0].weight)
+    assert model[0].weight is model[2].weight and torch.all(model[0].weight[~keep] == 0)
+    other = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    parametrizations.weight_norm(other[1])
+    masks = {"0.weight": torch.ones(4, 4, dtype=torch.bool), "1.weight": torch.ones(2, 4) > 0}
+    with pytest.raises(UsageError, match="already has a parametrization"):
+        prunekit.hold_masks(other, masks)
+    assert not hasattr(other[0], "parametrizations")  # nothing half-held
+
+
+def test_prune_leaves_the_callers_random_state_and_takes_loaders():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    x, y = torch.randn(16, 4), torch.arange(16) % 3
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    result = prunekit.prune(model, "random", 0.5, DataLoader(TensorDataset(x, y)), seed=7)
+    assert torch.equal(torch.rand(3), expected)
+    assert result.report["accuracy"]["dense"] is not None
+    unlabeled = prunekit.prune(nn.Sequential(nn.Linear(4, 3)), "magnitude", 0.5, x)
+    assert unlabeled.report["accuracy"] == {"dense": None, "pruned": None}
+    with pytest.raises(prunekit_errors().UsageError, match="set them on the instance"):
+        prunekit.prune(model, registry_create("magnitude"), 0.5, (x, y), params={"a": 1})
+
+
+def prunekit_errors():
+    import prunekit.errors
+
+    return prunekit.errors
+
+
+def registry_create(name: str):
+    from prunekit import registry
+
+    return registry.create(name)
+
+
+def test_recipe_values_are_checked_and_read_like_the_cli(tmp_path):
+    def run(text: str, *extra: str):
+        path = tmp_path / "r.toml"
+        path.write_text('model = "sample:digits-mlp"\npruner = "magnitude"\n' + text)
+        return invoke("prune", "--config", str(path), *extra, "--out", str(tmp_path / "o"))
+
+    assert_error(run('sparsity = "0.5"\n'), 2, "sparsity = '0.5' must be a number")
+    assert_error(run('sparsity = 0.5\nschedule = "gradual"\n'), 2, "schedule must be a table")
+    assert_error(run("sparsity = 0.5\n[schedule]\nsteps = 2.5\n"), 2, "must be an integer")
+    result = run('sparsity = 0.5\nexclude = "net.5.*"\nmemory_budget = "1GiB"\n'
+                 '[schedule]\nrecompute = "auto"\n', "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert "net.5.weight" not in report["sparsity"]["per_tensor"]
+    assert report["recipe"]["memory_budget"] == 2**30
+
+
+def test_recipe_never_trusts_and_records_absolute_paths(tmp_path, monkeypatch):
+    from prunekit.models import load_model
+
+    monkeypatch.chdir(tmp_path)
+    torch.save(load_model("sample:digits-mlp").model, "whole.pt")
+    args = ("sample:digits-mlp", "-p", "magnitude", "-s", "0.5", "--weights", "whole.pt")
+    report = prune_report(*args, "--trust-checkpoint", "--out", "a")
+    assert "trust_checkpoint" not in report["recipe"]
+    assert report["recipe"]["weights"] == str(tmp_path / "whole.pt")
+    recipe = json.loads(Path("a/report.json").read_text())
+    recipe["recipe"]["trust_checkpoint"] = True  # a file cannot turn it on
+    Path("a/report.json").write_text(json.dumps(recipe))
+    assert_error(invoke("prune", "--config", "a", "--out", "b"), 2, "safe loading refuses")
+    assert prune_report("--config", "a", "--out", "c", "--trust-checkpoint")["weights"]
+
+
+def test_config_with_another_pruner_keeps_only_its_params(tmp_path):
+    first = tmp_path / "a"
+    prune_report("sample:digits-mlp", "-p", "woodfisher", "-s", "0.5", "--param", "num_grads=32",
+                 "--out", str(first))  # fmt: skip
+    report = prune_report("--config", str(first), "-p", "obs", "--out", str(tmp_path / "b"))
+    assert report["pruner"] == "obs" and report["params"]["num_grads"] == 32
+    assert "block_size" not in report["params"]

@@ -58,6 +58,7 @@ from prunekit.api import Pruner
 class Odd(Pruner):
     \"\"\"An odd pruner.\"\"\"
     name = "odd"
+    contract = 1
 {body}
     def score(self, target, stats):
         return target.weight.detach().abs(){shape}
@@ -139,3 +140,28 @@ def test_the_readme_guide_example_passes_check_pruner():
     namespace: dict = {}
     exec(code, namespace)
     api.check_pruner(namespace["DiagOBS"])
+
+
+def test_plugin_written_before_contracts_is_refused(tmp_path, monkeypatch):
+    old = ODD.format(body="", shape="").replace("    contract = 1\n", "")
+    _plugin(tmp_path, monkeypatch, old)
+    with pytest.raises(PluginError, match=r"no plugin contract \(prunekit before contract 1\)"):
+        registry.load("odd")
+
+
+def test_check_pruner_catches_bad_updates():
+    base = ODD.format(body="", shape="")
+    nan_update = base + (
+        "    def update(self, target, keep, stats):\n"
+        "        return target.weight.detach() * float('nan')\n"
+    )
+    in_place = base + (
+        "    def update(self, target, keep, stats):\n"
+        "        target.weight.data.mul_(2)\n"
+        "        return None\n"
+    )
+    for source, message in ((nan_update, "has NaN or Inf"), (in_place, "must not modify")):
+        namespace: dict = {}
+        exec(source, namespace)
+        with pytest.raises(AssertionError, match=message):
+            api.check_pruner(namespace["Odd"])

@@ -101,7 +101,9 @@ class Pruner:
     params: ClassVar[tuple[Param, ...]] = ()
     # the hyperparameters that set how statistics are gathered, each a StatsSpec field
     stats_params: ClassVar[tuple[str, ...]] = ()
-    contract: ClassVar[int] = CONTRACT_VERSION  # the plugin contract the class is written for
+    # the plugin contract a class is written for: every pruner declares it (an integer, not
+    # CONTRACT_VERSION, in a plugin), so one written before contracts existed is recognised
+    contract: ClassVar[int | None] = None
 
     def __init__(self, **values: Any) -> None:
         self.hparams = self.resolve_params(values)
@@ -147,6 +149,14 @@ class Pruner:
         ``prunekit.api.StepContext`` (model, targets, calibration data, device, seed, memory
         budget, and ``say(text)`` for a progress line).
         """
+
+    @classmethod
+    def declared_contract(cls) -> int | None:
+        """The contract declared by the class or an ancestor below Pruner (None: none)."""
+        for klass in cls.__mro__:
+            if klass is not Pruner and "contract" in vars(klass):
+                return vars(klass)["contract"]
+        return None
 
     @classmethod
     def compensates(cls) -> bool:

@@ -7,7 +7,14 @@ from collections.abc import Mapping
 
 import torch
 
-from prunekit.pruners.base import SAMPLING_NAMES, SAMPLING_PARAMS, Param, Pruner, Target
+from prunekit.pruners.base import (
+    CONTRACT_VERSION,
+    SAMPLING_NAMES,
+    SAMPLING_PARAMS,
+    Param,
+    Pruner,
+    Target,
+)
 
 FBSS_EPS = 1e-12  # lower clamp of F in fbss: zero-gradient weights get a finite score
 
@@ -20,6 +27,7 @@ class GradNormPruner(Pruner):
     """Keep the weights with the largest mean gradient, |ḡ|."""
 
     name = "grad_norm"
+    contract = CONTRACT_VERSION
     needs = frozenset({"grad_mean"})
     params = SAMPLING_PARAMS
     stats_params = SAMPLING_NAMES
@@ -32,6 +40,7 @@ class SnipPruner(Pruner):
     """SNIP connection sensitivity, |θ ⊙ ḡ|."""
 
     name = "snip"
+    contract = CONTRACT_VERSION
     needs = frozenset({"grad_mean"})
     params = SAMPLING_PARAMS
     stats_params = SAMPLING_NAMES
@@ -44,6 +53,7 @@ class GraspPruner(Pruner):
     """GraSP: keep the largest θ ⊙ Hḡ (removes what most reduces gradient flow)."""
 
     name = "grasp"
+    contract = CONTRACT_VERSION
     needs = frozenset({"hessian_grad"})
     stats_params = (*SAMPLING_NAMES, "temperature")
     params = (
@@ -65,6 +75,7 @@ class FisherDiagPruner(Pruner):
     """The diagonal of the empirical Fisher, F = mean of g²."""
 
     name = "fisher_diag"
+    contract = CONTRACT_VERSION
     needs = frozenset({"fisher_diag"})
     params = SAMPLING_PARAMS
     stats_params = SAMPLING_NAMES
@@ -77,6 +88,7 @@ class FisherPruner(Pruner):
     """Optimal Brain Damage with the empirical Fisher, ½ θ² ⊙ F."""
 
     name = "fisher_pruner"
+    contract = CONTRACT_VERSION
     needs = frozenset({"fisher_diag"})
     params = SAMPLING_PARAMS
     stats_params = SAMPLING_NAMES
@@ -89,6 +101,7 @@ class FTSPruner(Pruner):
     """Fisher–Taylor sensitivity, |θ ⊙ ḡ + ½ θ² ⊙ F|."""
 
     name = "fts"
+    contract = CONTRACT_VERSION
     needs = frozenset({"grad_mean", "fisher_diag"})
     params = SAMPLING_PARAMS
     stats_params = SAMPLING_NAMES
@@ -102,6 +115,7 @@ class FBSSPruner(Pruner):
     """Fisher-based saliency, ½ F ⊙ (θ − ḡ/F)², F clamped below so it stays finite."""
 
     name = "fbss"
+    contract = CONTRACT_VERSION
     needs = frozenset({"grad_mean", "fisher_diag"})
     params = SAMPLING_PARAMS
     stats_params = SAMPLING_NAMES

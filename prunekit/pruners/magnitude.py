@@ -4,13 +4,14 @@ from collections.abc import Mapping
 
 import torch
 
-from prunekit.pruners.base import Pruner, Target
+from prunekit.pruners.base import CONTRACT_VERSION, Pruner, Target
 
 
 class MagnitudePruner(Pruner):
     """Keep the weights of largest absolute value, |θ|."""
 
     name = "magnitude"
+    contract = CONTRACT_VERSION
 
     def score(self, target: Target, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return target.weight.detach().abs()

@@ -4,13 +4,14 @@ from collections.abc import Mapping
 
 import torch
 
-from prunekit.pruners.base import Pruner, Target
+from prunekit.pruners.base import CONTRACT_VERSION, Pruner, Target
 
 
 class RandomPruner(Pruner):
     """Uniformly random scores, seeded by --seed (the usual sanity baseline)."""
 
     name = "random"
+    contract = CONTRACT_VERSION
 
     def score(self, target: Target, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
         weight = target.weight

@@ -9,6 +9,7 @@ import torch
 
 from prunekit.fisher import obs_scores, obs_update
 from prunekit.pruners.base import (
+    CONTRACT_VERSION,
     SAMPLING_NAMES,
     SAMPLING_PARAMS,
     Param,
@@ -47,6 +48,7 @@ class WoodFisherPruner(Pruner):
     """OBS with a blockwise inverse empirical Fisher: score θ²/(2[F⁻¹]qq), compensating update."""
 
     name = "woodfisher"
+    contract = CONTRACT_VERSION
     needs = frozenset({FISHER_INV})
     stats_params = (*SAMPLING_NAMES, "block_size", "damp", "damp_mode")
     params = (

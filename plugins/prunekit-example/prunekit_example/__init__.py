@@ -27,6 +27,7 @@ class LampPruner(Pruner):
     """Layer-adaptive magnitude pruning (LAMP): magnitude scaled by each tensor's tail mass."""
 
     name = "lamp"
+    contract = 1  # the prunekit.api contract this class is written for
 
     def score(self, target: Target, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return lamp_scores(target.weight)

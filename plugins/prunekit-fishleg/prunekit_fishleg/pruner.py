@@ -47,6 +47,7 @@ class FishLegPruner(Pruner):
     """FishLeg surgeon: OBS with a learned Kronecker-factored inverse Fisher, refined per step."""
 
     name = "fishleg"
+    contract = 1  # the prunekit.api contract this class is written for
     params = (
         Param(
             "damping",
