@@ -296,3 +296,13 @@ def test_config_with_another_pruner_keeps_only_its_params(tmp_path):
     report = prune_report("--config", str(first), "-p", "obs", "--out", str(tmp_path / "b"))
     assert report["pruner"] == "obs" and report["params"]["num_grads"] == 32
     assert "block_size" not in report["params"]
+
+
+def test_importing_prunekit_and_its_cli_stays_light():
+    """`import prunekit` and the CLI's start import no torch (names load on first use)."""
+    import subprocess
+    import sys
+
+    probe = "import sys, prunekit, prunekit.cli; print('torch' in sys.modules)"
+    shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert shown.stdout.strip() == "False", shown.stderr

@@ -247,8 +247,6 @@ def parse_params(items: list[str] | None) -> dict[str, str]:
     return params
 
 
-from prunekit.schedule import recompute_of  # noqa: E402  (re-exported for the options)
-
 _SCHEDULE_KEYS = {"schedule": "kind", "recompute": "recompute", "steps": "steps",
                   "initial_sparsity": "initial_sparsity", "finetune_epochs": "finetune_epochs",
                   "warmup_epochs": "warmup_epochs", "epochs": "epochs"}  # fmt: skip
@@ -258,6 +256,7 @@ _TRAIN_KEYS = ("lr", "optimizer", "lr_schedule", "batch_size", "weight_decay")
 def _value(name: str, value: Any) -> Any:
     """An option's value as the recipe holds it."""
     from prunekit.memory import parse_size
+    from prunekit.schedule import recompute_of
 
     if name == "recompute":
         return recompute_of(value)
