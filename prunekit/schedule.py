@@ -43,6 +43,7 @@ class StepContext:
     memory_budget: int | None = None
     seed: int = 0
     step: int = 0  # pruning steps taken so far (sub-steps of --recompute included)
+    sparsity: float = 0.0  # the sparsity the current step prunes to (set before prepare)
     total_steps: int = 1
     say: Callable[[str], None] = lambda _: None  # progress line for long pruner work
     timings: Timings = field(default_factory=Timings)
@@ -76,6 +77,7 @@ def prune_step(ctx: StepContext, sparsity: float) -> list[str]:
     def say(text: str) -> None:
         ctx.say(f"{where}: {text}" if where else text)
 
+    ctx.sparsity = sparsity
     ctx.pruner.prepare(ctx, ctx.step, ctx.total_steps)
     collector = Collector(
         ctx.model,

@@ -91,7 +91,8 @@ def check_pruner(
     pruner = cls(**small)
     model = tiny_model()
     targets, _ = find_targets(model)
-    context = StepContext(model, targets, pruner, tiny_data(), torch.device("cpu"))
+    context = StepContext(model, targets, pruner, tiny_data(), torch.device("cpu"), mask="layer")
+    context.sparsity = 0.5
     pruner.prepare(context, 1, 1)
     if stats is None:
         stats = tiny_statistics(pruner, model, targets) if cls.needs else {}
@@ -108,7 +109,7 @@ def check_pruner(
         )
         assert not torch.isnan(score).any(), f"score for {t.name} has NaN"
         assert torch.equal(before, t.weight.detach()), "score must not modify the weights"
-    keep = select(targets, scores, 0.5, "global")
+    keep = select(targets, scores, 0.5, "layer")
     for t in targets:
         before = t.weight.detach().clone()
         updated = pruner.update(t, keep[t.name], stats.get(t.name, {}))

@@ -322,6 +322,8 @@ def test_models_and_pruners_listing():
         "fisher_pruner",
         "fts",
         "fbss",
+        "sparsegpt",
+        "wanda",
     }
     assert all(p["distribution"] == "prunekit" and p["summary"] for p in pruners)
     show = runner.invoke(app, ["pruners", "show", "magnitude"])

@@ -15,7 +15,7 @@ from tests.fake_plugins import GOOD, install, unique
 
 PLUGINS = Path(__file__).parents[1] / "plugins"
 BUILTINS = ["random", "magnitude", "woodfisher", "obs", "grad_norm", "snip", "grasp",
-            "fisher_diag", "fisher_pruner", "fts", "fbss"]  # fmt: skip
+            "fisher_diag", "fisher_pruner", "fts", "fbss", "sparsegpt", "wanda"]  # fmt: skip
 
 
 def _prunekit_imports(package: Path) -> set[str]:

@@ -1,0 +1,100 @@
+"""SparseGPT against the dense sequential-OBS oracle, Wanda's scores by hand, and both
+through the CLI."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from prunekit import api, registry
+from prunekit.layerwise import dense_sequential_obs, input_gram, layer_rows, sparsegpt
+from tests.cli_helpers import assert_error, prune, prune_report
+
+
+def _layer(seed: int = 0, out: int = 6, d: int = 20, n: int = 64):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=generator, dtype=torch.float64)
+    x[:, 3] *= 5  # uneven input scales make the Hessian matter
+    w = torch.randn(out, d, generator=generator, dtype=torch.float64)
+    return w, x, x.T @ x / n
+
+
+@pytest.mark.parametrize(
+    ("block_size", "nm", "sparsity"), [(128, None, 0.5), (4, None, 0.6), (8, (2, 4), 0.5)]
+)
+def test_sparsegpt_equals_the_dense_sequential_obs_oracle(block_size, nm, sparsity):
+    w, _, gram = _layer()
+    new, keep = sparsegpt(w, gram, sparsity, nm, block_size, damp=0.01)
+    assert int((~keep).sum()) == round(sparsity * w.numel())
+    if nm is not None:  # exactly N kept in every M consecutive inputs of every row
+        assert torch.all(keep.reshape(6, -1, nm[1]).sum(-1) == nm[0])
+    oracle = dense_sequential_obs(w, gram, keep, damp=0.01)
+    torch.testing.assert_close(new, oracle, rtol=1e-9, atol=1e-9)
+    assert torch.all(new[~keep] == 0)
+
+
+def test_sparsegpt_reconstructs_better_than_plain_removal():
+    """With correlated inputs (as real activations are) the kept weights absorb the loss."""
+    w, x, _ = _layer(1)
+    x = x @ torch.randn(20, 20, generator=torch.Generator().manual_seed(2), dtype=x.dtype)
+    gram = x.T @ x / len(x)
+    new, keep = sparsegpt(w, gram, 0.5)
+    plain = w * keep  # the same mask, no update
+    error = ((new - w) @ x.T).square().sum()
+    assert error < 0.5 * ((plain - w) @ x.T).square().sum()
+
+
+def test_layer_rows_of_a_conv_reproduce_the_convolution():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1, dilation=1)
+    x = torch.randn(2, 3, 7, 7)
+    rows = layer_rows(conv, x)  # (n, C·kh·kw)
+    out = rows @ conv.weight.reshape(4, -1).T + conv.bias
+    expected = conv(x).permute(0, 2, 3, 1).reshape(-1, 4)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_wanda_scores_by_hand():
+    model = nn.Sequential(nn.Linear(3, 2, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, -2.0, 0.5], [-4.0, 0.25, 3.0]]))
+    x = torch.tensor([[1.0, 0.0, 2.0], [3.0, 1.0, 0.0]])
+    data = torch.utils.data.TensorDataset(x, torch.zeros(2, dtype=torch.long))
+    from prunekit.masks import find_targets
+    from prunekit.schedule import StepContext
+
+    targets, _ = find_targets(model)
+    pruner = registry.create("wanda")
+    context = StepContext(model, targets, pruner, data, torch.device("cpu"), mask="layer")
+    pruner.prepare(context, 1, 1)
+    # ‖X_j‖ over the 2 samples, divided by √n: √((1+9)/2), √(1/2), √(4/2)
+    norms = torch.tensor([5.0, 0.5, 2.0]).sqrt()
+    expected = torch.tensor([[1.0, 2.0, 0.5], [4.0, 0.25, 3.0]]) * norms
+    torch.testing.assert_close(pruner.score(targets[0], {}), expected)
+
+
+def test_input_gram_is_x_xt_over_n():
+    model = nn.Sequential(nn.Linear(3, 2))
+    x = torch.randn(5, 3)
+    data = torch.utils.data.TensorDataset(x, torch.zeros(5, dtype=torch.long))
+    gram = input_gram(model, model[0], data, 5, torch.device("cpu"), batch_size=2)
+    torch.testing.assert_close(gram, (x.double().T @ x.double()) / 5)
+
+
+@pytest.mark.parametrize("name", ["sparsegpt", "wanda"])
+def test_contract(name):
+    api.check_pruner(registry.load(name))
+
+
+def test_through_the_cli(tmp_path):
+    args = ("sample:digits-cnn", "-s", "0.8", "--mask", "layer")
+    accuracy = {
+        p: prune_report(*args, "-p", p, "--out", str(tmp_path / p))["accuracy"]["pruned"]
+        for p in ("sparsegpt", "wanda", "magnitude")
+    }
+    assert accuracy["sparsegpt"] > accuracy["magnitude"] + 0.05  # the update pays
+    report = prune_report("sample:digits-mlp", "-p", "sparsegpt", "-s", "0.5", "--mask", "2:4",
+                          "--out", str(tmp_path / "nm"))  # fmt: skip
+    assert set(report["sparsity"]["per_tensor"].values()) == {0.5}
+    assert_error(prune("sample:digits-mlp", "-p", "wanda", "-s", "0.5"), 2, "--mask layer or N:M")
