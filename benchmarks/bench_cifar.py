@@ -9,11 +9,11 @@ test.npz (uint8 images, ImageNet normalisation). In a prunekit checkout it is at
         [--variant magnitude=magnitude --variant wf-r8=woodfisher,recompute=8 ...]
         [--schedule gradual --steps 4 --finetune-epochs 1 --lr 0.01 --seeds 0,1,2]
 
-A variant is LABEL=PRUNER[,recompute=K|auto][,recalibrate_bn=1][,KEY=VALUE...] (KEY=VALUE
-are pruner hyperparameters). Prints one Markdown table of test accuracy per model (dense in
-the header), each cell with its seconds; with several seeds, the mean ± standard deviation.
-With ``--schedule gradual`` every step is followed by ``--finetune-epochs`` of SGD on the
-calibration images (the 5,000 training images of the set).
+A variant is LABEL=PRUNER[,recompute=K|auto][,recalibrate_bn=1][,mask=layer|N:M]
+[,KEY=VALUE...] (KEY=VALUE are pruner hyperparameters). Prints one Markdown table of test
+accuracy per model (dense in the header), each cell with its seconds; with several seeds,
+the mean ± standard deviation. With ``--schedule gradual`` every step is followed by
+``--finetune-epochs`` of SGD on the calibration images (the 5,000 training images of the set).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def parse_variant(text: str) -> tuple[str, str, dict[str, str], dict[str, str]]:
     params, run = {}, {}
     for item in items:
         key, _, value = item.partition("=")
-        (run if key in {"recompute", "recalibrate_bn"} else params)[key] = value
+        (run if key in {"recompute", "recalibrate_bn", "mask"} else params)[key] = value
     return label, pruner, params, run
 
 
@@ -92,6 +92,7 @@ def main() -> None:
                     model=f"cifar:{arch}",
                     pruner=pruner,
                     sparsity=s,
+                    mask=run.get("mask", "global"),
                     data=data,
                     normalize="imagenet",
                     weights=dev / f"{arch}.safetensors",
