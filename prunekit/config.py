@@ -20,6 +20,7 @@ class PruneConfig:
     data: str | None = None
     normalize: str | None = None  # preset or MEAN/STD (prunekit.preprocess)
     image_size: int | None = None  # image folders: resize + centre-crop to this size
+    max_length: int | None = None  # text: data, tokens per text (default 128, model limit)
     weights: Path | None = None
     num_classes: int | None = None
     trust_checkpoint: bool = False

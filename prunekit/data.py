@@ -10,7 +10,7 @@ on the same data.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,7 +23,9 @@ SPLIT_SEED = 0
 TEST_FRACTION = 0.2
 CALIBRATION_MAX = 2048
 DIGITS_FILE = Path(__file__).parent / "datasets" / "digits.safetensors"
-SPEC_FORMS = "digits, cifar10:DIR, imagefolder:DIR, tensors:FILE, tensors:TRAIN,TEST"
+SPEC_FORMS = (
+    "digits, cifar10:DIR, imagefolder:DIR, tensors:FILE, tensors:TRAIN,TEST, text:FILE (hf: models)"
+)
 UNLABELED = -1
 MIN_TRAIN, MIN_TEST = 2, 1  # samples: the least that calibration and the test split run on
 
@@ -39,6 +41,7 @@ class Splits:
     num_classes: int
     input_shape: tuple[int, ...]
     labeled: bool = True  # False: labels are UNLABELED; no accuracy, no empirical Fisher
+    notes: list[str] = field(default_factory=list)  # worth a warning (e.g. texts cut)
 
     def __post_init__(self) -> None:
         check_sizes(self.spec, len(self.train), len(self.test))  # type: ignore[arg-type]
@@ -330,11 +333,38 @@ def imagefolder(root: Path, prep: Preprocess) -> Splits:
     return Splits(f"imagefolder:{root}", train, calibration_of(train), test, len(classes), shape)
 
 
-def load_data(spec: str, prep: Preprocess | None = None) -> Splits:
-    """Parse a dataset spec and return its splits, preprocessed by ``prep``."""
+def text(arg: str, model_spec: str | None, max_length: int | None) -> Splits:
+    """``text:FILE``: one text per line, tokenised with the ``hf:DIR`` model's tokenizer
+    (unlabeled), split 80/20 with the fixed split seed."""
+    from prunekit.hf import DEFAULT_MAX_LENGTH, load_hf, read_texts, tokenize
+
+    if not model_spec or not model_spec.startswith("hf:"):
+        raise UsageError(
+            "text:FILE data is tokenised by the model's tokenizer: use an hf:DIR model"
+        )
+    model = load_hf(Path(model_spec[3:]).expanduser())
+    texts = read_texts(Path(arg).expanduser())
+    x, cut = tokenize(texts, model.tokenizer, max_length or DEFAULT_MAX_LENGTH, model.max_length)
+    splits = _split_tensors(f"text:{arg}", x, torch.full((len(x),), UNLABELED), Preprocess())
+    splits.notes = [f"{cut} of {len(texts)} texts cut to {x.shape[-1]} tokens"] if cut else []
+    return splits
+
+
+def load_data(
+    spec: str,
+    prep: Preprocess | None = None,
+    model_spec: str | None = None,
+    max_length: int | None = None,
+) -> Splits:
+    """Parse a dataset spec and return its splits, preprocessed by ``prep`` (``text:`` data
+    is tokenised by the ``hf:`` model ``model_spec`` to at most ``max_length`` tokens)."""
     prep = prep or Preprocess()
     prep.check()
     kind, _, arg = spec.partition(":")
+    if kind == "text":
+        if not arg:
+            raise UsageError("data spec 'text:' needs a file: text:FILE (one text per line)")
+        return text(arg, model_spec, max_length)
     if kind == "digits" and not arg:
         return digits(prep)
     if kind in {"cifar10", "imagefolder", "tensors"}:

@@ -31,7 +31,7 @@ from prunekit.errors import (
 )
 from prunekit.sample_models import SAMPLES
 
-SPEC_FORMS = "sample:NAME, cifar:ARCH, torchvision:ARCH or package.module:factory"
+SPEC_FORMS = "sample:NAME, cifar:ARCH, torchvision:ARCH, hf:DIR or package.module:factory"
 _SHOWN = 5  # how many keys an error message lists
 
 
@@ -153,6 +153,10 @@ def build(spec: str, num_classes: int | None = None) -> tuple[nn.Module, Path | 
         return _torchvision(rest, num_classes), None
     if kind == "cifar":
         return _cifar(rest, num_classes), None
+    if kind == "hf":
+        from prunekit.hf import load_hf
+
+        return load_hf(Path(rest).expanduser()).module, None
     return _factory(spec, num_classes), None
 
 
@@ -277,7 +281,7 @@ def load_model(
                 f"--trust-checkpoint: {path} was unpickled, which runs any code it holds; "
                 "use it only for files you trust, and re-save as safetensors"
             )
-    else:
+    elif not spec.startswith("hf:"):  # a Hugging Face directory holds its weights
         loaded.warnings.append(
             f"{spec} has no --weights: it is randomly initialised, so its accuracy means "
             "nothing; pass --weights FILE"

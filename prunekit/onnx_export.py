@@ -33,7 +33,16 @@ def to_proto(model: nn.Module, input_shape: tuple[int, ...]):
     import onnx
 
     model = copy.deepcopy(model).to("cpu").eval()
-    example = torch.zeros(2, *input_shape)
+    dtype = getattr(model, "input_dtype", torch.float32)
+    example = (
+        torch.ones(2, *input_shape, dtype=dtype)
+        if dtype != torch.float32
+        else (torch.zeros(2, *input_shape))
+    )
+    dynamic = {0: torch.export.Dim("batch")}
+    if getattr(model, "sequence_axis", None) is not None:
+        example = torch.ones(2, input_shape[0], 8, dtype=dtype)  # a length the export varies
+        dynamic[model.sequence_axis] = torch.export.Dim("sequence", min=2, max=4096)
     quiet = io.StringIO()
     try:
         with contextlib.redirect_stdout(quiet):
@@ -43,7 +52,7 @@ def to_proto(model: nn.Module, input_shape: tuple[int, ...]):
                 dynamo=True,
                 input_names=[INPUT],
                 output_names=[OUTPUT],
-                dynamic_shapes=({0: torch.export.Dim("batch")},),
+                dynamic_shapes=(dynamic,),
                 opset_version=OPSET,
                 optimize=True,
                 verbose=False,

@@ -71,6 +71,11 @@ CURVATURE = frozenset({"fisher_diag", "fisher_inv"})  # fine with sampled labels
 
 def _check_labels(config: PruneConfig, pruner: Pruner, data: Splits) -> None:
     """Unlabeled data can feed magnitude-style and true-Fisher pruning, nothing else."""
+    if config.model.startswith("hf:") and pruner.needs:
+        raise UsageError(
+            f"pruner '{config.pruner}' needs gradients of a loss, and prunekit has no "
+            "label-free objective for hf: models yet; use sparsegpt, wanda or magnitude"
+        )
     if data.labeled:
         return
     if pruner.needs - CURVATURE:  # ḡ with labels sampled from the model averages to zero
@@ -107,7 +112,7 @@ def execute(config: PruneConfig, reporter: Reporter | None = None) -> Outcome:
         data_spec = config.data or default_data(config.model)
         if data_spec is None:
             raise UsageError(f"{config.model} comes with no dataset; pass --data SPEC")
-        data = load_data(data_spec, config.preprocess())
+        data = load_data(data_spec, config.preprocess(), config.model, config.max_length)
         num_classes = config.num_classes
         if num_classes is None and config.model.startswith(("torchvision:", "cifar:")):
             num_classes = data.num_classes
@@ -119,8 +124,9 @@ def execute(config: PruneConfig, reporter: Reporter | None = None) -> Outcome:
         "data": data_spec,
     }
     return prune_model(
-        config, loaded.model, data, pruner, reporter, source, loaded.warnings, timings, started
-    )
+        config, loaded.model, data, pruner, reporter, source, [*data.notes, *loaded.warnings],
+        timings, started,
+    )  # fmt: skip
 
 
 def prune_model(
@@ -175,6 +181,7 @@ def prune_model(
 
     with reporter.stage("evaluating the dense model"), timings.phase("evaluation"):
         dense_accuracy = evaluate(model)
+        dense_outputs = None if data.labeled else outputs_on(model, data.test, device)
     dense_model = copy.deepcopy(model).cpu() if "onnx" in config.exports else None
 
     ctx = StepContext(
@@ -217,6 +224,11 @@ def prune_model(
 
     with reporter.stage("evaluating the pruned model"), timings.phase("evaluation"):
         pruned_accuracy = evaluate(model)
+        fidelity = (
+            None
+            if dense_outputs is None
+            else cosine_fidelity(dense_outputs, outputs_on(model, data.test, device))
+        )
     warnings += accuracy_warnings(config, pruner, dense_accuracy, pruned_accuracy)
 
     report: dict[str, Any] = {
@@ -241,6 +253,7 @@ def prune_model(
         "sparsity": {"target": config.sparsity, "achieved": achieved, "per_tensor": per_tensor},
         "parameters": parameter_counts(model),
         "accuracy": {"dense": dense_accuracy, "pruned": pruned_accuracy},
+        "fidelity": fidelity,
         "history": history,
         "pruner_diagnostics": pruner.diagnostics(),
         "statistics": ctx.statistics,
@@ -306,6 +319,28 @@ def check_outputs(model: nn.Module, data: Splits, device: torch.device) -> int:
             "outputs; check --data, or --num-classes for torchvision and factory models"
         )
     return outputs
+
+
+@torch.no_grad()
+def outputs_on(model: nn.Module, dataset: Any, device: torch.device) -> torch.Tensor:
+    """The model's outputs on a split (eval mode), on the CPU."""
+    from prunekit.data import loader
+
+    was_training = model.training
+    model.eval()
+    outs = [model(x.to(device)).float().cpu() for x, _ in loader(dataset, 256)]
+    model.train(was_training)
+    return torch.cat(outs)
+
+
+def cosine_fidelity(dense: torch.Tensor, pruned: torch.Tensor) -> dict[str, float]:
+    """Mean and 5th percentile of the per-sample cosine similarity to the dense outputs
+    (what unlabeled data can say about a pruned model, e.g. sentence embeddings)."""
+    cosine = torch.nn.functional.cosine_similarity(pruned, dense, dim=1)
+    return {
+        "cosine_mean": float(cosine.mean()),
+        "cosine_p5": float(torch.quantile(cosine, 0.05)),
+    }
 
 
 def check_finite_model(model: nn.Module) -> None:

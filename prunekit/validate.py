@@ -176,11 +176,17 @@ def check_input_fits(session, path: Path, data_shape: tuple[int, ...]) -> None:
         )
 
 
+def input_dtype(session) -> type:
+    """int64 for token-id models, float32 otherwise."""
+    return np.int64 if "int64" in session.get_inputs()[0].type else np.float32
+
+
 def run_logits(session, dataset: Dataset, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     name = session.get_inputs()[0].name
+    dtype = input_dtype(session)
     logits, labels = [], []
     for x, y in loader(dataset, batch_size):
-        logits.append(session.run(None, {name: x.numpy().astype(np.float32)})[0])
+        logits.append(session.run(None, {name: x.numpy().astype(dtype)})[0])
         labels.append(y.numpy())
     return np.concatenate(logits), np.concatenate(labels)
 
@@ -246,7 +252,11 @@ def latency(
     rng = np.random.default_rng(0)
     result: dict[str, dict[str, dict[str, float]]] = {label: {} for label in sessions}
     for batch in options.batch_sizes:
-        x = rng.standard_normal((batch, *sample_shape)).astype(np.float32)
+        first = next(iter(sessions.values()))
+        if input_dtype(first) == np.int64:  # token ids: all ones (a valid id, mask on)
+            x = np.ones((batch, *sample_shape), dtype=np.int64)
+        else:
+            x = rng.standard_normal((batch, *sample_shape)).astype(np.float32)
         feeds = {label: {s.get_inputs()[0].name: x} for label, s in sessions.items()}
         times: dict[str, list[float]] = {label: [] for label in sessions}
         order = list(sessions.items())

@@ -58,6 +58,16 @@ PREPROCESS = (
         MODEL_DATA,
     ),
 )
+TEXT = (
+    _opt(
+        "max_length",
+        int | None,
+        None,
+        "--max-length",
+        "text: data: tokens per text (default 128, at most the model's limit; longer cut).",
+        MODEL_DATA,
+    ),
+)
 
 JSON = (_opt("as_json", bool, False, "--json", "Print the result as JSON on stdout.", OUTPUT),)
 FORCE = (
@@ -125,6 +135,7 @@ RUN = (
         MODEL_DATA,
     ),
     *PREPROCESS,
+    *TEXT,
     _opt(
         "weights",
         Path | None,

@@ -1,0 +1,128 @@
+"""hf:DIR models and text:FILE data, with a tiny randomly initialised BERT built here (no
+download): token ids stay integers through pruning and export; the layer-wise pruners run
+without labels; the ONNX export takes any batch and sequence length."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.cli_helpers import assert_error, prune, prune_report
+
+transformers = pytest.importorskip("transformers")
+
+WORDS = [
+    "the",
+    "cat",
+    "dog",
+    "sat",
+    "on",
+    "a",
+    "mat",
+    "red",
+    "blue",
+    "green",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "river",
+    "tree",
+    "house",
+    "car",
+    "runs",
+    "fast",
+    "slow",
+    "big",
+    "small",
+    "old",
+    "new",
+    "sun",
+    "moon",
+    "star",
+]
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory) -> tuple[Path, Path]:
+    """A 2-layer BERT (hidden 32) with its WordPiece tokenizer, and 60 sentences."""
+    root = tmp_path_factory.mktemp("hf")
+    vocab = root / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]))
+    tokenizer = transformers.BertTokenizerFast(vocab_file=str(vocab))
+    config = transformers.BertConfig(
+        vocab_size=5 + len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=32,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model_dir = root / "bert"
+    transformers.BertModel(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    rng = np.random.default_rng(0)
+    lines = [" ".join(rng.choice(WORDS, size=rng.integers(3, 12))) for _ in range(60)]
+    lines[5] = " ".join(WORDS * 3)  # longer than --max-length: cut, with a note
+    texts = root / "texts.txt"
+    texts.write_text("\n".join(lines) + "\n")
+    return model_dir, texts
+
+
+def _run(bert, tmp_path, pruner: str, *extra: str) -> dict:
+    model_dir, texts = bert
+    return prune_report(
+        f"hf:{model_dir}", "-p", pruner, "-s", "0.5", "--data", f"text:{texts}",
+        "--max-length", "16", "--out", str(tmp_path / pruner), *extra,
+    )  # fmt: skip
+
+
+def test_layerwise_pruning_of_an_encoder_keeps_its_embeddings(bert, tmp_path):
+    reports = {p: _run(bert, tmp_path, p, "--mask", "layer") for p in ("sparsegpt", "magnitude")}
+    sparse = reports["sparsegpt"]
+    assert sparse["accuracy"] == {"dense": None, "pruned": None}  # no labels
+    assert sparse["sparsity"]["achieved"] == pytest.approx(0.5, abs=1e-3)
+    assert "texts cut to 16 tokens" in " ".join(sparse["warnings"])
+    fidelity = {p: r["fidelity"]["cosine_mean"] for p, r in reports.items()}
+    assert fidelity["sparsegpt"] > 0.9 and fidelity["sparsegpt"] >= fidelity["magnitude"]
+    assert sparse["fidelity"]["cosine_p5"] <= sparse["fidelity"]["cosine_mean"]
+
+
+def test_two_of_four_and_onnx_with_any_sequence_length(bert, tmp_path):
+    import onnxruntime as ort
+
+    from prunekit.models import load_model
+
+    report = _run(bert, tmp_path, "wanda", "--mask", "2:4", "--export", "safetensors,onnx")
+    assert set(report["sparsity"]["per_tensor"].values()) == {0.5}
+    out = tmp_path / "wanda"
+    model = load_model(f"hf:{bert[0]}", out / "model.safetensors").model
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert "int64" in session.get_inputs()[0].type
+    for batch, length in ((1, 5), (3, 21)):
+        ids = torch.randint(5, 5 + len(WORDS), (batch, length))
+        x = torch.stack([ids, torch.ones_like(ids)], dim=1)
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        with torch.no_grad():
+            expected = model(x).numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_gradient_pruners_and_bad_text_input(bert, tmp_path):
+    model_dir, texts = bert
+    args = (f"hf:{model_dir}", "-s", "0.5", "--mask", "layer")
+    result = prune(*args, "-p", "woodfisher", "--data", f"text:{texts}", "--out", "a")
+    assert_error(result, 2, "no label-free objective for hf: models yet")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    assert_error(prune(*args, "-p", "wanda", "--data", f"text:{empty}"), 2, "holds no text")
+    no_config = tmp_path / "nocfg"
+    no_config.mkdir()
+    assert_error(prune(f"hf:{no_config}", "-p", "wanda", "-s", "0.5", "--data",
+                       f"text:{texts}"), 2, "has no config.json")  # fmt: skip
+    assert_error(prune("sample:digits-mlp", "-p", "wanda", "-s", "0.5", "--mask", "layer",
+                       "--data", f"text:{texts}"), 2, "use an hf:DIR model")  # fmt: skip
+    assert json.loads((model_dir / "config.json").read_text())["hidden_size"] == 32
