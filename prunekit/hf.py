@@ -44,9 +44,11 @@ class PackedInputs(nn.Module):
     def __init__(self, model: nn.Module, kind: str) -> None:
         super().__init__()
         self.model, self.kind = model, kind
+        self.token_mask: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, mask = x[:, 0], x[:, 1]
+        self.token_mask = mask  # read by layer-input statistics: padding rows are left out
         out = self.model(input_ids=ids, attention_mask=mask)
         if self.kind == "classifier":
             return out.logits

@@ -22,6 +22,15 @@ from prunekit.data import loader
 from prunekit.errors import NumericalError, UsageError
 
 
+def real_rows(model: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+    """Leave out the rows of padding tokens, where the model marks them (``token_mask``, one
+    entry per token of the batch); rows of another count (e.g. a pooler's) are kept."""
+    mask = getattr(model, "token_mask", None)
+    if mask is None or mask.numel() != rows.shape[0]:
+        return rows
+    return rows[mask.reshape(-1).to(rows.device).bool()]
+
+
 def layer_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The (n, d) input rows a Linear or Conv2d multiplies by its (out, d) weight matrix."""
     if isinstance(module, nn.Linear):
@@ -54,7 +63,7 @@ def input_square_norms(
 
     def hook_for(name: str, module: nn.Module):
         def hook(_: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            rows = layer_rows(module, inputs[0]).double()
+            rows = real_rows(model, layer_rows(module, inputs[0]).double())
             sums[name] = sums.get(name, 0) + rows.square().sum(0)
             counts[name] = counts.get(name, 0) + len(rows)
 
@@ -102,7 +111,7 @@ def input_gram(
     count = [0]
 
     def hook(_: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        rows = layer_rows(module, inputs[0]).double()
+        rows = real_rows(model, layer_rows(module, inputs[0]).double())
         gram.append(rows.T @ rows if not gram else gram.pop() + rows.T @ rows)
         count[0] += len(rows)
 

@@ -98,3 +98,23 @@ def test_through_the_cli(tmp_path):
                           "--out", str(tmp_path / "nm"))  # fmt: skip
     assert set(report["sparsity"]["per_tensor"].values()) == {0.5}
     assert_error(prune("sample:digits-mlp", "-p", "wanda", "-s", "0.5"), 2, "--mask layer or N:M")
+
+
+def test_padding_tokens_are_left_out_of_the_layer_statistics():
+    class Tokens(nn.Module):  # marks its padding like prunekit.hf.PackedInputs
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(3, 2)
+            self.token_mask = None
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.token_mask = x[:, :, 3]  # (batch, length) of 1 = real token
+            return self.proj(x[:, :, :3]).mean(1)
+
+    x = torch.randn(4, 5, 4)
+    x[:, :, 3] = (torch.arange(5) < torch.tensor([[2], [5], [3], [1]])).float()
+    model = Tokens()
+    data = torch.utils.data.TensorDataset(x, torch.zeros(4, dtype=torch.long))
+    gram = input_gram(model, model.proj, data, 4, torch.device("cpu"))
+    real = x[:, :, :3][x[:, :, 3].bool()].double()  # the 11 real tokens only
+    torch.testing.assert_close(gram, real.T @ real / len(real))
