@@ -336,15 +336,15 @@ def imagefolder(root: Path, prep: Preprocess) -> Splits:
 def text(arg: str, model_spec: str | None, max_length: int | None) -> Splits:
     """``text:FILE``: one text per line, tokenised with the ``hf:DIR`` model's tokenizer
     (unlabeled), split 80/20 with the fixed split seed."""
-    from prunekit.hf import DEFAULT_MAX_LENGTH, load_hf, read_texts, tokenize
+    from prunekit.hf import DEFAULT_MAX_LENGTH, load_tokenizer, read_texts, tokenize
 
     if not model_spec or not model_spec.startswith("hf:"):
         raise UsageError(
             "text:FILE data is tokenised by the model's tokenizer: use an hf:DIR model"
         )
-    model = load_hf(Path(model_spec[3:]).expanduser())
+    tokenizer, limit = load_tokenizer(Path(model_spec[3:]).expanduser())
     texts = read_texts(Path(arg).expanduser())
-    x, cut = tokenize(texts, model.tokenizer, max_length or DEFAULT_MAX_LENGTH, model.max_length)
+    x, cut = tokenize(texts, tokenizer, max_length or DEFAULT_MAX_LENGTH, limit)
     splits = _split_tensors(f"text:{arg}", x, torch.full((len(x),), UNLABELED), Preprocess())
     splits.notes = [f"{cut} of {len(texts)} texts cut to {x.shape[-1]} tokens"] if cut else []
     return splits

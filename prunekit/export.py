@@ -148,7 +148,7 @@ def export_file(
             raise UsageError(f"{model} has no dataset: pass --data SPEC or --input-shape C,H,W")
         from prunekit.data import load_data
 
-        input_shape = load_data(data_spec).input_shape
+        input_shape = load_data(data_spec, model_spec=model).input_shape
     notes = prepare_output(out, force, kind="file")
     loaded = load_model(model, weights, num_classes, trust_checkpoint)
     metadata = export_metadata(model, weights, out, data_spec, num_classes)

@@ -81,14 +81,16 @@ def load_hf(root: Path) -> HFModel:
     """The model in ``root`` (config + weights + tokenizer), wrapped; in eval mode, on CPU."""
     transformers = _transformers()
     check_dir(root)
-    config = transformers.AutoConfig.from_pretrained(root)
+    config = transformers.AutoConfig.from_pretrained(root, trust_remote_code=False)
     classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
     try:
         if classifier:
-            model = transformers.AutoModelForSequenceClassification.from_pretrained(root)
+            model = transformers.AutoModelForSequenceClassification.from_pretrained(
+                root, trust_remote_code=False
+            )
         else:
-            model = transformers.AutoModel.from_pretrained(root)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(root)
+            model = transformers.AutoModel.from_pretrained(root, trust_remote_code=False)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(root, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise InputFileError(f"hf:{root}: cannot load it ({str(exc).splitlines()[0]})") from exc
     if tokenizer.vocab_size > config.vocab_size:
@@ -99,6 +101,20 @@ def load_hf(root: Path) -> HFModel:
     limit = getattr(config, "max_position_embeddings", DEFAULT_MAX_LENGTH)
     wrapped = PackedInputs(model.eval(), "classifier" if classifier else "encoder")
     return HFModel(wrapped.eval(), tokenizer, wrapped.kind, limit)
+
+
+def load_tokenizer(root: Path) -> tuple[object, int]:
+    """The tokenizer of the model in ``root`` and the model's token limit (no weights read)."""
+    transformers = _transformers()
+    check_dir(root)
+    config = transformers.AutoConfig.from_pretrained(root, trust_remote_code=False)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(root, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise InputFileError(
+            f"hf:{root}: no usable tokenizer ({str(exc).splitlines()[0]})"
+        ) from exc
+    return tokenizer, getattr(config, "max_position_embeddings", DEFAULT_MAX_LENGTH)
 
 
 def read_texts(path: Path) -> list[str]:

@@ -236,7 +236,11 @@ def prune_model(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
         **source,
-        "preprocess": {"normalize": config.normalize, "image_size": config.image_size},
+        "preprocess": {
+            "normalize": config.normalize,
+            "image_size": config.image_size,
+            "max_length": config.max_length,
+        },
         "num_classes": outputs,
         "pruner": config.pruner,
         "params": pruner.hparams,

@@ -98,7 +98,8 @@ def read_onnx_metadata(path: Path) -> dict[str, str]:
     return {p.key: p.value for p in proto.metadata_props}
 
 
-BUILTIN_SPECS = ("sample:", "cifar:", "torchvision:")  # built without importing user code
+# built without importing user code (hf: directories load without trust_remote_code)
+BUILTIN_SPECS = ("sample:", "cifar:", "torchvision:", "hf:")
 
 
 def file_sha256(path: Path) -> str:
@@ -146,7 +147,7 @@ def parity_model(
             return None, f"the recorded weights {weights} are not there; pass --weights FILE"
         if meta.get("weights_sha256") and file_sha256(weights) != meta["weights_sha256"]:
             return None, f"the recorded weights {weights} changed since the export"
-    elif weights is None and not recorded.startswith("sample:"):
+    elif weights is None and not recorded.startswith(("sample:", "hf:")):
         return None, f"the file records no weights for {recorded}; pass --weights FILE"
     try:
         return load_model(recorded, weights, num_classes).model, None
@@ -225,7 +226,13 @@ def check_pair(onnx_path: Path, model: nn.Module) -> None:
         for n, p in model.named_parameters()
         if n.endswith("weight") and p.dim() > 1
     }
-    wrong = [n for n, s in wanted.items() if shapes.get(n) != s]
+    # The exporter may fold a Linear's weight into a transposed constant of another name:
+    # names it kept must match in shape (or transposed), and some must be there; the outputs'
+    # parity then settles the rest.
+    present = {n: s for n, s in wanted.items() if n in shapes}
+    wrong = [n for n, s in present.items() if shapes[n] not in (s, s[::-1])]
+    if not present:
+        wrong = list(wanted)
     if wrong:
         raise ModelMismatchError(
             f"{onnx_path} does not match the PyTorch model: {', '.join(wrong[:5])} "
@@ -379,7 +386,8 @@ def validate_file(
     if data is None:  # the recorded data comes with its recorded preprocessing
         normalize = normalize or meta.get("normalize")
         image_size = image_size or (int(meta["image_size"]) if meta.get("image_size") else None)
-    splits = load_data(spec, Preprocess(normalize, image_size))
+    length = int(meta["max_length"]) if meta.get("max_length") else None
+    splits = load_data(spec, Preprocess(normalize, image_size), meta.get("model"), length)
     model, skipped = parity_model(onnx_file, meta, torch_model, weights, num_classes)
     reference = float(meta["accuracy_dense"]) if "accuracy_dense" in meta else None
     result = validate(

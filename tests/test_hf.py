@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.cli_helpers import assert_error, prune, prune_report
+from tests.cli_helpers import assert_error, invoke, prune, prune_report
 
 transformers = pytest.importorskip("transformers")
 
@@ -109,6 +109,10 @@ def test_two_of_four_and_onnx_with_any_sequence_length(bert, tmp_path):
         with torch.no_grad():
             expected = model(x).numpy()
         np.testing.assert_allclose(got, expected, atol=1e-4)
+    validated = invoke("validate", str(out / "model.onnx"), "--runs", "2", "--json")
+    assert validated.exit_code == 0, validated.output
+    result = json.loads(validated.stdout)
+    assert result["accuracy"] is None and result["parity"]["max_abs_diff"] < 1e-4
 
 
 def test_gradient_pruners_and_bad_text_input(bert, tmp_path):

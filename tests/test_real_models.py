@@ -43,7 +43,7 @@ def test_cifar_resnet_woodfisher_run_records_phases_memory_and_damping(cifar_lik
         str(tmp_path / "run"),
     )
     assert report["sparsity"]["achieved"] == pytest.approx(0.5, abs=1e-4)
-    assert report["preprocess"] == {"normalize": "imagenet", "image_size": None}
+    assert report["preprocess"] == {"normalize": "imagenet", "image_size": None, "max_length": None}
     assert report["schedule"]["recompute"] == "auto" and report["schedule"]["pruning_steps"] == 3
     phases = report["phases"]
     assert {"load", "evaluation", "statistics", "inverse", "prune", "export"} <= set(phases)
