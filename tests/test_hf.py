@@ -53,9 +53,9 @@ WORDS = [
 def bert(tmp_path_factory) -> tuple[Path, Path]:
     """A 2-layer BERT (hidden 32) with its WordPiece tokenizer, and 60 sentences."""
     root = tmp_path_factory.mktemp("hf")
-    vocab = root / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]))
-    tokenizer = transformers.BertTokenizerFast(vocab_file=str(vocab))
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    tokenizer = transformers.BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)})
+    assert tokenizer("the cat")["input_ids"] == [2, 5, 6, 3]  # words, not [UNK]
     config = transformers.BertConfig(
         vocab_size=5 + len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=64, max_position_embeddings=32,
@@ -118,7 +118,7 @@ def test_two_of_four_and_onnx_with_any_sequence_length(bert, tmp_path):
 def test_gradient_pruners_and_bad_text_input(bert, tmp_path):
     model_dir, texts = bert
     args = (f"hf:{model_dir}", "-s", "0.5", "--mask", "layer")
-    result = prune(*args, "-p", "woodfisher", "--data", f"text:{texts}", "--out", "a")
+    result = prune(*args, "-p", "woodfisher", "--data", f"text:{texts}", "--out", str(tmp_path))
     assert_error(result, 2, "no label-free objective for hf: models yet")
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
@@ -130,3 +130,26 @@ def test_gradient_pruners_and_bad_text_input(bert, tmp_path):
     assert_error(prune("sample:digits-mlp", "-p", "wanda", "-s", "0.5", "--mask", "layer",
                        "--data", f"text:{texts}"), 2, "use an hf:DIR model")  # fmt: skip
     assert json.loads((model_dir / "config.json").read_text())["hidden_size"] == 32
+
+
+def test_model_directory_without_weights_or_with_a_foreign_tokenizer(bert, tmp_path):
+    import shutil
+
+    model_dir, texts = bert
+    args = ("-p", "wanda", "-s", "0.5", "--mask", "layer", "--data", f"text:{texts}")
+    no_weights = tmp_path / "noweights"
+    shutil.copytree(model_dir, no_weights)
+    (no_weights / "model.safetensors").unlink()
+    assert_error(
+        prune(f"hf:{no_weights}", *args, "--out", str(tmp_path / "a")), 2, "has no weights"
+    )
+    foreign = tmp_path / "foreign"
+    shutil.copytree(model_dir, foreign)
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    tokens += [f"extra{i}" for i in range(50)]  # 50 tokens the model has no embedding for
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        (foreign / name).unlink(missing_ok=True)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    transformers.BertTokenizerFast(vocab=vocab).save_pretrained(foreign)
+    result = prune(f"hf:{foreign}", *args, "--out", str(tmp_path / "b"))
+    assert_error(result, 2, "do not belong together")
