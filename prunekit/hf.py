@@ -48,7 +48,8 @@ class PackedInputs(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, mask = x[:, 0], x[:, 1]
-        self.token_mask = mask  # read by layer-input statistics: padding rows are left out
+        if not torch.compiler.is_compiling():  # (an export traces it; nothing to record)
+            self.token_mask = mask  # read by layer-input statistics: padding rows left out
         out = self.model(input_ids=ids, attention_mask=mask)
         if self.kind == "classifier":
             return out.logits
