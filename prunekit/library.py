@@ -4,8 +4,7 @@ loop, export and validate it. The CLI runs the same code (``prunekit.pipeline``)
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -212,15 +211,6 @@ def hold_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> MaskHandl
         parametrize.register_parametrization(module, attr, _KeepMask(keep))
         held.append((module, attr))
     return MaskHandle(held)
-
-
-@contextmanager
-def masks_held(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> Iterator[MaskHandle]:
-    handle = hold_masks(model, masks)
-    try:
-        yield handle
-    finally:
-        handle.remove()
 
 
 def export_onnx(
