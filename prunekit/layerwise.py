@@ -12,7 +12,7 @@ No gradients and no per-sample anything: one forward pass per layer.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -48,40 +48,30 @@ def layer_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     raise UsageError(f"layer-wise pruning handles Linear and Conv2d, not {type(module).__name__}")
 
 
-@torch.no_grad()
-def input_square_norms(
+def _layer_means(
     model: nn.Module,
     modules: dict[str, nn.Module],
     data: Dataset,
     samples: int,
     device: torch.device,
-    batch_size: int = 64,
+    batch_size: int,
+    reduce: Callable[[torch.Tensor], torch.Tensor],
 ) -> dict[str, torch.Tensor]:
-    """‖X_j‖² / n per input column of every module (name -> (d,)), in one pass of the model."""
+    """The mean over input rows of ``reduce(rows)`` (rows in float64, padding left out) for
+    every module the pass reaches, from one pass of ``samples`` of ``data`` through the
+    model as it is now."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
     def hook_for(name: str, module: nn.Module):
         def hook(_: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             rows = real_rows(model, layer_rows(module, inputs[0]).double())
-            sums[name] = sums.get(name, 0) + rows.square().sum(0)
+            sums[name] = sums[name] + reduce(rows) if name in sums else reduce(rows)
             counts[name] = counts.get(name, 0) + len(rows)
 
         return hook
 
     handles = [m.register_forward_pre_hook(hook_for(n, m)) for n, m in modules.items()]
-    try:
-        _forward(model, data, samples, device, batch_size)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {name: sums[name] / counts[name] for name in sums}
-
-
-def _forward(
-    model: nn.Module, data: Dataset, samples: int, device: torch.device, batch_size: int
-) -> None:
-    """Run ``samples`` of ``data`` through the model in eval mode (for the hooks)."""
     was_training = model.training
     model.eval()
     try:
@@ -94,6 +84,24 @@ def _forward(
                 break
     finally:
         model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return {name: sums[name] / counts[name] for name in sums}  # modules the pass reached
+
+
+@torch.no_grad()
+def input_square_norms(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    data: Dataset,
+    samples: int,
+    device: torch.device,
+    batch_size: int = 64,
+) -> dict[str, torch.Tensor]:
+    """‖X_j‖² / n per input column of every module (name -> (d,)), in one pass of the model."""
+    return _layer_means(
+        model, modules, data, samples, device, batch_size, lambda rows: rows.square().sum(0)
+    )
 
 
 @torch.no_grad()
@@ -107,22 +115,12 @@ def input_gram(
 ) -> torch.Tensor:
     """H = X Xᵀ / n (float64, d × d) of the inputs ``module`` sees on ``samples`` of ``data``,
     through the model as it is now (so layers pruned before count: sequential propagation)."""
-    gram: list[torch.Tensor] = []
-    count = [0]
-
-    def hook(_: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        rows = real_rows(model, layer_rows(module, inputs[0]).double())
-        gram.append(rows.T @ rows if not gram else gram.pop() + rows.T @ rows)
-        count[0] += len(rows)
-
-    handle = module.register_forward_pre_hook(hook)
-    try:
-        _forward(model, data, samples, device, batch_size)
-    finally:
-        handle.remove()
-    if not gram:
+    means = _layer_means(
+        model, {"": module}, data, samples, device, batch_size, lambda rows: rows.T @ rows
+    )
+    if "" not in means:
         raise UsageError("layer-wise pruning needs calibration samples; the split is empty")
-    return gram[0] / count[0]
+    return means[""]
 
 
 def _lowest(values: torch.Tensor, count: int) -> torch.Tensor:
