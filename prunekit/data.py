@@ -67,12 +67,11 @@ def calibration_of(train: Dataset) -> Dataset:
 
 def _split_tensors(spec: str, x: torch.Tensor, y: torch.Tensor, prep: Preprocess) -> Splits:
     """Shuffle once with the fixed split seed; the last TEST_FRACTION is the test split."""
-    check_pair(spec, x, y)
-    y = labels_of(spec, y)
+    y = check_pair(spec, x, y)
     order = _permutation(len(x))
     n_test = max(MIN_TEST, round(len(x) * TEST_FRACTION)) if len(x) > MIN_TEST else 0
     train_idx, test_idx = order[: len(x) - n_test], order[len(x) - n_test :]
-    return _from_tensors(spec, x[train_idx], y[train_idx], x[test_idx], y[test_idx], prep)
+    return _assemble(spec, x[train_idx], y[train_idx], x[test_idx], y[test_idx], prep)
 
 
 def _from_tensors(
@@ -83,13 +82,25 @@ def _from_tensors(
     y_test: torch.Tensor,
     prep: Preprocess,
 ) -> Splits:
-    check_pair(f"{spec} (train)", x_train, y_train)
-    check_pair(f"{spec} (test)", x_test, y_test)
-    y_train, y_test = labels_of(spec, y_train), labels_of(spec, y_test)
+    """Splits given by the user, each checked."""
+    y_train = check_pair(f"{spec} (train)", x_train, y_train)
+    y_test = check_pair(f"{spec} (test)", x_test, y_test)
+    return _assemble(spec, x_train, y_train, x_test, y_test, prep)
+
+
+def _assemble(
+    spec: str,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    prep: Preprocess,
+) -> Splits:
+    """Splits of checked tensors (int64 labels)."""
     check_sizes(spec, len(x_train), len(x_test))
     shape = tuple(x_train.shape[1:])
     x_train, x_test = prep.tensors(x_train, spec), prep.tensors(x_test, spec)
-    train = TensorDataset(x_train, y_train.long())
+    train = TensorDataset(x_train, y_train)
     unlabeled = [bool((y == UNLABELED).all()) for y in (y_train, y_test)]
     if unlabeled[0] != unlabeled[1]:
         raise InputFileError(
@@ -100,7 +111,7 @@ def _from_tensors(
         spec=spec,
         train=train,
         calibration=calibration_of(train),
-        test=TensorDataset(x_test, y_test.long()),
+        test=TensorDataset(x_test, y_test),
         num_classes=int(max(y_train.max(), y_test.max())) + 1 if labeled else 0,
         input_shape=shape,
         labeled=labeled,
@@ -117,8 +128,9 @@ def labels_of(spec: str, y: torch.Tensor) -> torch.Tensor:
     return y.to(torch.int64)  # uint64 beyond int64 wraps negative: refused as a label below
 
 
-def check_pair(spec: str, x: torch.Tensor, y: torch.Tensor) -> None:
-    """Same length, one integer label per sample (all -1: unlabeled), finite inputs."""
+def check_pair(spec: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Same length, one integer label per sample (all -1: unlabeled), finite inputs; returns
+    the labels as int64."""
     if x.dim() == 0 or y.dim() == 0:
         raise InputFileError(f"{spec}: x and y must have a sample dimension; got scalars")
     if len(x) != len(y):
@@ -142,6 +154,7 @@ def check_pair(spec: str, x: torch.Tensor, y: torch.Tensor) -> None:
     if (x.dtype.is_floating_point or x.dtype.is_complex) and not torch.isfinite(x).all():
         i = int(torch.nonzero(~torch.isfinite(x.reshape(len(x), -1)).all(1))[0])
         raise InputFileError(f"{spec}: x holds NaN or Inf (first at sample {i}); clean the data")
+    return y
 
 
 def digits(prep: Preprocess) -> Splits:

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from prunekit import registry
 from prunekit.config import PruneConfig
-from prunekit.data import Splits, calibration_of, check_pair, labels_of
+from prunekit.data import Splits, calibration_of, check_pair
 from prunekit.device import resolve_device
 from prunekit.errors import UsageError
 from prunekit.pipeline import check, prune_model
@@ -53,8 +53,7 @@ def _dataset(data: DataLike, what: str) -> tuple[Dataset, bool, int]:
         if len(data) != 2:
             raise UsageError(f"{what}: give (x, y) tensors, a Dataset or a DataLoader")
         x, y = data
-        check_pair(what, x, y)
-        y = labels_of(what, y)
+        y = check_pair(what, x, y)
         labeled = not bool((y == -1).all())
         return TensorDataset(x, y), labeled, int(y.max()) + 1 if labeled else 0
     if isinstance(data, Dataset):
