@@ -1,4 +1,4 @@
-"""Accuracy of a classifier on a dataset split."""
+"""Accuracy of a classifier on a dataset split, and a model's outputs on one."""
 
 from __future__ import annotations
 
@@ -30,3 +30,13 @@ def accuracy(
         total += len(y)
     model.train(was_training)
     return correct / max(total, 1)
+
+
+@torch.no_grad()
+def outputs_on(model: nn.Module, dataset: Dataset, device: torch.device) -> torch.Tensor:
+    """The model's outputs on a split (eval mode; the mode is restored), on the CPU."""
+    was_training = model.training
+    model.eval()
+    outs = [model(x.to(device)).float().cpu() for x, _ in loader(dataset, 256)]
+    model.train(was_training)
+    return torch.cat(outs)

@@ -224,15 +224,22 @@ def _looks_like_checkpoint(path: Path) -> bool:
         return f.read(1) in {b"\x80", b"(", b"]", b"}", b"c", b"N", b"I", b"L"}
 
 
-def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
-    """One error naming the first tensor holding NaN or Inf."""
+def first_non_finite(state: dict[str, torch.Tensor]) -> tuple[str, int] | None:
+    """The first tensor holding NaN or Inf, and how many such values; None if there is none."""
     for name, t in state.items():
         if (t.is_floating_point() or t.is_complex()) and not torch.isfinite(t).all():
-            bad = int((~torch.isfinite(t)).sum())
-            raise InputFileError(
-                f"{source}: tensor {name} holds {bad} NaN/Inf value(s); the weights are "
-                "broken: use a good checkpoint"
-            )
+            return name, int((~torch.isfinite(t)).sum())
+    return None
+
+
+def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
+    """One error naming the first tensor holding NaN or Inf."""
+    bad = first_non_finite(state)
+    if bad is not None:
+        raise InputFileError(
+            f"{source}: tensor {bad[0]} holds {bad[1]} NaN/Inf value(s); the weights are "
+            "broken: use a good checkpoint"
+        )
 
 
 def check_fit(model: nn.Module, state: dict[str, torch.Tensor], source: str, spec: str) -> None:

@@ -20,10 +20,10 @@ from prunekit.config import PruneConfig
 from prunekit.data import Splits, load_data
 from prunekit.device import resolve_device
 from prunekit.errors import ModelMismatchError, NumericalError, UsageError
-from prunekit.evaluate import accuracy
+from prunekit.evaluate import accuracy, outputs_on
 from prunekit.export import EXPORT_FORMATS, metadata_for, write_exports
 from prunekit.masks import check_mask, check_sparsity, find_targets, nm_misfits, sparsity_of
-from prunekit.models import default_data, load_model
+from prunekit.models import default_data, first_non_finite, load_model
 from prunekit.outputs import prepare_output, staged_dir
 from prunekit.progress import Reporter, Silent
 from prunekit.pruners.base import Pruner, Target
@@ -325,18 +325,6 @@ def check_outputs(model: nn.Module, data: Splits, device: torch.device) -> int:
     return outputs
 
 
-@torch.no_grad()
-def outputs_on(model: nn.Module, dataset: Any, device: torch.device) -> torch.Tensor:
-    """The model's outputs on a split (eval mode), on the CPU."""
-    from prunekit.data import loader
-
-    was_training = model.training
-    model.eval()
-    outs = [model(x.to(device)).float().cpu() for x, _ in loader(dataset, 256)]
-    model.train(was_training)
-    return torch.cat(outs)
-
-
 def cosine_fidelity(dense: torch.Tensor, pruned: torch.Tensor) -> dict[str, float]:
     """Mean and 5th percentile of the per-sample cosine similarity to the dense outputs
     (what unlabeled data can say about a pruned model, e.g. sentence embeddings)."""
@@ -349,12 +337,12 @@ def cosine_fidelity(dense: torch.Tensor, pruned: torch.Tensor) -> dict[str, floa
 
 def check_finite_model(model: nn.Module) -> None:
     """No NaN model is written: name the first tensor that went non-finite."""
-    for name, t in model.state_dict().items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise NumericalError(
-                f"after pruning, {name} holds NaN or Inf; raise --param damp or lower the "
-                "sparsity per step (--recompute), or report it with --debug"
-            )
+    bad = first_non_finite(model.state_dict())
+    if bad is not None:
+        raise NumericalError(
+            f"after pruning, {bad[0]} holds NaN or Inf; raise --param damp or lower the "
+            "sparsity per step (--recompute), or report it with --debug"
+        )
 
 
 def cap_num_grads(config: PruneConfig, pruner: Pruner, available: int) -> list[str]:

@@ -194,8 +194,10 @@ def run_logits(session, dataset: Dataset, batch_size: int = 256) -> tuple[np.nda
 
 @torch.no_grad()
 def torch_logits(model: nn.Module, dataset: Dataset) -> np.ndarray:
-    model = model.to("cpu").eval()
-    return np.concatenate([model(x).numpy() for x, _ in loader(dataset, 256)])
+    from prunekit.evaluate import outputs_on
+
+    cpu = torch.device("cpu")
+    return outputs_on(model.to(cpu), dataset, cpu).numpy()
 
 
 def parity(onnx_out: np.ndarray, torch_out: np.ndarray) -> dict[str, Any]:
