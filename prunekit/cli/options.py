@@ -265,18 +265,12 @@ _TRAIN_KEYS = ("lr", "optimizer", "lr_schedule", "batch_size", "weight_decay")
 
 
 def _value(name: str, value: Any) -> Any:
-    """An option's value as the recipe holds it."""
-    from prunekit.memory import parse_size
-    from prunekit.schedule import recompute_of
-
-    if name == "recompute":
-        return recompute_of(value)
-    if name == "memory_budget":
-        return parse_size(value) if value else None
+    """An option's value as a recipe holds it; the recipe reader (prunekit.recipe) parses
+    the forms the command line and files share ("auto", "2GiB", paths)."""
     if name == "exclude":
         return list(value or ())
-    if name == "weights":
-        return str(value) if value is not None else None
+    if name == "memory_budget" and not value:
+        return None
     return value
 
 
