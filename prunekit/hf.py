@@ -78,34 +78,8 @@ def check_dir(root: Path) -> None:
         )
 
 
-def load_hf(root: Path) -> HFModel:
-    """The model in ``root`` (config + weights + tokenizer), wrapped; in eval mode, on CPU."""
-    transformers = _transformers()
-    check_dir(root)
-    config = transformers.AutoConfig.from_pretrained(root, trust_remote_code=False)
-    classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
-    try:
-        if classifier:
-            model = transformers.AutoModelForSequenceClassification.from_pretrained(
-                root, trust_remote_code=False
-            )
-        else:
-            model = transformers.AutoModel.from_pretrained(root, trust_remote_code=False)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(root, trust_remote_code=False)
-    except (OSError, ValueError) as exc:
-        raise InputFileError(f"hf:{root}: cannot load it ({str(exc).splitlines()[0]})") from exc
-    if tokenizer.vocab_size > config.vocab_size:
-        raise InputFileError(
-            f"hf:{root}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
-            f"{config.vocab_size}; they do not belong together"
-        )
-    limit = getattr(config, "max_position_embeddings", DEFAULT_MAX_LENGTH)
-    wrapped = PackedInputs(model.eval(), "classifier" if classifier else "encoder")
-    return HFModel(wrapped.eval(), tokenizer, wrapped.kind, limit)
-
-
-def load_tokenizer(root: Path) -> tuple[object, int]:
-    """The tokenizer of the model in ``root`` and the model's token limit (no weights read)."""
+def _config_and_tokenizer(root: Path):
+    """The directory's config and its tokenizer, which must fit the model's vocabulary."""
     transformers = _transformers()
     check_dir(root)
     config = transformers.AutoConfig.from_pretrained(root, trust_remote_code=False)
@@ -115,6 +89,32 @@ def load_tokenizer(root: Path) -> tuple[object, int]:
         raise InputFileError(
             f"hf:{root}: no usable tokenizer ({str(exc).splitlines()[0]})"
         ) from exc
+    if tokenizer.vocab_size > config.vocab_size:
+        raise InputFileError(
+            f"hf:{root}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
+            f"{config.vocab_size}; they do not belong together"
+        )
+    return config, tokenizer
+
+
+def load_hf(root: Path) -> HFModel:
+    """The model in ``root`` (config + weights + tokenizer), wrapped; in eval mode, on CPU."""
+    transformers = _transformers()
+    config, tokenizer = _config_and_tokenizer(root)
+    classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+    auto = transformers.AutoModelForSequenceClassification if classifier else transformers.AutoModel
+    try:
+        model = auto.from_pretrained(root, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise InputFileError(f"hf:{root}: cannot load it ({str(exc).splitlines()[0]})") from exc
+    limit = getattr(config, "max_position_embeddings", DEFAULT_MAX_LENGTH)
+    wrapped = PackedInputs(model.eval(), "classifier" if classifier else "encoder")
+    return HFModel(wrapped.eval(), tokenizer, wrapped.kind, limit)
+
+
+def load_tokenizer(root: Path) -> tuple[object, int]:
+    """The tokenizer of the model in ``root`` and the model's token limit (no weights read)."""
+    config, tokenizer = _config_and_tokenizer(root)
     return tokenizer, getattr(config, "max_position_embeddings", DEFAULT_MAX_LENGTH)
 
 
