@@ -28,6 +28,7 @@ class PruneConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     recalibrate_bn: bool = False
     memory_budget: int | None = None  # bytes; None: a safe fraction of free memory
+    objective: str | None = None  # prunekit.objectives; None: the default for model and data
     verbose: bool = False
     device: str = "auto"
     seed: int = 0

@@ -40,3 +40,13 @@ def outputs_on(model: nn.Module, dataset: Dataset, device: torch.device) -> torc
     outs = [model(x.to(device)).float().cpu() for x, _ in loader(dataset, 256)]
     model.train(was_training)
     return torch.cat(outs)
+
+
+def cosine_fidelity(dense: torch.Tensor, pruned: torch.Tensor) -> dict[str, float]:
+    """Mean and 5th percentile of the per-sample cosine similarity to the dense outputs
+    (what unlabeled data can say about a pruned model, e.g. sentence embeddings)."""
+    cosine = torch.nn.functional.cosine_similarity(pruned.double(), dense.double(), dim=1)
+    return {
+        "cosine_mean": float(cosine.mean()),
+        "cosine_p5": float(torch.quantile(cosine, 0.05)),
+    }

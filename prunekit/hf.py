@@ -10,6 +10,8 @@ and export.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,12 +47,31 @@ class PackedInputs(nn.Module):
         super().__init__()
         self.model, self.kind = model, kind
         self.token_mask: torch.Tensor | None = None
+        self.vmapped = False
+
+    @contextmanager
+    def per_sample_mode(self) -> Iterator[None]:
+        """For vmapped per-sample gradients: eager attention (SDPA's backward has no batching
+        rule) and a ready 4-D additive mask (transformers' mask builder tests the mask's
+        values, which vmap cannot)."""
+        before = self.model.config._attn_implementation
+        self.model.set_attn_implementation("eager")
+        self.vmapped = True
+        try:
+            yield
+        finally:
+            self.model.set_attn_implementation(before)
+            self.vmapped = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, mask = x[:, 0], x[:, 1]
-        if not torch.compiler.is_compiling():  # (an export traces it; nothing to record)
+        attention: torch.Tensor = mask
+        if self.vmapped:
+            blocked = (1 - mask[:, None, None, :]).to(self.model.dtype)
+            attention = blocked * torch.finfo(self.model.dtype).min
+        elif not torch.compiler.is_compiling():  # (an export traces it; nothing to record)
             self.token_mask = mask  # read by layer-input statistics: padding rows left out
-        out = self.model(input_ids=ids, attention_mask=mask)
+        out = self.model(input_ids=ids, attention_mask=attention)
         if self.kind == "classifier":
             return out.logits
         hidden = out.last_hidden_state
@@ -107,6 +128,8 @@ def load_hf(root: Path) -> HFModel:
         model = auto.from_pretrained(root, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise InputFileError(f"hf:{root}: cannot load it ({str(exc).splitlines()[0]})") from exc
+    if not classifier and getattr(model, "pooler", None) is not None:
+        model.pooler = None  # unused by mean pooling: neither pruned nor exported
     limit = getattr(config, "max_position_embeddings", DEFAULT_MAX_LENGTH)
     wrapped = PackedInputs(model.eval(), "classifier" if classifier else "encoder")
     return HFModel(wrapped.eval(), tokenizer, wrapped.kind, limit)

@@ -94,6 +94,7 @@ def prune(
     seed: int = 0,
     memory_budget: int | None = None,
     recalibrate_bn: bool = False,
+    objective: str | None = None,
     reporter: Reporter | None = None,
 ) -> PruneResult:
     """Prune ``model`` in place to ``sparsity`` with ``pruner`` (a name or an instance).
@@ -102,7 +103,9 @@ def prune(
     tensors, a Dataset of ``(x, y)`` or a DataLoader; x alone is unlabeled data.
     ``test_data`` (same forms) is where accuracy is measured; without it, on ``data``.
     ``mask`` is global, layer or N:M; ``schedule`` a ScheduleConfig (default: one-shot with
-    automatic recomputation). Everything numeric runs on ``device``.
+    automatic recomputation); ``objective`` the loss of the gradient statistics (labels, kl,
+    mse, cosine; default: labels, or kl on unlabeled data). Everything numeric runs on
+    ``device``.
     """
     started = time.perf_counter()
     if isinstance(exclude, str):
@@ -123,6 +126,7 @@ def prune(
         schedule=schedule or ScheduleConfig(),
         recalibrate_bn=recalibrate_bn,
         memory_budget=memory_budget,
+        objective=objective,
         device=device,
         seed=seed,
         exports=(),

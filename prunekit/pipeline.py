@@ -20,10 +20,11 @@ from prunekit.config import PruneConfig
 from prunekit.data import Splits, load_data
 from prunekit.device import resolve_device
 from prunekit.errors import ModelMismatchError, NumericalError, UsageError
-from prunekit.evaluate import accuracy, outputs_on
+from prunekit.evaluate import accuracy, cosine_fidelity, outputs_on
 from prunekit.export import EXPORT_FORMATS, metadata_for, write_exports
 from prunekit.masks import check_mask, check_sparsity, find_targets, nm_misfits, sparsity_of
 from prunekit.models import default_data, first_non_finite, load_model
+from prunekit.objectives import Objective, resolve_objective, returns_embeddings
 from prunekit.outputs import prepare_output, staged_dir
 from prunekit.progress import Reporter, Silent
 from prunekit.pruners.base import Pruner, Target
@@ -66,29 +67,22 @@ def check(config: PruneConfig) -> None:
         raise UsageError("--validate needs the ONNX export: add --export safetensors,onnx")
 
 
-CURVATURE = frozenset({"fisher_diag", "fisher_inv"})  # fine with sampled labels
+CURVATURE = frozenset({"fisher_diag", "fisher_inv", "grad_rows"})  # fine with drawn targets
 
 
-def _check_labels(config: PruneConfig, pruner: Pruner, data: Splits) -> None:
-    """Unlabeled data can feed magnitude-style and true-Fisher pruning, nothing else."""
-    if config.model.startswith("hf:") and pruner.needs:
+def _check_objective(
+    config: PruneConfig, pruner: Pruner, data: Splits, objective: Objective
+) -> None:
+    """Label-free objectives feed curvature pruners; training and accuracy need labels."""
+    if pruner.needs - CURVATURE and objective.sampled:
         raise UsageError(
-            f"pruner '{config.pruner}' needs gradients of a loss, and prunekit has no "
-            "label-free objective for hf: models yet; use sparsegpt, wanda or magnitude"
+            f"pruner '{config.pruner}' ranks by the mean gradient, which is zero under "
+            f"--objective {objective.name} (no labels: the dense model is its minimum); use "
+            "labeled data with --objective labels, or a curvature pruner (fisher_diag, "
+            "fisher_pruner, woodfisher, fishleg)"
         )
     if data.labeled:
         return
-    if pruner.needs - CURVATURE:  # ḡ with labels sampled from the model averages to zero
-        raise UsageError(
-            f"pruner '{config.pruner}' needs the mean gradient, which needs true labels, but "
-            f"{data.spec} has none; use labeled data or a curvature-only pruner"
-        )
-    if pruner.needs and pruner.stats_spec().fisher == "empirical":
-        raise UsageError(
-            f"pruner '{config.pruner}' needs gradients with true labels but {data.spec} has "
-            "no labels; pass --param fisher=true (labels sampled from the model) or labeled "
-            "data"
-        )
     schedule = config.schedule
     if schedule.kind != "oneshot" or schedule.finetune_epochs:
         raise UsageError(
@@ -164,7 +158,10 @@ def prune_model(
                     "output not a multiple of M); use another mask"
                 )
 
-    _check_labels(config, pruner, data)
+    objective = resolve_objective(
+        config.objective, data.labeled, returns_embeddings(model), data.spec
+    )
+    _check_objective(config, pruner, data, objective)
     warnings += cap_num_grads(config, pruner, len(data.calibration))  # type: ignore[arg-type]
     if pruner.needs:
         check_spec(pruner.stats_spec(), len(data.calibration))  # type: ignore[arg-type]
@@ -194,6 +191,7 @@ def prune_model(
         config.memory_budget,
         config.seed,
         timings=timings,
+        objective=objective,
     )
     if pruner.needs and config.verbose:
         plan = Collector(
@@ -204,6 +202,7 @@ def prune_model(
             pruner.needs,
             device,
             config.memory_budget,
+            objective=objective,
         ).plan
         reporter.note(plan.describe())  # type: ignore[union-attr]
     with reporter.stage(f"{config.schedule.kind} pruning with {config.pruner}") as status:
@@ -245,6 +244,7 @@ def prune_model(
         "pruner": config.pruner,
         "params": pruner.hparams,
         "recipe": recipe_of(config, pruner.hparams),
+        "objective": objective.name,
         "mask": config.mask,
         "schedule": {
             "kind": config.schedule.kind,
@@ -323,16 +323,6 @@ def check_outputs(model: nn.Module, data: Splits, device: torch.device) -> int:
             "outputs; check --data, or --num-classes for torchvision and factory models"
         )
     return outputs
-
-
-def cosine_fidelity(dense: torch.Tensor, pruned: torch.Tensor) -> dict[str, float]:
-    """Mean and 5th percentile of the per-sample cosine similarity to the dense outputs
-    (what unlabeled data can say about a pruned model, e.g. sentence embeddings)."""
-    cosine = torch.nn.functional.cosine_similarity(pruned, dense, dim=1)
-    return {
-        "cosine_mean": float(cosine.mean()),
-        "cosine_p5": float(torch.quantile(cosine, 0.05)),
-    }
 
 
 def check_finite_model(model: nn.Module) -> None:

@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 
 from prunekit.errors import UsageError
 from prunekit.masks import apply, select, sparsity_of
+from prunekit.objectives import LABELS, Objective
 from prunekit.pruners.base import Pruner, Target
 from prunekit.stats import Collector
 from prunekit.timing import Timings
@@ -47,6 +48,7 @@ class StepContext:
     total_steps: int = 1
     say: Callable[[str], None] = lambda _: None  # progress line for long pruner work
     timings: Timings = field(default_factory=Timings)
+    objective: Objective = LABELS  # the loss of the gradient statistics (prunekit.objectives)
     statistics: list[dict[str, Any]] = field(default_factory=list)  # one entry per step
 
 
@@ -90,6 +92,7 @@ def prune_step(ctx: StepContext, sparsity: float) -> list[str]:
         ctx.seed,
         timings=ctx.timings,
         say=say,
+        objective=ctx.objective,
     )
     compensates = ctx.pruner.compensates()
     retain = compensates and collector.retains_for_update()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -35,6 +36,7 @@ from prunekit.memory import (
     size_text,
     target_cost,
 )
+from prunekit.objectives import LABELS, Objective
 from prunekit.pruners.base import StatsSpec, Target
 from prunekit.statistics import PER_SAMPLE, STATISTICS
 from prunekit.timing import Timings
@@ -43,12 +45,18 @@ AVAILABLE = frozenset(STATISTICS)
 DAMP_ESCALATIONS = 4  # x10 each, when a damped block is still not positive definite
 
 
-def _loss_of_batch(model: nn.Module, frozen: dict[str, torch.Tensor]):
+def _loss_of_batch(model: nn.Module, frozen: dict[str, torch.Tensor], objective: Objective):
     def loss(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = functional_call(model, {**frozen, **params}, (x,))
-        return nn.functional.cross_entropy(logits, y)
+        outputs = functional_call(model, {**frozen, **params}, (x,))
+        return objective.loss(outputs, y)
 
     return loss
+
+
+def _vmap_ready(model: nn.Module) -> AbstractContextManager[Any]:
+    """The model's own context for vmapped gradients, where it has one (``hf:`` models)."""
+    mode = getattr(model, "per_sample_mode", None)
+    return mode() if callable(mode) else nullcontext()
 
 
 def per_sample_gradients(
@@ -57,8 +65,10 @@ def per_sample_gradients(
     x: torch.Tensor,
     y: torch.Tensor,
     grad_batch: int = 1,
+    objective: Objective = LABELS,
 ) -> dict[str, torch.Tensor]:
-    """Gradients of the mean loss of each mini-batch of ``grad_batch`` samples.
+    """Gradients of the mean loss of each mini-batch of ``grad_batch`` samples; ``y`` holds
+    the objective's targets (labels, or targets drawn by ``Objective.targets``).
 
     Returns, per target, a (len(x) // grad_batch, numel) matrix with pruned entries zeroed.
     """
@@ -67,8 +77,10 @@ def per_sample_gradients(
     params = {t.name: frozen[t.name] for t in targets}
     n = len(x) // grad_batch
     xs = x[: n * grad_batch].reshape(n, grad_batch, *x.shape[1:])
-    ys = y[: n * grad_batch].reshape(n, grad_batch)
-    grads = vmap(grad(_loss_of_batch(model, frozen)), in_dims=(None, 0, 0))(params, xs, ys)
+    ys = y[: n * grad_batch].reshape(n, grad_batch, *y.shape[1:])
+    loss = _loss_of_batch(model, frozen, objective)
+    with _vmap_ready(model):
+        grads = vmap(grad(loss), in_dims=(None, 0, 0))(params, xs, ys)
     return {t.name: grads[t.name].reshape(n, -1) * t.mask.reshape(1, -1) for t in targets}
 
 
@@ -77,23 +89,20 @@ def calibration_batches(
     calibration: Dataset,
     wanted: int,
     batch_size: int,
-    sample_labels: bool,
+    objective: Objective,
     device: torch.device,
     seed: int,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The first ``wanted`` calibration samples on ``device``, in batches.
-
-    With ``sample_labels`` the labels are drawn from the model's predictive distribution
-    (seeded): the true Fisher instead of the empirical one.
+    """The first ``wanted`` calibration samples on ``device``, in batches, with the
+    objective's targets: the labels, or targets drawn (seeded) around the model's outputs.
     """
     generator = torch.Generator(device).manual_seed(seed)
     taken = 0
     for x, y in loader(calibration, batch_size):
         x, y = x[: wanted - taken].to(device), y[: wanted - taken].to(device)
-        if sample_labels:
+        if objective.sampled:
             with torch.no_grad():
-                probs = torch.softmax(model(x), dim=1)
-            y = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                y = objective.targets(model(x), y, generator)
         yield x, y
         taken += len(x)
         if taken >= wanted:
@@ -115,6 +124,7 @@ class Collector:
         seed: int = 0,
         timings: Timings | None = None,
         say: Callable[[str], None] | None = None,
+        objective: Objective = LABELS,
     ) -> None:
         unknown = sorted(needs - AVAILABLE)
         if unknown:
@@ -124,6 +134,12 @@ class Collector:
             )
         self.model, self.targets, self.calibration = model, list(targets), calibration
         self.spec, self.needs, self.device, self.seed = spec, needs, device, seed
+        self.objective = objective.for_fisher(spec.fisher)
+        if "hessian_grad" in needs and self.objective.name not in {"labels", "kl"}:
+            raise UsageError(
+                f"the Hessian-gradient product (GraSP) needs class logits; --objective "
+                f"{objective.name} compares outputs: use --objective labels"
+            )
         self.timings = timings or Timings(device)
         self.say = say or (lambda _: None)
         self.warnings: list[str] = []
@@ -172,8 +188,16 @@ class Collector:
         return out
 
     def _activation_bytes(self) -> tuple[int, str]:
-        x, y = next(iter(loader(self.calibration, TRIAL_SAMPLES)))
-        x, y = x.to(self.device), y.to(self.device).clamp(min=0)
+        trial = calibration_batches(
+            self.model,
+            self.calibration,
+            TRIAL_SAMPLES,
+            TRIAL_SAMPLES,
+            self.objective,
+            self.device,
+            self.seed,
+        )
+        x, y = next(trial)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -185,7 +209,9 @@ class Collector:
                     self.model,
                     x,
                     y,
-                    lambda xs, ys: per_sample_gradients(self.model, first, xs, ys),
+                    lambda xs, ys: per_sample_gradients(
+                        self.model, first, xs, ys, objective=self.objective
+                    ),
                     target_cost(first[0], self.spec, frozenset()).per_grad,
                 ),
                 f"measured with a trial chunk of {len(x)}",
@@ -227,7 +253,7 @@ class Collector:
             self.calibration,
             spec.num_grads * spec.grad_batch,
             self.chunk * spec.grad_batch,
-            spec.fisher == "true",
+            self.objective,
             self.device,
             self.seed,
         )
@@ -302,7 +328,7 @@ class Collector:
         out-of-memory error, halve the chunk and retry the rest in pieces."""
         b = self.spec.grad_batch
         try:
-            grads = per_sample_gradients(self.model, group, x, y, b)
+            grads = per_sample_gradients(self.model, group, x, y, b, self.objective)
             for t in group:
                 if t.name not in done:
                     acc.add(t, grads[t.name])

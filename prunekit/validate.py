@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from prunekit.data import UNLABELED, loader
 from prunekit.errors import InputFileError, ModelMismatchError, UsageError
+from prunekit.evaluate import cosine_fidelity
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 PARITY_AGREEMENT = 0.999
@@ -32,6 +33,7 @@ class ValidateOptions:
     threads: int = 0  # 0: ONNX Runtime's default
     provider: str = "cpu"
     max_accuracy_drop: float | None = None
+    min_cosine: float | None = None  # gate on the mean cosine similarity to the dense outputs
     warmup: int = 10
     runs: int = 500  # timed runs per model and batch size
 
@@ -47,6 +49,9 @@ class ValidateOptions:
             raise UsageError(
                 f"--max-accuracy-drop {drop}: give a fraction in [0, 1], e.g. 0.01 for one point"
             )
+        cosine = self.min_cosine
+        if cosine is not None and not -1.0 <= cosine <= 1.0:
+            raise UsageError(f"--min-cosine {cosine}: give a cosine in [-1, 1], e.g. 0.95")
 
 
 def open_session(path: Path, options: ValidateOptions):
@@ -155,6 +160,19 @@ def parity_model(
         return None, f"the recorded model could not be built ({exc})"
 
 
+def dense_model(
+    meta: dict[str, str], spec: str | None = None, num_classes: int | None = None
+) -> nn.Module | None:
+    """The unpruned model, where its spec brings its own weights (hf: directories, sample
+    models): the reference for the fidelity of unlabeled data. None otherwise."""
+    from prunekit.models import load_model
+
+    recorded = spec or meta.get("model") or ""
+    if not recorded.startswith(("hf:", "sample:")):
+        return None
+    return load_model(recorded, None, num_classes).model
+
+
 def session_settings(session, options: ValidateOptions) -> dict[str, Any]:
     return {
         "provider": session.get_providers()[0],
@@ -208,9 +226,13 @@ def parity(onnx_out: np.ndarray, torch_out: np.ndarray) -> dict[str, Any]:
         )
     agreement = float((onnx_out.argmax(1) == torch_out.argmax(1)).mean())
     max_diff = float(np.abs(onnx_out - torch_out).max())
+    cosine = torch.nn.functional.cosine_similarity(
+        torch.from_numpy(onnx_out).double(), torch.from_numpy(torch_out).double(), dim=1
+    )
     return {
         "top1_agreement": agreement,
         "max_abs_diff": max_diff,
+        "cosine_min": float(cosine.min()),
         "passed": agreement >= PARITY_AGREEMENT and max_diff <= PARITY_MAX_DIFF,
         "thresholds": {"top1_agreement": PARITY_AGREEMENT, "max_abs_diff": PARITY_MAX_DIFF},
     }
@@ -290,10 +312,13 @@ def validate(
     torch_model: nn.Module | None = None,
     reference_accuracy: float | None = None,
     parity_skipped: str | None = None,
+    dense_model: nn.Module | None = None,
 ) -> dict[str, Any]:
     """Everything ``prunekit validate`` reports; ``passed`` is false when a gate fails.
 
     ``parity_skipped`` says why there is no ``torch_model`` to compare with; it is reported.
+    ``fidelity`` is the cosine similarity of the outputs to the dense reference: the
+    ``baseline``'s outputs, else those of ``dense_model`` (PyTorch), when given.
     """
     options.check()
     session = open_session(onnx_path, options)
@@ -320,11 +345,30 @@ def validate(
             "--max-accuracy-drop needs labeled data; this data has no labels, so no accuracy"
         )
     report["accuracy"] = float((logits.argmax(1) == labels).mean()) if labeled else None
+    reference: tuple[np.ndarray, str] | None = None
     if baseline is not None:
         base_logits, _ = run_logits(sessions["baseline"], dataset)
         report["baseline_accuracy"] = reference_accuracy = (
             float((base_logits.argmax(1) == labels).mean()) if labeled else None
         )
+        reference = base_logits, f"the baseline {baseline} (ONNX Runtime)"
+    elif dense_model is not None:
+        reference = torch_logits(dense_model, dataset), "the dense model (PyTorch)"
+    if reference is not None:
+        dense = torch.from_numpy(reference[0])
+        report["fidelity"] = {
+            **cosine_fidelity(dense, torch.from_numpy(logits)),
+            "reference": reference[1],
+        }
+    if options.min_cosine is not None:
+        if reference is None:
+            raise UsageError("--min-cosine needs the dense outputs: pass --baseline dense.onnx")
+        cosine = report["fidelity"]["cosine_mean"]
+        if cosine < options.min_cosine:
+            report["failures"].append(
+                f"mean cosine similarity to the dense outputs {cosine:.4f} is below "
+                f"--min-cosine {options.min_cosine}"
+            )
     if torch_model is None:
         report["parity_skipped"] = parity_skipped or "no PyTorch model was given"
     else:
@@ -392,7 +436,11 @@ def validate_file(
     splits = load_data(spec, Preprocess(normalize, image_size), meta.get("model"), length)
     model, skipped = parity_model(onnx_file, meta, torch_model, weights, num_classes)
     reference = float(meta["accuracy_dense"]) if "accuracy_dense" in meta else None
+    dense = None
+    if not splits.labeled and baseline is None:  # the dense model, for the fidelity
+        dense = dense_model(meta, torch_model, num_classes)
     result = validate(
-        onnx_file, splits.test, splits.input_shape, options, baseline, model, reference, skipped
-    )
+        onnx_file, splits.test, splits.input_shape, options, baseline, model, reference, skipped,
+        dense,
+    )  # fmt: skip
     return result, [f"parity with PyTorch not checked: {skipped}"] if skipped else []

@@ -113,13 +113,68 @@ def test_two_of_four_and_onnx_with_any_sequence_length(bert, tmp_path):
     assert validated.exit_code == 0, validated.output
     result = json.loads(validated.stdout)
     assert result["accuracy"] is None and result["parity"]["max_abs_diff"] < 1e-4
+    assert result["parity"]["cosine_min"] > 0.99999
+    # ONNX vs the dense PyTorch model on the held-out texts = the run's own measurement
+    fidelity = result["fidelity"]
+    assert fidelity["reference"] == "the dense model (PyTorch)"
+    assert fidelity["cosine_mean"] == pytest.approx(report["fidelity"]["cosine_mean"], abs=1e-5)
+    gate = ("validate", str(out / "model.onnx"), "--runs", "1", "--min-cosine")
+    assert invoke(*gate, str(fidelity["cosine_mean"] - 1e-3)).exit_code == 0
+    failed = invoke(*gate, str(min(1.0, fidelity["cosine_mean"] + 1e-3)))
+    assert failed.exit_code == 1 and "below --min-cosine" in failed.output
+    assert_error(invoke(*gate, "1.5"), 2, "--min-cosine 1.5: give a cosine in [-1, 1]")
 
 
-def test_gradient_pruners_and_bad_text_input(bert, tmp_path):
+def test_vmapped_gradients_through_the_encoder_equal_a_backward_loop(bert):
+    from prunekit.data import load_data
+    from prunekit.hf import load_hf
+    from prunekit.masks import find_targets
+    from prunekit.objectives import COSINE
+    from prunekit.stats import per_sample_gradients
+
+    model_dir, texts = bert
+    model = load_hf(model_dir).module
+    x = load_data(f"text:{texts}", model_spec=f"hf:{model_dir}", max_length=16).calibration[:6][0]
+    assert (x[:, 1] == 0).any()  # some texts are padded
+    targets, _ = find_targets(model, ())
+    y = torch.nn.functional.normalize(torch.randn(6, 32), dim=1)
+    rows = per_sample_gradients(model, targets, x, y, objective=COSINE)  # eager, 4-D mask
+    for i in range(6):  # SDPA and the 2-D mask, one sample at a time
+        model.zero_grad()
+        COSINE.loss(model(x[i : i + 1]), y[i : i + 1]).backward()
+        for t in targets:
+            torch.testing.assert_close(
+                rows[t.name][i], t.weight.grad.flatten(), atol=1e-6, rtol=1e-4
+            )
+    assert model.model.config._attn_implementation != "eager"  # restored
+
+
+def test_label_free_gradient_pruners_on_an_encoder_and_a_classifier(bert, tmp_path):
+    model_dir, texts = bert
+    encoder = _run(bert, tmp_path, "woodfisher", "--param", "num_grads=32")
+    assert encoder["objective"] == "cosine" and encoder["fidelity"]["cosine_mean"] > 0.9
+    assert encoder["sparsity"]["achieved"] == pytest.approx(0.5, abs=1e-3)
+    classifier_dir = tmp_path / "classifier"
+    config = transformers.BertConfig.from_pretrained(model_dir, num_labels=3)
+    config.architectures = ["BertForSequenceClassification"]
+    transformers.BertForSequenceClassification(config).save_pretrained(classifier_dir)
+    transformers.AutoTokenizer.from_pretrained(model_dir).save_pretrained(classifier_dir)
+    classifier = prune_report(
+        f"hf:{classifier_dir}", "-p", "fisher_pruner", "-s", "0.5", "--data", f"text:{texts}",
+        "--max-length", "16", "--out", str(tmp_path / "cls"),
+    )  # fmt: skip
+    assert classifier["objective"] == "kl" and classifier["num_classes"] == 3
+    args = (f"hf:{model_dir}", "-s", "0.5", "--data", f"text:{texts}", "--out", str(tmp_path / "x"))
+    assert_error(prune(*args, "-p", "woodfisher", "--objective", "kl"), 2,
+                 "--objective kl needs class logits but the model returns embeddings")  # fmt: skip
+    assert_error(prune(*args, "-p", "snip"), 2, "'snip' ranks by the mean gradient, which is "
+                 "zero under --objective cosine")  # fmt: skip
+    assert not (tmp_path / "x").exists()
+
+
+def test_bad_text_input(bert, tmp_path):
     model_dir, texts = bert
     args = (f"hf:{model_dir}", "-s", "0.5", "--mask", "layer")
-    result = prune(*args, "-p", "woodfisher", "--data", f"text:{texts}", "--out", str(tmp_path))
-    assert_error(result, 2, "no label-free objective for hf: models yet")
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     assert_error(prune(*args, "-p", "wanda", "--data", f"text:{empty}"), 2, "holds no text")

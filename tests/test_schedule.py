@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from prunekit import registry
 from prunekit.cli import app
@@ -224,34 +225,29 @@ def test_unlabeled_data(tmp_path):
     assert_error(
         runner.invoke(app, [*base, "-p", "snip"]),
         2,
-        "pruner 'snip' needs the mean gradient, which needs true labels",
+        "pruner 'snip' ranks by the mean gradient, which is zero under --objective kl",
     )
     assert_error(
-        runner.invoke(app, [*base, "-p", "fisher_pruner"]),
+        runner.invoke(app, [*base, "-p", "snip", "--objective", "labels"]),
         2,
-        "needs gradients with true labels",
-        "--param fisher=true",
+        "--objective labels needs labels",
     )
     assert_error(
         runner.invoke(app, [*base, "-p", "magnitude", "--schedule", "gradual"]), 2, "needs labels"
     )
-    ok = runner.invoke(
-        app,
-        [
-            *base,
-            "-p",
-            "fisher_pruner",
-            "--param",
-            "fisher=true",
-            "--param",
-            "num_grads=200",
-            "--json",
-        ],
-    )
-    assert ok.exit_code == 0, ok.output
-    report = json.loads(ok.stdout)
-    assert report["accuracy"] == {"dense": None, "pruned": None}
-    assert report["sparsity"]["achieved"] == pytest.approx(0.5, abs=1e-4)
+    weights = {}
+    for name, extra in (("kl", []), ("true", ["--param", "fisher=true"])):
+        out = tmp_path / name
+        args = [*base[:-1], str(out), "-p", "fisher_pruner", "--param", "num_grads=200", *extra]
+        ok = runner.invoke(app, [*args, "--json"])
+        assert ok.exit_code == 0, ok.output
+        report = json.loads(ok.stdout)
+        assert report["objective"] == "kl" and report["accuracy"] == {"dense": None, "pruned": None}
+        assert report["sparsity"]["achieved"] == pytest.approx(0.5, abs=1e-4)
+        weights[name] = load_file(out / "model.safetensors")
+    # no labels: KL to the model's own predictions, i.e. labels drawn from it (fisher=true)
+    for key, value in weights["kl"].items():
+        assert torch.equal(value, weights["true"][key]), key
 
 
 def test_prepare_runs_before_every_sub_step(digits):

@@ -12,6 +12,7 @@ from prunekit import stats as stats_module
 from prunekit.errors import NumericalError, OutOfMemoryError, UsageError
 from prunekit.masks import find_targets, sparsity_of
 from prunekit.memory import PeakMemory, parse_size, plan_memory
+from prunekit.objectives import LABELS
 from prunekit.pruners.base import StatsSpec
 from prunekit.schedule import (
     StepContext,
@@ -316,11 +317,11 @@ def test_out_of_memory_halves_the_chunk_and_gives_the_same_result(monkeypatch):
     real = stats_module.per_sample_gradients
     sizes = []
 
-    def limited(model, targets, x, y, grad_batch=1):
+    def limited(model, targets, x, y, grad_batch=1, objective=LABELS):
         sizes.append(len(x))
         if len(x) > 5:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
-        return real(model, targets, x, y, grad_batch)
+        return real(model, targets, x, y, grad_batch, objective)
 
     monkeypatch.setattr(stats_module, "per_sample_gradients", limited)
     weights, warnings, record = _woodfisher_weights()

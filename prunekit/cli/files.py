@@ -103,11 +103,19 @@ def validate(
         float | None,
         typer.Option(help="Fail when accuracy falls more than this (0..1) below the baseline."),
     ] = None,
+    min_cosine: Annotated[
+        float | None,
+        typer.Option(
+            help="Fail when the mean cosine similarity of the outputs to the dense model's "
+            "(--baseline, or the recorded hf:/sample: model) is below this, e.g. 0.95."
+        ),
+    ] = None,
     options: dict | None = None,
 ) -> None:
     """Check an ONNX export in ONNX Runtime: accuracy, parity with PyTorch, latency.
 
-    Exits 1 when parity fails or accuracy drops more than --max-accuracy-drop. Without
+    Exits 1 when parity fails, accuracy drops more than --max-accuracy-drop or the cosine
+    similarity to the dense outputs is below --min-cosine. Without
     --torch, the parity check uses the model spec and weights file recorded by prunekit
     next to the ONNX file, when there are any.
 
@@ -122,6 +130,7 @@ def validate(
         provider=provider,
         runs=runs,
         max_accuracy_drop=max_accuracy_drop,
+        min_cosine=min_cosine,
     )
     result, warnings = validate_file(
         onnx_file, settings, baseline, data, options["normalize"], options["image_size"],

@@ -162,6 +162,16 @@ RUN = (
         "Memory for statistics, e.g. 2GiB (default: a safe share of free).",
         STATISTICS,
     ),
+    _opt(
+        "objective",
+        str | None,
+        None,
+        "--objective",
+        "Loss of the gradient statistics: labels (cross-entropy), kl (to the dense model's "
+        "predictions, no labels), mse or cosine (to the dense model's embeddings). Default: "
+        "labels on labeled data, else cosine for encoders and kl for classifiers.",
+        STATISTICS,
+    ),
     _opt("device", str, "auto", "--device", "auto, cpu or cuda[:i].", STATISTICS),
 )
 

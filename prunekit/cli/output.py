@@ -41,7 +41,14 @@ def print_validation(v: dict[str, Any]) -> None:
         p = v["parity"]
         console.print(
             f"parity with PyTorch: top-1 agreement {p['top1_agreement']:.2%}, max |diff| "
-            f"{p['max_abs_diff']:.2e} ({'ok' if p['passed'] else 'FAILED'})"
+            f"{p['max_abs_diff']:.2e}, min cosine {p['cosine_min']:.6f} "
+            f"({'ok' if p['passed'] else 'FAILED'})"
+        )
+    if "fidelity" in v:
+        f = v["fidelity"]
+        console.print(
+            f"cosine similarity to {f['reference']}: mean {f['cosine_mean']:.4f}, "
+            f"5th percentile {f['cosine_p5']:.4f}"
         )
     table = Table(title="latency (ms)")
     for column in ("model", "batch", "p50", "p90", "p99", "samples/s"):

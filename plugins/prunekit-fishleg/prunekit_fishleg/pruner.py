@@ -142,8 +142,9 @@ class FishLegPruner(Pruner):
         return self.q[target.name]
 
     def _collector(self, context: StepContext, targets: list[Target]) -> Collector:
-        """Gradient rows (labels sampled from the model: the true Fisher) in the passes of the
-        memory plan: only one group's rows are held at a time."""
+        """Gradient rows in the passes of the memory plan (only one group's rows are held at
+        a time), with targets drawn from the model: the true Fisher of the run's objective
+        (``kl`` for ``--objective labels``)."""
         spec = StatsSpec(
             num_grads=self.hparams["num_grads"],
             fisher="true",
@@ -161,6 +162,7 @@ class FishLegPruner(Pruner):
             context.seed,
             timings=context.timings,
             say=context.say,
+            objective=context.objective,
         )
 
     def prepare(self, context: StepContext, step: int, steps: int) -> None:
