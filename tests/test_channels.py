@@ -1,0 +1,114 @@
+"""Channel dependency groups by hand, and structural surgery that changes nothing but shapes:
+the shrunk model's outputs equal those of the full model with the group masks applied."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from prunekit.channel_groups import find_groups
+from prunekit.channel_surgery import group_masks, shrink
+from prunekit.cifar_resnet import cifar_resnet
+
+
+class Net(nn.Module):
+    """A residual add, a depthwise conv on the joined stream, and flatten -> Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.a, self.bn_a = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.b = nn.Conv2d(8, 6, 1)
+        self.fc = nn.Linear(6 * 4 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.stem(x)))
+        x = x + self.bn_a(self.a(x))
+        x = torch.relu(self.b(self.dw(x)))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 4), 1))
+
+
+def _described(model: nn.Module, x: torch.Tensor) -> tuple[set, list[str]]:
+    groups, left = find_groups(model, x)
+    described = {
+        (g.channels, frozenset((m.module, m.role, m.block) for m in g.members)) for g in groups
+    }
+    return described, left
+
+
+def test_groups_of_a_residual_add_a_depthwise_conv_and_a_flatten():
+    described, left = _described(Net(), torch.randn(2, 3, 8, 8))
+    stream = {("stem", "out", 1), ("bn", "channel", 1), ("a", "in", 1), ("a", "out", 1),
+              ("bn_a", "channel", 1), ("dw", "channel", 1), ("b", "in", 1)}  # fmt: skip
+    flattened = {("b", "out", 1), ("fc", "in", 16)}  # 4x4 features per channel
+    assert described == {(8, frozenset(stream)), (6, frozenset(flattened))}
+    assert left == ["fc"]  # the logits: the model's output
+
+
+def test_groups_of_a_torchvision_resnet_block():
+    described, left = _described(torchvision.models.resnet18(), torch.randn(1, 3, 32, 32))
+    by_producers = {
+        frozenset(m for m, role, _ in members if role == "out"): channels
+        for channels, members in described
+    }
+    # the stage's residual stream: stem/downsample and every block's conv2 share one axis
+    assert by_producers[frozenset({"layer2.0.conv2", "layer2.0.downsample.0",
+                                   "layer2.1.conv2"})] == 128  # fmt: skip
+    assert by_producers[frozenset({"conv1", "layer1.0.conv2", "layer1.1.conv2"})] == 64
+    assert by_producers[frozenset({"layer3.1.conv1"})] == 256  # inside a block
+    assert len(by_producers) == 12 and left == ["fc"]
+
+
+def test_option_a_shortcuts_pin_the_residual_stream():
+    described, left = _described(cifar_resnet("resnet20"), torch.randn(2, 3, 32, 32))
+    assert len(described) == 9  # each block's inner channels (conv1 -> bn1 -> conv2)
+    assert all({r for _, r, _ in members} == {"out", "channel", "in"} for _, members in described)
+    assert "linear" in left and any("layer1.0.conv2" in name for name in left)
+
+
+@pytest.mark.parametrize(
+    "build, size",
+    [
+        (Net, 8),
+        (lambda: cifar_resnet("resnet20"), 32),
+        (torchvision.models.resnet18, 32),
+        (torchvision.models.mobilenet_v2, 32),
+    ],
+    ids=["net", "cifar-resnet20", "resnet18", "mobilenet_v2"],
+)
+def test_the_shrunk_model_computes_what_the_masked_model_computes(build, size):
+    torch.manual_seed(0)
+    model = build().double().eval()
+    for m in model.modules():  # non-trivial BatchNorm statistics
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    groups, _ = find_groups(model, x)
+    modules = dict(model.named_modules())
+    generator = torch.Generator().manual_seed(1)
+    kept = {}
+    masked = {}
+    for g in groups:
+        keep = torch.randperm(g.channels, generator=generator)[: max(1, g.channels // 2)].sort()[0]
+        kept[id(g)] = keep
+        for name, mask in group_masks(modules, g, keep).items():
+            masked[name] = masked[name] & mask if name in masked else mask
+    with torch.no_grad():
+        dense = model(x)
+        for name, mask in masked.items():
+            param = model.get_parameter(name)
+            param.mul_(mask)
+        expected = model(x)
+        before = sum(p.numel() for p in model.parameters())
+        for g in groups:
+            shrink(modules, g, kept[id(g)])
+        got = model(x)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(dense, expected)  # the channels did matter
+    assert sum(p.numel() for p in model.parameters()) < 0.6 * before
