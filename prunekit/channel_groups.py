@@ -127,13 +127,15 @@ def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
 
 
 def find_groups(model: nn.Module, example: torch.Tensor) -> tuple[list[Group], list[str]]:
-    """The model's prunable channel groups, and the Conv/Linear layers left whole (why)."""
+    """The model's prunable channel groups, and the Conv/Linear layers left whole (besides
+    those that make the model's outputs)."""
     graph = trace(model, example)
     modules = dict(model.named_modules())
     axes = _Axes()
     values: dict[fx.Node, _Value] = {}
     members: dict[int, list[tuple[Member, int]]] = {}  # axis -> (member, its channel count)
     calls: dict[str, int] = {}
+    outputs: list[int] = []  # axes of the model's outputs (the logits): left whole silently
     for node in graph.graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
@@ -158,6 +160,7 @@ def find_groups(model: nn.Module, example: torch.Tensor) -> tuple[list[Group], l
             continue
         if node.op == "output":
             pin_inputs(node)
+            outputs.extend(values[a].axis for a in node.all_input_nodes if a in values)
             continue
         if not is_tensor:
             pin_inputs(node)
@@ -229,11 +232,11 @@ def find_groups(model: nn.Module, example: torch.Tensor) -> tuple[list[Group], l
         pin_inputs(node)
         values[node] = _Value(axes.new(pinned=True))
 
-    return _collect(axes, members)
+    return _collect(axes, members, {axes.find(a) for a in outputs})
 
 
 def _collect(
-    axes: _Axes, members: dict[int, list[tuple[Member, int]]]
+    axes: _Axes, members: dict[int, list[tuple[Member, int]]], outputs: set[int]
 ) -> tuple[list[Group], list[str]]:
     by_root: dict[int, list[tuple[Member, int]]] = {}
     for axis, items in members.items():
@@ -245,7 +248,8 @@ def _collect(
             continue
         names = ", ".join(m.module for m, _ in producers)
         if root in axes.pinned:
-            left.append(names)
+            if root not in outputs:
+                left.append(names)
             continue
         channels = {n for m, n in items if m.role != "in"} | {
             n // m.block for m, n in items if m.role == "in"

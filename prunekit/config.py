@@ -16,6 +16,8 @@ class PruneConfig:
     pruner: str
     sparsity: float
     mask: str = "global"
+    structure: str | None = None  # "channels": whole channels per dependency group
+    min_channels: int = 1  # --structure: the fewest channels a group keeps
     exclude: tuple[str, ...] = ()
     data: str | None = None
     normalize: str | None = None  # preset or MEAN/STD (prunekit.preprocess)

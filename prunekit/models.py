@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+import json
 import pickle
 import sys
 import warnings
@@ -270,6 +271,20 @@ def check_fit(model: nn.Module, state: dict[str, torch.Tensor], source: str, spe
         )
 
 
+def saved_structure(path: Path) -> dict | None:
+    """The channels a structured run kept, as recorded in its safetensors file."""
+    if path.suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            text = (f.metadata() or {}).get("structure")
+    except Exception:  # not readable here; read_state_dict has said why
+        return None
+    return json.loads(text) if text else None
+
+
 def load_model(
     spec: str, weights: Path | None = None, num_classes: int | None = None, trust: bool = False
 ) -> LoadedModel:
@@ -279,6 +294,13 @@ def load_model(
     loaded = LoadedModel(spec, model, str(path) if path else None)
     if path is not None:
         state = read_state_dict(path, trust)
+        structure = saved_structure(path)
+        if structure is not None:  # a --structure run: its channels cut out first
+            from prunekit.structured import reapply
+
+            example = torch.zeros(1, *structure["input_shape"])
+            reapply(model, example.to(getattr(model, "input_dtype", torch.float32)),
+                    structure["kept"])  # fmt: skip
         check_fit(model, state, str(path), spec)
         check_finite(state, f"weights {path}")
         model.load_state_dict(state, strict=False)

@@ -31,6 +31,7 @@ from prunekit.pruners.base import Pruner, Target
 from prunekit.recipe import recipe_of
 from prunekit.schedule import StepContext, run_schedule
 from prunekit.stats import Collector, check_spec
+from prunekit.structured import STRUCTURES, ChannelPlan
 from prunekit.timing import Timings
 from prunekit.validate import ValidateOptions, validate
 
@@ -63,6 +64,16 @@ def check(config: PruneConfig) -> None:
             f"--export {','.join(config.exports)}: choose from "
             f"{', '.join(EXPORT_FORMATS)} (comma-separated)"
         )
+    if config.structure is not None:
+        if config.structure not in STRUCTURES:
+            raise UsageError(f"--structure {config.structure}: use {', '.join(STRUCTURES)}")
+        if config.mask not in ("global", "layer"):
+            raise UsageError(
+                f"--mask {config.mask} with --structure channels: use global (one threshold "
+                "over all channels) or layer (the same fraction of every group)"
+            )
+        if config.min_channels < 1:
+            raise UsageError(f"--min-channels {config.min_channels}: give at least 1")
     if config.validate and "onnx" not in config.exports:
         raise UsageError("--validate needs the ONNX export: add --export safetensors,onnx")
 
@@ -156,6 +167,16 @@ def prune_model(
                     "output not a multiple of M); use another mask"
                 )
 
+    plan = None
+    if config.structure is not None:
+        with reporter.stage("finding channel groups"), timings.phase("load"):
+            plan = channel_plan(config, pruner, model, data, targets, device)
+        if plan.left:
+            warnings.append(
+                f"--structure channels: left whole {', '.join(plan.left[:6])}"
+                f"{f' and {len(plan.left) - 6} more' if len(plan.left) > 6 else ''} (their "
+                "channels reach the output, a reshape, a concatenation or a padding)"
+            )
     objective = resolve_objective(
         config.objective, data.labeled, returns_embeddings(model), data.spec
     )
@@ -190,6 +211,7 @@ def prune_model(
         config.seed,
         timings=timings,
         objective=objective,
+        structure=plan,
     )
     if pruner.needs and config.verbose:
         plan = Collector(
@@ -218,6 +240,11 @@ def prune_model(
             recalibrate_batchnorm(model, data.calibration, device)
     check_finite_model(model)
     achieved, per_tensor = sparsity_of(targets)
+    structure = None
+    if plan is not None:
+        warnings += plan.warnings
+        with reporter.stage("removing the pruned channels"), timings.phase("prune"):
+            structure = shrunk(plan, model, data, device, config.min_channels)
 
     with reporter.stage("evaluating the pruned model"), timings.phase("evaluation"):
         pruned_accuracy = evaluate(model)
@@ -253,6 +280,7 @@ def prune_model(
         "device": str(device),
         "seed": config.seed,
         "sparsity": {"target": config.sparsity, "achieved": achieved, "per_tensor": per_tensor},
+        "structure": structure,
         "parameters": parameter_counts(model),
         "accuracy": {"dense": dense_accuracy, "pruned": pruned_accuracy},
         "fidelity": fidelity,
@@ -263,7 +291,61 @@ def prune_model(
         "phases": timings.to_json(),
         "seconds": round(time.perf_counter() - started, 3),
     }
-    return Outcome(report, model, dense_model, data, timings, list(targets))
+    # after --structure the targets' masks describe the unshrunk shapes: none are handed out
+    return Outcome(report, model, dense_model, data, timings, [] if plan else list(targets))
+
+
+def channel_plan(
+    config: PruneConfig,
+    pruner: Pruner,
+    model: nn.Module,
+    data: Splits,
+    targets: list[Target],
+    device: torch.device,
+) -> ChannelPlan:
+    if not pruner.structured:
+        raise UsageError(
+            f"{config.pruner} picks weights inside each layer and cannot score channels; "
+            "with --structure channels use magnitude, wanda, the fisher_* criteria or woodfisher"
+        )
+    example = data.calibration[0][0].unsqueeze(0).to(device)
+    return ChannelPlan.of(model, example, targets, config.min_channels)
+
+
+def shrunk(
+    plan: ChannelPlan, model: nn.Module, data: Splits, device: torch.device, minimum: int
+) -> dict[str, Any]:
+    """Cut the removed channels out of ``model`` (in place); what changed, for the report."""
+    example = data.calibration[0][0].unsqueeze(0).to(device)
+    before = (parameter_counts(model)["total"], flops_of(model, example))
+    channels = plan.channels()
+    removed = plan.removed_fraction()
+    record = plan.shrink()
+    after = (parameter_counts(model)["total"], flops_of(model, example))
+    return {
+        "kind": "channels",
+        "groups": len(plan.groups),
+        "channels": channels,
+        "removed": removed,
+        "min_channels": minimum,
+        "left_whole": plan.left,
+        "kept": record,
+        "parameters": {"before": before[0], "after": after[0]},
+        "flops_per_sample": {"before": before[1], "after": after[1]},
+        "input_shape": list(data.input_shape),
+    }
+
+
+def flops_of(model: nn.Module, example: torch.Tensor) -> int:
+    """Floating-point operations of one forward pass (torch's FLOP counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(example)
+    model.train(was_training)
+    return int(counter.get_total_flops())
 
 
 def versions() -> dict[str, str]:

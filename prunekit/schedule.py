@@ -27,6 +27,7 @@ from prunekit.masks import apply, select, sparsity_of
 from prunekit.objectives import LABELS, Objective
 from prunekit.pruners.base import Pruner, Target
 from prunekit.stats import Collector
+from prunekit.structured import ChannelPlan
 from prunekit.timing import Timings
 from prunekit.train import TrainConfig, train
 
@@ -49,6 +50,7 @@ class StepContext:
     say: Callable[[str], None] = lambda _: None  # progress line for long pruner work
     timings: Timings = field(default_factory=Timings)
     objective: Objective = LABELS  # the loss of the gradient statistics (prunekit.objectives)
+    structure: ChannelPlan | None = None  # --structure channels: whole channels per group
     statistics: list[dict[str, Any]] = field(default_factory=list)  # one entry per step
 
 
@@ -105,7 +107,11 @@ def prune_step(ctx: StepContext, sparsity: float) -> list[str]:
         if retain:
             kept.append((group, stats if collector.passes == 1 else _to_host(stats)))
     with ctx.timings.phase("prune"):
-        keep = select(ctx.targets, scores, sparsity, ctx.mask)
+        if ctx.structure is None:
+            keep = select(ctx.targets, scores, sparsity, ctx.mask)
+        else:  # the channels' masks; the layers outside every group keep theirs
+            chosen = ctx.structure.select(scores, sparsity, ctx.mask)
+            keep = {t.name: chosen.get(t.name, t.mask) & t.mask for t in ctx.targets}
     if compensates:
         updates = {}  # applied after all passes, so every pass sees the same weights
         for group, stats in kept or collector.collect():  # a second round only if not kept
@@ -137,7 +143,7 @@ def _to_host(stats: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, t
 
 def oneshot(ctx: StepContext, sparsity: float, recompute: int | None = 1) -> list[str]:
     """Prune to ``sparsity`` in ``recompute`` sub-steps (None: auto); return the warnings."""
-    start, _ = sparsity_of(ctx.targets)
+    start = ctx.structure.removed_fraction() if ctx.structure else sparsity_of(ctx.targets)[0]
     if recompute is None:
         recompute = auto_recompute(ctx.pruner, start, sparsity)
     if recompute < 1:
@@ -257,6 +263,8 @@ def run_schedule(
         warnings.extend(oneshot(ctx, target, recompute))
         achieved, _ = sparsity_of(ctx.targets)
         entry: dict[str, Any] = {"phase": f"prune {step}/{steps}", "sparsity": achieved}
+        if ctx.structure is not None:
+            entry["channels_removed"] = ctx.structure.removed_fraction()
         if evaluate is not None and schedule.trains():  # else the run's final accuracy says it
             with ctx.timings.phase("evaluation"):
                 entry["accuracy"] = evaluate(ctx.model)
@@ -276,6 +284,8 @@ def run_schedule(
         reinitialize(ctx.model, ctx.seed)
         for t in ctx.targets:
             t.mask = torch.ones_like(t.mask)
+        if ctx.structure is not None:
+            ctx.structure.kept = [torch.arange(g.channels) for g in ctx.structure.groups]
         fit(schedule.warmup_epochs, "warm-up")
         prune_to(sparsity, 1, 1, schedule.recompute)
         fit(schedule.epochs, "train")

@@ -111,6 +111,23 @@ RUN = (
         TARGETS,
     ),
     _opt(
+        "structure",
+        str | None,
+        None,
+        "--structure",
+        "channels: remove whole Conv channels / Linear neurons with the layers that depend "
+        "on them (-s is then the fraction of channels); the exports are smaller dense models.",
+        TARGETS,
+    ),
+    _opt(
+        "min_channels",
+        int,
+        1,
+        "--min-channels",
+        "--structure: the fewest channels any group keeps.",
+        TARGETS,
+    ),
+    _opt(
         "exclude",
         list[str] | None,
         None,

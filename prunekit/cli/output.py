@@ -67,4 +67,6 @@ def print_validation(v: dict[str, Any]) -> None:
     if "latency_ratio" in v:
         ratios = ", ".join(f"batch {b}: {r:.2f}" for b, r in v["latency_ratio"].items())
         console.print(f"p50 latency pruned / dense: {ratios}")
+        speedups = ", ".join(f"batch {b}: {r:.2f}x" for b, r in v["speedup"].items())
+        console.print(f"speed-up over the dense baseline: {speedups}")
     console.print(f"note: {v['note']}")

@@ -104,6 +104,9 @@ class Pruner:
     # the plugin contract a class is written for: every pruner declares it (an integer, not
     # CONTRACT_VERSION, in a plugin), so one written before contracts existed is recognised
     contract: ClassVar[int | None] = None
+    # whether per-weight scores may be summed over a channel's weights (--structure); false
+    # for a pruner that picks weights inside each layer itself (sparsegpt)
+    structured: ClassVar[bool] = True
 
     def __init__(self, **values: Any) -> None:
         self.hparams = self.resolve_params(values)

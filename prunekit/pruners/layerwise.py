@@ -57,6 +57,7 @@ class SparseGPTPruner(_LayerWise):
 
     name = "sparsegpt"
     contract = CONTRACT_VERSION
+    structured = False  # its masks come from its own column-by-column OBS
     params = (
         Param(
             "damp",

@@ -1,0 +1,159 @@
+"""Structured pruning (``--structure channels``): whole channels chosen per dependency group.
+
+A channel's score is the sum of the pruner's per-weight scores over every weight removed with
+it (the producing rows, the reading columns): the L1 norm of the group for magnitude, the summed
+Fisher or Taylor saliency for the Fisher-Taylor criteria; pruners may score a whole channel
+themselves (``Pruner.channel_scores``: woodfisher's group OBS). The chosen channels become
+weight masks (``channel_surgery.group_masks``), so statistics, OBS updates and masked
+fine-tuning work as for unstructured masks; at the end the model is shrunk to new shapes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from prunekit.channel_groups import Group, find_groups
+from prunekit.channel_surgery import group_masks, shrink
+from prunekit.errors import UsageError
+from prunekit.pruners.base import Target
+
+STRUCTURES = ("channels",)
+
+
+@dataclass
+class ChannelPlan:
+    """The prunable groups of a model, the channels kept in each, and the minimum kept."""
+
+    model: nn.Module
+    groups: list[Group]
+    left: list[str]  # Conv/Linear layers whose channels stay (and why)
+    min_channels: int = 1
+    kept: list[torch.Tensor] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(
+        cls, model: nn.Module, example: torch.Tensor, targets: Sequence[Target], min_channels: int
+    ) -> ChannelPlan:
+        groups, left = find_groups(model, example)
+        names = {t.name for t in targets}
+        usable = []
+        for g in groups:
+            excluded = [
+                m.module
+                for m in g.members
+                if m.role != "channel" and f"{m.module}.weight" not in names
+            ]
+            if excluded:
+                left.append(f"{g} (--exclude leaves {', '.join(excluded)} whole)")
+            else:
+                usable.append(g)
+        if not usable:
+            raise UsageError(
+                "no channel group of this model can be removed safely (every Conv/Linear feeds "
+                "the output, a reshape or a concatenation); prune it without --structure"
+            )
+        plan = cls(model, usable, left, min_channels)
+        plan.kept = [torch.arange(g.channels) for g in usable]
+        return plan
+
+    def channels(self) -> int:
+        return sum(g.channels for g in self.groups)
+
+    def removed_fraction(self) -> float:
+        return 1.0 - sum(len(k) for k in self.kept) / self.channels()
+
+    def select(
+        self, scores: Mapping[str, torch.Tensor | None], fraction: float, mode: str
+    ) -> dict[str, torch.Tensor]:
+        """Keep-masks of the targets after removing ``fraction`` of all channels (global: by
+        one threshold on the channel scores; layer: the same fraction of every group)."""
+        modules = dict(self.model.named_modules())
+        channel_scores = [
+            self._channel_scores(modules, g, scores, k)
+            for g, k in zip(self.groups, self.kept, strict=True)
+        ]
+        wanted = [self._kept_count(g, fraction) for g in self.groups]
+        if mode == "global":
+            total = self.channels() - round(fraction * self.channels())
+            wanted = self._global_counts(channel_scores, total)
+        masks: dict[str, torch.Tensor] = {}
+        for i, (g, s) in enumerate(zip(self.groups, channel_scores, strict=True)):
+            count = max(wanted[i], min(self.min_channels, g.channels))
+            if count > wanted[i]:
+                self.warnings.append(
+                    f"{g}: kept {count} of {g.channels} channels (--min-channels), not {wanted[i]}"
+                )
+            keep = torch.argsort(s, descending=True, stable=True)[:count].sort()[0]
+            self.kept[i] = keep.cpu()
+            for name, mask in group_masks(modules, g, keep).items():
+                masks[name] = masks[name] & mask if name in masks else mask
+        return masks
+
+    def _kept_count(self, g: Group, fraction: float) -> int:
+        return g.channels - math.floor(fraction * g.channels + 1e-9)
+
+    def _global_counts(self, channel_scores: list[torch.Tensor], total: int) -> list[int]:
+        flat = torch.cat(channel_scores)
+        order = torch.argsort(flat, descending=True, stable=True)[:total]
+        owner = torch.repeat_interleave(
+            torch.arange(len(channel_scores)), torch.tensor([len(s) for s in channel_scores])
+        )
+        return torch.bincount(owner[order.cpu()], minlength=len(channel_scores)).tolist()
+
+    def _channel_scores(
+        self,
+        modules: dict[str, nn.Module],
+        g: Group,
+        scores: Mapping[str, torch.Tensor | None],
+        kept: torch.Tensor,
+    ) -> torch.Tensor:
+        """Per channel: the sum of its weights' scores; removed channels stay removed."""
+        total = torch.zeros(g.channels, dtype=torch.float64)
+        for m in g.members:
+            if m.role == "channel":
+                continue
+            score = scores.get(f"{m.module}.weight")
+            if score is None:
+                continue
+            score = score.detach().double().cpu()
+            if m.role == "out":
+                total += score.reshape(g.channels, -1).sum(1)
+            else:
+                per_input = score.transpose(0, 1).reshape(score.shape[1], -1).sum(1)
+                total += per_input.reshape(g.channels, m.block).sum(1)
+        removed = torch.ones(g.channels, dtype=torch.bool)
+        removed[kept] = False
+        return total.masked_fill(removed, float("-inf"))
+
+    @torch.no_grad()
+    def shrink(self) -> dict[str, list[int]]:
+        """Cut the removed channels out of the model (new shapes); the kept channels of each
+        group by its producing layers, as recorded in the files."""
+        modules = dict(self.model.named_modules())
+        record = {}
+        for g, keep in zip(self.groups, self.kept, strict=True):
+            record[str(g)] = keep.tolist()
+            shrink(modules, g, keep)
+        return record
+
+
+def reapply(model: nn.Module, example: torch.Tensor, record: Mapping[str, list[int]]) -> None:
+    """Shrink a freshly built model as a saved structured run was shrunk (before its state
+    dict is loaded)."""
+    groups, _ = find_groups(model, example)
+    by_name = {str(g): g for g in groups}
+    missing = sorted(set(record) - set(by_name))
+    if missing:
+        raise UsageError(
+            f"the file removes channels of {', '.join(missing[:3])}, which this model does not "
+            "have as a channel group; load it with the architecture it was pruned from"
+        )
+    modules = dict(model.named_modules())
+    for name, keep in record.items():
+        shrink(modules, by_name[name], torch.tensor(keep, dtype=torch.long))

@@ -1,0 +1,105 @@
+"""--structure channels end to end: channel scores by hand, the shrunk model saved, loaded
+back and exported to a smaller ONNX model with parity, and its bad input."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from prunekit.channel_groups import find_groups
+from prunekit.models import load_model
+from tests.cli_helpers import assert_error, invoke, prune, prune_report
+
+MODEL = "sample:digits-cnn"
+
+
+def _run(tmp_path, name: str, *extra: str) -> dict:
+    return prune_report(MODEL, "-s", "0.5", "--structure", "channels", "--out",
+                        str(tmp_path / name), *extra)  # fmt: skip
+
+
+def test_magnitude_keeps_the_channels_of_largest_group_l1_norm(tmp_path):
+    dense = load_model(MODEL).model
+    weights = {n: p.detach().double() for n, p in dense.named_parameters()}
+    groups, _ = find_groups(dense, torch.zeros(1, 1, 8, 8))
+    report = _run(tmp_path, "layer", "-p", "magnitude", "--mask", "layer")
+    structure = report["structure"]
+    assert structure["groups"] == len(groups) and structure["removed"] == pytest.approx(0.5)
+    for g in groups:  # L1 over the rows that make channel c and the columns that read it
+        norm = torch.zeros(g.channels, dtype=torch.float64)
+        for m in g.members:
+            w = weights[f"{m.module}.weight"] if m.role != "channel" else None
+            if m.role == "out":
+                norm += w.reshape(g.channels, -1).abs().sum(1)
+            elif m.role == "in":
+                norm += w.abs().transpose(0, 1).reshape(g.channels, -1).sum(1)
+        expected = sorted(torch.argsort(norm, descending=True)[: g.channels // 2].tolist())
+        assert structure["kept"][str(g)] == expected
+    assert structure["parameters"]["after"] < 0.5 * structure["parameters"]["before"]
+    assert structure["flops_per_sample"]["after"] < 0.5 * structure["flops_per_sample"]["before"]
+
+
+def test_the_shrunk_model_round_trips_and_exports_a_smaller_onnx(tmp_path):
+    import onnxruntime as ort
+
+    report = _run(tmp_path, "wf", "-p", "woodfisher", "--param", "num_grads=200",
+                  "--export", "safetensors,onnx")  # fmt: skip
+    out = tmp_path / "wf"
+    loaded = load_model(MODEL, out / "model.safetensors").model  # channels cut, then loaded
+    kept = report["structure"]["kept"]
+    assert loaded.features[0].out_channels == len(kept["features.0"])
+    assert sum(p.numel() for p in loaded.parameters()) == report["structure"]["parameters"]["after"]
+    x = torch.rand(7, 1, 8, 8)
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, loaded(x).numpy(), atol=1e-5)
+    assert (out / "model.onnx").stat().st_size < 0.5 * (out / "dense.onnx").stat().st_size
+    result = invoke("validate", str(out / "model.onnx"), "--baseline", str(out / "dense.onnx"),
+                    "--runs", "3", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    validated = json.loads(result.stdout)
+    assert validated["parity"]["passed"] and "speedup" in validated
+    assert validated["accuracy"] == pytest.approx(report["accuracy"]["pruned"])
+    assert "channels were removed" in validated["note"]
+
+
+def test_global_ranking_keeps_the_minimum_and_says_so(tmp_path):
+    report = prune_report(MODEL, "-p", "magnitude", "-s", "0.97", "--structure", "channels",
+                          "--min-channels", "3", "--out", str(tmp_path / "g"))  # fmt: skip
+    kept = report["structure"]["kept"]
+    assert min(len(v) for v in kept.values()) >= 3
+    assert any("(--min-channels), not" in w for w in report["warnings"])
+
+
+def test_bad_structured_input(tmp_path, monkeypatch):
+    base = (MODEL, "-s", "0.5", "--out", str(tmp_path / "o"))
+    assert_error(prune(*base, "-p", "magnitude", "--structure", "rows"), 2,
+                 "--structure rows: use channels")  # fmt: skip
+    assert_error(prune(*base, "-p", "magnitude", "--structure", "channels", "--mask", "2:4"), 2,
+                 "--mask 2:4 with --structure channels")  # fmt: skip
+    assert_error(prune(*base, "-p", "sparsegpt", "--structure", "channels", "--mask", "layer"),
+                 2, "sparsegpt picks weights inside each layer")  # fmt: skip
+    (tmp_path / "branchy.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "class Branchy(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.a, self.b = nn.Linear(64, 16), nn.Linear(16, 10)\n"
+        "    def forward(self, x):\n"
+        "        h = self.a(x.flatten(1))\n"
+        "        if h.sum() > 0:\n"  # data-dependent control flow: not traceable
+        "            h = h * 2\n"
+        "        return self.b(h)\n"
+        "def branchy(num_classes=10):\n    return Branchy()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "branchy", raising=False)
+    result = prune("branchy:branchy", "-p", "magnitude", "-s", "0.5", "--data", "digits",
+                   "--structure", "channels", "--out", str(tmp_path / "b"))  # fmt: skip
+    assert_error(result, 2, "cannot trace Branchy for structured pruning", "without --structure")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "b").exists()
