@@ -143,6 +143,47 @@ def obs_scores(weight: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     return (weight.reshape(-1).square() / (2 * diag)).reshape(weight.shape)
 
 
+def group_obs_scores(
+    weight: torch.Tensor, inverse: torch.Tensor, sets: torch.Tensor, budget: int = 1 << 24
+) -> torch.Tensor:
+    """ρ_S = ½ θ_Sᵀ (F⁻¹[S, S])⁻¹ θ_S for each set S (a row of ``sets``, flat indices): the
+    loss increase of removing the weights of S together, the others compensating. With a
+    block-diagonal F⁻¹ it is the sum over the blocks S meets. The (set, block) pieces are
+    solved in batches of at most ``budget`` matrix entries."""
+    nb, block_size, _ = inverse.shape
+    flat = weight.detach().reshape(-1).double()
+    n = sets.shape[0]
+    block = sets // block_size
+    piece = torch.arange(n, device=sets.device)[:, None] * nb + block  # (set, block) id
+    pieces, which = torch.unique(piece.reshape(-1), return_inverse=True)
+    order = torch.argsort(which, stable=True)
+    counts = torch.bincount(which, minlength=len(pieces))
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(which)
+    rank[order] = torch.arange(len(which), device=sets.device) - starts[which[order]]
+    size = int(counts.max())
+    positions = torch.full((len(pieces), size), -1, dtype=torch.long, device=sets.device)
+    positions[which, rank] = (sets % block_size).reshape(-1)
+    values = torch.zeros(len(pieces), size, dtype=torch.float64, device=sets.device)
+    values[which, rank] = flat[sets.reshape(-1)]
+    owner_block = pieces % nb
+    total = torch.zeros(n, dtype=torch.float64, device=sets.device)
+    step = max(1, budget // (size * size))
+    eye = torch.eye(size, dtype=torch.float64, device=sets.device)
+    for start in range(0, len(pieces), step):
+        part = slice(start, start + step)
+        pos, val = positions[part], values[part]
+        valid = pos >= 0
+        safe = pos.clamp(min=0)
+        owner = owner_block[part][:, None, None]
+        sub = inverse[owner, safe[:, :, None], safe[:, None, :]].double()  # (p, size, size)
+        both = valid[:, :, None] & valid[:, None, :]
+        sub = torch.where(both, sub, eye)
+        solved = torch.linalg.solve(sub, val.unsqueeze(-1)).squeeze(-1)
+        total.index_add_(0, pieces[part] // nb, 0.5 * (val * solved).sum(1))
+    return total
+
+
 def obs_update(
     weight: torch.Tensor, inverse: torch.Tensor, prune: torch.Tensor, exact: bool = False
 ) -> torch.Tensor:

@@ -103,14 +103,17 @@ def prune_step(ctx: StepContext, sparsity: float) -> list[str]:
     for group, stats in collector.collect():
         with ctx.timings.phase("prune"):
             for t in group:
-                scores[t.name] = ctx.pruner.score(t, stats[t.name])
+                if ctx.structure is None:
+                    scores[t.name] = ctx.pruner.score(t, stats[t.name])
+                else:
+                    ctx.structure.add_scores(t, ctx.pruner, stats[t.name])
         if retain:
             kept.append((group, stats if collector.passes == 1 else _to_host(stats)))
     with ctx.timings.phase("prune"):
         if ctx.structure is None:
             keep = select(ctx.targets, scores, sparsity, ctx.mask)
         else:  # the channels' masks; the layers outside every group keep theirs
-            chosen = ctx.structure.select(scores, sparsity, ctx.mask)
+            chosen = ctx.structure.select(sparsity, ctx.mask)
             keep = {t.name: chosen.get(t.name, t.mask) & t.mask for t in ctx.targets}
     if compensates:
         updates = {}  # applied after all passes, so every pass sees the same weights

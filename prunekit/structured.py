@@ -20,7 +20,7 @@ from torch import nn
 from prunekit.channel_groups import Group, find_groups
 from prunekit.channel_surgery import group_masks, shrink
 from prunekit.errors import UsageError
-from prunekit.pruners.base import Target
+from prunekit.pruners.base import Pruner, Target
 
 STRUCTURES = ("channels",)
 
@@ -35,6 +35,7 @@ class ChannelPlan:
     min_channels: int = 1
     kept: list[torch.Tensor] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)  # group -> channel scores
 
     @classmethod
     def of(
@@ -68,16 +69,38 @@ class ChannelPlan:
     def removed_fraction(self) -> float:
         return 1.0 - sum(len(k) for k in self.kept) / self.channels()
 
-    def select(
-        self, scores: Mapping[str, torch.Tensor | None], fraction: float, mode: str
-    ) -> dict[str, torch.Tensor]:
-        """Keep-masks of the targets after removing ``fraction`` of all channels (global: by
-        one threshold on the channel scores; layer: the same fraction of every group)."""
+    def add_scores(self, target: Target, pruner: Pruner, stats: Mapping[str, torch.Tensor]) -> None:
+        """Add ``target``'s share of every channel score: the pruner's score of the set of
+        its weights removed with the channel (rows it makes, columns that read it)."""
+        for index, sets in self._sets(target):
+            score = pruner.set_scores(target, stats, sets.to(target.weight.device))
+            if score is not None:
+                self.scores.setdefault(index, torch.zeros(len(sets), dtype=torch.float64))
+                self.scores[index] += score.detach().double().cpu()
+
+    def _sets(self, target: Target) -> list[tuple[int, torch.Tensor]]:
+        module = target.name.rsplit(".", 1)[0] if "." in target.name else ""
+        shape = target.weight.shape
+        found = []
+        for index, g in enumerate(self.groups):
+            for m in g.members:
+                if m.module != module or m.role == "channel":
+                    continue
+                found.append((index, channel_sets(shape, g.channels, m.role, m.block)))
+        return found
+
+    def select(self, fraction: float, mode: str) -> dict[str, torch.Tensor]:
+        """Keep-masks of the targets after removing ``fraction`` of all channels by the
+        scores added since the last selection (global: one threshold on the channel scores;
+        layer: the same fraction of every group)."""
         modules = dict(self.model.named_modules())
-        channel_scores = [
-            self._channel_scores(modules, g, scores, k)
-            for g, k in zip(self.groups, self.kept, strict=True)
-        ]
+        channel_scores = []
+        for index, (g, kept) in enumerate(zip(self.groups, self.kept, strict=True)):
+            score = self.scores.get(index, torch.zeros(g.channels, dtype=torch.float64))
+            removed = torch.ones(g.channels, dtype=torch.bool)
+            removed[kept] = False  # removed channels stay removed
+            channel_scores.append(score.masked_fill(removed, float("-inf")))
+        self.scores = {}
         wanted = [self._kept_count(g, fraction) for g in self.groups]
         if mode == "global":
             total = self.channels() - round(fraction * self.channels())
@@ -90,7 +113,7 @@ class ChannelPlan:
                     f"{g}: kept {count} of {g.channels} channels (--min-channels), not {wanted[i]}"
                 )
             keep = torch.argsort(s, descending=True, stable=True)[:count].sort()[0]
-            self.kept[i] = keep.cpu()
+            self.kept[i] = keep
             for name, mask in group_masks(modules, g, keep).items():
                 masks[name] = masks[name] & mask if name in masks else mask
         return masks
@@ -104,32 +127,7 @@ class ChannelPlan:
         owner = torch.repeat_interleave(
             torch.arange(len(channel_scores)), torch.tensor([len(s) for s in channel_scores])
         )
-        return torch.bincount(owner[order.cpu()], minlength=len(channel_scores)).tolist()
-
-    def _channel_scores(
-        self,
-        modules: dict[str, nn.Module],
-        g: Group,
-        scores: Mapping[str, torch.Tensor | None],
-        kept: torch.Tensor,
-    ) -> torch.Tensor:
-        """Per channel: the sum of its weights' scores; removed channels stay removed."""
-        total = torch.zeros(g.channels, dtype=torch.float64)
-        for m in g.members:
-            if m.role == "channel":
-                continue
-            score = scores.get(f"{m.module}.weight")
-            if score is None:
-                continue
-            score = score.detach().double().cpu()
-            if m.role == "out":
-                total += score.reshape(g.channels, -1).sum(1)
-            else:
-                per_input = score.transpose(0, 1).reshape(score.shape[1], -1).sum(1)
-                total += per_input.reshape(g.channels, m.block).sum(1)
-        removed = torch.ones(g.channels, dtype=torch.bool)
-        removed[kept] = False
-        return total.masked_fill(removed, float("-inf"))
+        return torch.bincount(owner[order], minlength=len(channel_scores)).tolist()
 
     @torch.no_grad()
     def shrink(self) -> dict[str, list[int]]:
@@ -141,6 +139,22 @@ class ChannelPlan:
             record[str(g)] = keep.tolist()
             shrink(modules, g, keep)
         return record
+
+
+def channel_sets(shape: torch.Size, channels: int, role: str, block: int) -> torch.Tensor:
+    """(channels, k) flat indices into a weight of ``shape``: the rows that make each
+    channel ("out"), or the input columns that read it ("in", ``block`` features each)."""
+    numel = math.prod(shape)
+    if role == "out":
+        per = numel // channels
+        return torch.arange(channels)[:, None] * per + torch.arange(per)
+    outputs, inputs = shape[0], shape[1]
+    rest = numel // (outputs * inputs)  # kernel positions per (output, input) pair
+    o = torch.arange(outputs)[:, None, None]
+    j = torch.arange(block)[None, :, None]
+    r = torch.arange(rest)[None, None, :]
+    within = (o * inputs * rest + j * rest + r).reshape(-1)  # channel 0's indices
+    return torch.arange(channels)[:, None] * (block * rest) + within
 
 
 def reapply(model: nn.Module, example: torch.Tensor, record: Mapping[str, list[int]]) -> None:

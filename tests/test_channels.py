@@ -112,3 +112,28 @@ def test_the_shrunk_model_computes_what_the_masked_model_computes(build, size):
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
     assert not torch.allclose(dense, expected)  # the channels did matter
     assert sum(p.numel() for p in model.parameters()) < 0.6 * before
+
+
+def test_channel_sets_are_the_weights_the_group_masks_remove():
+    from prunekit.structured import channel_sets
+
+    model = Net()
+    groups, _ = find_groups(model, torch.randn(2, 3, 8, 8))
+    modules = dict(model.named_modules())
+    for g in groups:
+        keep = torch.tensor([0, g.channels - 1])
+        from_sets: dict[str, torch.Tensor] = {}
+        for m in g.members:
+            if m.role == "channel":
+                continue
+            weight = modules[m.module].weight
+            sets = channel_sets(weight.shape, g.channels, m.role, m.block)
+            assert sets.shape[0] == g.channels and len(set(sets.flatten().tolist())) == sets.numel()
+            mask = torch.zeros(weight.numel(), dtype=torch.bool)
+            mask[sets[keep].flatten()] = True
+            name = f"{m.module}.weight"  # "a" both makes and reads the stream: rows & columns
+            mask = mask.reshape(weight.shape)
+            from_sets[name] = from_sets[name] & mask if name in from_sets else mask
+        masks = group_masks(modules, g, keep)
+        assert from_sets.keys() == masks.keys()
+        assert all(torch.equal(from_sets[n], masks[n]) for n in masks)

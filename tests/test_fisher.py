@@ -139,3 +139,19 @@ def test_in_place_gram_accumulation_equals_one_product():
     for part in rows.split(7):
         gram = fisher.accumulate_gram(gram, part, 8)
     torch.testing.assert_close(gram, fisher.gram_blocks(rows, 8))
+
+
+def test_group_obs_scores_equal_the_dense_formula():
+    from prunekit.fisher import group_obs_scores
+
+    torch.manual_seed(0)
+    numel, b = 50, 16
+    blocks = -(-numel // b)
+    a = torch.randn(blocks, b, b, dtype=torch.float64)
+    inverse = a @ a.transpose(1, 2) + 0.5 * torch.eye(b, dtype=torch.float64)
+    w = torch.randn(numel, dtype=torch.float64)
+    sets = torch.tensor([[0, 1, 2, 17, 40], [3, 20, 21, 22, 49], [5, 6, 7, 8, 9]])
+    full = torch.block_diag(*inverse)[:numel, :numel]  # the block-diagonal F⁻¹, dense
+    expected = torch.stack([0.5 * w[s] @ torch.linalg.solve(full[s][:, s], w[s]) for s in sets])
+    for budget in (30, 1 << 20):  # in many small batches, or in one
+        torch.testing.assert_close(group_obs_scores(w, inverse, sets, budget), expected)

@@ -173,6 +173,18 @@ class Pruner:
         """
         raise NotImplementedError
 
+    def set_scores(
+        self, target: Target, stats: Mapping[str, torch.Tensor], sets: torch.Tensor
+    ) -> torch.Tensor | None:
+        """One score per set of weights removed together (``--structure``): ``sets`` is
+        (n, k) flat indices into the weight; larger = keep. The default sums ``score``;
+        OBS-style pruners override it with the loss increase of removing the set jointly.
+        """
+        score = self.score(target, stats)
+        if score is None:
+            return None
+        return score.detach().reshape(-1).double()[sets].sum(1)
+
     def update(
         self, target: Target, keep: torch.Tensor, stats: Mapping[str, torch.Tensor]
     ) -> torch.Tensor | None:

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import torch
 
-from prunekit.fisher import obs_scores, obs_update
+from prunekit.fisher import group_obs_scores, obs_scores, obs_update
 from prunekit.pruners.base import (
     CONTRACT_VERSION,
     SAMPLING_NAMES,
@@ -58,6 +58,13 @@ class WoodFisherPruner(Pruner):
 
     def score(self, target: Target, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return obs_scores(target.weight.detach(), stats[FISHER_INV].blocks)
+
+    def set_scores(
+        self, target: Target, stats: Mapping[str, torch.Tensor], sets: torch.Tensor
+    ) -> torch.Tensor:
+        """Group OBS: ½ θ_Sᵀ (F⁻¹[S, S])⁻¹ θ_S, the loss increase of removing S jointly."""
+        weight = target.weight.detach() * target.mask
+        return group_obs_scores(weight, stats[FISHER_INV].blocks, sets.to(weight.device))
 
     def update(
         self, target: Target, keep: torch.Tensor, stats: Mapping[str, torch.Tensor]
