@@ -246,16 +246,16 @@ def _collect(
         producers = [(m, n) for m, n in items if m.role == "out"]
         if not producers:
             continue
-        names = ", ".join(m.module for m, _ in producers)
+        names = [m.module for m, _ in producers]
         if root in axes.pinned:
             if root not in outputs:
-                left.append(names)
+                left.extend(names)
             continue
         channels = {n for m, n in items if m.role != "in"} | {
             n // m.block for m, n in items if m.role == "in"
         }
-        if len(channels) != 1:
-            left.append(f"{names} (channel counts {sorted(channels)} differ)")
+        if len(channels) != 1:  # e.g. a Linear reading a flatten it does not divide
+            left.extend(names)
             continue
         groups.append(Group(channels.pop(), [m for m, _ in items]))
     return groups, left

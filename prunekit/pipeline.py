@@ -171,11 +171,13 @@ def prune_model(
     if config.structure is not None:
         with reporter.stage("finding channel groups"), timings.phase("load"):
             plan = channel_plan(config, pruner, model, data, targets, device)
-        if plan.left:
+        left = plan.left
+        if left:
             warnings.append(
-                f"--structure channels: left whole {', '.join(plan.left[:6])}"
-                f"{f' and {len(plan.left) - 6} more' if len(plan.left) > 6 else ''} (their "
-                "channels reach the output, a reshape, a concatenation or a padding)"
+                f"--structure channels: {len(left)} layer(s) keep all their channels, which "
+                "reach the output, a reshape, a concatenation or a padding: "
+                f"{', '.join(left[:5])}{f' and {len(left) - 5} more' if len(left) > 5 else ''}"
+                " (report.json: structure.left_whole)"
             )
     objective = resolve_objective(
         config.objective, data.labeled, returns_embeddings(model), data.spec

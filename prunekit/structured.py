@@ -50,8 +50,8 @@ class ChannelPlan:
                 for m in g.members
                 if m.role != "channel" and f"{m.module}.weight" not in names
             ]
-            if excluded:
-                left.append(f"{g} (--exclude leaves {', '.join(excluded)} whole)")
+            if excluded:  # part of the group is excluded: all of it stays
+                left.extend(g.names("out"))
             else:
                 usable.append(g)
         if not usable:

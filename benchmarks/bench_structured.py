@@ -1,0 +1,126 @@
+"""Structured (channel) pruning: ONNX Runtime speed-up, parameters and FLOPs removed, and
+accuracy one-shot and after fine-tuning, per pruner and fraction of channels.
+
+Needs the CIFAR-10 development set (resnet56.safetensors, calibration.npz, test.npz; in a
+prunekit checkout at ../shared/data/cifar10-dev; elsewhere ask the maintainers for a copy and
+pass --dev-dir). ``--model torchvision:resnet18`` measures speed at 224 x 224 on the
+calibration images upsampled, with randomly initialised weights (no pretrained weights are
+downloaded): its accuracy means nothing there, its speed-up, parameters and FLOPs do.
+
+    python benchmarks/bench_structured.py [--dev-dir DIR] [--model cifar:resnet56]
+        [--pruners magnitude,woodfisher] [--fractions 0.3,0.5] [--mask layer]
+        [--finetune-epochs 5] [--lr 0.01] [--test-images 3000] [--param KEY=VALUE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from prunekit.config import PruneConfig
+from prunekit.pipeline import run
+from prunekit.schedule import ScheduleConfig
+from prunekit.train import TrainConfig
+
+DEFAULT_DEV = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-dev"
+
+
+def upsampled(source: Path, target: Path, count: int, size: int) -> None:
+    """The first ``count`` images of ``source`` resized to size x size (uint8)."""
+    data = np.load(source)
+    x = torch.from_numpy(data["x"][:count]).float()
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear")
+    np.savez(target, x=x.round().clamp(0, 255).to(torch.uint8).numpy(), y=data["y"][:count])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dev-dir", type=Path, default=DEFAULT_DEV)
+    parser.add_argument("--model", default="cifar:resnet56")
+    parser.add_argument("--pruners", default="magnitude,woodfisher")
+    parser.add_argument("--fractions", default="0.3,0.5")
+    parser.add_argument("--mask", default="layer", choices=("layer", "global"))
+    parser.add_argument("--finetune-epochs", type=int, default=5)
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--test-images", type=int, default=3000)
+    parser.add_argument("--param", action="append", default=[], help="pruner KEY=VALUE")
+    parser.add_argument("--runs", type=int, default=200, help="timed ONNX runs per batch")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    dev = args.dev_dir
+    if not all((dev / n).is_file() for n in ("calibration.npz", "test.npz")):
+        sys.exit(f"no CIFAR-10 development set in {dev}: pass --dev-dir DIR")
+    cifar = args.model.startswith("cifar:")
+    params = dict(p.split("=", 1) for p in args.param)
+    with tempfile.TemporaryDirectory() as tmp:
+        test = np.load(dev / "test.npz")
+        if cifar:
+            calibration, held_out = dev / "calibration.npz", Path(tmp) / "test.npz"
+            np.savez(held_out, x=test["x"][: args.test_images], y=test["y"][: args.test_images])
+        else:  # latency at 224: a few upsampled images are enough
+            calibration, held_out = Path(tmp) / "cal.npz", Path(tmp) / "test.npz"
+            upsampled(dev / "calibration.npz", calibration, 256, 224)
+            upsampled(dev / "test.npz", held_out, 64, 224)
+        arch = args.model.split(":", 1)[1]
+        epochs = args.finetune_epochs
+        print(f"{args.model}, --structure channels --mask {args.mask}, fine-tuning "
+              f"{epochs} epoch(s) on the calibration images, lr {args.lr}\n")  # fmt: skip
+        print("| pruner | channels removed | params | FLOPs | one-shot top-1 | fine-tuned "
+              "top-1 | ORT speed-up b1 | b32 | seconds |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|---|")
+        dense_row = False
+        for fraction in (float(f) for f in args.fractions.split(",")):
+            for pruner in args.pruners.split(","):
+                config = PruneConfig(
+                    model=args.model,
+                    pruner=pruner,
+                    sparsity=fraction,
+                    mask=args.mask,
+                    structure="channels",
+                    data=f"tensors:{calibration},{held_out}",
+                    normalize="imagenet",
+                    weights=dev / f"{arch}.safetensors" if cifar else None,
+                    num_classes=None if cifar else 10,
+                    params={k: v for k, v in params.items() if pruner != "magnitude"},
+                    schedule=ScheduleConfig(
+                        finetune_epochs=args.finetune_epochs if cifar else 0,
+                        train=TrainConfig(lr=args.lr),
+                    ),
+                    device=args.device,
+                    exports=("safetensors", "onnx"),
+                    validate=True,
+                    out=Path(tmp) / f"{pruner}-{fraction}",
+                )
+                report = run(config)
+                s, v = report["structure"], report["validation"]
+                if not dense_row:
+                    dense_row = True
+                    print(f"| dense | 0 % | {s['parameters']['before']:,} | "
+                          f"{s['flops_per_sample']['before'] / 1e6:.1f} M | "
+                          f"{pct(report['accuracy']['dense'])} | | 1.00 | 1.00 | |")  # fmt: skip
+                one_shot = next(
+                    (h["accuracy"] for h in report["history"] if "accuracy" in h
+                     and h["phase"].startswith("prune")), report["accuracy"]["pruned"],
+                )  # fmt: skip
+                tuned = report["accuracy"]["pruned"] if config.schedule.finetune_epochs else None
+                if not cifar:  # random weights: no accuracy worth printing
+                    one_shot = tuned = report["accuracy"]["dense"] = None
+                print(f"| {pruner} | {s['removed']:.0%} | {s['parameters']['after']:,} | "
+                      f"{s['flops_per_sample']['after'] / 1e6:.1f} M | {pct(one_shot)} | "
+                      f"{pct(tuned)} | {v['speedup']['1']:.2f} | {v['speedup']['32']:.2f} | "
+                      f"{report['seconds']:.0f} |", flush=True)  # fmt: skip
+                if not v["parity"]["passed"]:
+                    print(f"  parity FAILED: {v['parity']}", flush=True)
+
+
+def pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f} %"
+
+
+if __name__ == "__main__":
+    main()
