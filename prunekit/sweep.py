@@ -31,7 +31,10 @@ COLUMNS = (
     "accuracy_dense",
     "accuracy",
     "seconds",
+    "latency_ms",
+    "speedup",
 )
+OPTIONAL = ("latency_ms", "speedup")  # --structure only; absent from older cells
 
 
 def cell_name(pruner: str, sparsity: float, seed: int) -> str:
@@ -72,7 +75,7 @@ NUMBERS = ("sparsity", "achieved_sparsity", "seconds")
 def _read_cell(path: Path) -> dict[str, Any]:
     fix = f"delete {path.name} and rerun the sweep to recompute that cell"
     row = _read_json(path, fix)
-    if not isinstance(row, dict) or not set(COLUMNS) <= row.keys():
+    if not isinstance(row, dict) or not set(COLUMNS) - set(OPTIONAL) <= row.keys():
         raise InputFileError(f"{path} is not a sweep cell (fields missing); {fix}")
     numeric = [row[k] for k in NUMBERS] + [
         row[k] for k in ("accuracy", "accuracy_dense") if row[k] is not None
@@ -142,6 +145,9 @@ def run_sweep(
                             "accuracy_dense": report["accuracy"]["dense"],
                             "accuracy": report["accuracy"]["pruned"],
                             "seconds": report["seconds"],
+                            # --structure: ONNX Runtime latency at batch 1 and speed-up
+                            "latency_ms": report.get("latency", {}).get("latency_ms"),
+                            "speedup": report.get("latency", {}).get("speedup"),
                         },
                     )
                 if on_cell is not None:
@@ -168,7 +174,7 @@ def write_results(
     with staged_file(out / "results.csv", force=True) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
-        writer.writerows({k: row[k] for k in COLUMNS} for row in rows)
+        writer.writerows({k: row.get(k) for k in COLUMNS} for row in rows)
     cells = {(r["pruner"], r["sparsity"]): [] for r in rows}
     for r in rows:
         if r["accuracy"] is not None:  # unlabeled data has no accuracy
@@ -187,6 +193,8 @@ def write_results(
         tmp.write_text("\n".join(lines) + "\n")
     if all(cells.values()):
         _plot(cells, out / "accuracy_vs_sparsity.png", pruners, sparsities, rows[0])
+        if all(r.get("latency_ms") is not None for r in rows):
+            _plot_latency(rows, out / "accuracy_vs_latency.png", pruners)
 
 
 def _plot(
@@ -224,6 +232,31 @@ def _plot(
     plt.close(fig)
 
 
+def _plot_latency(rows: list[dict[str, Any]], path: Path, pruners: Sequence[str]) -> None:
+    """Accuracy against ONNX Runtime latency (batch 1), one line per pruner."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for pruner in pruners:
+        own = sorted((r for r in rows if r["pruner"] == pruner), key=lambda r: r["latency_ms"])
+        ax.plot([r["latency_ms"] for r in own], [100 * r["accuracy"] for r in own], marker="o",
+                label=pruner)  # fmt: skip
+    dense = rows[0]
+    ax.axhline(100 * dense["accuracy_dense"], color="grey", linestyle="--", label="dense")
+    ax.set_xlabel("ONNX Runtime latency, batch 1 (ms)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{dense['model']}: channels removed")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    with staged_file(path, force=True) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
 def cell_runner(
     base: PruneConfig, pruners: Sequence[str], sparsities: Sequence[float]
 ) -> Callable[[PruneConfig], dict[str, Any]]:
@@ -245,6 +278,14 @@ def cell_runner(
 
     def one_cell(config: PruneConfig) -> dict[str, Any]:
         own = {k: v for k, v in config.params.items() if k in accepted[config.pruner]}
-        return execute(dataclasses.replace(config, params=own)).report
+        exports = ("onnx",) if config.structure else ()  # keeps the dense model to time
+        outcome = execute(dataclasses.replace(config, params=own, exports=exports))
+        if config.structure and outcome.dense_model is not None:
+            from prunekit.validate import speedup_of
+
+            outcome.report["latency"] = speedup_of(
+                outcome.model, outcome.dense_model, outcome.data.input_shape
+            )
+        return outcome.report
 
     return one_cell

@@ -303,6 +303,28 @@ def latency(
     return result
 
 
+def speedup_of(
+    model: nn.Module, dense: nn.Module, input_shape: tuple[int, ...], runs: int = 100
+) -> dict[str, float]:
+    """ONNX Runtime p50 latency at batch 1 of ``model`` and ``dense``, exported to a
+    temporary folder and timed interleaved; and the speed-up dense / model."""
+    import tempfile
+
+    from prunekit.onnx_export import export_onnx
+
+    options = ValidateOptions(batch_sizes=(1,), runs=runs)
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions = {}
+        for label, m in (("model", model), ("dense", dense)):
+            path = Path(tmp) / f"{label}.onnx"
+            export_onnx(m.cpu().eval(), input_shape, path, {}, sparse=False)
+            sessions[label] = open_session(path, options)
+        timed = latency(sessions, input_shape, options)
+    ms = {label: timed[label]["1"]["p50_ms"] for label in timed}
+    return {"latency_ms": ms["model"], "dense_latency_ms": ms["dense"],
+            "speedup": ms["dense"] / ms["model"]}  # fmt: skip
+
+
 def validate(
     onnx_path: Path,
     dataset: Dataset,

@@ -89,3 +89,17 @@ def test_sweep_command_end_to_end(tmp_path):
     assert len(list((out / "cells").iterdir())) == 4
     bad = CliRunner().invoke(app, [*args[:-4], "--param", "nonsense=1", "--out", str(out)])
     assert bad.exit_code == 2 and "none of the pruners accepts it" in bad.stderr
+
+
+def test_structured_sweep_charts_accuracy_against_latency(tmp_path):
+    out = tmp_path / "structured"
+    args = ["sweep", "sample:digits-cnn", "--pruners", "magnitude", "--sparsities",
+            "0.25,0.75", "--seeds", "0", "--structure", "channels", "--mask", "layer",
+            "--out", str(out)]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    with (out / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["sparsity"]) for r in rows] == [0.25, 0.75]
+    assert all(float(r["latency_ms"]) > 0 and float(r["speedup"]) > 0 for r in rows)
+    assert (out / "accuracy_vs_latency.png").stat().st_size > 1000
