@@ -128,7 +128,11 @@ def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
 
 def find_groups(model: nn.Module, example: torch.Tensor) -> tuple[list[Group], list[str]]:
     """The model's prunable channel groups, and the Conv/Linear layers left whole (besides
-    those that make the model's outputs)."""
+    those that make the model's outputs). A model may give its own (``channel_groups()``:
+    the MLP neurons of an ``hf:`` transformer)."""
+    own = getattr(model, "channel_groups", None)
+    if callable(own):
+        return own()
     graph = trace(model, example)
     modules = dict(model.named_modules())
     axes = _Axes()

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from prunekit.channel_groups import Group, Member
 from prunekit.errors import InputFileError, UsageError
 
 INSTALL = "install the extra: pip install 'prunekit[hf]'"
@@ -62,6 +63,21 @@ class PackedInputs(nn.Module):
         finally:
             self.model.set_attn_implementation(before)
             self.vmapped = False
+
+    def channel_groups(self) -> tuple[list[Group], list[str]]:
+        """The MLP neurons of every transformer layer (``--structure channels``): neuron c of
+        ``intermediate.dense`` (row c, bias c) is read by column c of ``output.dense``
+        only, through an element-wise activation (BERT, RoBERTa, MiniLM...)."""
+        groups = []
+        for name, layer in self.named_modules():
+            up = getattr(getattr(layer, "intermediate", None), "dense", None)
+            down = getattr(getattr(layer, "output", None), "dense", None)
+            pair = isinstance(up, nn.Linear) and isinstance(down, nn.Linear)
+            if pair and up.out_features == down.in_features:
+                members = [Member(f"{name}.intermediate.dense", "out"),
+                           Member(f"{name}.output.dense", "in")]  # fmt: skip
+                groups.append(Group(up.out_features, members))
+        return groups, []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, mask = x[:, 0], x[:, 1]

@@ -208,3 +208,27 @@ def test_model_directory_without_weights_or_with_a_foreign_tokenizer(bert, tmp_p
     transformers.BertTokenizerFast(vocab=vocab).save_pretrained(foreign)
     result = prune(f"hf:{foreign}", *args, "--out", str(tmp_path / "b"))
     assert_error(result, 2, "do not belong together")
+
+
+def test_mlp_neurons_removed_from_an_encoder(bert, tmp_path):
+    import onnxruntime as ort
+
+    from prunekit.models import load_model
+
+    report = _run(bert, tmp_path, "wanda", "--structure", "channels", "--mask", "layer",
+                  "--export", "safetensors,onnx")  # fmt: skip
+    structure = report["structure"]
+    assert structure["groups"] == 2 and structure["removed"] == pytest.approx(0.5)
+    assert structure["parameters"]["after"] < structure["parameters"]["before"]
+    out = tmp_path / "wanda"
+    model = load_model(f"hf:{bert[0]}", out / "model.safetensors").model
+    layer = model.model.encoder.layer[0]
+    assert layer.intermediate.dense.out_features == layer.output.dense.in_features == 32
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    ids = torch.randint(5, 5 + len(WORDS), (3, 9))
+    x = torch.stack([ids, torch.ones_like(ids)], dim=1)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert report["fidelity"]["cosine_mean"] > 0.9

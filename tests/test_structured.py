@@ -103,3 +103,13 @@ def test_bad_structured_input(tmp_path, monkeypatch):
                    "--structure", "channels", "--out", str(tmp_path / "b"))  # fmt: skip
     assert_error(result, 2, "cannot trace Branchy for structured pruning", "without --structure")
     assert not (tmp_path / "o").exists() and not (tmp_path / "b").exists()
+
+
+def test_gradual_structured_pruning_with_fine_tuning(tmp_path):
+    report = _run(tmp_path, "gradual", "-p", "fisher_pruner", "--mask", "layer", "--schedule",
+                  "gradual", "--steps", "2", "--finetune-epochs", "1", "--lr", "0.01")  # fmt: skip
+    removed = [h["channels_removed"] for h in report["history"] if "channels_removed" in h]
+    assert len(removed) == 2 and removed[0] < removed[1] == pytest.approx(0.5)
+    tuned = [h for h in report["history"] if h["phase"].startswith("fine-tune")]
+    assert len(tuned) == 2 and report["accuracy"]["pruned"] > 0.8
+    assert report["structure"]["parameters"]["after"] < report["structure"]["parameters"]["before"]
