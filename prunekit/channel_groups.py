@@ -111,10 +111,12 @@ def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     try:
         graph = fx.symbolic_trace(model)
     except Exception as exc:  # tracers fail with many exception types
-        raise UsageError(
-            f"cannot trace {type(model).__name__} for structured pruning "
-            f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}); prune it "
-            "unstructured (without --structure)"
+        where = _untraceable_part(model)
+        raise UntraceableError(
+            f"cannot trace {where} for structured pruning "
+            f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}); prune it "
+            "without --structure, or pass --structure channels-or-weights to fall back to "
+            "unstructured pruning"
         ) from exc
     was_training = model.training
     model.eval()
@@ -124,6 +126,26 @@ def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     finally:
         model.train(was_training)
     return graph
+
+
+class UntraceableError(UsageError):
+    """torch.fx cannot trace the model: no channel groups can be found."""
+
+
+def _untraceable_part(model: nn.Module) -> str:
+    """The innermost module that torch.fx cannot trace on its own, named for the error."""
+    found = f"{type(model).__name__} (the model's own forward)"
+    for name, module in model.named_modules():
+        if not name or (
+            not any(True for _ in module.children())
+            and type(module).__module__.startswith("torch.nn")
+        ):
+            continue
+        try:
+            fx.symbolic_trace(module)
+        except Exception:  # the deepest failing module is listed last
+            found = f"module {name} ({type(module).__name__})"
+    return found
 
 
 def find_groups(model: nn.Module, example: torch.Tensor) -> tuple[list[Group], list[str]]:

@@ -16,6 +16,7 @@ from torch import nn
 
 from prunekit import registry
 from prunekit.batchnorm import recalibrate_batchnorm
+from prunekit.channel_groups import UntraceableError
 from prunekit.config import PruneConfig
 from prunekit.data import Splits, load_data
 from prunekit.device import resolve_device
@@ -69,8 +70,8 @@ def check(config: PruneConfig) -> None:
             raise UsageError(f"--structure {config.structure}: use {', '.join(STRUCTURES)}")
         if config.mask not in ("global", "layer"):
             raise UsageError(
-                f"--mask {config.mask} with --structure channels: use global (one threshold "
-                "over all channels) or layer (the same fraction of every group)"
+                f"--mask {config.mask} with --structure {config.structure}: use global (one "
+                "threshold over all channels) or layer (the same fraction of every group)"
             )
         if config.min_channels < 1:
             raise UsageError(f"--min-channels {config.min_channels}: give at least 1")
@@ -170,8 +171,13 @@ def prune_model(
     plan = None
     if config.structure is not None:
         with reporter.stage("finding channel groups"), timings.phase("load"):
-            plan = channel_plan(config, pruner, model, data, targets, device)
-        left = plan.left
+            try:
+                plan = channel_plan(config, pruner, model, data, targets, device)
+            except UntraceableError as exc:
+                if config.structure != "channels-or-weights":
+                    raise
+                warnings.append(f"{str(exc).split('; ')[0]}: pruned unstructured instead")
+        left = plan.left if plan else []
         if left:
             warnings.append(
                 f"--structure channels: {len(left)} layer(s) keep all their channels, which "

@@ -22,7 +22,7 @@ from prunekit.channel_surgery import group_masks, shrink
 from prunekit.errors import UsageError
 from prunekit.pruners.base import Pruner, Target
 
-STRUCTURES = ("channels",)
+STRUCTURES = ("channels", "channels-or-weights")  # the second: unstructured if untraceable
 
 
 @dataclass

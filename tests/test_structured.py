@@ -96,13 +96,27 @@ def test_bad_structured_input(tmp_path, monkeypatch):
         "            h = h * 2\n"
         "        return self.b(h)\n"
         "def branchy(num_classes=10):\n    return Branchy()\n"
+        "class Wrapped(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.body = Branchy()\n"
+        "    def forward(self, x):\n"
+        "        return self.body(x)\n"
+        "def wrapped(num_classes=10):\n    return Wrapped()\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "branchy", raising=False)
     result = prune("branchy:branchy", "-p", "magnitude", "-s", "0.5", "--data", "digits",
                    "--structure", "channels", "--out", str(tmp_path / "b"))  # fmt: skip
-    assert_error(result, 2, "cannot trace Branchy for structured pruning", "without --structure")
+    assert_error(result, 2, "cannot trace Branchy (the model's own forward) for structured",
+                 "--structure channels-or-weights")  # fmt: skip
     assert not (tmp_path / "o").exists() and not (tmp_path / "b").exists()
+    fallback = prune_report("branchy:wrapped", "-p", "magnitude", "-s", "0.5", "--data",
+                            "digits", "--structure", "channels-or-weights", "--out",
+                            str(tmp_path / "c"))  # fmt: skip
+    assert fallback["structure"] is None and fallback["sparsity"]["achieved"] == 0.5
+    assert any("cannot trace module body (Branchy)" in w and "pruned unstructured" in w
+               for w in fallback["warnings"])  # fmt: skip
 
 
 def test_gradual_structured_pruning_with_fine_tuning(tmp_path):

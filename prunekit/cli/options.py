@@ -116,7 +116,8 @@ RUN = (
         None,
         "--structure",
         "channels: remove whole Conv channels / Linear neurons with the layers that depend "
-        "on them (-s is then the fraction of channels); the exports are smaller dense models.",
+        "on them (-s is then the fraction of channels); the exports are smaller dense models. "
+        "channels-or-weights: the same, or unstructured if the model cannot be traced.",
         TARGETS,
     ),
     _opt(
