@@ -95,6 +95,8 @@ def prune(
     memory_budget: int | None = None,
     recalibrate_bn: bool = False,
     objective: str | None = None,
+    structure: str | None = None,
+    min_channels: int = 1,
     reporter: Reporter | None = None,
 ) -> PruneResult:
     """Prune ``model`` in place to ``sparsity`` with ``pruner`` (a name or an instance).
@@ -104,7 +106,9 @@ def prune(
     ``test_data`` (same forms) is where accuracy is measured; without it, on ``data``.
     ``mask`` is global, layer or N:M; ``schedule`` a ScheduleConfig (default: one-shot with
     automatic recomputation); ``objective`` the loss of the gradient statistics (labels, kl,
-    mse, cosine; default: labels, or kl on unlabeled data). Everything numeric runs on
+    mse, cosine; default: labels, or kl on unlabeled data). ``structure="channels"`` removes
+    whole channels (``sparsity`` is then the fraction of channels) and shrinks ``model`` in
+    place to its new shapes; the result then has no masks. Everything numeric runs on
     ``device``.
     """
     started = time.perf_counter()
@@ -127,6 +131,8 @@ def prune(
         recalibrate_bn=recalibrate_bn,
         memory_budget=memory_budget,
         objective=objective,
+        structure=structure,
+        min_channels=min_channels,
         device=device,
         seed=seed,
         exports=(),

@@ -127,3 +127,15 @@ def test_gradual_structured_pruning_with_fine_tuning(tmp_path):
     tuned = [h for h in report["history"] if h["phase"].startswith("fine-tune")]
     assert len(tuned) == 2 and report["accuracy"]["pruned"] > 0.8
     assert report["structure"]["parameters"]["after"] < report["structure"]["parameters"]["before"]
+
+
+def test_the_python_api_shrinks_the_model_in_place():
+    import prunekit
+    from prunekit.data import load_data
+
+    model = load_model(MODEL).model
+    data = load_data("digits")
+    x, y = data.calibration[:200]
+    result = prunekit.prune(model, "magnitude", 0.5, (x, y), structure="channels", mask="layer")
+    assert result.model is model and model.features[0].out_channels == 8
+    assert result.masks == {} and result.report["structure"]["removed"] == pytest.approx(0.5)
