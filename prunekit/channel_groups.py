@@ -108,6 +108,8 @@ class _Value:
 
 def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     """The model's graph with shapes, or an error naming what could not be traced."""
+    was_training = model.training
+    model.eval()  # traced as it is pruned and loaded: `if self.training` branches agree
     try:
         graph = fx.symbolic_trace(model)
     except Exception as exc:  # tracers fail with many exception types
@@ -118,7 +120,8 @@ def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
             "without --structure, or pass --structure channels-or-weights to fall back to "
             "unstructured pruning"
         ) from exc
-    was_training = model.training
+    finally:
+        model.train(was_training)
     model.eval()
     try:
         with torch.no_grad():
@@ -162,9 +165,13 @@ def find_groups(model: nn.Module, example: torch.Tensor) -> tuple[list[Group], l
     members: dict[int, list[tuple[Member, int]]] = {}  # axis -> (member, its channel count)
     calls: dict[str, int] = {}
     outputs: list[int] = []  # axes of the model's outputs (the logits): left whole silently
+    unmanaged: list[str] = []  # Conv/Linear layers outside every group
     for node in graph.graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
+        elif node.op == "get_attr":  # a layer's weight used directly: as if called again
+            owner = node.target.rpartition(".")[0]
+            calls[owner] = calls.get(owner, 0) + 2
 
     def value(arg: object) -> _Value | None:
         return values.get(arg) if isinstance(arg, fx.Node) else None
@@ -200,7 +207,7 @@ def find_groups(model: nn.Module, example: torch.Tensor) -> tuple[list[Group], l
                 in_channels = (
                     module.in_channels if isinstance(module, nn.Conv2d) else module.in_features
                 )
-                if _channel_dim_ok(node):
+                if _channel_dim_ok(node, module):
                     add(first.axis, Member(node.target, "in", first.block), in_channels)
                     out = axes.new()
                     channels = (
@@ -257,8 +264,11 @@ def find_groups(model: nn.Module, example: torch.Tensor) -> tuple[list[Group], l
             continue
         pin_inputs(node)
         values[node] = _Value(axes.new(pinned=True))
+        if module is not None and _layer_kind(module) == "creates":
+            unmanaged.append(node.target)  # shared, or reading a non-channel axis
 
-    return _collect(axes, members, {axes.find(a) for a in outputs})
+    groups, left = _collect(axes, members, {axes.find(a) for a in outputs})
+    return groups, list(dict.fromkeys([*left, *unmanaged]))
 
 
 def _collect(
@@ -277,10 +287,11 @@ def _collect(
             if root not in outputs:
                 left.extend(names)
             continue
-        channels = {n for m, n in items if m.role != "in"} | {
-            n // m.block for m, n in items if m.role == "in"
-        }
-        if len(channels) != 1:  # e.g. a Linear reading a flatten it does not divide
+        channels = {n for m, n in items if m.role != "in"}
+        blocks_fit = len(channels) == 1 and all(
+            n == next(iter(channels)) * m.block for m, n in items if m.role == "in"
+        )
+        if not blocks_fit:  # e.g. a Linear reading a flatten it does not divide
             left.extend(names)
             continue
         groups.append(Group(channels.pop(), [m for m, _ in items]))
@@ -304,10 +315,11 @@ def _layer_kind(module: nn.Module) -> str:
     return "other"
 
 
-def _channel_dim_ok(node: fx.Node) -> bool:
-    """Conv2d on (N, C, H, W) and Linear on (N, F): the channel axis is dim 1."""
+def _channel_dim_ok(node: fx.Node, module: nn.Module) -> bool:
+    """Conv2d on (N, C, H, W) and Linear on (N, F): the channel axis is dim 1 (a Linear on
+    more dimensions reads the last one, which is not a tracked channel axis)."""
     shape = node.args[0].meta["tensor_meta"].shape
-    return len(shape) in (2, 4)
+    return len(shape) == (4 if isinstance(module, nn.Conv2d) else 2)
 
 
 def _flattens_channels(node: fx.Node, module: nn.Module | None = None) -> bool:

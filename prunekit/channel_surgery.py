@@ -44,21 +44,21 @@ def group_masks(
 def shrink(modules: dict[str, nn.Module], group: Group, keep: torch.Tensor) -> None:
     """Cut every member of ``group`` down to the channels ``keep`` (sorted indices), in place."""
     for m in group.members:
-        _shrink_member(modules[m.module], m, keep.to(modules[m.module].weight.device))
+        _shrink_member(modules[m.module], m, keep)
     group.channels = len(keep)
 
 
 def _take(param: nn.Parameter | torch.Tensor | None, index: torch.Tensor, dim: int):
     if param is None:
         return None
-    taken = param.detach().index_select(dim, index).clone()
+    taken = param.detach().index_select(dim, index.to(param.device)).clone()
     return nn.Parameter(taken, param.requires_grad) if isinstance(param, nn.Parameter) else taken
 
 
 def _shrink_member(module: nn.Module, member: Member, keep: torch.Tensor) -> None:
     n = len(keep)
     if member.role == "in":
-        columns = input_columns(keep, member.block)
+        columns = input_columns(keep.cpu(), member.block)
         module.weight = _take(module.weight, columns, 1)
         if isinstance(module, nn.Conv2d):
             module.in_channels = n

@@ -101,6 +101,7 @@ class ChannelPlan:
             removed[kept] = False  # removed channels stay removed
             channel_scores.append(score.masked_fill(removed, float("-inf")))
         self.scores = {}
+        self.warnings = []  # the last selection's: each sub-step would repeat them
         wanted = [self._kept_count(g, fraction) for g in self.groups]
         if mode == "global":
             total = self.channels() - round(fraction * self.channels())

@@ -137,3 +137,65 @@ def test_channel_sets_are_the_weights_the_group_masks_remove():
         masks = group_masks(modules, g, keep)
         assert from_sets.keys() == masks.keys()
         assert all(torch.equal(from_sets[n], masks[n]) for n in masks)
+
+
+class _NoAffine(nn.Module):  # BatchNorm without weights
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.bn, self.d = (
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8, affine=False),
+            nn.Conv2d(8, 4, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.d(torch.relu(self.bn(self.c(x)))).mean((2, 3))
+
+
+class _LastAxis(nn.Module):  # a Linear over the width of (N, C, H, W): not channel c
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.l = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l(self.c(x)).flatten(1)
+
+
+class _WeightReused(nn.Module):  # c's weight also used directly
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.d = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        direct = nn.functional.conv2d(x, self.c.weight[:4], padding=1)
+        return (self.d(torch.relu(self.c(x))) + direct).mean((2, 3))
+
+
+class _Noisy(nn.Module):  # a branch taken only in training
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.fc = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.a(x)
+        if self.training:
+            x = x + 0.01 * torch.randn_like(x)
+        return self.fc(self.b(x).mean((2, 3)))
+
+
+def test_groups_are_safe_where_a_layer_reads_another_axis_or_a_weight_is_reused():
+    from prunekit.structured import reapply
+
+    x = torch.randn(2, 3, 8, 8)
+    described, _ = _described(_NoAffine(), x)
+    assert len(described) == 1  # BatchNorm without affine parameters still passes channels
+    model = _NoAffine()
+    groups, _ = find_groups(model, x)
+    shrink(dict(model.named_modules()), groups[0], torch.tensor([1, 5]))
+    assert model(x).shape == (2, 4) and model.bn.running_mean.shape == (2,)
+    for build, left_whole in ((_LastAxis, ["c", "l"]), (_WeightReused, ["c"])):
+        groups, left = find_groups(build(), x)
+        assert groups == [] and left == left_whole
+    model = _Noisy()  # built in training mode, as on load: traced in eval mode regardless
+    reapply(model, torch.zeros(1, 3, 4, 4), {"a": [0, 1, 2, 3]})
+    assert model.a.out_channels == 4 and model.training
