@@ -10,11 +10,12 @@ are permitted by each licence); they are read here, never copied into the reposi
     python benchmarks/bench_minilm.py [--model-dir DIR] [--licenses DIR]
         [--pruners magnitude,wanda,sparsegpt,woodfisher,fishleg]
         [--masks layer:0.3,layer:0.5,layer:0.7,2:4] [--max-length 64] [--device auto]
-        [--param woodfisher.num_grads=256 ...] [--onnx sparsegpt:layer:0.5]
+        [--param woodfisher.num_grads=256 ...] [--onnx] [--structure channels]
 
 woodfisher and fishleg run label-free (--objective cosine, the default for an encoder).
---onnx PRUNER:MASK[:S] also exports that run to ONNX and validates it: parity with PyTorch,
-cosine to the dense model, and latency against the dense export (batch 1 and 32).
+--onnx also exports every run to ONNX and validates it: parity with PyTorch, cosine to the
+dense model, and latency against the dense export (batch 1 and 32). --structure channels
+removes MLP neurons instead of single weights (layer:S is then the fraction of neurons).
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--param", action="append", default=[], help="PRUNER.KEY=VALUE")
-    parser.add_argument("--onnx", default=None, help="PRUNER:MASK[:S] to export and validate")
+    parser.add_argument("--onnx", action="store_true", help="export and validate every run")
+    parser.add_argument("--structure", default=None, help="channels: remove MLP neurons")
     args = parser.parse_args()
     params: dict[str, dict[str, str]] = {}
     for item in args.param:
@@ -80,9 +82,6 @@ def main() -> None:
         print("| mask | pruner | mean cosine | 5th pct. cosine | seconds |")
         print("|---|---|---|---|---|")
         runs = [(p, m) for m in args.masks.split(",") for p in args.pruners.split(",")]
-        if args.onnx:
-            pruner, _, mask = args.onnx.partition(":")
-            runs = [(pruner, mask)]
         for pruner, item in runs:
             mask, sparsity = mask_of(item)
             config = PruneConfig(
@@ -90,13 +89,14 @@ def main() -> None:
                 pruner=pruner,
                 sparsity=sparsity,
                 mask=mask,
+                structure=args.structure,
                 data=f"text:{path}",
                 max_length=args.max_length,
                 params=params.get(pruner, {}),
                 device=args.device,
                 exports=("safetensors", "onnx") if args.onnx else (),
                 validate=bool(args.onnx),
-                out=Path(tmp) / "out",
+                out=Path(tmp) / f"{pruner}-{item}",
             )
             started = time.perf_counter()
             report = run(config) if args.onnx else execute(config).report
@@ -106,7 +106,7 @@ def main() -> None:
             print(f"| {label} | {pruner} | {f['cosine_mean']:.4f} | {f['cosine_p5']:.4f} | "
                   f"{seconds:.1f} |", flush=True)  # fmt: skip
             if args.onnx:
-                print_validation(report, config.out)
+                print_validation(report)
 
 
 def mask_of(item: str) -> tuple[str, float]:
@@ -117,7 +117,7 @@ def mask_of(item: str) -> tuple[str, float]:
     return item, 1 - n / m
 
 
-def print_validation(report: dict, out: Path) -> None:
+def print_validation(report: dict) -> None:
     """The ONNX export's parity, fidelity and latency against the dense export."""
     v, sizes = report["validation"], report["sizes"]
     p, f = v["parity"], v["fidelity"]
