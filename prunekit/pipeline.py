@@ -222,7 +222,7 @@ def prune_model(
         structure=plan,
     )
     if pruner.needs and config.verbose:
-        plan = Collector(
+        memory_plan = Collector(
             model,
             targets,
             data.calibration,
@@ -232,7 +232,7 @@ def prune_model(
             config.memory_budget,
             objective=objective,
         ).plan
-        reporter.note(plan.describe())  # type: ignore[union-attr]
+        reporter.note(memory_plan.describe())  # type: ignore[union-attr]
     with reporter.stage(f"{config.schedule.kind} pruning with {config.pruner}") as status:
         step_warnings, history = run_schedule(
             ctx,
