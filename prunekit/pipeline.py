@@ -23,7 +23,14 @@ from prunekit.device import resolve_device
 from prunekit.errors import ModelMismatchError, NumericalError, UsageError
 from prunekit.evaluate import accuracy, cosine_fidelity, outputs_on
 from prunekit.export import EXPORT_FORMATS, metadata_for, write_exports
-from prunekit.masks import check_mask, check_sparsity, find_targets, nm_misfits, sparsity_of
+from prunekit.masks import (
+    check_mask,
+    check_sparsity,
+    find_targets,
+    nm_misfits,
+    parse_nm,
+    sparsity_of,
+)
 from prunekit.models import default_data, first_non_finite, load_model
 from prunekit.objectives import Objective, resolve_objective, returns_embeddings
 from prunekit.outputs import prepare_output, staged_dir
@@ -59,6 +66,15 @@ def check(config: PruneConfig) -> None:
     config.preprocess().check()
     check_mask(config.mask, config.sparsity)
     config.schedule.check(config.sparsity)
+    schedule = config.schedule
+    stepped = (schedule.recompute or 1) > 1 or (
+        schedule.kind == "gradual" and (schedule.steps > 1 or schedule.initial_sparsity > 0)
+    )
+    if parse_nm(config.mask) is not None and stepped:
+        raise UsageError(
+            f"--mask {config.mask} is chosen in one step (an N:M pattern has no intermediate "
+            "sparsity): use --recompute 1 and the oneshot or pbt schedule"
+        )
     unknown = sorted(set(config.exports) - set(EXPORT_FORMATS))
     if unknown:
         raise UsageError(

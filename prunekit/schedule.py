@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from prunekit.errors import UsageError
-from prunekit.masks import apply, select, sparsity_of
+from prunekit.masks import apply, parse_nm, select, sparsity_of
 from prunekit.objectives import LABELS, Objective
 from prunekit.pruners.base import Pruner, Target
 from prunekit.stats import Collector
@@ -57,11 +57,11 @@ class StepContext:
 AUTO_STEP_FRACTION = 0.25  # --recompute auto: the most one sub-step removes (measured)
 
 
-def auto_recompute(pruner: Pruner, start: float, final: float) -> int:
+def auto_recompute(pruner: Pruner, start: float, final: float, mask: str = "global") -> int:
     """Sub-steps for ``--recompute auto``: 1 unless the pruner compensates (OBS-style),
     else enough that each removes at most AUTO_STEP_FRACTION of the remaining weights."""
-    if not pruner.compensates() or final <= start:
-        return 1
+    if not pruner.compensates() or final <= start or parse_nm(mask) is not None:
+        return 1  # (an N:M pattern has no intermediate sparsity)
     ratio = math.log((1.0 - final) / (1.0 - start)) / math.log(1.0 - AUTO_STEP_FRACTION)
     return max(1, math.ceil(ratio - 1e-9))
 
@@ -148,7 +148,7 @@ def oneshot(ctx: StepContext, sparsity: float, recompute: int | None = 1) -> lis
     """Prune to ``sparsity`` in ``recompute`` sub-steps (None: auto); return the warnings."""
     start = ctx.structure.removed_fraction() if ctx.structure else sparsity_of(ctx.targets)[0]
     if recompute is None:
-        recompute = auto_recompute(ctx.pruner, start, sparsity)
+        recompute = auto_recompute(ctx.pruner, start, sparsity, ctx.mask)
     if recompute < 1:
         raise UsageError(f"--recompute {recompute}: give at least 1 sub-step")
     warnings: list[str] = []
@@ -241,7 +241,8 @@ def run_schedule(
     ctx.say = say
     plan = schedule.pruning_steps(sparsity)
     ctx.total_steps = sum(
-        k if k is not None else auto_recompute(ctx.pruner, start, level) for start, level, k in plan
+        k if k is not None else auto_recompute(ctx.pruner, start, level, ctx.mask)
+        for start, level, k in plan
     )
 
     def fit(epochs: int, phase: str) -> None:

@@ -410,6 +410,19 @@ def test_nm_mask_leaves_misfit_layers_dense_with_a_warning(tmp_path):
     assert report["sparsity"]["per_tensor"]["features.2.weight"] == 0.5
 
 
+def test_nm_masks_are_chosen_in_one_step(tmp_path):
+    # an OBS pruner's automatic sub-steps would pass through sparsities no N:M pattern has
+    report = prune_report("sample:digits-cnn", "-p", "woodfisher", "-s", "0.5", "--mask", "2:4",
+                          "--param", "num_grads=64", "--out", str(tmp_path / "wf"))  # fmt: skip
+    assert report["schedule"]["pruning_steps"] == 1
+    assert report["sparsity"]["per_tensor"]["features.2.weight"] == 0.5
+    base = ("sample:digits-cnn", "-p", "magnitude", "-s", "0.5", "--mask", "2:4",
+            "--out", str(tmp_path / "x"))  # fmt: skip
+    for extra in (("--recompute", "3"), ("--schedule", "gradual", "--steps", "2")):
+        assert_error(prune(*base, *extra), 2, "--mask 2:4 is chosen in one step")
+    assert not (tmp_path / "x").exists()
+
+
 def test_stale_staging_of_a_killed_run_is_cleaned(tmp_path):
     from prunekit import outputs
 
