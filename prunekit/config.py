@@ -18,6 +18,7 @@ class PruneConfig:
     mask: str = "global"
     structure: str | None = None  # "channels": whole channels per dependency group
     min_channels: int = 1  # --structure: the fewest channels a group keeps
+    channel_multiple: int = 1  # --structure: kept channels rounded up to a multiple of this
     exclude: tuple[str, ...] = ()
     data: str | None = None
     normalize: str | None = None  # preset or MEAN/STD (prunekit.preprocess)

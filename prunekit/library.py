@@ -97,6 +97,7 @@ def prune(
     objective: str | None = None,
     structure: str | None = None,
     min_channels: int = 1,
+    channel_multiple: int = 1,
     reporter: Reporter | None = None,
 ) -> PruneResult:
     """Prune ``model`` in place to ``sparsity`` with ``pruner`` (a name or an instance).
@@ -133,6 +134,7 @@ def prune(
         objective=objective,
         structure=structure,
         min_channels=min_channels,
+        channel_multiple=channel_multiple,
         device=device,
         seed=seed,
         exports=(),

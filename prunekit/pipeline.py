@@ -91,6 +91,10 @@ def check(config: PruneConfig) -> None:
             )
         if config.min_channels < 1:
             raise UsageError(f"--min-channels {config.min_channels}: give at least 1")
+        if config.channel_multiple < 1:
+            raise UsageError(
+                f"--channel-multiple {config.channel_multiple}: give at least 1 (e.g. 8)"
+            )
     if config.validate and "onnx" not in config.exports:
         raise UsageError("--validate needs the ONNX export: add --export safetensors,onnx")
 
@@ -333,7 +337,9 @@ def channel_plan(
             "with --structure channels use magnitude, wanda, the fisher_* criteria or woodfisher"
         )
     example = data.calibration[0][0].unsqueeze(0).to(device)
-    return ChannelPlan.of(model, example, targets, config.min_channels)
+    plan = ChannelPlan.of(model, example, targets, config.min_channels)
+    plan.multiple = config.channel_multiple
+    return plan
 
 
 def shrunk(
@@ -352,6 +358,7 @@ def shrunk(
         "channels": channels,
         "removed": removed,
         "min_channels": minimum,
+        "channel_multiple": plan.multiple,
         "left_whole": plan.left,
         "kept": record,
         "parameters": {"before": before[0], "after": after[0]},

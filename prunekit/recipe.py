@@ -104,6 +104,7 @@ TYPES = {  # the options' kinds, as a recipe must hold them
     "model": TEXT, "pruner": TEXT, "sparsity": NUMBER, "mask": TEXT, "data": TEXT,
     "normalize": TEXT, "image_size": INTEGER, "max_length": INTEGER, "weights": TEXT,
     "num_classes": INTEGER, "objective": TEXT, "structure": TEXT, "min_channels": INTEGER,
+    "channel_multiple": INTEGER,
     "recalibrate_bn": FLAG, "memory_budget": INTEGER, "verbose": FLAG, "device": TEXT,
     "seed": INTEGER, "validate": FLAG, "out": TEXT, "force": FLAG,
     "kind": TEXT, "steps": INTEGER, "initial_sparsity": NUMBER, "finetune_epochs": INTEGER,

@@ -33,6 +33,7 @@ class ChannelPlan:
     groups: list[Group]
     left: list[str]  # Conv/Linear layers whose channels stay (and why)
     min_channels: int = 1
+    multiple: int = 1  # kept channels rounded up to a multiple of this (fast kernels)
     kept: list[torch.Tensor] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     scores: dict[int, torch.Tensor] = field(default_factory=dict)  # group -> channel scores
@@ -108,8 +109,9 @@ class ChannelPlan:
             wanted = self._global_counts(channel_scores, total)
         masks: dict[str, torch.Tensor] = {}
         for i, (g, s) in enumerate(zip(self.groups, channel_scores, strict=True)):
-            count = max(wanted[i], min(self.min_channels, g.channels))
-            if count > wanted[i]:
+            rounded = min(g.channels, -(-wanted[i] // self.multiple) * self.multiple)
+            count = max(rounded, min(self.min_channels, g.channels))
+            if count > rounded:
                 self.warnings.append(
                     f"{g}: kept {count} of {g.channels} channels (--min-channels), not {wanted[i]}"
                 )

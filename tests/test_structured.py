@@ -139,3 +139,11 @@ def test_the_python_api_shrinks_the_model_in_place():
     result = prunekit.prune(model, "magnitude", 0.5, (x, y), structure="channels", mask="layer")
     assert result.model is model and model.features[0].out_channels == 8
     assert result.masks == {} and result.report["structure"]["removed"] == pytest.approx(0.5)
+
+
+def test_kept_channels_rounded_up_to_a_multiple(tmp_path):
+    report = _run(tmp_path, "round", "-p", "magnitude", "--mask", "layer", "-s", "0.3",
+                  "--channel-multiple", "8")  # fmt: skip
+    kept = {name: len(k) for name, k in report["structure"]["kept"].items()}
+    assert kept == {"features.0": 16, "features.2": 24, "classifier.1": 48}  # 12, 23, 45 rounded up
+    assert report["structure"]["channel_multiple"] == 8

@@ -129,6 +129,15 @@ RUN = (
         TARGETS,
     ),
     _opt(
+        "channel_multiple",
+        int,
+        1,
+        "--channel-multiple",
+        "--structure: round every group's kept channels up to a multiple of N (e.g. 8: "
+        "channel counts the CPU kernels vectorise well).",
+        TARGETS,
+    ),
+    _opt(
         "exclude",
         list[str] | None,
         None,
