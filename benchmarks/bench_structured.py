@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--param", action="append", default=[], help="pruner KEY=VALUE")
     parser.add_argument("--runs", type=int, default=200, help="timed ONNX runs per batch")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--channel-multiple", type=int, default=1)
     args = parser.parse_args()
     dev = args.dev_dir
     if not all((dev / n).is_file() for n in ("calibration.npz", "test.npz")):
@@ -74,48 +75,52 @@ def main() -> None:
               "top-1 | ORT speed-up b1 | b32 | seconds |")  # fmt: skip
         print("|---|---|---|---|---|---|---|---|---|")
         dense_row = False
-        for fraction in (float(f) for f in args.fractions.split(",")):
-            for pruner in args.pruners.split(","):
-                config = PruneConfig(
-                    model=args.model,
-                    pruner=pruner,
-                    sparsity=fraction,
-                    mask=args.mask,
-                    structure="channels",
-                    data=f"tensors:{calibration},{held_out}",
-                    normalize="imagenet",
-                    weights=dev / f"{arch}.safetensors" if cifar else None,
-                    num_classes=None if cifar else 10,
-                    params={k: v for k, v in params.items() if pruner != "magnitude"},
-                    schedule=ScheduleConfig(
-                        finetune_epochs=args.finetune_epochs if cifar else 0,
-                        train=TrainConfig(lr=args.lr),
-                    ),
-                    device=args.device,
-                    exports=("safetensors", "onnx"),
-                    validate=True,
-                    out=Path(tmp) / f"{pruner}-{fraction}",
-                )
-                report = run(config)
-                s, v = report["structure"], report["validation"]
-                if not dense_row:
-                    dense_row = True
-                    print(f"| dense | 0 % | {s['parameters']['before']:,} | "
-                          f"{s['flops_per_sample']['before'] / 1e6:.1f} M | "
-                          f"{pct(report['accuracy']['dense'])} | | 1.00 | 1.00 | |")  # fmt: skip
-                one_shot = next(
-                    (h["accuracy"] for h in report["history"] if "accuracy" in h
-                     and h["phase"].startswith("prune")), report["accuracy"]["pruned"],
-                )  # fmt: skip
-                tuned = report["accuracy"]["pruned"] if config.schedule.finetune_epochs else None
-                if not cifar:  # random weights: no accuracy worth printing
-                    one_shot = tuned = report["accuracy"]["dense"] = None
-                print(f"| {pruner} | {s['removed']:.0%} | {s['parameters']['after']:,} | "
-                      f"{s['flops_per_sample']['after'] / 1e6:.1f} M | {pct(one_shot)} | "
-                      f"{pct(tuned)} | {v['speedup']['1']:.2f} | {v['speedup']['32']:.2f} | "
-                      f"{report['seconds']:.0f} |", flush=True)  # fmt: skip
-                if not v["parity"]["passed"]:
-                    print(f"  parity FAILED: {v['parity']}", flush=True)
+        runs = [(float(f), p) for f in args.fractions.split(",") for p in args.pruners.split(",")]
+        if cifar and args.finetune_epochs:  # the same fine-tuning of the dense model: the
+            runs.insert(0, (0.0, "magnitude"))  # fair reference for the fine-tuned columns
+        for fraction, pruner in runs:
+            config = PruneConfig(
+                model=args.model,
+                pruner=pruner,
+                sparsity=fraction,
+                mask=args.mask,
+                structure="channels",
+                channel_multiple=args.channel_multiple,
+                data=f"tensors:{calibration},{held_out}",
+                normalize="imagenet",
+                weights=dev / f"{arch}.safetensors" if cifar else None,
+                num_classes=None if cifar else 10,
+                params={k: v for k, v in params.items() if pruner != "magnitude"},
+                schedule=ScheduleConfig(
+                    finetune_epochs=args.finetune_epochs if cifar else 0,
+                    train=TrainConfig(lr=args.lr),
+                ),
+                device=args.device,
+                exports=("safetensors", "onnx"),
+                validate=True,
+                out=Path(tmp) / f"{pruner}-{fraction}",
+            )
+            report = run(config)
+            s, v = report["structure"], report["validation"]
+            if not dense_row:
+                dense_row = True
+                print(f"| dense | 0 % | {s['parameters']['before']:,} | "
+                      f"{s['flops_per_sample']['before'] / 1e6:.1f} M | "
+                      f"{pct(report['accuracy']['dense'])} | | 1.00 | 1.00 | |")  # fmt: skip
+            one_shot = next(
+                (h["accuracy"] for h in report["history"] if "accuracy" in h
+                 and h["phase"].startswith("prune")), report["accuracy"]["pruned"],
+            )  # fmt: skip
+            tuned = report["accuracy"]["pruned"] if config.schedule.finetune_epochs else None
+            if not cifar:  # random weights: no accuracy worth printing
+                one_shot = tuned = report["accuracy"]["dense"] = None
+            label = pruner if fraction else "dense, fine-tuned"
+            print(f"| {label} | {s['removed']:.0%} | {s['parameters']['after']:,} | "
+                  f"{s['flops_per_sample']['after'] / 1e6:.1f} M | {pct(one_shot)} | "
+                  f"{pct(tuned)} | {v['speedup']['1']:.2f} | {v['speedup']['32']:.2f} | "
+                  f"{report['seconds']:.0f} |", flush=True)  # fmt: skip
+            if not v["parity"]["passed"]:
+                print(f"  parity FAILED: {v['parity']}", flush=True)
 
 
 def pct(value: float | None) -> str:
