@@ -68,7 +68,7 @@ def main() -> None:
             upsampled(dev / "calibration.npz", calibration, 256, 224)
             upsampled(dev / "test.npz", held_out, 64, 224)
         arch = args.model.split(":", 1)[1]
-        epochs = args.finetune_epochs
+        epochs = args.finetune_epochs if cifar else 0  # random weights: nothing to recover
         print(f"{args.model}, --structure channels --mask {args.mask}, fine-tuning "
               f"{epochs} epoch(s) on the calibration images, lr {args.lr}\n")  # fmt: skip
         print("| pruner | channels removed | params | FLOPs | one-shot top-1 | fine-tuned "
@@ -76,7 +76,7 @@ def main() -> None:
         print("|---|---|---|---|---|---|---|---|---|")
         dense_row = False
         runs = [(float(f), p) for f in args.fractions.split(",") for p in args.pruners.split(",")]
-        if cifar and args.finetune_epochs:  # the same fine-tuning of the dense model: the
+        if epochs:  # the same fine-tuning of the dense model: the
             runs.insert(0, (0.0, "magnitude"))  # fair reference for the fine-tuned columns
         for fraction, pruner in runs:
             config = PruneConfig(
@@ -92,7 +92,7 @@ def main() -> None:
                 num_classes=None if cifar else 10,
                 params={k: v for k, v in params.items() if pruner != "magnitude"},
                 schedule=ScheduleConfig(
-                    finetune_epochs=args.finetune_epochs if cifar else 0,
+                    finetune_epochs=epochs,
                     train=TrainConfig(lr=args.lr),
                 ),
                 device=args.device,
