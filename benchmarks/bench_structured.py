@@ -106,7 +106,8 @@ def main() -> None:
                 dense_row = True
                 print(f"| dense | 0 % | {s['parameters']['before']:,} | "
                       f"{s['flops_per_sample']['before'] / 1e6:.1f} M | "
-                      f"{pct(report['accuracy']['dense'])} | | 1.00 | 1.00 | |")  # fmt: skip
+                      f"{pct(report['accuracy']['dense'] if cifar else None)} | | 1.00 | "
+                      "1.00 | |")  # fmt: skip
             one_shot = next(
                 (h["accuracy"] for h in report["history"] if "accuracy" in h
                  and h["phase"].startswith("prune")), report["accuracy"]["pruned"],
