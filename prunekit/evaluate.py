@@ -42,10 +42,15 @@ def outputs_on(model: nn.Module, dataset: Dataset, device: torch.device) -> torc
     return torch.cat(outs)
 
 
+def cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample cosine similarity of two (N, K) outputs, in float64."""
+    return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=1)
+
+
 def cosine_fidelity(dense: torch.Tensor, pruned: torch.Tensor) -> dict[str, float]:
     """Mean and 5th percentile of the per-sample cosine similarity to the dense outputs
     (what unlabeled data can say about a pruned model, e.g. sentence embeddings)."""
-    cosine = torch.nn.functional.cosine_similarity(pruned.double(), dense.double(), dim=1)
+    cosine = cosines(pruned, dense)
     return {
         "cosine_mean": float(cosine.mean()),
         "cosine_p5": float(torch.quantile(cosine, 0.05)),

@@ -47,7 +47,8 @@ def test_the_shrunk_model_round_trips_and_exports_a_smaller_onnx(tmp_path):
     import onnxruntime as ort
 
     report = _run(tmp_path, "wf", "-p", "woodfisher", "--param", "num_grads=200",
-                  "--export", "safetensors,onnx")  # fmt: skip
+                  "--export", "safetensors,onnx", "--validate")  # fmt: skip
+    assert "channels were removed" in report["validation"]["note"]  # prune --validate too
     out = tmp_path / "wf"
     loaded = load_model(MODEL, out / "model.safetensors").model  # channels cut, then loaded
     kept = report["structure"]["kept"]
