@@ -40,7 +40,7 @@ CHANNEL_WISE_FUNCTIONS = {
 }  # fmt: skip
 CHANNEL_WISE_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone", "detach"}
 ELEMENT_WISE = {operator.add, operator.sub, operator.mul, operator.iadd, torch.add, torch.mul}
-FLATTEN = {torch.flatten}
+FLATTEN = {torch.flatten, "flatten"}  # the function and the tensor method
 SPATIAL_MEANS = {torch.mean, "mean"}
 
 
@@ -111,19 +111,16 @@ def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     was_training = model.training
     model.eval()  # traced as it is pruned and loaded: `if self.training` branches agree
     try:
-        graph = fx.symbolic_trace(model)
-    except Exception as exc:  # tracers fail with many exception types
-        where = _untraceable_part(model)
-        raise UntraceableError(
-            f"cannot trace {where} for structured pruning "
-            f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}); prune it "
-            "without --structure, or pass --structure channels-or-weights to fall back to "
-            "unstructured pruning"
-        ) from exc
-    finally:
-        model.train(was_training)
-    model.eval()
-    try:
+        try:
+            graph = fx.symbolic_trace(model)
+        except Exception as exc:  # tracers fail with many exception types
+            where = _untraceable_part(model)
+            raise UntraceableError(
+                f"cannot trace {where} for structured pruning "
+                f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}); prune "
+                "it without --structure, or pass --structure channels-or-weights to fall back "
+                "to unstructured pruning"
+            ) from exc
         with torch.no_grad():
             ShapeProp(graph).propagate(example)
     finally:
@@ -203,21 +200,13 @@ def find_groups(model: nn.Module, example: torch.Tensor) -> tuple[list[Group], l
         shared = module is not None and calls[node.target] > 1 and _layer_kind(module) != "passes"
         if module is not None and not shared and first is not None:
             kind = _layer_kind(module)
-            if kind == "creates":
-                in_channels = (
-                    module.in_channels if isinstance(module, nn.Conv2d) else module.in_features
-                )
-                if _channel_dim_ok(node, module):
-                    add(first.axis, Member(node.target, "in", first.block), in_channels)
-                    out = axes.new()
-                    channels = (
-                        module.out_channels
-                        if isinstance(module, nn.Conv2d)
-                        else module.out_features
-                    )
-                    add(out, Member(node.target, "out"), channels)
-                    values[node] = _Value(out)
-                    continue
+            if kind == "creates" and _channel_dim_ok(node, module):
+                made, read = module.weight.shape[:2]  # (groups 1: every input is read)
+                add(first.axis, Member(node.target, "in", first.block), read)
+                out = axes.new()
+                add(out, Member(node.target, "out"), made)
+                values[node] = _Value(out)
+                continue
             elif kind == "channel" and first.block == 1:
                 size = module.num_features if hasattr(module, "num_features") else None
                 if isinstance(module, nn.Conv2d):
@@ -250,11 +239,10 @@ def find_groups(model: nn.Module, example: torch.Tensor) -> tuple[list[Group], l
                 if len(tensors) == 1:  # a tensor and a number
                     values[node] = tensors[0]
                     continue
-            if (target in FLATTEN or target == "flatten") and _flattens_channels(node):
-                shape = node.args[0].meta["tensor_meta"].shape
-                values[node] = _Value(first.axis, first.block * math.prod(shape[2:]))
-                continue
-        if isinstance(module, nn.Flatten) and first and _flattens_channels(node, module):
+        flatten = isinstance(module, nn.Flatten) or (
+            node.op in {"call_function", "call_method"} and node.target in FLATTEN
+        )
+        if flatten and first is not None and _flattens_channels(node, module):
             shape = node.args[0].meta["tensor_meta"].shape
             values[node] = _Value(first.axis, first.block * math.prod(shape[2:]))
             continue

@@ -272,7 +272,7 @@ def prune_model(
     if plan is not None:
         warnings += plan.warnings
         with reporter.stage("removing the pruned channels"), timings.phase("prune"):
-            structure = shrunk(plan, model, data, device, config.min_channels)
+            structure = shrunk(plan, data)
 
     with reporter.stage("evaluating the pruned model"), timings.phase("evaluation"):
         pruned_accuracy = evaluate(model)
@@ -337,16 +337,13 @@ def channel_plan(
             "with --structure channels use magnitude, wanda, the fisher_* criteria or woodfisher"
         )
     example = data.calibration[0][0].unsqueeze(0).to(device)
-    plan = ChannelPlan.of(model, example, targets, config.min_channels)
-    plan.multiple = config.channel_multiple
-    return plan
+    return ChannelPlan.of(model, example, targets, config.min_channels, config.channel_multiple)
 
 
-def shrunk(
-    plan: ChannelPlan, model: nn.Module, data: Splits, device: torch.device, minimum: int
-) -> dict[str, Any]:
-    """Cut the removed channels out of ``model`` (in place); what changed, for the report."""
-    example = data.calibration[0][0].unsqueeze(0).to(device)
+def shrunk(plan: ChannelPlan, data: Splits) -> dict[str, Any]:
+    """Cut the removed channels out of the plan's model (in place); what changed, for the
+    report."""
+    model, example = plan.model, plan.example
     before = (parameter_counts(model)["total"], flops_of(model, example))
     channels = plan.channels()
     removed = plan.removed_fraction()
@@ -357,7 +354,7 @@ def shrunk(
         "groups": len(plan.groups),
         "channels": channels,
         "removed": removed,
-        "min_channels": minimum,
+        "min_channels": plan.min_channels,
         "channel_multiple": plan.multiple,
         "left_whole": plan.left,
         "kept": record,

@@ -289,7 +289,7 @@ def run_schedule(
         for t in ctx.targets:
             t.mask = torch.ones_like(t.mask)
         if ctx.structure is not None:
-            ctx.structure.kept = [torch.arange(g.channels) for g in ctx.structure.groups]
+            ctx.structure.reset()
         fit(schedule.warmup_epochs, "warm-up")
         prune_to(sparsity, 1, 1, schedule.recompute)
         fit(schedule.epochs, "train")

@@ -3,7 +3,7 @@
 A channel's score is the sum of the pruner's per-weight scores over every weight removed with
 it (the producing rows, the reading columns): the L1 norm of the group for magnitude, the summed
 Fisher or Taylor saliency for the Fisher-Taylor criteria; pruners may score a whole channel
-themselves (``Pruner.channel_scores``: woodfisher's group OBS). The chosen channels become
+themselves (``Pruner.set_scores``: woodfisher's group OBS). The chosen channels become
 weight masks (``channel_surgery.group_masks``), so statistics, OBS updates and masked
 fine-tuning work as for unstructured masks; at the end the model is shrunk to new shapes.
 """
@@ -30,8 +30,9 @@ class ChannelPlan:
     """The prunable groups of a model, the channels kept in each, and the minimum kept."""
 
     model: nn.Module
+    example: torch.Tensor  # one input, for tracing and counting FLOPs
     groups: list[Group]
-    left: list[str]  # Conv/Linear layers whose channels stay (and why)
+    left: list[str]  # Conv/Linear layers whose channels stay
     min_channels: int = 1
     multiple: int = 1  # kept channels rounded up to a multiple of this (fast kernels)
     kept: list[torch.Tensor] = field(default_factory=list)
@@ -40,7 +41,12 @@ class ChannelPlan:
 
     @classmethod
     def of(
-        cls, model: nn.Module, example: torch.Tensor, targets: Sequence[Target], min_channels: int
+        cls,
+        model: nn.Module,
+        example: torch.Tensor,
+        targets: Sequence[Target],
+        min_channels: int = 1,
+        multiple: int = 1,
     ) -> ChannelPlan:
         groups, left = find_groups(model, example)
         names = {t.name for t in targets}
@@ -60,9 +66,13 @@ class ChannelPlan:
                 "no channel group of this model can be removed safely (every Conv/Linear feeds "
                 "the output, a reshape or a concatenation); prune it without --structure"
             )
-        plan = cls(model, usable, left, min_channels)
-        plan.kept = [torch.arange(g.channels) for g in usable]
+        plan = cls(model, example, usable, left, min_channels, multiple)
+        plan.reset()
         return plan
+
+    def reset(self) -> None:
+        """Every channel kept (a new plan, or pbt's re-initialised model)."""
+        self.kept = [torch.arange(g.channels) for g in self.groups]
 
     def channels(self) -> int:
         return sum(g.channels for g in self.groups)
