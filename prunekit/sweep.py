@@ -13,7 +13,8 @@ import dataclasses
 import json
 import os
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +198,29 @@ def write_results(
             _plot_latency(rows, out / "accuracy_vs_latency.png", pruners)
 
 
+@contextmanager
+def _chart(path: Path, xlabel: str, title: str, columns: int = 1) -> Iterator[Any]:
+    """An accuracy chart's axes; on leaving, labelled and written atomically to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    try:
+        yield ax
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small", ncol=columns)
+        fig.tight_layout()
+        with staged_file(path, force=True) as tmp:
+            fig.savefig(tmp, format="png", dpi=120)
+    finally:
+        plt.close(fig)
+
+
 def _plot(
     cells: dict,
     path: Path,
@@ -204,57 +228,31 @@ def _plot(
     sparsities: Sequence[float],
     first: dict[str, Any],
 ) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    xs = [s * 100 for s in sparsities]
-    for pruner in pruners:
-        stats = [_mean_std(cells[pruner, s]) for s in sparsities]
-        ax.errorbar(
-            xs,
-            [m for m, _ in stats],
-            yerr=[sd for _, sd in stats],
-            marker="o",
-            capsize=3,
-            label=pruner,
-        )
-    ax.set_xlabel("sparsity (%)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{first['model']} ({first['schedule']})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", ncol=2)
-    fig.tight_layout()
-    with staged_file(path, force=True) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    title = f"{first['model']} ({first['schedule']})"
+    with _chart(path, "sparsity (%)", title, columns=2) as ax:
+        xs = [s * 100 for s in sparsities]
+        for pruner in pruners:
+            stats = [_mean_std(cells[pruner, s]) for s in sparsities]
+            ax.errorbar(
+                xs,
+                [m for m, _ in stats],
+                yerr=[sd for _, sd in stats],
+                marker="o",
+                capsize=3,
+                label=pruner,
+            )
 
 
 def _plot_latency(rows: list[dict[str, Any]], path: Path, pruners: Sequence[str]) -> None:
     """Accuracy against ONNX Runtime latency (batch 1), one line per pruner."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for pruner in pruners:
-        own = sorted((r for r in rows if r["pruner"] == pruner), key=lambda r: r["latency_ms"])
-        ax.plot([r["latency_ms"] for r in own], [100 * r["accuracy"] for r in own], marker="o",
-                label=pruner)  # fmt: skip
     dense = rows[0]
-    ax.axhline(100 * dense["accuracy_dense"], color="grey", linestyle="--", label="dense")
-    ax.set_xlabel("ONNX Runtime latency, batch 1 (ms)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{dense['model']}: channels removed")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    with staged_file(path, force=True) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    title = f"{dense['model']}: channels removed"
+    with _chart(path, "ONNX Runtime latency, batch 1 (ms)", title) as ax:
+        for pruner in pruners:
+            own = sorted((r for r in rows if r["pruner"] == pruner), key=lambda r: r["latency_ms"])
+            ax.plot([r["latency_ms"] for r in own], [100 * r["accuracy"] for r in own],
+                    marker="o", label=pruner)  # fmt: skip
+        ax.axhline(100 * dense["accuracy_dense"], color="grey", linestyle="--", label="dense")
 
 
 def cell_runner(
