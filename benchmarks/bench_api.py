@@ -14,13 +14,12 @@ copy and pass --dev-dir.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+from devset import DEFAULT_DEV, checked, test_subset
 from safetensors.torch import load_file
 
 import prunekit
@@ -29,8 +28,6 @@ from prunekit.data import load_data
 from prunekit.models import load_model
 from prunekit.pipeline import run
 from prunekit.preprocess import Preprocess
-
-DEFAULT_DEV = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-dev"
 
 
 def masks_of(folder: Path) -> dict[str, torch.Tensor]:
@@ -50,13 +47,9 @@ def main() -> None:
     parser.add_argument("--test-images", type=int, default=2000)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
-    dev = args.dev_dir
-    if not all((dev / n).is_file() for n in ("resnet32.safetensors", "calibration.npz")):
-        sys.exit(f"no CIFAR-10 development set in {dev}: pass --dev-dir DIR")
+    dev = checked(args.dev_dir, "resnet32.safetensors", "calibration.npz", "test.npz")
     with tempfile.TemporaryDirectory() as tmp:
-        test = np.load(dev / "test.npz")
-        subset = Path(tmp) / "test.npz"
-        np.savez(subset, x=test["x"][: args.test_images], y=test["y"][: args.test_images])
+        subset = test_subset(dev, args.test_images, Path(tmp))
         data = f"tensors:{dev / 'calibration.npz'},{subset}"
         config = PruneConfig(
             model="cifar:resnet32",

@@ -25,14 +25,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
+from devset import DEFAULT_DEV, checked, test_subset
 
 from prunekit.config import PruneConfig
 from prunekit.pipeline import execute
 from prunekit.schedule import ScheduleConfig
 from prunekit.train import TrainConfig
 
-DEFAULT_DEV = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-dev"
 DEFAULT_VARIANTS = [
     "magnitude=magnitude",
     "woodfisher=woodfisher",
@@ -65,22 +64,13 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     args = parser.parse_args()
-    dev = args.dev_dir
-    needed = ["calibration.npz", "test.npz"]
-    if not all((dev / name).is_file() for name in needed):
-        sys.exit(
-            f"no CIFAR-10 development set in {dev}: pass --dev-dir DIR (a folder with "
-            "resnet32.safetensors, calibration.npz and test.npz; ../shared/data/cifar10-dev "
-            "in a prunekit checkout)"
-        )
+    dev = checked(args.dev_dir)
     variants = [parse_variant(v) for v in args.variant or DEFAULT_VARIANTS]
     seeds = [int(s) for s in args.seeds.split(",")]
     sparsities = [float(s) for s in args.sparsities.split(",")]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        test = np.load(dev / "test.npz")
-        subset = Path(tmp) / "test.npz"
-        np.savez(subset, x=test["x"][: args.test_images], y=test["y"][: args.test_images])
+        subset = test_subset(dev, args.test_images, Path(tmp))
         data = f"tensors:{dev / 'calibration.npz'},{subset}"
         for arch in args.models.split(","):
             rows: dict[str, dict[float, list[dict]]] = {}

@@ -15,19 +15,17 @@ downloaded): its accuracy means nothing there, its speed-up, parameters and FLOP
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from devset import DEFAULT_DEV, checked, test_subset
 
 from prunekit.config import PruneConfig
 from prunekit.pipeline import run
 from prunekit.schedule import ScheduleConfig
 from prunekit.train import TrainConfig
-
-DEFAULT_DEV = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-dev"
 
 
 def upsampled(source: Path, target: Path, count: int, size: int) -> None:
@@ -53,16 +51,13 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--channel-multiple", type=int, default=1)
     args = parser.parse_args()
-    dev = args.dev_dir
-    if not all((dev / n).is_file() for n in ("calibration.npz", "test.npz")):
-        sys.exit(f"no CIFAR-10 development set in {dev}: pass --dev-dir DIR")
+    dev = checked(args.dev_dir)
     cifar = args.model.startswith("cifar:")
     params = dict(p.split("=", 1) for p in args.param)
     with tempfile.TemporaryDirectory() as tmp:
-        test = np.load(dev / "test.npz")
         if cifar:
-            calibration, held_out = dev / "calibration.npz", Path(tmp) / "test.npz"
-            np.savez(held_out, x=test["x"][: args.test_images], y=test["y"][: args.test_images])
+            calibration = dev / "calibration.npz"
+            held_out = test_subset(dev, args.test_images, Path(tmp))
         else:  # latency at 224: a few upsampled images are enough
             calibration, held_out = Path(tmp) / "cal.npz", Path(tmp) / "test.npz"
             upsampled(dev / "calibration.npz", calibration, 256, 224)
