@@ -35,6 +35,7 @@ from prunekit_fishleg.qmatrix import (
     KroneckerQ,
     fit_q,
     gaussian_probes,
+    restricted_quadratic,
     solve_restricted,
 )
 
@@ -257,6 +258,15 @@ class FishLegPruner(Pruner):
         with torch.no_grad():
             diag = self._q(target).diagonal().reshape(target.weight.shape)
             return target.weight.detach().square() / (2 * diag)
+
+    def set_scores(
+        self, target: Target, stats: Mapping[str, torch.Tensor], sets: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Group OBS with Q: ½ θ_Sᵀ (Q[S, S])⁻¹ θ_S, removing the set S jointly."""
+        if not isinstance(target.module, SUPPORTED):
+            return None
+        weight = target.weight.detach() * target.mask
+        return restricted_quadratic(self._q(target), weight, sets)
 
     def update(
         self, target: Target, keep: torch.Tensor, stats: Mapping[str, torch.Tensor]

@@ -266,3 +266,33 @@ def solve_restricted(
         p = r + (rs_new / rs) * p
         rs = rs_new
     return x
+
+
+def restricted_quadratic(
+    q: KroneckerQ, weight: torch.Tensor, sets: torch.Tensor, budget: int = 1 << 24
+) -> torch.Tensor:
+    """½ θ_Sᵀ (Q[S, S])⁻¹ θ_S for each set S (a row of ``sets``, flat indices into the
+    (out, inp) weight): the group OBS score with Q in place of the inverse Fisher.
+
+    Q[S, S] comes from the Kronecker form, entry (s, t) = a_s a_t (RᵀR)_{o_s o_t}
+    (LLᵀ)_{j_s j_t}, and is solved in batches of at most ``budget`` matrix entries.
+    """
+    out, inp = q.shape
+    with torch.no_grad():
+        a = (q.A * q.scale).reshape(-1).double()
+        rr = (q.R.T @ q.R).double()
+        ll = (q.L @ q.L.T).double()
+        flat = weight.detach().reshape(-1).double()
+        sets = sets.to(flat.device)
+        n, k = sets.shape
+        total = torch.empty(n, dtype=torch.float64, device=flat.device)
+        step = max(1, budget // (k * k))
+        for start in range(0, n, step):
+            idx = sets[start : start + step]
+            o, j = idx // inp, idx % inp
+            sub = rr[o[:, :, None], o[:, None, :]] * ll[j[:, :, None], j[:, None, :]]
+            sub *= a[idx][:, :, None] * a[idx][:, None, :]
+            val = flat[idx]
+            solved = torch.linalg.solve(sub, val.unsqueeze(-1)).squeeze(-1)
+            total[start : start + step] = 0.5 * (val * solved).sum(1)
+    return total
