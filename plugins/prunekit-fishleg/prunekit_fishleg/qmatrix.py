@@ -277,7 +277,7 @@ def restricted_quadratic(
     Q[S, S] comes from the Kronecker form, entry (s, t) = a_s a_t (RᵀR)_{o_s o_t}
     (LLᵀ)_{j_s j_t}, and is solved in batches of at most ``budget`` matrix entries.
     """
-    out, inp = q.shape
+    inp = q.shape[1]
     with torch.no_grad():
         a = (q.A * q.scale).reshape(-1).double()
         rr = (q.R.T @ q.R).double()

@@ -333,9 +333,10 @@ def test_group_scores_are_obs_with_q_restricted_to_each_set():
 
 
 def test_structured_channels_use_the_group_score(digits, monkeypatch):
+    from prunekit_fishleg import pruner as fishleg_pruner
+
     import prunekit
     from prunekit.models import load_model
-    from prunekit_fishleg import pruner as fishleg_pruner
 
     calls = []
     real = fishleg_pruner.restricted_quadratic
