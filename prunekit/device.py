@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from prunekit.errors import UsageError
@@ -9,7 +11,7 @@ from prunekit.errors import UsageError
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -21,6 +23,8 @@ def resolve_device(name: str) -> torch.device:
             raise UsageError(
                 f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible"
             )
+        if device.index is None and "LOCAL_RANK" in os.environ:  # one GPU per torchrun process
+            device = resolve_device(f"cuda:{os.environ['LOCAL_RANK']}")
     elif device.type != "cpu":
         raise UsageError(f"unsupported device '{name}': use auto, cpu or cuda[:i]")
     return device

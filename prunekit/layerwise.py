@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from prunekit import distributed
 from prunekit.data import loader
 from prunekit.errors import NumericalError, UsageError
 
@@ -74,6 +75,7 @@ def _layer_means(
     handles = [m.register_forward_pre_hook(hook_for(n, m)) for n, m in modules.items()]
     was_training = model.training
     model.eval()
+    data, samples = distributed.shard_samples(data, samples)
     try:
         seen = 0
         for x, _ in loader(data, batch_size):
@@ -86,7 +88,13 @@ def _layer_means(
         model.train(was_training)
         for handle in handles:
             handle.remove()
-    return {name: sums[name] / counts[name] for name in sums}  # modules the pass reached
+    if distributed.active():  # each rank has samples, and its pass reaches the same modules
+        for name in modules:
+            sums.setdefault(name, torch.zeros((), dtype=torch.float64, device=device))
+        total = torch.tensor([float(counts.get(name, 0)) for name in modules], device=device)
+        distributed.all_reduce_sum([total, *(sums[name] for name in modules)])
+        counts = {name: int(c) for name, c in zip(modules, total.tolist(), strict=True) if c}
+    return {name: sums[name] / counts[name] for name in counts}  # modules the pass reached
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from prunekit import registry
+from prunekit import distributed, registry
 from prunekit.config import PruneConfig
 from prunekit.data import Splits, calibration_of, check_pair
 from prunekit.device import resolve_device
@@ -110,7 +110,8 @@ def prune(
     mse, cosine; default: labels, or kl on unlabeled data). ``structure="channels"`` removes
     whole channels (``sparsity`` is then the fraction of channels) and shrinks ``model`` in
     place to its new shapes; the result then has no masks. Everything numeric runs on
-    ``device``.
+    ``device``. Under torchrun (or in a process group the caller started) each process
+    takes its share of the calibration samples and every process gets the same result.
     """
     started = time.perf_counter()
     if isinstance(exclude, str):
@@ -145,7 +146,10 @@ def prune(
     source["data"] = splits.spec
     timings = Timings(resolve_device(device))
     home = next((p.device for p in model.parameters()), torch.device("cpu"))
-    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+    with (
+        torch.random.fork_rng(devices=[]),  # the caller's random state is left as it was
+        distributed.process_group(timings.device),  # under torchrun (or the caller's group)
+    ):
         outcome = prune_model(
             config, model, splits, instance, reporter or Silent(), source, [], timings, started
         )

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit import registry
+from prunekit import distributed, registry
 from prunekit.batchnorm import recalibrate_batchnorm
 from prunekit.channel_groups import UntraceableError
 from prunekit.config import PruneConfig
@@ -306,6 +306,7 @@ def prune_model(
         },
         "recalibrate_bn": config.recalibrate_bn,
         "device": str(device),
+        "world_size": distributed.world_size(),
         "seed": config.seed,
         "sparsity": {"target": config.sparsity, "achieved": achieved, "per_tensor": per_tensor},
         "structure": structure,
@@ -484,12 +485,20 @@ def accuracy_warnings(
 
 def run(config: PruneConfig, reporter: Reporter | None = None) -> dict[str, Any]:
     """Prune ``config.model`` and write OUT/model.safetensors, the exports and report.json."""
+    with distributed.process_group(resolve_device(config.device)):
+        return _run(config, reporter if distributed.is_main() else None)
+
+
+def _run(config: PruneConfig, reporter: Reporter | None) -> dict[str, Any]:
     reporter = reporter or Silent()
     started = time.perf_counter()
-    cleaned = prepare_output(config.out, config.force)
+    main = distributed.is_main()  # under torchrun only rank 0 writes
+    cleaned = prepare_output(config.out, config.force) if main else []
     outcome = execute(config, reporter)  # validates the config before any work
     report, data, timings = outcome.report, outcome.data, outcome.timings
     report["warnings"] = cleaned + report["warnings"]
+    if not main:
+        return report
     with reporter.stage("writing outputs"), staged_dir(config.out, config.force) as stage:
         metadata = metadata_for(report, config.to_json())
         with timings.phase("export"):

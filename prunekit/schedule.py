@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from prunekit import distributed
 from prunekit.errors import UsageError
 from prunekit.masks import apply, parse_nm, select, sparsity_of
 from prunekit.objectives import LABELS, Objective
@@ -129,6 +130,8 @@ def prune_step(ctx: StepContext, sparsity: float) -> list[str]:
                 if t.name in updates:
                     t.weight.copy_(updates[t.name])
     apply(ctx.targets, keep)
+    with torch.no_grad():  # decided once: rank 0's masks and weights on every rank
+        distributed.broadcast([x for t in ctx.targets for x in (t.weight, t.mask)])
     ctx.statistics.append(
         {"step": ctx.step, **collector.report(), "update_passes": 0 if kept else collector.passes}
         if compensates

@@ -20,7 +20,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils.data import Dataset
 
-from prunekit import fisher
+from prunekit import distributed, fisher
 from prunekit.curvature import BlockInverse
 from prunekit.data import loader
 from prunekit.errors import NumericalError, OutOfMemoryError, UsageError
@@ -98,6 +98,8 @@ def calibration_batches(
     """
     generator = torch.Generator(device).manual_seed(seed)
     taken = 0
+    if wanted <= 0:
+        return
     for x, y in loader(calibration, batch_size):
         x, y = x[: wanted - taken].to(device), y[: wanted - taken].to(device)
         if objective.sampled:
@@ -247,15 +249,19 @@ class Collector:
         return bool(self.needs & {"fisher_inv", "grad_rows"})
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's share of the calibration samples (all of them in a single process)."""
         spec = self.spec
+        data, gradients = distributed.shard_samples(
+            self.calibration, spec.num_grads, spec.grad_batch
+        )
         return calibration_batches(
             self.model,
-            self.calibration,
-            spec.num_grads * spec.grad_batch,
+            data,
+            gradients * spec.grad_batch,
             self.chunk * spec.grad_batch,
             self.objective,
             self.device,
-            self.seed,
+            self.seed + distributed.rank(),
         )
 
     def _fisher_scale(self) -> float:
@@ -281,6 +287,8 @@ class Collector:
                 done += len(x) // spec.grad_batch
                 self.say(f"{where}gradients {done}/{m}")
         self.model.train(was_training)
+        with self.timings.phase("all-reduce"):
+            acc.combine_ranks()
         return acc
 
     def _collect_group(self, group: list[Target], index: int) -> dict[str, dict[str, torch.Tensor]]:
@@ -399,6 +407,7 @@ class Collector:
         for loss in chunk_losses():
             for acc, g in zip(mean_grad, torch.autograd.grad(loss, params), strict=True):
                 acc += g
+        distributed.all_reduce_sum(mean_grad)
         mean_grad = [g * t.mask for g, t in zip(mean_grad, group, strict=True)]
         product = [torch.zeros_like(p) for p in params]
         for loss in chunk_losses():
@@ -406,36 +415,44 @@ class Collector:
             dot = sum((g * fixed).sum() for g, fixed in zip(grads, mean_grad, strict=True))
             for acc, h in zip(product, torch.autograd.grad(dot, params), strict=True):
                 acc += h
+        distributed.all_reduce_sum(product)
         return {t.name: (h * t.mask).detach() for t, h in zip(group, product, strict=True)}
 
     def _inverse(self, t: Target, curvature: torch.Tensor) -> torch.Tensor:
-        """The damped blockwise inverse; λ escalates x10 (with a warning) while a block is
-        not positive definite."""
-        spec, block = self.spec, self.spec.block_for(t)
+        """The damped blockwise inverse, its blocks shared out between the ranks; λ escalates
+        x10 (with a warning) while a block is not positive definite on any rank."""
+        block, m = self.spec.block_for(t), self.spec.num_grads
         damp = self.base_damping()
         first = damp
-        for attempt in range(DAMP_ESCALATIONS + 1):
+        gram = curvature.dim() == 3
+        count = len(curvature) if gram else fisher.num_blocks(curvature.shape[1], block)
+
+        def blocks(part: range, damp: float) -> torch.Tensor:
+            if gram:
+                return fisher.inverse_from_gram(curvature[part.start : part.stop], m, damp)
+            return fisher.inverse_from_rows(
+                curvature[:, part.start * block : part.stop * block], block, damp
+            )
+
+        for _ in range(DAMP_ESCALATIONS + 1):
+            part = distributed.shard(count)
             try:
-                if curvature.dim() == 3:  # Gram blocks
-                    inverse = fisher.inverse_from_gram(curvature, spec.num_grads, damp)
-                else:
-                    inverse = fisher.inverse_from_rows(curvature, block, damp)
+                mine, ok = blocks(part, damp), True
             except NumericalError:
-                if attempt == DAMP_ESCALATIONS:
-                    raise NumericalError(
-                        f"the damped Fisher of {t.name} is not positive definite even with "
-                        f"λ={damp:g}; raise --param damp"
-                    ) from None
-                damp *= 10
-                continue
-            if damp != first:
-                self.warnings.append(
-                    f"the damped Fisher of {t.name} was not positive definite with "
-                    f"λ={first:g}; used λ={damp:g}"
-                )
-            self.damping[t.name] = damp
-            return inverse
-        raise AssertionError
+                mine, ok = curvature.new_zeros(0, block, block), False
+            if distributed.all_agree(ok, self.device):
+                if damp != first:
+                    self.warnings.append(
+                        f"the damped Fisher of {t.name} was not positive definite with "
+                        f"λ={first:g}; used λ={damp:g}"
+                    )
+                self.damping[t.name] = damp
+                return distributed.gather_rows(mine)
+            damp *= 10
+        raise NumericalError(
+            f"the damped Fisher of {t.name} is not positive definite even with "
+            f"λ={damp / 10:g}; raise --param damp"
+        )
 
 
 class _Accumulators:
@@ -455,6 +472,7 @@ class _Accumulators:
         self.squares = {t.name: torch.zeros(t.numel, device=device) for t in group}
         self.rows: dict[str, list[torch.Tensor]] = {t.name: [] for t in group}
         self.grams: dict[str, torch.Tensor] = {}
+        self.group, self.device = group, device
 
     def uses_rows(self, t: Target) -> bool:
         return self.spec.num_grads < self.spec.block_for(t)
@@ -467,6 +485,21 @@ class _Accumulators:
         if self.curvature and not self.uses_rows(t):
             gram = fisher.accumulate_gram(self.grams.get(t.name), g, self.spec.block_for(t))
             self.grams[t.name] = gram
+
+    def combine_ranks(self) -> None:
+        """Sum the sums, squares and Gram blocks over the ranks; gather the rows in order."""
+        if not distributed.active():
+            return
+        distributed.all_reduce_sum([*self.sums.values(), *self.squares.values()])
+        for t in self.group:  # a rank without samples holds no Gram yet
+            if self.curvature and not self.uses_rows(t) and t.name not in self.grams:
+                b = self.spec.block_for(t)
+                shape = (fisher.num_blocks(t.numel, b), b, b)
+                self.grams[t.name] = torch.zeros(shape, device=self.device)
+            if self.keep_rows or (self.curvature and self.uses_rows(t)):
+                parts = self.rows[t.name] or [torch.zeros(0, t.numel, device=self.device)]
+                self.rows[t.name] = [distributed.gather_rows(torch.cat(parts))]
+        distributed.all_reduce_sum([self.grams[t.name] for t in self.group if t.name in self.grams])
 
     def pop_rows(self, t: Target) -> torch.Tensor:
         """The (m, d) gradient rows; released here (unless the curvature still needs them)."""

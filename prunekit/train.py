@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from prunekit.data import loader
+from prunekit import distributed
 from prunekit.errors import UsageError
 from prunekit.pruners.base import Target
 
@@ -79,15 +79,17 @@ def train(
         )
     else:
         opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    batches = loader(dataset, config.batch_size, shuffle=True, seed=seed)
+    batches = distributed.train_loader(dataset, config.batch_size, seed)
     schedule = _scheduler(opt, config.lr_schedule, epochs * len(batches))
+    forward = distributed.data_parallel(model, device)
     history = []
     for epoch in range(1, epochs + 1):
+        distributed.set_epoch(batches, epoch)
         model.train()
         total, count = 0.0, 0
         for x, y in batches:
             x, y = x.to(device), y.to(device)
-            loss = nn.functional.cross_entropy(model(x), y)
+            loss = nn.functional.cross_entropy(forward(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

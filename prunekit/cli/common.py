@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -24,6 +25,7 @@ from prunekit.errors import PrunekitError, UsageError
 console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
+RANK_GRACE_SECONDS = 2.0  # torchrun notices a failed process within 0.1 s
 
 
 def debug() -> bool:
@@ -31,7 +33,17 @@ def debug() -> bool:
 
 
 def _fail(message: str, code: int) -> typer.Exit:
-    err.print(f"[red]error:[/red] {escape(message)}", markup=True, highlight=False)
+    """Print the one error line. Under torchrun it names the rank; ranks other than 0 wait
+    a moment first, so that an error every rank meets is printed once: rank 0's exit makes
+    torchrun stop the others before they print."""
+    from prunekit import distributed
+
+    where = ""
+    if distributed.launched():
+        where = f" on rank {distributed.rank()} of {distributed.world_size()}"
+        if distributed.rank() > 0:
+            time.sleep(RANK_GRACE_SECONDS)
+    err.print(f"[red]error{where}:[/red] {escape(message)}", markup=True, highlight=False)
     return typer.Exit(code)
 
 
@@ -50,8 +62,16 @@ def handle_errors(command: F) -> F:
             err.print("interrupted; nothing was written")
             raise typer.Exit(130) from None
         except RuntimeError as exc:  # an out-of-memory outside the statistics' back-off
+            from torch.distributed import DistError
+
             from prunekit.memory import is_out_of_memory
 
+            if not debug() and isinstance(exc, DistError):
+                raise _fail(
+                    "lost contact with the other processes (another rank failed or was "
+                    f"stopped; its error says why): {str(exc).splitlines()[0]}",
+                    1,
+                ) from None
             if debug() or not is_out_of_memory(exc):
                 raise
             first = str(exc).splitlines()[0]

@@ -82,6 +82,7 @@ def prune(
 
         prunekit prune --config run/report.json --out run2   (repeat a run)
     """
+    from prunekit import distributed
     from prunekit.export import export_formats
     from prunekit.pipeline import run
     from prunekit.progress import RichReporter
@@ -103,6 +104,8 @@ def prune(
         config_from(recipe), command=(Path(sys.argv[0]).name, *sys.argv[1:])
     )
     report = run(run_config, RichReporter())
+    if not distributed.is_main():
+        return  # rank 0 speaks for every rank of a torchrun
     warn(report["warnings"])
     if options["as_json"]:
         print_json(report)
