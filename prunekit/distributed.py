@@ -24,6 +24,12 @@ from prunekit.data import loader
 from prunekit.errors import UsageError
 
 TIMEOUT = datetime.timedelta(minutes=30)  # a rank that stops answering ends the others
+_sent = [0]  # bytes this rank has put into all-reduces and gathers
+
+
+def bytes_sent() -> int:
+    """Bytes this process has contributed to all-reduces and gathers so far."""
+    return _sent[0]
 
 
 def launched() -> bool:
@@ -96,6 +102,7 @@ def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> None:
     if active():
         for t in tensors:
             dist.all_reduce(t)
+            _sent[0] += t.numel() * t.element_size()
 
 
 def gather_rows(rows: torch.Tensor) -> torch.Tensor:
@@ -110,7 +117,18 @@ def gather_rows(rows: torch.Tensor) -> torch.Tensor:
     padded[: len(rows)] = rows
     parts = [torch.empty_like(padded) for _ in range(world_size())]
     dist.all_gather(parts, padded)
+    _sent[0] += padded.numel() * padded.element_size()
     return torch.cat([p[: int(s)] for p, s in zip(parts, sizes, strict=True)])
+
+
+def lost_contact(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because another rank went away."""
+    if not launched() or not isinstance(exc, RuntimeError):
+        return False
+    text = str(exc)
+    return isinstance(exc, dist.DistError) or any(
+        mark in text for mark in ("Connection closed by peer", "gloo", "NCCL", "Connection reset")
+    )
 
 
 def all_agree(ok: bool, device: torch.device) -> bool:

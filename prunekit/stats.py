@@ -148,6 +148,7 @@ class Collector:
         self.damping: dict[str, float] = {}  # λ used per target
         self.fisher_scale: float | None = None  # mean diag F over all targets (relative λ)
         self.measured_peak: int | None = None
+        self.sent_before = distributed.bytes_sent()  # under torchrun: this step's traffic
         self.plan: MemoryPlan | None = None
         if needs:
             check_spec(spec, len(calibration))  # type: ignore[arg-type]
@@ -180,6 +181,8 @@ class Collector:
                 "chunk_used": self.chunk,
                 "measured_peak_bytes": self.measured_peak,
             }
+        if distributed.active():
+            out["exchanged_bytes"] = distributed.bytes_sent() - self.sent_before
         if self.damping:
             out["damping"] = {
                 "mode": self.spec.damp_mode,

@@ -67,6 +67,24 @@ def test_a_failure_ends_every_rank_with_one_error_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_failure_on_one_rank_ends_the_others_with_its_line_only(tmp_path):
+    (tmp_path / "flaky.py").write_text(
+        "import os\nfrom torch import nn\n\n\ndef make(num_classes=10):\n"
+        "    if os.environ['RANK'] == '1':\n        raise ValueError('rank 1 cannot')\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes))\n"
+    )
+    result = torchrun(2, "flaky:make", "--data", "digits", "-p", "woodfisher", "-s", "0.5",
+                      "--param", "num_grads=64", "--device", "cpu", "--out", "out",
+                      cwd=tmp_path)  # fmt: skip
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if line.startswith(("error", "[rank"))]
+    assert ours == [
+        "error on rank 1 of 2: model factory 'flaky:make' failed (ValueError: rank 1 cannot); "
+        "fix the factory"
+    ], result.stderr  # rank 0, waiting in a collective, was stopped without a traceback
+    assert not (tmp_path / "out").exists()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -32,16 +32,16 @@ def debug() -> bool:
     return os.environ.get("PRUNEKIT_DEBUG", "") not in {"", "0"}
 
 
-def _fail(message: str, code: int) -> typer.Exit:
-    """Print the one error line. Under torchrun it names the rank; ranks other than 0 wait
-    a moment first, so that an error every rank meets is printed once: rank 0's exit makes
-    torchrun stop the others before they print."""
+def _fail(message: str, code: int, lost_contact: bool = False) -> typer.Exit:
+    """Print the one error line. Under torchrun it names the rank; ranks other than 0 (and
+    a rank that lost contact with a failed one) wait a moment first, so that one failure is
+    printed once: the failed rank's exit makes torchrun stop the others before they print."""
     from prunekit import distributed
 
     where = ""
     if distributed.launched():
         where = f" on rank {distributed.rank()} of {distributed.world_size()}"
-        if distributed.rank() > 0:
+        if distributed.rank() > 0 or lost_contact:
             time.sleep(RANK_GRACE_SECONDS)
     err.print(f"[red]error{where}:[/red] {escape(message)}", markup=True, highlight=False)
     return typer.Exit(code)
@@ -62,15 +62,15 @@ def handle_errors(command: F) -> F:
             err.print("interrupted; nothing was written")
             raise typer.Exit(130) from None
         except RuntimeError as exc:  # an out-of-memory outside the statistics' back-off
-            from torch.distributed import DistError
-
+            from prunekit.distributed import lost_contact
             from prunekit.memory import is_out_of_memory
 
-            if not debug() and isinstance(exc, DistError):
+            if not debug() and lost_contact(exc):
                 raise _fail(
                     "lost contact with the other processes (another rank failed or was "
                     f"stopped; its error says why): {str(exc).splitlines()[0]}",
                     1,
+                    lost_contact=True,
                 ) from None
             if debug() or not is_out_of_memory(exc):
                 raise
