@@ -427,22 +427,21 @@ class Collector:
         block, m = self.spec.block_for(t), self.spec.num_grads
         damp = self.base_damping()
         first = damp
-        gram = curvature.dim() == 3
-        count = len(curvature) if gram else fisher.num_blocks(curvature.shape[1], block)
-
-        def blocks(part: range, damp: float) -> torch.Tensor:
-            if gram:
-                return fisher.inverse_from_gram(curvature[part.start : part.stop], m, damp)
-            return fisher.inverse_from_rows(
-                curvature[:, part.start * block : part.stop * block], block, damp
-            )
-
+        gram = curvature.dim() == 3  # Gram blocks, else gradient rows
+        if gram:
+            part = distributed.shard(len(curvature))
+            mine = curvature[part.start : part.stop]
+        else:  # this rank's blocks' columns
+            part = distributed.shard(fisher.num_blocks(curvature.shape[1], block))
+            mine = curvature[:, part.start * block : part.stop * block]
         for _ in range(DAMP_ESCALATIONS + 1):
-            part = distributed.shard(count)
             try:
-                mine, ok = blocks(part, damp), True
+                if gram:
+                    inverse, ok = fisher.inverse_from_gram(mine, m, damp), True
+                else:
+                    inverse, ok = fisher.inverse_from_rows(mine, block, damp), True
             except NumericalError:
-                mine, ok = curvature.new_zeros(0, block, block), False
+                inverse, ok = curvature.new_zeros(0, block, block), False
             if distributed.all_agree(ok, self.device):
                 if damp != first:
                     self.warnings.append(
@@ -450,7 +449,7 @@ class Collector:
                         f"λ={first:g}; used λ={damp:g}"
                     )
                 self.damping[t.name] = damp
-                return distributed.gather_rows(mine)
+                return distributed.gather_rows(inverse)
             damp *= 10
         raise NumericalError(
             f"the damped Fisher of {t.name} is not positive definite even with "

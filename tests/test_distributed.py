@@ -120,3 +120,17 @@ def test_collectives_against_their_single_process_meaning(tmp_path):
         assert r["mask"].tolist() == [True, False]  # rank 0's
         assert r["agree"] is False  # rank 1 said no
     assert (r0["shard"], r1["shard"]) == ((0, 1, 2), (3, 4, 5, 6))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nccl)")
+def test_nccl_world_size_one_masks_equal_a_plain_run(tmp_path):
+    args = (*RUNS["woodfisher"], "--device", "cuda")
+    plain = prune_report(*args, "--out", str(tmp_path / "plain"))
+    result = torchrun(1, *args, "--out", "nccl", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["world_size"] == 1
+    a = load_file(tmp_path / "plain" / "model.safetensors")
+    b = load_file(tmp_path / "nccl" / "model.safetensors")
+    assert plain["world_size"] == 1
+    for name in a:
+        assert torch.equal(a[name] == 0, b[name] == 0), name
