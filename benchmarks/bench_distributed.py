@@ -9,8 +9,9 @@ Each run is ``torchrun --standalone --nproc-per-node N -m prunekit prune`` on th
 dev ResNet (benchmarks/devset.py says where the folder is), with ``--threads`` CPU threads
 shared out between the N processes, so that 1 vs N compares the same cores. The projection
 for ``--gpus`` devices divides the gradient and inverse time of the 1-process run by the
-device count and adds a ring all-reduce of the measured bytes per rank at ``--link-gbytes``
-GB/s (2 (N-1)/N x bytes over the link).
+device count and adds a ring all-reduce of the measured all-reduced bytes (2 (N-1)/N x
+bytes over the link) and an all-gather of the inverse blocks ((N-1)/N x bytes) at
+``--link-gbytes`` GB/s.
 """
 
 from __future__ import annotations
@@ -24,9 +25,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from devset import DEFAULT_DEV, checked, test_subset
+from safetensors.torch import load_file
 
 PHASES = ("statistics", "all-reduce", "inverse")
+KINDS = ("all_reduce", "gather")
+MIB = 2**20
 
 
 def run(procs: int, threads: int, args: argparse.Namespace, work: Path, data: str) -> dict:
@@ -67,38 +72,45 @@ def main() -> None:
         data = f"tensors:{dev / 'calibration.npz'},{test_subset(dev, 500, work)}"
         for procs in counts:
             report = run(procs, args.threads, args, work, data)
-            sent = sum(step.get("exchanged_bytes", 0) for step in report["statistics"])
+            sent = {k: sum(s["exchanged_bytes"][k] for s in report["statistics"]) for k in KINDS}
             rows.append((procs, report, report["phases"], sent))
+        base_masks = masks_of(work / f"out{counts[0]}")
+        differ = [
+            sum(int((base_masks[k] != m[k]).sum()) for k in m)
+            for m in (masks_of(work / f"out{procs}") for procs in counts)
+        ]
     print(
         f"{args.pruner} on dev {args.model}, {args.num_grads} gradients, {args.threads} CPU "
-        f"threads shared by the processes; seconds (statistics include the wait for the "
-        "slowest rank)\n"
+        "threads shared by the processes; seconds summed over the pruning sub-steps (the "
+        "gradients include the wait for the slowest rank); MiB contributed per rank\n"
     )
-    print("| processes | gradients | all-reduce | inverse | rest | wall | masks | bytes/rank |")
-    print("|---|---|---|---|---|---|---|---|")
-    base = rows[0]
-    for procs, report, phases, sent in rows:
+    print("| processes | gradients | all-reduce | inverse | rest | wall | mask entries unlike "
+          "1 process | all-reduced | gathered |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (procs, report, phases, sent), unlike in zip(rows, differ, strict=True):
         grads, reduce_s, inverse = (phases.get(k, 0.0) for k in PHASES)
         rest = report["seconds"] - grads - reduce_s - inverse
-        same = report["sparsity"]["per_tensor"] == base[1]["sparsity"]["per_tensor"]
-        masks = "same" if same else "DIFFER"
         print(f"| {procs} | {grads:.1f} | {reduce_s:.2f} | {inverse:.1f} | {rest:.1f} | "
-              f"{report['wall']:.1f} | {masks} | {sent / 2**20:.1f} MiB |")  # fmt: skip
+              f"{report['wall']:.1f} | {unlike} of {sum(m.numel() for m in base_masks.values())} "
+              f"| {sent['all_reduce'] / MIB:.0f} | {sent['gather'] / MIB:.0f} |")  # fmt: skip
+    base = rows[0]
     for procs, _, phases, _ in rows[1:]:
-        ratio = (base[2]["statistics"] + base[2].get("inverse", 0)) / (
-            phases["statistics"] + phases.get("all-reduce", 0) + phases.get("inverse", 0)
-        )
-        print(f"\nstatistics + inverse, 1 vs {procs} processes: {ratio:.2f}x faster")
-    sent = max(r[3] for r in rows)  # the all-reduced sums do not depend on the rank count
-    n = args.gpus
+        ratio = sum(base[2].get(k, 0.0) for k in PHASES) / sum(phases.get(k, 0.0) for k in PHASES)
+        print(f"\ngradients + all-reduce + inverse, 1 vs {procs} processes: {ratio:.2f}x faster")
+    n, link = args.gpus, args.link_gbytes * 1e9
     grads, inverse = base[2]["statistics"], base[2].get("inverse", 0.0)
-    ring = 2 * (n - 1) / n * sent / (args.link_gbytes * 1e9)
+    reduced, gathered = base[3]["all_reduce"], base[3]["gather"]  # a single rank: all of it
+    ring = (2 * (n - 1) / n * reduced + (n - 1) / n * gathered) / link
     print(
-        f"\nprojection for {n} devices from the 1-process split: gradients {grads:.1f}/{n}, "
-        f"inverse {inverse:.1f}/{n}, all-reduce of {sent / 2**20:.1f} MiB per rank at "
-        f"{args.link_gbytes:g} GB/s = {ring * 1e3:.1f} ms -> "
-        f"{(grads + inverse) / (grads / n + inverse / n + ring):.2f}x"
+        f"\nprojection for {n} devices from the 1-process split: gradients {grads:.1f}/{n} + "
+        f"inverse {inverse:.1f}/{n} + ring all-reduce of {reduced / MIB:.0f} MiB and "
+        f"all-gather of {gathered / MIB:.0f} MiB at {args.link_gbytes:g} GB/s "
+        f"({ring * 1e3:.0f} ms) -> {(grads + inverse) / (grads / n + inverse / n + ring):.2f}x"
     )
+
+
+def masks_of(out: Path) -> dict[str, torch.Tensor]:
+    return {k: v == 0 for k, v in load_file(out / "model.safetensors").items()}
 
 
 if __name__ == "__main__":

@@ -24,12 +24,12 @@ from prunekit.data import loader
 from prunekit.errors import UsageError
 
 TIMEOUT = datetime.timedelta(minutes=30)  # a rank that stops answering ends the others
-_sent = [0]  # bytes this rank has put into all-reduces and gathers
+_sent = {"all_reduce": 0, "gather": 0}  # bytes this rank has put into each
 
 
-def bytes_sent() -> int:
-    """Bytes this process has contributed to all-reduces and gathers so far."""
-    return _sent[0]
+def bytes_sent() -> dict[str, int]:
+    """Bytes this process has contributed to all-reduces and to gathers so far."""
+    return dict(_sent)
 
 
 def launched() -> bool:
@@ -102,7 +102,7 @@ def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> None:
     if active():
         for t in tensors:
             dist.all_reduce(t)
-            _sent[0] += t.numel() * t.element_size()
+            _sent["all_reduce"] += t.numel() * t.element_size()
 
 
 def gather_rows(rows: torch.Tensor) -> torch.Tensor:
@@ -117,7 +117,7 @@ def gather_rows(rows: torch.Tensor) -> torch.Tensor:
     padded[: len(rows)] = rows
     parts = [torch.empty_like(padded) for _ in range(world_size())]
     dist.all_gather(parts, padded)
-    _sent[0] += padded.numel() * padded.element_size()
+    _sent["gather"] += padded.numel() * padded.element_size()
     return torch.cat([p[: int(s)] for p, s in zip(parts, sizes, strict=True)])
 
 

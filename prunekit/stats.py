@@ -182,7 +182,8 @@ class Collector:
                 "measured_peak_bytes": self.measured_peak,
             }
         if distributed.active():
-            out["exchanged_bytes"] = distributed.bytes_sent() - self.sent_before
+            now = distributed.bytes_sent()
+            out["exchanged_bytes"] = {k: now[k] - self.sent_before[k] for k in now}
         if self.damping:
             out["damping"] = {
                 "mode": self.spec.damp_mode,
