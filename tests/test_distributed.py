@@ -134,3 +134,15 @@ def test_nccl_world_size_one_masks_equal_a_plain_run(tmp_path):
     assert plain["world_size"] == 1
     for name in a:
         assert torch.equal(a[name] == 0, b[name] == 0), name
+
+
+def test_sweep_under_several_processes_says_to_prune_per_cell(tmp_path, monkeypatch):
+    from tests.cli_helpers import invoke
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = invoke("sweep", "sample:digits-mlp", "--pruners", "magnitude", "--sparsities",
+                    "0.5", "--out", str(tmp_path / "s"))  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "error on rank 0 of 2: prunekit sweep runs in one process" in result.stderr
+    assert not (tmp_path / "s").exists()

@@ -10,6 +10,7 @@ import typer
 from prunekit.cli.common import console, err, handle_errors, number_list
 from prunekit.cli.options import OUTPUT, RUN, TARGETS, TRAINING, to_recipe, with_options
 from prunekit.cli.prune import MODEL_HELP
+from prunekit.errors import UsageError
 
 
 @handle_errors
@@ -42,10 +43,15 @@ def sweep(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from prunekit import distributed
     from prunekit.recipe import config_from
     from prunekit.sweep import cell_runner, finished_cells, run_sweep
 
     assert options is not None
+    if distributed.world_size() > 1:
+        raise UsageError(
+            "prunekit sweep runs in one process; under torchrun run `prunekit prune` per cell"
+        )
     names = [p.strip() for p in pruners.split(",") if p.strip()]
     levels = number_list(sparsities, "--sparsities", float)
     seed_list = number_list(seeds, "--seeds", int)
