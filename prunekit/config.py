@@ -29,7 +29,7 @@ class PruneConfig:
     trust_checkpoint: bool = False
     params: dict[str, str] = field(default_factory=dict)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    recalibrate_bn: bool = False
+    recalibrate_bn: bool | None = None  # None: on where whole channels are removed
     memory_budget: int | None = None  # bytes; None: a safe fraction of free memory
     objective: str | None = None  # prunekit.objectives; None: the default for model and data
     verbose: bool = False
@@ -47,6 +47,12 @@ class PruneConfig:
         return (
             Path("prunekit-out") / f"{model.split(':')[-1].replace('.', '_')}-{pruner}-{sparsity:g}"
         )
+
+    def recalibrates_bn(self) -> bool:
+        """Whether BatchNorm statistics are re-estimated after pruning: as asked, else for
+        structured runs (dev ResNet-56, 50 % of channels, one-shot: magnitude 33.4 -> 68.6 %,
+        woodfisher 45.1 -> 54.5 %)."""
+        return self.structure is not None if self.recalibrate_bn is None else self.recalibrate_bn
 
     def preprocess(self) -> Preprocess:
         return Preprocess(self.normalize, self.image_size)

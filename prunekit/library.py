@@ -93,7 +93,7 @@ def prune(
     device: str = "auto",
     seed: int = 0,
     memory_budget: int | None = None,
-    recalibrate_bn: bool = False,
+    recalibrate_bn: bool | None = None,
     objective: str | None = None,
     structure: str | None = None,
     min_channels: int = 1,

@@ -263,7 +263,7 @@ def prune_model(
             on_event=status,
         )
         warnings += step_warnings
-    if config.recalibrate_bn:
+    if config.recalibrates_bn():
         with reporter.stage("re-estimating BatchNorm statistics"), timings.phase("batchnorm"):
             recalibrate_batchnorm(model, data.calibration, device)
     check_finite_model(model)
@@ -304,7 +304,7 @@ def prune_model(
             "recompute": "auto" if config.schedule.recompute is None else config.schedule.recompute,
             "pruning_steps": ctx.step,
         },
-        "recalibrate_bn": config.recalibrate_bn,
+        "recalibrate_bn": config.recalibrates_bn(),
         "device": str(device),
         "world_size": distributed.world_size(),
         "seed": config.seed,
@@ -471,7 +471,7 @@ def accuracy_warnings(
         remedies.append("--recompute auto (or a larger K)")
     if not pruner.compensates():
         remedies.append("a second-order pruner (--pruner woodfisher)")
-    if not config.recalibrate_bn:
+    if not config.recalibrates_bn():
         remedies.append("--recalibrate-bn")
     if not config.schedule.trains():
         remedies.append("--finetune-epochs N or --schedule gradual")

@@ -175,10 +175,11 @@ RUN = (
     *TRUST,
     _opt(
         "recalibrate_bn",
-        bool,
-        False,
+        bool | None,
+        None,
         "--recalibrate-bn/--no-recalibrate-bn",
-        "Re-estimate BatchNorm statistics on the calibration split.",
+        "Re-estimate BatchNorm statistics on the calibration split after pruning "
+        "(default: on with --structure, off otherwise).",
         SCHEDULE,
     ),
     _opt(
