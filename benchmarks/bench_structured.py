@@ -9,11 +9,12 @@ downloaded): its accuracy means nothing there, its speed-up, parameters and FLOP
 
     python benchmarks/bench_structured.py [--dev-dir DIR] [--model cifar:resnet56]
         [--pruners magnitude,woodfisher] [--fractions 0.3,0.5] [--mask layer]
-        [--finetune-epochs 5] [--lr 0.01] [--recalibrate-bn] [--test-images 3000]
+        [--finetune-epochs 5] [--lr 0.01] [--no-recalibrate-bn] [--test-images 3000]
         [--param KEY=VALUE ...]
 
-With --recalibrate-bn the BatchNorm statistics are re-estimated after the schedule: the
-one-shot column includes it only when there is no fine-tuning.
+BatchNorm statistics are re-estimated after the schedule (prunekit's default for structured
+runs; --no-recalibrate-bn: not): the one-shot column includes it only when there is no
+fine-tuning.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def main() -> None:
     parser.add_argument("--mask", default="layer", choices=("layer", "global"))
     parser.add_argument("--finetune-epochs", type=int, default=5)
     parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--recalibrate-bn", action="store_true")
+    parser.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction)
     parser.add_argument("--test-images", type=int, default=3000)
     parser.add_argument("--param", action="append", default=[], help="pruner KEY=VALUE")
     parser.add_argument("--runs", type=int, default=200, help="timed ONNX runs per batch")
@@ -71,7 +72,7 @@ def main() -> None:
         epochs = args.finetune_epochs if cifar else 0  # random weights: nothing to recover
         print(f"{args.model}, --structure channels --mask {args.mask}, fine-tuning "
               f"{epochs} epoch(s) on the calibration images, lr {args.lr}, BatchNorm "
-              f"{'re-estimated' if args.recalibrate_bn else 'as trained'}\n")  # fmt: skip
+              f"{'as trained' if args.recalibrate_bn is False else 're-estimated'}\n")  # fmt: skip
         print("| pruner | channels removed | params | FLOPs | one-shot top-1 | fine-tuned "
               "top-1 | ORT speed-up b1 | b32 | seconds |")  # fmt: skip
         print("|---|---|---|---|---|---|---|---|---|")
