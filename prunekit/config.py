@@ -48,12 +48,6 @@ class PruneConfig:
             Path("prunekit-out") / f"{model.split(':')[-1].replace('.', '_')}-{pruner}-{sparsity:g}"
         )
 
-    def recalibrates_bn(self) -> bool:
-        """Whether BatchNorm statistics are re-estimated after pruning: as asked, else for
-        structured runs (dev ResNet-56, 50 % of channels, one-shot: magnitude 33.4 -> 68.6 %,
-        woodfisher 45.1 -> 54.5 %)."""
-        return self.structure is not None if self.recalibrate_bn is None else self.recalibrate_bn
-
     def preprocess(self) -> Preprocess:
         return Preprocess(self.normalize, self.image_size)
 

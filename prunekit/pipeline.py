@@ -263,7 +263,10 @@ def prune_model(
             on_event=status,
         )
         warnings += step_warnings
-    if config.recalibrates_bn():
+    # default: re-estimate where whole channels were removed (dev ResNet-56, 50 % of the
+    # channels one-shot: magnitude 33.4 -> 68.6 %, woodfisher 45.1 -> 54.5 %)
+    recalibrate = plan is not None if config.recalibrate_bn is None else config.recalibrate_bn
+    if recalibrate:
         with reporter.stage("re-estimating BatchNorm statistics"), timings.phase("batchnorm"):
             recalibrate_batchnorm(model, data.calibration, device)
     check_finite_model(model)
@@ -281,7 +284,7 @@ def prune_model(
             if dense_outputs is None
             else cosine_fidelity(dense_outputs, outputs_on(model, data.test, device))
         )
-    warnings += accuracy_warnings(config, pruner, dense_accuracy, pruned_accuracy)
+    warnings += accuracy_warnings(config, pruner, recalibrate, dense_accuracy, pruned_accuracy)
 
     report: dict[str, Any] = {
         "command": shlex.join(config.command) if config.command else None,
@@ -304,7 +307,7 @@ def prune_model(
             "recompute": "auto" if config.schedule.recompute is None else config.schedule.recompute,
             "pruning_steps": ctx.step,
         },
-        "recalibrate_bn": config.recalibrates_bn(),
+        "recalibrate_bn": recalibrate,
         "device": str(device),
         "world_size": distributed.world_size(),
         "seed": config.seed,
@@ -461,7 +464,11 @@ ACCURACY_DROP_WARNING = 0.10  # absolute top-1 loss that earns a warning with re
 
 
 def accuracy_warnings(
-    config: PruneConfig, pruner: Pruner, dense: float | None, pruned: float | None
+    config: PruneConfig,
+    pruner: Pruner,
+    recalibrated: bool,
+    dense: float | None,
+    pruned: float | None,
 ) -> list[str]:
     """A warning with the likely remedies when pruning cost much of the dense accuracy."""
     if dense is None or pruned is None or dense - pruned <= ACCURACY_DROP_WARNING:
@@ -471,7 +478,7 @@ def accuracy_warnings(
         remedies.append("--recompute auto (or a larger K)")
     if not pruner.compensates():
         remedies.append("a second-order pruner (--pruner woodfisher)")
-    if not config.recalibrates_bn():
+    if not recalibrated:
         remedies.append("--recalibrate-bn")
     if not config.schedule.trains():
         remedies.append("--finetune-epochs N or --schedule gradual")

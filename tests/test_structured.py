@@ -116,6 +116,7 @@ def test_bad_structured_input(tmp_path, monkeypatch):
                             "digits", "--structure", "channels-or-weights", "--out",
                             str(tmp_path / "c"))  # fmt: skip
     assert fallback["structure"] is None and fallback["sparsity"]["achieved"] == 0.5
+    assert fallback["recalibrate_bn"] is False  # the default follows what was removed
     assert any("cannot trace module body (Branchy)" in w and "pruned unstructured" in w
                for w in fallback["warnings"])  # fmt: skip
 

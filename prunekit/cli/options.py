@@ -179,7 +179,7 @@ RUN = (
         None,
         "--recalibrate-bn/--no-recalibrate-bn",
         "Re-estimate BatchNorm statistics on the calibration split after pruning "
-        "(default: on with --structure, off otherwise).",
+        "(default: on where --structure removes channels, off otherwise).",
         SCHEDULE,
     ),
     _opt(
