@@ -1,5 +1,5 @@
 """The three ways to run prunekit on a real model, timed in one process: the CLI's pipeline
-(`prunekit.pipeline.run`), a repeat from its report (`prunekit.run_recipe`, = `prune
+(`prunekit.run.pipeline.run`), a repeat from its report (`prunekit.run_recipe`, = `prune
 --config OUT/report.json`) and the in-memory Python API (`prunekit.prune`). Prints each
 one's time, its ratio to the pipeline run, and whether its masks equal the pipeline's.
 
@@ -23,11 +23,11 @@ from devset import DEFAULT_DEV, checked, test_subset
 from safetensors.torch import load_file
 
 import prunekit
-from prunekit.config import PruneConfig
-from prunekit.data import load_data
-from prunekit.models import load_model
-from prunekit.pipeline import run
-from prunekit.preprocess import Preprocess
+from prunekit.load.data import load_data
+from prunekit.load.models import load_model
+from prunekit.load.preprocess import Preprocess
+from prunekit.run.config import PruneConfig
+from prunekit.run.pipeline import run
 
 
 def masks_of(folder: Path) -> dict[str, torch.Tensor]:

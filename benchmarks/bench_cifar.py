@@ -27,10 +27,10 @@ from pathlib import Path
 
 from devset import DEFAULT_DEV, checked, test_subset
 
-from prunekit.config import PruneConfig
-from prunekit.pipeline import execute
-from prunekit.schedule import ScheduleConfig
-from prunekit.train import TrainConfig
+from prunekit.engine.schedule import ScheduleConfig
+from prunekit.engine.train import TrainConfig
+from prunekit.run.config import PruneConfig
+from prunekit.run.pipeline import execute
 
 DEFAULT_VARIANTS = [
     "magnitude=magnitude",

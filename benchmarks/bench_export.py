@@ -16,9 +16,9 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from prunekit.config import PruneConfig
-from prunekit.pipeline import run
-from prunekit.validate import ValidateOptions, latency, open_session
+from prunekit.run.config import PruneConfig
+from prunekit.run.pipeline import run
+from prunekit.validate.onnx_runtime import ValidateOptions, latency, open_session
 
 MODELS = ("digits-mlp", "digits-cnn", "digits-resnet")
 
@@ -49,9 +49,9 @@ def large_model_sizes(root: Path) -> None:
     import torch
     from torchvision.models import resnet18
 
-    from prunekit.compact import save_compact
-    from prunekit.export import save_safetensors
-    from prunekit.masks import apply, find_targets, select
+    from prunekit.engine.masks import apply, find_targets, select
+    from prunekit.formats.compact import save_compact
+    from prunekit.run.exports import save_safetensors
 
     print("\n| torchvision resnet18 | dense | compact | compact / dense | compact / bound |")
     print("|---|---|---|---|---|")

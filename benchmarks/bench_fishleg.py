@@ -12,13 +12,13 @@ import time
 
 import torch
 
-from prunekit import registry
-from prunekit.data import load_data
-from prunekit.evaluate import accuracy
-from prunekit.masks import find_targets
-from prunekit.memory import peak_rss, reset_peak_rss
-from prunekit.models import load_model
-from prunekit.schedule import StepContext, prune_step
+from prunekit.calibrate.memory import peak_rss, reset_peak_rss
+from prunekit.engine.masks import find_targets
+from prunekit.engine.step import Pruning, prune_step
+from prunekit.load.data import load_data
+from prunekit.load.models import load_model
+from prunekit.pruners import registry
+from prunekit.validate.metrics import accuracy
 
 MODELS = ("digits-mlp", "digits-cnn", "digits-resnet")
 
@@ -26,7 +26,7 @@ MODELS = ("digits-mlp", "digits-cnn", "digits-resnet")
 def measure(name: str, pruner: str, data, sparsity: float) -> tuple[float, int, float]:
     model = load_model(f"sample:{name}").model
     targets, _ = find_targets(model)
-    ctx = StepContext(
+    ctx = Pruning.of(
         model, targets, registry.create(pruner), data.calibration, torch.device("cpu")
     )
     base = reset_peak_rss()

@@ -28,8 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from prunekit.config import PruneConfig
-from prunekit.pipeline import execute, run
+from prunekit.run.config import PruneConfig
+from prunekit.run.pipeline import execute, run
 
 LICENSES = Path("/usr/share/common-licenses")
 
@@ -119,7 +119,7 @@ def mask_of(item: str) -> tuple[str, float]:
 
 def print_validation(report: dict, out: Path, runs: int) -> None:
     """Validate the run's ONNX export against its dense export: parity, fidelity, latency."""
-    from prunekit.validate import ValidateOptions, validate_file
+    from prunekit.validate.onnx_runtime import ValidateOptions, validate_file
 
     options = ValidateOptions(runs=runs)
     v, _ = validate_file(out / "model.onnx", options, out / "dense.onnx")

@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from devset import DEFAULT_DEV, checked, test_subset
 
-from prunekit.config import PruneConfig
-from prunekit.pipeline import run
-from prunekit.schedule import ScheduleConfig
-from prunekit.train import TrainConfig
+from prunekit.engine.schedule import ScheduleConfig
+from prunekit.engine.train import TrainConfig
+from prunekit.run.config import PruneConfig
+from prunekit.run.pipeline import run
 
 
 def upsampled(source: Path, target: Path, count: int, size: int) -> None:

@@ -16,13 +16,14 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from prunekit import fisher, registry
-from prunekit.data import load_data, loader
-from prunekit.masks import find_targets
-from prunekit.memory import PeakMemory
-from prunekit.models import load_model
-from prunekit.schedule import StepContext, prune_step
-from prunekit.stats import Collector, per_sample_gradients
+from prunekit.calibrate import fisher
+from prunekit.calibrate.collector import Collector, per_sample_gradients
+from prunekit.calibrate.memory import PeakMemory
+from prunekit.engine.masks import find_targets
+from prunekit.engine.step import Pruning, prune_step
+from prunekit.load.data import load_data, loader
+from prunekit.load.models import load_model
+from prunekit.pruners import registry
 
 
 def best_of(fn, repeats: int = 3) -> float:
@@ -64,7 +65,7 @@ def overhead(device: torch.device, m: int, size: int) -> None:
     def whole_step():
         model, targets = fresh()
         pruner = registry.create("woodfisher", {"num_grads": str(m)})
-        prune_step(StepContext(model, targets, pruner, calibration, device), 0.9)
+        prune_step(Pruning.of(model, targets, pruner, calibration, device), 0.9)
         sync(device)
 
     t_grad, t_step = best_of(gradients_only), best_of(whole_step)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from prunekit.version import __version__
 
 _API = {
     "prune": "prunekit.library",
@@ -21,10 +21,10 @@ _API = {
     "MaskHandle": "prunekit.library",
     "export_onnx": "prunekit.library",
     "validate_onnx": "prunekit.library",
-    "ScheduleConfig": "prunekit.schedule",
-    "TrainConfig": "prunekit.train",
-    "PruneConfig": "prunekit.config",
-    "load_recipe": "prunekit.recipe",
+    "ScheduleConfig": "prunekit.engine.schedule",
+    "TrainConfig": "prunekit.engine.train",
+    "PruneConfig": "prunekit.run.config",
+    "load_recipe": "prunekit.run.recipe",
     "run_recipe": "prunekit.library",
 }
 __all__ = ["__version__", *_API]

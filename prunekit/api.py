@@ -19,19 +19,17 @@ whose ``contract`` is not ``CONTRACT_VERSION`` or whose ``needs`` names an unkno
 
 from __future__ import annotations
 
-from prunekit.curvature import BlockInverse
-from prunekit.errors import NumericalError, PrunekitError, UsageError
-from prunekit.pruners.base import (
+from prunekit.calibrate.collector import Collector
+from prunekit.contract.context import StepContext
+from prunekit.contract.curvature import BlockInverse
+from prunekit.contract.pruner import (
     CONTRACT_VERSION,
     SAMPLING_NAMES,
     SAMPLING_PARAMS,
     Param,
     Pruner,
-    StatsSpec,
-    Target,
 )
-from prunekit.schedule import StepContext
-from prunekit.statistics import (
+from prunekit.contract.statistics import (
     FISHER_DIAG,
     FISHER_INV,
     GRAD_MEAN,
@@ -39,7 +37,8 @@ from prunekit.statistics import (
     HESSIAN_GRAD,
     STATISTICS,
 )
-from prunekit.stats import Collector
+from prunekit.contract.target import StatsSpec, Target
+from prunekit.errors import NumericalError, PrunekitError, UsageError
 from prunekit.testing import check_pruner
 
 __all__ = [

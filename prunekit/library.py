@@ -1,9 +1,8 @@
 """prunekit from Python: prune an ``nn.Module`` in memory, hold its masks in your own training
-loop, export and validate it. The CLI runs the same code (``prunekit.pipeline``)."""
+loop, export and validate it. The CLI runs the same code (``prunekit.run.pipeline``)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,16 +13,17 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from prunekit import distributed, registry
-from prunekit.config import PruneConfig
-from prunekit.data import Splits, calibration_of, check_pair
-from prunekit.device import resolve_device
+from prunekit.contract.pruner import Pruner
+from prunekit.engine.schedule import ScheduleConfig
 from prunekit.errors import UsageError
-from prunekit.pipeline import check, prune_model
-from prunekit.progress import Reporter, Silent
-from prunekit.pruners.base import Pruner
-from prunekit.schedule import ScheduleConfig
-from prunekit.timing import Timings
+from prunekit.load.data import Splits, calibration_of, check_pair
+from prunekit.pruners import registry
+from prunekit.run.config import PruneConfig
+from prunekit.run.pipeline import Inputs, check, prune_model
+from prunekit.runtime import distributed
+from prunekit.runtime.device import resolve_device
+from prunekit.runtime.progress import Reporter, Silent
+from prunekit.runtime.timing import Timings
 
 DataLike = DataLoader | Dataset | tuple[torch.Tensor, torch.Tensor] | torch.Tensor
 
@@ -113,7 +113,6 @@ def prune(
     ``device``. Under torchrun (or in a process group the caller started) each process
     takes its share of the calibration samples and every process gets the same result.
     """
-    started = time.perf_counter()
     if isinstance(exclude, str):
         exclude = (exclude,)
     if isinstance(pruner, Pruner):
@@ -144,14 +143,15 @@ def prune(
     splits = splits_of(data, test_data)
     source = {"model": config.model, "weights": None, "trusted_checkpoint": None}
     source["data"] = splits.spec
-    timings = Timings(resolve_device(device))
+    where = resolve_device(device)
+    timings = Timings(where)
     home = next((p.device for p in model.parameters()), torch.device("cpu"))
     with (
         torch.random.fork_rng(devices=[]),  # the caller's random state is left as it was
-        distributed.process_group(timings.device),  # under torchrun (or the caller's group)
+        distributed.process_group(where),  # under torchrun (or the caller's group)
     ):
         outcome = prune_model(
-            config, model, splits, instance, reporter or Silent(), source, [], timings, started
+            config, Inputs(model, splits, source), instance, where, reporter or Silent(), timings
         )
     model.to(home)  # where the caller had it
     return PruneResult(model, outcome.masks(), outcome.report)
@@ -239,7 +239,7 @@ def export_onnx(
     initializers are stored as sparse tensors where that is smaller (``sparse``)."""
     import copy
 
-    from prunekit.onnx_export import export_onnx as write
+    from prunekit.formats.onnx_file import export_onnx as write
 
     exported = copy.deepcopy(model).cpu().eval()
     return write(exported, tuple(input_shape), Path(path), dict(metadata or {}), sparse=sparse)
@@ -258,7 +258,7 @@ def validate_onnx(
 ) -> dict[str, Any]:
     """Run ``path`` in ONNX Runtime on ``data``: accuracy, parity with ``torch_model``,
     latency (against ``baseline``); ``passed`` is false when a gate fails."""
-    from prunekit.validate import ValidateOptions, validate
+    from prunekit.validate.onnx_runtime import ValidateOptions, validate
 
     splits = splits_of(data)
     options = ValidateOptions(
@@ -284,8 +284,8 @@ def run_recipe(recipe: str | Path | Mapping[str, Any], **overrides: Any) -> dict
     """Run a recipe — a .toml/.json file, a run's report.json, or a dict — like
     ``prunekit prune --config``: ``overrides`` (recipe keys, e.g. ``out=...``, ``seed=1``)
     replace its own values. Writes OUT and returns the report."""
-    from prunekit.pipeline import run
-    from prunekit.recipe import config_from, load_recipe
+    from prunekit.run.pipeline import run
+    from prunekit.run.recipe import config_from, load_recipe
 
     base = dict(recipe) if isinstance(recipe, Mapping) else load_recipe(recipe)
     return run(config_from({**base, **overrides}))

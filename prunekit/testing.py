@@ -17,9 +17,11 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from prunekit.masks import find_targets, select
-from prunekit.pruners.base import CONTRACT_VERSION, Pruner, StatsSpec, Target
-from prunekit.statistics import STATISTICS
+from prunekit.contract.context import StepContext
+from prunekit.contract.pruner import CONTRACT_VERSION, Compressed, LayerPruner, LayerRequest, Pruner
+from prunekit.contract.statistics import STATISTICS
+from prunekit.contract.target import StatsSpec, Target
+from prunekit.engine.masks import find_targets, select
 
 TINY_SAMPLES = 16
 
@@ -63,7 +65,7 @@ def check_declarations(cls: type[Pruner]) -> None:
 
 def tiny_statistics(pruner: Pruner, model: nn.Module, targets: list[Target]) -> dict:
     """The statistics ``pruner.needs`` on the tiny model and data, by prunekit's collector."""
-    from prunekit.stats import Collector
+    from prunekit.calibrate.collector import Collector
 
     spec = pruner.stats_spec()
     spec = dataclasses.replace(spec, num_grads=max(1, TINY_SAMPLES // spec.grad_batch))
@@ -83,17 +85,18 @@ def check_pruner(
     prunekit on tiny data unless ``stats`` (target name -> statistics) is given; every score
     and update must have the weight's shape, no NaN, and leave the weights untouched.
     """
-    from prunekit.schedule import StepContext
-
     check_declarations(cls)
     num_grads = next((p for p in cls.params if p.name == "num_grads"), None)
     small = {"num_grads": max(8, int(num_grads.minimum or 1))} if num_grads else {}
     pruner = cls(**small)
     model = tiny_model()
     targets, _ = find_targets(model)
-    context = StepContext(model, targets, pruner, tiny_data(), torch.device("cpu"), mask="layer")
-    context.sparsity = 0.5
+    context = StepContext(model, targets, tiny_data(), torch.device("cpu"), mask="layer")
+    context.sparsity, context.step = 0.5, 1
     pruner.prepare(context, 1, 1)
+    if isinstance(pruner, LayerPruner):
+        check_compression(pruner, model, targets)
+        return
     if stats is None:
         stats = tiny_statistics(pruner, model, targets) if cls.needs else {}
     scores = {}
@@ -120,3 +123,32 @@ def check_pruner(
             f"update for {t.name} must have the weight's shape {tuple(t.weight.shape)}"
         )
         assert torch.isfinite(updated).all(), f"update for {t.name} has NaN or Inf"
+
+
+def check_compression(pruner: LayerPruner, model: nn.Module, targets: list[Target]) -> None:
+    """``compress`` on every layer it supports: a bool keep-mask and finite weights of the
+    weight's shape, the requested sparsity (or N:M), the weights left untouched."""
+    from prunekit.calibrate.layer_inputs import input_gram
+
+    for request in (LayerRequest(0.5), LayerRequest(0.5, (2, 4))):
+        for t in targets:
+            if not pruner.supports(t.module):
+                continue
+            gram = input_gram(model, t.module, tiny_data(), TINY_SAMPLES, torch.device("cpu"))
+            before = t.weight.detach().clone()
+            result = pruner.compress(t, gram, request)
+            assert torch.equal(before, t.weight.detach()), "compress must not modify the weights"
+            assert isinstance(result, Compressed), "compress must return a Compressed"
+            assert result.keep.dtype == torch.bool, "the keep-mask must be bool"
+            assert result.keep.shape == t.weight.shape, f"keep-mask for {t.name}: wrong shape"
+            if request.pattern is None:
+                pruned = t.numel - int(result.keep.sum())
+                assert pruned == round(0.5 * t.numel), f"{t.name}: {pruned} pruned, asked half"
+            else:
+                rows = result.keep.reshape(t.weight.shape[0], -1)
+                if rows.shape[1] % 4 == 0:
+                    kept = rows.reshape(rows.shape[0], -1, 4).sum(-1)
+                    assert bool((kept == 2).all()), f"{t.name}: not 2 of every 4 kept"
+            if result.weight is not None:
+                assert result.weight.shape == t.weight.shape, f"weight for {t.name}: wrong shape"
+                assert torch.isfinite(result.weight).all(), f"weight for {t.name}: NaN or Inf"

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from prunekit.data import load_data
-from prunekit.evaluate import accuracy
-from prunekit.export import save_safetensors
-from prunekit.sample_models import FILES, SAMPLES
-from prunekit.train import TrainConfig, train
+from prunekit.engine.train import TrainConfig, train
+from prunekit.load.data import load_data
+from prunekit.load.sample_models import FILES, SAMPLES
+from prunekit.run.exports import save_safetensors
+from prunekit.validate.metrics import accuracy
 
 RECIPE = {
     "epochs": 60,

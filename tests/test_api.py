@@ -67,8 +67,8 @@ def test_hold_masks_in_a_plain_loop_with_weight_decay():
 
 def test_api_prune_matches_the_cli_on_the_same_data(tmp_path):
     """The CLI is a layer over the API: same model, data and pruner, same masks."""
-    from prunekit.data import load_data
-    from prunekit.models import load_model
+    from prunekit.load.data import load_data
+    from prunekit.load.models import load_model
 
     cli = prune_report("sample:digits-mlp", "-p", "snip", "-s", "0.8", "--out", str(tmp_path / "o"))
     splits = load_data("digits")
@@ -251,7 +251,7 @@ def prunekit_errors():
 
 
 def registry_create(name: str):
-    from prunekit import registry
+    from prunekit.pruners import registry
 
     return registry.create(name)
 
@@ -274,7 +274,7 @@ def test_recipe_values_are_checked_and_read_like_the_cli(tmp_path):
 
 
 def test_recipe_never_trusts_and_records_absolute_paths(tmp_path, monkeypatch):
-    from prunekit.models import load_model
+    from prunekit.load.models import load_model
 
     monkeypatch.chdir(tmp_path)
     torch.save(load_model("sample:digits-mlp").model, "whole.pt")

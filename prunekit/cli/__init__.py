@@ -2,7 +2,7 @@
 
 Exit codes: 0 ok, 1 failure while running, 2 usage error, 130 interrupted (see
 ``prunekit.cli.common``). Options shared by several commands are declared once, in
-``prunekit.cli.options``.
+``prunekit.cli.options``. The top layer: it may import every other.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from typing import Annotated
 
 import typer
 
-from prunekit import __version__
 from prunekit.cli.common import handle_errors, os_error_line
 from prunekit.cli.files import densify, export, validate
 from prunekit.cli.listing import models_app, pruners_app
 from prunekit.cli.prune import prune
 from prunekit.cli.sweep import sweep
+from prunekit.version import __version__
 
 __all__ = ["app", "handle_errors", "main", "os_error_line"]
 

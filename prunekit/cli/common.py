@@ -36,7 +36,7 @@ def _fail(message: str, code: int, lost_contact: bool = False) -> typer.Exit:
     """Print the one error line. Under torchrun it names the rank; ranks other than 0 (and
     a rank that lost contact with a failed one) wait a moment first, so that one failure is
     printed once: the failed rank's exit makes torchrun stop the others before they print."""
-    from prunekit import distributed
+    from prunekit.runtime import distributed
 
     where = ""
     if distributed.launched():
@@ -62,8 +62,8 @@ def handle_errors(command: F) -> F:
             err.print("interrupted; nothing was written")
             raise typer.Exit(130) from None
         except RuntimeError as exc:  # an out-of-memory outside the statistics' back-off
-            from prunekit.distributed import lost_contact
-            from prunekit.memory import is_out_of_memory
+            from prunekit.calibrate.memory import is_out_of_memory
+            from prunekit.runtime.distributed import lost_contact
 
             if not debug() and lost_contact(exc):
                 raise _fail(

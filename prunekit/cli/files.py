@@ -16,8 +16,8 @@ from prunekit.cli.common import (
     warn,
 )
 from prunekit.cli.options import FORCE, JSON, NUM_CLASSES, PREPROCESS, TRUST, with_options
-from prunekit.cli.output import print_validation
 from prunekit.cli.prune import MODEL_HELP
+from prunekit.cli.summary import print_validation
 
 
 @handle_errors
@@ -47,7 +47,7 @@ def export(
         prunekit export sample:digits-cnn --weights run/model.safetensors
         --format safetensors --out m.compact.safetensors
     """
-    from prunekit.export import export_file
+    from prunekit.run.exports import export_file
 
     assert options is not None
     shape = number_list(input_shape, "--input-shape") if input_shape else None
@@ -73,7 +73,7 @@ def densify(
 
     Example: prunekit densify run/model.compact.safetensors dense.safetensors
     """
-    from prunekit.compact import densify_file
+    from prunekit.formats.compact import densify_file
 
     assert options is not None
     warn(densify_file(src, dst, options["force"]))
@@ -121,7 +121,7 @@ def validate(
 
     Example: prunekit validate run/model.onnx --baseline run/dense.onnx --max-accuracy-drop 0.01
     """
-    from prunekit.validate import ValidateOptions, validate_file
+    from prunekit.validate.onnx_runtime import ValidateOptions, validate_file
 
     assert options is not None
     settings = ValidateOptions(

@@ -24,7 +24,7 @@ def pruners_list(
 
     Example: prunekit pruners list --json
     """
-    from prunekit import registry
+    from prunekit.pruners import registry
 
     rows = registry.describe()
     if options and options["as_json"]:
@@ -50,7 +50,7 @@ def pruners_show(
 
     Example: prunekit pruners show magnitude
     """
-    from prunekit import registry
+    from prunekit.pruners import registry
 
     cls = registry.load(name)
     info = {
@@ -92,8 +92,8 @@ def models_list(
 
     Example: prunekit models list
     """
-    from prunekit.models import architecture_rows
-    from prunekit.sample_models import SAMPLES
+    from prunekit.load.models import architecture_rows
+    from prunekit.load.sample_models import SAMPLES
 
     rows = []
     for sample in SAMPLES.values():

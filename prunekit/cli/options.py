@@ -303,7 +303,7 @@ _TRAIN_KEYS = ("lr", "optimizer", "lr_schedule", "batch_size", "weight_decay")
 
 
 def _value(name: str, value: Any) -> Any:
-    """An option's value as a recipe holds it; the recipe reader (prunekit.recipe) parses
+    """An option's value as a recipe holds it; the recipe reader (prunekit.run.recipe) parses
     the forms the command line and files share ("auto", "2GiB", paths)."""
     if name == "exclude":
         return list(value or ())

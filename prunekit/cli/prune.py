@@ -1,4 +1,4 @@
-"""`prunekit prune`: a recipe from the options (and --config), then `prunekit.pipeline.run`."""
+"""`prunekit prune`: a recipe from the options (and --config), then `prunekit.run.pipeline.run`."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from prunekit.cli.options import (
     to_recipe,
     with_options,
 )
-from prunekit.cli.output import print_report
+from prunekit.cli.summary import print_report
 
 MODEL_HELP = "sample:NAME, cifar:ARCH, torchvision:ARCH or pkg.module:factory"
 
@@ -82,11 +82,11 @@ def prune(
 
         prunekit prune --config run/report.json --out run2   (repeat a run)
     """
-    from prunekit import distributed
-    from prunekit.export import export_formats
-    from prunekit.pipeline import run
-    from prunekit.progress import RichReporter
-    from prunekit.recipe import config_from, kept_params, load_recipe
+    from prunekit.run.exports import export_formats
+    from prunekit.run.pipeline import run
+    from prunekit.run.recipe import config_from, kept_params, load_recipe
+    from prunekit.runtime import distributed
+    from prunekit.runtime.progress import RichReporter
 
     assert options is not None
     given = set(options["given"])

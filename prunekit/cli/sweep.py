@@ -1,4 +1,4 @@
-"""`prunekit sweep`: the pruner x sparsity x seed grid of `prunekit.sweep`, with a progress bar."""
+"""`prunekit sweep`: the pruner x sparsity x seed grid of `prunekit.run.sweep`, with progress."""
 
 from __future__ import annotations
 
@@ -43,9 +43,9 @@ def sweep(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from prunekit import distributed
-    from prunekit.recipe import config_from
-    from prunekit.sweep import cell_runner, finished_cells, run_sweep
+    from prunekit.run.recipe import config_from
+    from prunekit.run.sweep import cell_runner, finished_cells, run_sweep
+    from prunekit.runtime import distributed
 
     assert options is not None
     if distributed.world_size() > 1:

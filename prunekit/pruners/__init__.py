@@ -1,5 +1,2 @@
-"""Built-in pruning criteria and the contract every pruner plugin follows."""
-
-from prunekit.pruners.base import Param, Pruner, Target
-
-__all__ = ["Param", "Pruner", "Target"]
+"""Built-in pruning criteria and the registry that discovers every pruner (built-in or plugin)
+through entry points. Imports the layers from calibrate down."""

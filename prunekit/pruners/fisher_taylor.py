@@ -7,54 +7,59 @@ from collections.abc import Mapping
 
 import torch
 
-from prunekit.pruners.base import (
+from prunekit.contract.pruner import (
     CONTRACT_VERSION,
     SAMPLING_NAMES,
     SAMPLING_PARAMS,
     Param,
     Pruner,
-    Target,
 )
+from prunekit.contract.statistics import FISHER_DIAG, GRAD_MEAN, HESSIAN_GRAD
+from prunekit.contract.target import Target
 
 FBSS_EPS = 1e-12  # lower clamp of F in fbss: zero-gradient weights get a finite score
 
 
-def _weight(target: Target) -> torch.Tensor:
-    return target.weight.detach()
+class Saliency(Pruner):
+    """A score from the weight and its gradient statistics (no update); subclasses set
+    ``name``, ``needs`` and ``saliency``."""
+
+    contract = CONTRACT_VERSION
+    params = SAMPLING_PARAMS
+    stats_params = SAMPLING_NAMES
+
+    def score(self, target: Target, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.saliency(target.weight.detach(), stats)
+
+    def saliency(self, w: torch.Tensor, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
 
 
-class GradNormPruner(Pruner):
+class GradNormPruner(Saliency):
     """Keep the weights with the largest mean gradient, |ḡ|."""
 
     name = "grad_norm"
-    contract = CONTRACT_VERSION
-    needs = frozenset({"grad_mean"})
-    params = SAMPLING_PARAMS
-    stats_params = SAMPLING_NAMES
+    needs = frozenset({GRAD_MEAN})
 
-    def score(self, target: Target, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return stats["grad_mean"].abs()
+    def saliency(self, w: torch.Tensor, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return stats[GRAD_MEAN].abs()
 
 
-class SnipPruner(Pruner):
+class SnipPruner(Saliency):
     """SNIP connection sensitivity, |θ ⊙ ḡ|."""
 
     name = "snip"
-    contract = CONTRACT_VERSION
-    needs = frozenset({"grad_mean"})
-    params = SAMPLING_PARAMS
-    stats_params = SAMPLING_NAMES
+    needs = frozenset({GRAD_MEAN})
 
-    def score(self, target: Target, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return (_weight(target) * stats["grad_mean"]).abs()
+    def saliency(self, w: torch.Tensor, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return (w * stats[GRAD_MEAN]).abs()
 
 
-class GraspPruner(Pruner):
+class GraspPruner(Saliency):
     """GraSP: keep the largest θ ⊙ Hḡ (removes what most reduces gradient flow)."""
 
     name = "grasp"
-    contract = CONTRACT_VERSION
-    needs = frozenset({"hessian_grad"})
+    needs = frozenset({HESSIAN_GRAD})
     stats_params = (*SAMPLING_NAMES, "temperature")
     params = (
         *SAMPLING_PARAMS,
@@ -67,59 +72,46 @@ class GraspPruner(Pruner):
         ),
     )
 
-    def score(self, target: Target, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return _weight(target) * stats["hessian_grad"]
+    def saliency(self, w: torch.Tensor, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return w * stats[HESSIAN_GRAD]
 
 
-class FisherDiagPruner(Pruner):
+class FisherDiagPruner(Saliency):
     """The diagonal of the empirical Fisher, F = mean of g²."""
 
     name = "fisher_diag"
-    contract = CONTRACT_VERSION
-    needs = frozenset({"fisher_diag"})
-    params = SAMPLING_PARAMS
-    stats_params = SAMPLING_NAMES
+    needs = frozenset({FISHER_DIAG})
 
-    def score(self, target: Target, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return stats["fisher_diag"]
+    def saliency(self, w: torch.Tensor, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return stats[FISHER_DIAG]
 
 
-class FisherPruner(Pruner):
+class FisherPruner(Saliency):
     """Optimal Brain Damage with the empirical Fisher, ½ θ² ⊙ F."""
 
     name = "fisher_pruner"
-    contract = CONTRACT_VERSION
-    needs = frozenset({"fisher_diag"})
-    params = SAMPLING_PARAMS
-    stats_params = SAMPLING_NAMES
+    needs = frozenset({FISHER_DIAG})
 
-    def score(self, target: Target, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return 0.5 * _weight(target).square() * stats["fisher_diag"]
+    def saliency(self, w: torch.Tensor, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return 0.5 * w.square() * stats[FISHER_DIAG]
 
 
-class FTSPruner(Pruner):
+class FTSPruner(Saliency):
     """Fisher–Taylor sensitivity, |θ ⊙ ḡ + ½ θ² ⊙ F|."""
 
     name = "fts"
-    contract = CONTRACT_VERSION
-    needs = frozenset({"grad_mean", "fisher_diag"})
-    params = SAMPLING_PARAMS
-    stats_params = SAMPLING_NAMES
+    needs = frozenset({GRAD_MEAN, FISHER_DIAG})
 
-    def score(self, target: Target, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        w = _weight(target)
-        return (w * stats["grad_mean"] + 0.5 * w.square() * stats["fisher_diag"]).abs()
+    def saliency(self, w: torch.Tensor, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return (w * stats[GRAD_MEAN] + 0.5 * w.square() * stats[FISHER_DIAG]).abs()
 
 
-class FBSSPruner(Pruner):
+class FBSSPruner(Saliency):
     """Fisher-based saliency, ½ F ⊙ (θ − ḡ/F)², F clamped below so it stays finite."""
 
     name = "fbss"
-    contract = CONTRACT_VERSION
-    needs = frozenset({"grad_mean", "fisher_diag"})
-    params = SAMPLING_PARAMS
-    stats_params = SAMPLING_NAMES
+    needs = frozenset({GRAD_MEAN, FISHER_DIAG})
 
-    def score(self, target: Target, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        f = stats["fisher_diag"].clamp_min(FBSS_EPS)
-        return 0.5 * f * (_weight(target) - stats["grad_mean"] / f).square()
+    def saliency(self, w: torch.Tensor, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        f = stats[FISHER_DIAG].clamp_min(FBSS_EPS)
+        return 0.5 * f * (w - stats[GRAD_MEAN] / f).square()

@@ -1,63 +1,48 @@
 """SparseGPT and Wanda: layer-wise pruning from the inputs each layer sees (no gradients).
 
 Both prune every layer to the step's sparsity (``--mask layer``) or to N:M; a global
-threshold has no meaning for them. SparseGPT visits the layers in forward order and
-measures each one's inputs through the layers already pruned (sequential propagation), so it
-also updates the weights; Wanda measures all inputs once, on the dense model, and does not.
-Linear and Conv2d (groups 1) are handled; other prunable layers are left as they are, with
-a warning.
+threshold has no meaning for them. SparseGPT (Frantar & Alistarh, 2023) is a ``LayerPruner``:
+prunekit visits the layers in forward order, measures each one's input Gram matrix H through
+the layers already pruned, and ``compress`` removes the weights column by column, each time
+moving the row's remaining weights to the right by the OBS update under H restricted to the
+columns not yet processed (the inverse Cholesky factor of H gives every one of those
+restricted inverses at once; updates are applied lazily in blocks of columns). Wanda (Sun et
+al., 2023) is a score, |W_ij| · ‖X_j‖, from the inputs measured once on the model before the
+step, with no update. Linear and Conv2d (groups 1) are handled; other prunable layers are
+left as they are, with a warning.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import torch
-from torch import nn
 
-from prunekit.errors import UsageError
-from prunekit.layerwise import (
-    input_gram,
-    input_square_norms,
-    layer_rows,
-    ordered_targets,
-    sparsegpt,
+from prunekit.contract.context import StepContext
+from prunekit.contract.pruner import (
+    CONTRACT_VERSION,
+    NUM_SAMPLES,
+    Compressed,
+    LayerPruner,
+    LayerRequest,
+    Param,
+    Pruner,
 )
-from prunekit.masks import parse_nm
-from prunekit.pruners.base import CONTRACT_VERSION, Param, Pruner, Target
-
-SAMPLES = Param("num_samples", 128, "calibration samples whose layer inputs are used", minimum=1)
-
-
-def _supported(t: Target) -> bool:
-    m = t.module
-    return isinstance(m, nn.Linear) or (
-        isinstance(m, nn.Conv2d) and m.groups == 1 and not isinstance(m.padding, str)
-    )
+from prunekit.contract.statistics import INPUT_SQUARES
+from prunekit.contract.target import Target, multiplies_rows
+from prunekit.errors import NumericalError, UsageError
 
 
-class _LayerWise(Pruner):
-    def _check(self, context: Any) -> tuple[list[Target], tuple[int, int] | None]:
-        if context.mask == "global":
-            raise UsageError(
-                f"{self.name} prunes every layer to the sparsity: use --mask layer or N:M"
-            )
-        kept = [t for t in context.targets if _supported(t)]
-        skipped = [t.name for t in context.targets if not _supported(t)]
-        if skipped and context.step == 1:
-            self.warnings.append(
-                f"{self.name} handles Linear and Conv2d (groups 1): left {', '.join(skipped)}"
-            )
-        return kept, parse_nm(context.mask)
+def _refuse_global(name: str, context: StepContext) -> None:
+    if context.mask == "global":
+        raise UsageError(f"{name} prunes every layer to the sparsity: use --mask layer or N:M")
 
 
-class SparseGPTPruner(_LayerWise):
+class SparseGPTPruner(LayerPruner):
     """SparseGPT: layer-wise OBS on the input Hessian XXᵀ, column by column, with updates."""
 
     name = "sparsegpt"
     contract = CONTRACT_VERSION
-    structured = False  # its masks come from its own column-by-column OBS
     params = (
         Param(
             "damp",
@@ -67,64 +52,119 @@ class SparseGPTPruner(_LayerWise):
             exclusive_minimum=True,
         ),
         Param("block_size", 128, "columns per lazy-update block", minimum=1),
-        SAMPLES,
+        NUM_SAMPLES,
     )
+    stats_params = ("num_samples",)
 
-    def __init__(self, **values: Any) -> None:
-        super().__init__(**values)
-        self.keep: dict[str, torch.Tensor] = {}
+    def prepare(self, context: StepContext, step: int, steps: int) -> None:
+        _refuse_global(self.name, context)
 
-    @torch.no_grad()
-    def prepare(self, context: Any, step: int, steps: int) -> None:
-        targets, nm = self._check(context)
-        by_name = {t.name: t for t in targets}
-        self.keep = {}
-        for name in ordered_targets(context.model, list(by_name)):
-            t = by_name[name]
-            context.say(f"sparsegpt: {name}")
-            gram = input_gram(
-                context.model, t.module, context.calibration, self.hparams["num_samples"],
-                context.device,
-            )  # fmt: skip
-            matrix = t.weight.detach().reshape(t.weight.shape[0], -1)
-            new, keep = sparsegpt(
-                matrix, gram, context.sparsity, nm, self.hparams["block_size"],
-                self.hparams["damp"], pruned=~t.mask.reshape(matrix.shape),
-            )  # fmt: skip
-            t.weight.copy_(new.reshape(t.weight.shape))
-            self.keep[name] = keep.reshape(t.weight.shape)
-
-    def score(self, target: Target, stats: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
-        keep = self.keep.get(target.name)
-        return None if keep is None else keep.to(target.weight.device, torch.float32)
+    def compress(self, target: Target, gram: torch.Tensor, request: LayerRequest) -> Compressed:
+        matrix = target.weight.detach().reshape(target.weight.shape[0], -1)
+        new, keep = sparsegpt(
+            matrix, gram, request.sparsity, request.pattern, self.hparams["block_size"],
+            self.hparams["damp"], pruned=~target.mask.reshape(matrix.shape),
+        )  # fmt: skip
+        return Compressed(keep.reshape(target.weight.shape), new.reshape(target.weight.shape))
 
 
-class WandaPruner(_LayerWise):
+class WandaPruner(Pruner):
     """Wanda: |W_ij| · ‖X_j‖, weight magnitude times the norm of the input it multiplies."""
 
     name = "wanda"
     contract = CONTRACT_VERSION
-    params = (SAMPLES,)
+    needs = frozenset({INPUT_SQUARES})
+    params = (NUM_SAMPLES,)
+    stats_params = ("num_samples",)
 
-    def __init__(self, **values: Any) -> None:
-        super().__init__(**values)
-        self.norms: dict[str, torch.Tensor] = {}
-
-    def prepare(self, context: Any, step: int, steps: int) -> None:
-        targets, _ = self._check(context)
-        squares = input_square_norms(
-            context.model, {t.name: t.module for t in targets}, context.calibration,
-            self.hparams["num_samples"], context.device,
-        )  # fmt: skip
-        self.norms = {name: s.sqrt().float() for name, s in squares.items()}
+    def prepare(self, context: StepContext, step: int, steps: int) -> None:
+        _refuse_global(self.name, context)
+        skipped = [t.name for t in context.targets if not multiplies_rows(t.module)]
+        if skipped and context.step == 1:
+            self.warnings.append(
+                f"{self.name} handles Linear and Conv2d (groups 1): left {', '.join(skipped)}"
+            )
 
     def score(self, target: Target, stats: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
-        norms = self.norms.get(target.name)
-        if norms is None:
+        squares = stats.get(INPUT_SQUARES)
+        if squares is None:  # a layer it does not handle
             return None
         w = target.weight.detach()
-        scores = w.reshape(w.shape[0], -1).abs() * norms.to(w.device).unsqueeze(0)
-        return scores.reshape(w.shape)
+        norms = squares.sqrt().float().to(w.device)
+        return (w.reshape(w.shape[0], -1).abs() * norms.unsqueeze(0)).reshape(w.shape)
 
 
-__all__ = ["SparseGPTPruner", "WandaPruner", "layer_rows"]
+def _lowest(values: torch.Tensor, count: int) -> torch.Tensor:
+    """Bool mask of the ``count`` lowest entries (stable: ties go to the earlier position)."""
+    drop = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
+    if count > 0:
+        drop[torch.argsort(values.reshape(-1), stable=True)[:count]] = True
+    return drop.reshape(values.shape)
+
+
+def sparsegpt(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    sparsity: float,
+    nm: tuple[int, int] | None = None,
+    block_size: int = 128,
+    damp: float = 0.01,
+    pruned: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune the (out, d) ``weight`` by SparseGPT under H = ``gram``; return the new weight
+    (pruned entries exactly zero) and the keep-mask.
+
+    Unstructured: within every block of ``block_size`` columns the fraction ``sparsity`` of
+    weights with the lowest w² / [H⁻¹]_jj² (adaptive mask selection) is removed; N:M: in every
+    group of M consecutive columns the M − N lowest of each row. ``damp`` is λ as a fraction
+    of mean(diag H). ``pruned`` (bool, like the weight) are removed whatever their
+    saliency (an earlier step's mask). The blocks' counts add up to round(sparsity · numel).
+    Computed in float64.
+    """
+    w = weight.detach().double().clone()
+    rows, d = w.shape
+    h = gram.double().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h.diagonal().add_(damp * h.diagonal().mean())
+    try:
+        upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    except torch.linalg.LinAlgError as exc:
+        raise NumericalError(
+            f"the layer Hessian is not positive definite ({exc}); raise damp"
+        ) from exc
+    keep = torch.ones_like(w, dtype=torch.bool)
+    for start in range(0, d, block_size):
+        end = min(start + block_size, d)
+        w1 = w[:, start:end].clone()
+        err = torch.zeros_like(w1)
+        u1 = upper[start:end, start:end]
+        fixed = pruned[:, start:end] if pruned is not None else torch.zeros_like(w1, dtype=bool)
+        if nm is None:
+            saliency = (w1.square() / u1.diagonal().square()).masked_fill(fixed, -1.0)
+            count = round(sparsity * rows * end) - round(sparsity * rows * start)
+            block_drop = _lowest(saliency, max(count, int(fixed.sum())))
+        else:
+            block_drop = fixed.clone()
+        for i in range(end - start):
+            if nm is not None and i % nm[1] == 0:
+                cols = slice(i, min(i + nm[1], end - start))
+                saliency = w1[:, cols].square() / u1.diagonal()[cols].square()
+                saliency = saliency.masked_fill(fixed[:, cols], -1.0)
+                order = torch.argsort(saliency, dim=1, stable=True)[:, : nm[1] - nm[0]]
+                block_drop[:, cols].scatter_(1, order, True)
+            q = w1[:, i].clone()
+            q[block_drop[:, i]] = 0.0
+            e = (w1[:, i] - q) / u1[i, i]
+            w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
+            w1[:, i] = q
+            err[:, i] = e
+        w[:, start:end] = w1
+        w[:, end:] -= err @ upper[start:end, end:]
+        keep[:, start:end] = ~block_drop
+    w[~keep] = 0.0
+    return w.to(weight.dtype).reshape(weight.shape), keep
+
+
+__all__ = ["SparseGPTPruner", "WandaPruner", "sparsegpt"]

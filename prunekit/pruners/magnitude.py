@@ -4,7 +4,8 @@ from collections.abc import Mapping
 
 import torch
 
-from prunekit.pruners.base import CONTRACT_VERSION, Pruner, Target
+from prunekit.contract.pruner import CONTRACT_VERSION, Pruner
+from prunekit.contract.target import Target
 
 
 class MagnitudePruner(Pruner):

@@ -7,17 +7,16 @@ from collections.abc import Mapping
 
 import torch
 
-from prunekit.fisher import group_obs_scores, obs_scores, obs_update
-from prunekit.pruners.base import (
+from prunekit.calibrate.fisher import group_obs_scores, obs_scores, obs_update
+from prunekit.contract.pruner import (
     CONTRACT_VERSION,
     SAMPLING_NAMES,
     SAMPLING_PARAMS,
     Param,
     Pruner,
-    StatsSpec,
-    Target,
 )
-from prunekit.statistics import FISHER_INV
+from prunekit.contract.statistics import FISHER_INV
+from prunekit.contract.target import StatsSpec, Target
 
 GRADIENT_PARAMS = (
     Param(

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from prunekit import registry
+from prunekit.pruners import registry
 from prunekit.testing import check_pruner
 
 
@@ -25,7 +25,7 @@ def test_contract():
 
 def test_scores_by_hand():
     # squares 9, 1, 4 -> sorted 1, 4, 9 with tails 14, 13, 9
-    from prunekit.pruners import Target
+    from prunekit.api import Target
 
     weight = torch.nn.Parameter(torch.tensor([[3.0, -1.0, 2.0]]))
     target = Target("w", torch.nn.Identity(), weight, torch.ones(1, 3, dtype=torch.bool))
@@ -34,8 +34,8 @@ def test_scores_by_hand():
 
 
 def test_global_lamp_keeps_every_layers_largest_weight():
-    from prunekit.masks import select
-    from prunekit.pruners import Target
+    from prunekit.api import Target
+    from prunekit.engine.masks import select
 
     big = torch.nn.Parameter(torch.tensor([10.0, 20.0, 30.0, 40.0]))
     small = torch.nn.Parameter(torch.tensor([0.1, 0.2]))

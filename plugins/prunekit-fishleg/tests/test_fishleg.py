@@ -7,11 +7,12 @@ from prunekit_fishleg import KroneckerQ, fit_q
 from prunekit_fishleg.qmatrix import exact_inverse_product, fit_quality
 from torch import nn
 
-from prunekit import registry
-from prunekit.data import load_data
+from prunekit.engine.masks import find_targets, sparsity_of
+from prunekit.engine.schedule import ScheduleConfig, run_schedule
+from prunekit.engine.step import Pruning
 from prunekit.errors import NumericalError, UsageError
-from prunekit.masks import find_targets, sparsity_of
-from prunekit.schedule import ScheduleConfig, StepContext, run_schedule
+from prunekit.load.data import load_data
+from prunekit.pruners import registry
 from prunekit.testing import check_pruner
 
 CPU = torch.device("cpu")
@@ -93,12 +94,12 @@ def digits():
 
 
 def mlp_context(digits, params, name="digits-mlp"):
-    from prunekit.models import load_model
+    from prunekit.load.models import load_model
 
     model = load_model(f"sample:{name}").model
     targets, _ = find_targets(model)
     pruner = registry.create("fishleg", params)
-    return StepContext(model, targets, pruner, digits.calibration, CPU), pruner
+    return Pruning.of(model, targets, pruner, digits.calibration, CPU), pruner
 
 
 def test_warm_assimilation_refines_q_instead_of_restarting(digits, monkeypatch):
@@ -106,19 +107,19 @@ def test_warm_assimilation_refines_q_instead_of_restarting(digits, monkeypatch):
     params = {"aux_iters": "40", "refine_iters": "10", "num_grads": "128", "log_every": "10"}
     ctx, pruner = mlp_context(digits, {**params, "assimilate": "warm"})
     run_schedule(ctx, 0.9, ScheduleConfig(kind="gradual", steps=2, recompute=1), digits.train)
-    assert sparsity_of(ctx.targets)[0] == pytest.approx(0.9, abs=1e-4)
+    assert sparsity_of(ctx.context.targets)[0] == pytest.approx(0.9, abs=1e-4)
     per_step = {(e["step"], e["iterations"]) for e in pruner.trace}
     assert per_step == {(1, 40), (2, 10)}  # the second step refined the same Q
     first = next(e for e in pruner.trace if e["step"] == 1 and e["target"] == "net.3.weight")
     # the auxiliary loss on the fixed diagnostic probes went down
     assert first["fit_after"]["loss"] < first["fit_before"]["loss"]
-    assert all(torch.all(t.weight[~t.mask] == 0) for t in ctx.targets)
+    assert all(torch.all(t.weight[~t.mask] == 0) for t in ctx.context.targets)
 
 
 def test_diverging_auxiliary_loss_says_lower_the_learning_rate(digits):
     ctx, pruner = mlp_context(digits, {"aux_lr": "1e6", "aux_iters": "200", "num_grads": "64"})
     with pytest.raises(NumericalError, match="lower --param aux_lr"):
-        pruner.prepare(ctx, 1, 1)
+        pruner.prepare(ctx.context, 1, 1)
 
 
 def test_bad_inputs(digits):
@@ -138,9 +139,9 @@ def test_bad_inputs(digits):
 def test_conv_layers_prune_with_flattened_kernels(digits):
     ctx, pruner = mlp_context(digits, {"aux_iters": "10", "num_grads": "64"}, "digits-cnn")
     run_schedule(ctx, 0.7, ScheduleConfig(kind="oneshot"), digits.train)
-    assert sparsity_of(ctx.targets)[0] == pytest.approx(0.7, abs=1e-4)
+    assert sparsity_of(ctx.context.targets)[0] == pytest.approx(0.7, abs=1e-4)
     assert pruner.q["features.2.weight"].shape == (32, 16 * 3 * 3)
-    assert all(torch.all(t.weight[~t.mask] == 0) for t in ctx.targets)
+    assert all(torch.all(t.weight[~t.mask] == 0) for t in ctx.context.targets)
 
 
 def test_joint_update_solves_q_restricted_to_the_pruned_set():
@@ -164,7 +165,7 @@ def test_joint_update_solves_q_restricted_to_the_pruned_set():
 
 
 def test_skipped_layers_are_not_pruned_even_with_layer_masks():
-    from prunekit.masks import apply, select
+    from prunekit.engine.masks import apply, select
 
     model = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(12, 3))
     targets, _ = find_targets(model)
@@ -178,7 +179,7 @@ def test_skipped_layers_are_not_pruned_even_with_layer_masks():
 def test_pool_larger_than_the_calibration_split(digits):
     ctx, pruner = mlp_context(digits, {"num_grads": "5000"})
     with pytest.raises(UsageError, match="calibration split has 1438; lower --param num_grads"):
-        pruner.prepare(ctx, 1, 1)
+        pruner.prepare(ctx.context, 1, 1)
 
 
 def _fisher_rows(n=512, out=3, inp=6, seed=0):
@@ -256,7 +257,7 @@ def test_kronecker_start_is_the_damped_inverse_of_an_exact_kronecker_fisher():
 
 def test_poor_fit_warns_and_names_the_layers(digits, monkeypatch):
     good, fitted = mlp_context(digits, {"aux_iters": "100", "num_grads": "64"})
-    fitted.prepare(good, 1, 1)
+    fitted.prepare(good.context, 1, 1)
     assert fitted.warnings == []
     for entry in fitted.diagnostics()["auxiliary_loss"]:
         before, after = entry["fit_before"]["ratio"], entry["fit_after"]["ratio"]
@@ -264,7 +265,7 @@ def test_poor_fit_warns_and_names_the_layers(digits, monkeypatch):
     ctx, pruner = mlp_context(
         digits, {"aux_iters": "0", "init": "identity", "num_grads": "64", "damping": "1e-3"}
     )
-    pruner.prepare(ctx, 1, 1)  # I/γ, not fitted
+    pruner.prepare(ctx.context, 1, 1)  # I/γ, not fitted
     (warning,) = pruner.warnings
     assert "the fit of Q did not converge at step 1 for 3 layer(s)" in warning
     assert "net.1.weight" in warning and "raise --param aux_iters" in warning
@@ -275,13 +276,13 @@ def test_poor_fit_warns_and_names_the_layers(digits, monkeypatch):
 def test_gradient_pool_follows_the_memory_plan_more_passes_same_result(digits):
     """A budget too small for every layer's gradient rows at once, large enough for the
     largest layer alone: two or more passes, the same Q, masks and weights as one pass."""
-    from prunekit.memory import HEADROOM, target_cost
-    from prunekit.pruners.base import StatsSpec
+    from prunekit.calibrate.memory import HEADROOM, target_cost
+    from prunekit.contract.target import StatsSpec
 
     params = {"aux_iters": "20", "num_grads": "256", "aux_batch": "32"}
     ctx, _ = mlp_context(digits, params, "digits-cnn")
     costs = [
-        target_cost(t, StatsSpec(num_grads=256), frozenset({"grad_rows"})) for t in ctx.targets
+        target_cost(t, StatsSpec(num_grads=256), frozenset({"grad_rows"})) for t in ctx.context.targets
     ]
     largest = max(c.kept + c.transient + c.per_grad for c in costs)
     together = sum(c.kept + c.per_grad for c in costs) + max(c.transient for c in costs)
@@ -290,9 +291,9 @@ def test_gradient_pool_follows_the_memory_plan_more_passes_same_result(digits):
     runs = []
     for limit in (None, budget):
         ctx, pruner = mlp_context(digits, params, "digits-cnn")
-        ctx.memory_budget = limit
+        ctx.context.memory_budget = limit
         run_schedule(ctx, 0.7, ScheduleConfig(kind="oneshot", recompute=2), digits.train)
-        runs.append((pruner, {t.name: t.weight.detach().clone() for t in ctx.targets}))
+        runs.append((pruner, {t.name: t.weight.detach().clone() for t in ctx.context.targets}))
     (whole, dense_run), (split, budget_run) = runs
     assert whole.memory["passes"] == 1 and split.memory["passes"] >= 2
     assert split.memory["planned_peak_bytes"] <= budget
@@ -304,10 +305,10 @@ def test_gradient_pool_follows_the_memory_plan_more_passes_same_result(digits):
 
 def test_budget_too_small_for_one_layer_is_a_usage_error(digits):
     ctx, pruner = mlp_context(digits, {"num_grads": "256"}, "digits-cnn")
-    ctx.memory_budget = 5_000_000  # features.2 needs 6.1 MiB
+    ctx.context.memory_budget = 5_000_000  # features.2 needs 6.1 MiB
     message = r"too small for features\.2\.weight: .*gradient rows.*lower --param num_grads"
     with pytest.raises(UsageError, match=message):
-        pruner.prepare(ctx, 1, 1)
+        pruner.prepare(ctx.context, 1, 1)
 
 
 def test_group_scores_are_obs_with_q_restricted_to_each_set():
@@ -336,7 +337,7 @@ def test_structured_channels_use_the_group_score(digits, monkeypatch):
     from prunekit_fishleg import pruner as fishleg_pruner
 
     import prunekit
-    from prunekit.models import load_model
+    from prunekit.load.models import load_model
 
     calls = []
     real = fishleg_pruner.restricted_quadratic

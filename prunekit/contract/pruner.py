@@ -1,0 +1,229 @@
+"""The pruner contract: ``Pruner`` (score-based: statistics in, scores out), ``LayerPruner``
+(layer-wise: calibrate, then compress each layer), their hyperparameters (``Param``).
+
+A pruner declares the statistics it needs (``needs``) and its hyperparameters (``params``);
+the pipeline collects the statistics once and calls ``score`` for every target tensor.
+Scoring is a pure function of the weights and the statistics, so it can be tested with
+hand-built inputs. Convention: a larger score means keep. Weights that are already masked
+are set to -inf by the pipeline, so a pruner never has to care about them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from prunekit.contract.context import StepContext
+from prunekit.contract.target import StatsSpec, Target, multiplies_rows
+from prunekit.errors import UnknownNameError, UsageError
+
+CONTRACT_VERSION = 1  # raised when a change would break plugins written for the old one
+
+
+@dataclass(frozen=True)
+class Param:
+    """A pruner hyperparameter; its type is the type of ``default``."""
+
+    name: str
+    default: float | int | str | bool
+    help: str
+    choices: tuple[str, ...] | None = None
+    minimum: float | None = None  # values must be >= minimum (or > when exclusive)
+    exclusive_minimum: bool = False
+
+    def parse(self, raw: str | float | int | bool) -> float | int | str | bool:
+        kind = type(self.default)
+        try:
+            if kind is bool and isinstance(raw, str):
+                if raw.lower() not in {"1", "0", "true", "false", "yes", "no"}:
+                    raise ValueError(raw)
+                value: Any = raw.lower() in {"1", "true", "yes"}
+            else:
+                value = kind(raw)
+        except ValueError:
+            raise UsageError(
+                f"--param {self.name}={raw}: expected a {kind.__name__} ({self.help})"
+            ) from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--param {self.name}={raw}: must be a finite number ({self.help})")
+        if self.choices is not None and value not in self.choices:
+            raise UsageError(f"--param {self.name}={raw}: choose one of {', '.join(self.choices)}")
+        if self.minimum is not None:
+            too_small = value <= self.minimum if self.exclusive_minimum else value < self.minimum
+            if too_small:
+                bound = ">" if self.exclusive_minimum else ">="
+                raise UsageError(
+                    f"--param {self.name}={raw}: must be {bound} {self.minimum} ({self.help})"
+                )
+        return value
+
+
+class Pruner:
+    """Base class of every pruning criterion (the first docstring line is its summary)."""
+
+    name: ClassVar[str] = ""
+    needs: ClassVar[frozenset[str]] = frozenset()  # names from prunekit.api (GRAD_MEAN, ...)
+    params: ClassVar[tuple[Param, ...]] = ()
+    # the hyperparameters that set how statistics are gathered, each a StatsSpec field
+    stats_params: ClassVar[tuple[str, ...]] = ()
+    # the plugin contract a class is written for: every pruner declares it (an integer, not
+    # CONTRACT_VERSION, in a plugin), so one written before contracts existed is recognised
+    contract: ClassVar[int | None] = None
+    # whether per-weight scores may be summed over a channel's weights (--structure); false
+    # for a pruner that picks weights inside each layer itself (sparsegpt)
+    structured: ClassVar[bool] = True
+
+    def __init__(self, **values: Any) -> None:
+        self.hparams = self.resolve_params(values)
+        self.warnings: list[str] = []  # drained into the run's report after every step
+
+    @classmethod
+    def resolve_params(cls, values: Mapping[str, Any]) -> dict[str, Any]:
+        """Validate user values against ``params``; fill in defaults."""
+        known = {p.name: p for p in cls.params}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            accepted = ", ".join(known) or "none"
+            raise UnknownNameError(
+                f"pruner '{cls.name}' has no parameter {', '.join(unknown)}; "
+                f"it accepts: {accepted} (see `prunekit pruners show {cls.name}`)"
+            )
+        return {
+            name: p.parse(values[name]) if name in values else p.default
+            for name, p in known.items()
+        }
+
+    @classmethod
+    def summary(cls) -> str:
+        doc = (cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+    def stats_spec(self) -> StatsSpec:
+        """How statistics are gathered: StatsSpec defaults, set by the hyperparameters named
+        in ``stats_params`` (declared, never matched by name)."""
+        return StatsSpec(**{k: self.hparams[k] for k in self.stats_params})
+
+    def diagnostics(self) -> dict[str, Any]:
+        """Anything worth recording in the run's report (e.g. a convergence trace)."""
+        return {}
+
+    def prepare(self, context: StepContext, step: int, steps: int) -> None:
+        """Called before each pruning step (``step`` of ``steps``, from 1; every sub-step of
+        ``--recompute`` counts).
+
+        The pruner object lives for the whole run, so whatever it keeps on ``self`` carries
+        over from one step to the next: a gradual schedule lets a learned statistic be refined
+        between steps instead of re-estimated from scratch. ``context`` is a
+        ``prunekit.api.StepContext`` (model, targets, calibration data, device, seed, memory
+        budget, and ``say(text)`` for a progress line).
+        """
+
+    @classmethod
+    def declared_contract(cls) -> int | None:
+        """The contract declared by the class or an ancestor below Pruner (None: none)."""
+        for klass in cls.__mro__:
+            if klass is not Pruner and "contract" in vars(klass):
+                return vars(klass)["contract"]
+        return None
+
+    @classmethod
+    def compensates(cls) -> bool:
+        """Whether ``update`` is overridden (OBS-style weight compensation)."""
+        return cls.update is not Pruner.update
+
+    def score(self, target: Target, stats: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """Return one score per weight, shaped like ``target.weight``; larger = keep.
+
+        None declines the tensor: its mask stays as it is in this step.
+        """
+        raise NotImplementedError
+
+    def set_scores(
+        self, target: Target, stats: Mapping[str, torch.Tensor], sets: torch.Tensor
+    ) -> torch.Tensor | None:
+        """One score per set of weights removed together (``--structure``): ``sets`` is
+        (n, k) flat indices into the weight; larger = keep. The default sums ``score``;
+        OBS-style pruners override it with the loss increase of removing the set jointly.
+        """
+        score = self.score(target, stats)
+        if score is None:
+            return None
+        return score.detach().reshape(-1).double()[sets].sum(1)
+
+    def update(
+        self, target: Target, keep: torch.Tensor, stats: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor | None:
+        """Optionally return compensated weights for ``target`` given the new mask ``keep``.
+
+        OBS-style pruners override this; the pipeline zeroes the pruned entries afterwards.
+        """
+        return None
+
+
+@dataclass(frozen=True)
+class LayerRequest:
+    """What one layer is compressed to: the fraction of its weights pruned after this step
+    (already pruned ones included), or an N:M pattern (``pattern`` = (n, m): n kept of every m
+    consecutive inputs of an output)."""
+
+    sparsity: float
+    pattern: tuple[int, int] | None = None
+
+
+@dataclass
+class Compressed:
+    """A layer's result: the keep-mask (bool, the weight's shape, True = kept) and, for a
+    method that compensates, the new weights (prunekit zeroes the pruned entries)."""
+
+    keep: torch.Tensor
+    weight: torch.Tensor | None = None
+
+
+class LayerPruner(Pruner):
+    """Layer-wise pruning in calibrate-then-compress form (SparseGPT-style).
+
+    prunekit visits the supported layers (``supports``) in forward order; for each it
+    *calibrates*, measuring H = XᵀX / n of the rows the layer multiplies by its (out, d) weight
+    matrix on ``StatsSpec.num_samples`` calibration samples, through the layers already
+    compressed, then calls ``compress(target, gram, request)``, writes the result and moves
+    on. ``compress`` is a pure function of the weight, its mask and H: it returns the new mask
+    (and weights) and never writes them itself. ``score`` is not used; such a pruner cannot
+    score channels (``structured`` is False).
+    """
+
+    structured = False
+
+    @staticmethod
+    def supports(module: nn.Module) -> bool:
+        """Linear, and Conv2d with groups 1 and numeric padding (as unfolded patches)."""
+        return multiplies_rows(module)
+
+    def compress(self, target: Target, gram: torch.Tensor, request: LayerRequest) -> Compressed:
+        """The layer's new mask (and weights) for ``request``, given its input Gram matrix
+        ``gram`` (float64, (d, d), d = the weight's elements per output row)."""
+        raise NotImplementedError
+
+    def score(self, target: Target, stats: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        raise UsageError(f"{self.name} compresses layer by layer and has no per-weight score")
+
+
+SAMPLING_NAMES = ("num_grads", "grad_batch", "fisher")
+SAMPLING_PARAMS = (
+    Param("num_grads", 1000, "number m of gradients averaged into the statistics", minimum=1),
+    Param("grad_batch", 1, "samples per gradient (1: per-sample gradients)", minimum=1),
+    Param(
+        "fisher",
+        "empirical",
+        "labels: empirical (true labels) or true (sampled)",
+        choices=("empirical", "true"),
+    ),
+)
+NUM_SAMPLES = Param(
+    "num_samples", 128, "calibration samples whose layer inputs are measured", minimum=1
+)
+"""The hyperparameter that sets ``StatsSpec.num_samples`` (layer-input statistics)."""

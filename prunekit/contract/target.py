@@ -1,0 +1,48 @@
+"""The tensors a pruner scores, and how their gradient statistics are gathered."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Target:
+    """One prunable tensor: its dotted name, owning module, parameter and current mask."""
+
+    name: str
+    module: nn.Module
+    weight: nn.Parameter
+    mask: torch.Tensor  # bool, same shape as weight, True = kept
+
+    @property
+    def numel(self) -> int:
+        return self.weight.numel()
+
+
+@dataclass(frozen=True)
+class StatsSpec:
+    """How gradients are taken: m gradients of mini-batches of b, empirical or true Fisher."""
+
+    num_grads: int = 1000
+    grad_batch: int = 1
+    fisher: str = "empirical"
+    block_size: int | None = 128  # None: one block per tensor
+    damp: float = 1e-2  # relative: λ = damp · mean(diag F) of each target; or absolute
+    damp_mode: str = "relative"
+    temperature: float = 200.0  # logits are divided by it for the Hessian-gradient product
+    num_samples: int = 128  # calibration samples whose layer inputs are measured
+
+    def block_for(self, target: Target) -> int:
+        return min(self.block_size or target.numel, target.numel)
+
+
+def multiplies_rows(module: nn.Module) -> bool:
+    """Whether ``module`` multiplies rows of its input by a weight matrix: Linear, and Conv2d
+    with groups 1 and numeric padding (over its unfolded patches). Layer-input statistics and
+    layer-wise pruning cover these."""
+    return isinstance(module, nn.Linear) or (
+        isinstance(module, nn.Conv2d) and module.groups == 1 and not isinstance(module.padding, str)
+    )

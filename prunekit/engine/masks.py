@@ -1,0 +1,163 @@
+"""Targets, mask selection (global / layer), applying masks and reporting sparsity."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from prunekit.contract.target import Target
+from prunekit.errors import NumericalError, UsageError
+
+PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def find_targets(model: nn.Module, exclude: Sequence[str] = ()) -> tuple[list[Target], list[str]]:
+    """Every Conv/Linear ``weight`` not matched by an exclusion glob.
+
+    Returns the targets and the globs that matched nothing (worth a warning).
+    """
+    targets, used, seen = [], set(), set()
+    for module_name, module in model.named_modules():
+        if not isinstance(module, PRUNABLE) or module.weight is None:
+            continue
+        if id(module.weight) in seen:  # a tied weight is one tensor: prune it once
+            continue
+        seen.add(id(module.weight))
+        name = f"{module_name}.weight" if module_name else "weight"
+        hits = [g for g in exclude if fnmatch.fnmatchcase(name, g)]
+        used.update(hits)
+        if not hits:
+            weight = module.weight
+            mask = torch.ones_like(weight, dtype=torch.bool)
+            targets.append(Target(name, module, weight, mask))
+    if not targets:
+        raise UsageError("no prunable Conv/Linear weights are left; loosen --exclude")
+    return targets, [g for g in exclude if g not in used]
+
+
+def check_sparsity(sparsity: float) -> float:
+    if not 0.0 <= sparsity < 1.0:
+        raise UsageError(
+            f"sparsity must be in [0, 1), got {sparsity}: give the fraction of weights to "
+            "remove, e.g. 0.9 for 90 %"
+        )
+    return sparsity
+
+
+def _checked(name: str, score: torch.Tensor, target: Target) -> torch.Tensor:
+    if score.shape != target.weight.shape:
+        raise NumericalError(
+            f"score for {name} has shape {tuple(score.shape)}, expected "
+            f"{tuple(target.weight.shape)}; the pruner is broken"
+        )
+    score = score.detach().float().masked_fill(~target.mask, float("-inf"))
+    if torch.isnan(score).any() or torch.isposinf(score).any():
+        raise NumericalError(
+            f"scores for {name} contain NaN or +Inf; check the statistics (more calibration "
+            "samples or higher damping) or the weights"
+        )
+    return score
+
+
+def _lowest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the k lowest entries; ties go to the earlier position (stable)."""
+    drop = torch.zeros_like(flat, dtype=torch.bool)
+    if k > 0:
+        drop[torch.argsort(flat, stable=True)[:k]] = True
+    return drop
+
+
+def parse_nm(mode: str) -> tuple[int, int] | None:
+    """(n, m) for an 'n:m' mask mode, None for global/layer; a usage error otherwise."""
+    if mode in ("global", "layer"):
+        return None
+    n, sep, m = mode.partition(":")
+    if sep and n.isdigit() and m.isdigit() and 0 < int(n) < int(m):
+        return int(n), int(m)
+    raise UsageError(f"unknown mask mode '{mode}': use global, layer or N:M such as 2:4")
+
+
+def check_mask(mode: str, sparsity: float) -> None:
+    nm = parse_nm(mode)
+    if nm is not None and abs(sparsity - (1 - nm[0] / nm[1])) > 1e-9:
+        raise UsageError(
+            f"--mask {mode} keeps {nm[0]} of every {nm[1]} weights, a sparsity of "
+            f"{1 - nm[0] / nm[1]:g}; pass --sparsity {1 - nm[0] / nm[1]:g}"
+        )
+
+
+def nm_misfits(targets: Sequence[Target], mode: str) -> list[Target]:
+    """Targets an N:M mask cannot cover: inputs per output not a multiple of M."""
+    nm = parse_nm(mode)
+    if nm is None:
+        return []
+    return [t for t in targets if (t.numel // t.weight.shape[0]) % nm[1]]
+
+
+def _n_of_m(score: torch.Tensor, target: Target, n: int, m: int) -> torch.Tensor:
+    rows = score.reshape(target.weight.shape[0], -1)
+    if rows.shape[1] % m:
+        raise UsageError(
+            f"{target.name} has {rows.shape[1]} inputs per output, not a multiple of {m}; "
+            f"exclude it (--exclude '{target.name}') or use another mask"
+        )
+    groups = rows.reshape(rows.shape[0], -1, m)
+    best = torch.zeros_like(groups, dtype=torch.bool)
+    best.scatter_(-1, groups.topk(n, dim=-1).indices, True)
+    return (best & torch.isfinite(groups)).reshape(target.weight.shape)  # pruned stay pruned
+
+
+def select(
+    targets: Sequence[Target],
+    scores: Mapping[str, torch.Tensor | None],
+    sparsity: float,
+    mode: str = "global",
+) -> dict[str, torch.Tensor]:
+    """New keep-masks that remove ``sparsity`` of the target weights by lowest score.
+
+    Already pruned weights score -inf and therefore stay pruned. A target whose score is
+    None is left as it is (a pruner may decline a tensor it cannot handle); the sparsity is
+    then reached on the others.
+    """
+    check_sparsity(sparsity)
+    check_mask(mode, sparsity)
+    keep = {t.name: t.mask.clone() for t in targets if scores[t.name] is None}
+    ranked = [t for t in targets if scores[t.name] is not None]
+    if not ranked:
+        return keep
+    checked = [_checked(t.name, scores[t.name], t) for t in ranked]  # type: ignore[arg-type]
+    nm = parse_nm(mode)
+    if nm is not None:
+        keep.update({t.name: _n_of_m(s, t, *nm) for t, s in zip(ranked, checked, strict=True)})
+    elif mode == "layer":
+        keep.update(
+            {
+                t.name: ~_lowest(s.reshape(-1), round(sparsity * t.numel)).reshape(t.weight.shape)
+                for t, s in zip(ranked, checked, strict=True)
+            }
+        )
+    else:
+        flat = torch.cat([s.reshape(-1) for s in checked])
+        pieces = (~_lowest(flat, round(sparsity * flat.numel()))).split([t.numel for t in ranked])
+        keep.update(
+            {t.name: p.reshape(t.weight.shape) for t, p in zip(ranked, pieces, strict=True)}
+        )
+    return keep
+
+
+@torch.no_grad()
+def apply(targets: Sequence[Target], keep: Mapping[str, torch.Tensor]) -> None:
+    """Record the masks on the targets and zero the pruned weights exactly."""
+    for t in targets:
+        t.mask = keep[t.name].to(t.weight.device)
+        t.weight.masked_fill_(~t.mask, 0.0)
+
+
+def sparsity_of(targets: Sequence[Target]) -> tuple[float, dict[str, float]]:
+    """Overall and per-tensor fraction of pruned weights."""
+    pruned = {t.name: t.numel - int(t.mask.sum()) for t in targets}
+    total = sum(t.numel for t in targets)
+    return sum(pruned.values()) / total, {t.name: pruned[t.name] / t.numel for t in targets}

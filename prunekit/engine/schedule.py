@@ -1,0 +1,211 @@
+"""Pruning schedules, each one plan of pruning and training phases.
+
+- ``oneshot``: prune to the target in K sub-steps (``--recompute``), recomputing the
+  statistics at the updated weights before each (density interpolated geometrically), then
+  optionally fine-tune with the masks held. ``--recompute auto`` (the default) gives
+  OBS-style pruners enough sub-steps that none removes more than ``AUTO_STEP_FRACTION`` of
+  the remaining weights, and every other pruner one step;
+- ``gradual``: the cubic schedule of Zhu & Gupta, s_k = s_f + (s_i - s_f)(1 - k/n)³ for
+  k = 1..n, with fine-tuning between steps and after the last;
+- ``pbt``: pruning before training: re-initialise the architecture (seeded), train
+  ``warmup_epochs`` dense, prune once, then train ``epochs`` with the mask held.
+
+``ScheduleConfig.plan`` writes the shape of each once; ``run_schedule`` walks it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from prunekit.engine.masks import sparsity_of
+from prunekit.engine.step import Pruning, auto_recompute, oneshot
+from prunekit.engine.train import TrainConfig, train
+from prunekit.errors import UsageError
+
+SCHEDULES = ("oneshot", "gradual", "pbt")
+
+
+@dataclass(frozen=True)
+class Prune:
+    """Prune from ``start`` to ``level`` in ``recompute`` sub-steps (None: auto)."""
+
+    start: float
+    level: float
+    recompute: int | None
+    step: int  # its number in the schedule (0: the initial step of a gradual schedule)
+    steps: int
+
+
+@dataclass(frozen=True)
+class Train:
+    """Train ``epochs`` with the masks held (nothing when 0)."""
+
+    epochs: int
+    phase: str
+
+
+@dataclass(frozen=True)
+class Reinitialize:
+    """Fresh, seeded weights and full masks (pruning before training)."""
+
+
+Phase = Prune | Train | Reinitialize
+
+
+def recompute_of(text: str) -> int | None:
+    """``--recompute``: auto (None) or a number of sub-steps."""
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"--recompute {text}: give auto or a number of sub-steps") from None
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    kind: str = "oneshot"
+    recompute: int | None = None  # sub-steps per pruning step; None: auto
+    steps: int = 1
+    initial_sparsity: float = 0.0
+    finetune_epochs: int = 0
+    warmup_epochs: int = 0
+    epochs: int = 0  # pbt: training epochs after the mask is chosen
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def check(self, sparsity: float) -> None:
+        if self.kind not in SCHEDULES:
+            raise UsageError(f"--schedule {self.kind}: use one of {', '.join(SCHEDULES)}")
+        if self.recompute is not None and self.recompute < 1:
+            raise UsageError(f"--recompute {self.recompute}: give at least 1 sub-step")
+        if self.steps < 1:
+            raise UsageError(f"--steps {self.steps}: give at least 1 pruning step")
+        if not 0.0 <= self.initial_sparsity <= sparsity:
+            raise UsageError(
+                f"--initial-sparsity {self.initial_sparsity} must be in [0, --sparsity "
+                f"{sparsity}]: the schedule only adds sparsity"
+            )
+        for name in ("finetune_epochs", "warmup_epochs", "epochs"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
+        self.train.check()
+
+    def trains(self) -> bool:
+        return bool(self.finetune_epochs or self.warmup_epochs or self.epochs)
+
+    def plan(self, sparsity: float) -> list[Phase]:
+        """The phases of this schedule, in order."""
+        if self.kind == "pbt":
+            return [
+                Reinitialize(),
+                Train(self.warmup_epochs, "warm-up"),
+                Prune(0.0, sparsity, self.recompute, 1, 1),
+                Train(self.epochs, "train"),
+            ]
+        if self.kind != "gradual":
+            return [
+                Prune(0.0, sparsity, self.recompute, 1, 1),
+                Train(self.finetune_epochs, "fine-tune"),
+            ]
+        n = self.steps
+        phases: list[Phase] = []
+        if self.initial_sparsity > 0:
+            phases.append(Prune(0.0, self.initial_sparsity, 1, 0, n))
+        levels = cubic_sparsities(self.initial_sparsity, sparsity, n)
+        starts = [self.initial_sparsity, *levels[:-1]]
+        for k, (start, level) in enumerate(zip(starts, levels, strict=True), start=1):
+            phases.append(Prune(start, level, self.recompute, k, n))
+            phases.append(Train(self.finetune_epochs, f"fine-tune {k}/{n}"))
+        return phases
+
+    def pruning_steps(self, sparsity: float) -> list[Prune]:
+        """The pruning phases of the plan, in order."""
+        return [p for p in self.plan(sparsity) if isinstance(p, Prune)]
+
+    def stepped(self, sparsity: float) -> bool:
+        """Whether the sparsity is reached in more than one step (sub-steps included)."""
+        steps = self.pruning_steps(sparsity)
+        return len(steps) > 1 or any((p.recompute or 1) > 1 for p in steps)
+
+
+def cubic_sparsities(initial: float, final: float, steps: int) -> list[float]:
+    """The sparsity after each gradual step k = 1..n; the last is exactly ``final``."""
+    between = [final + (initial - final) * (1 - k / steps) ** 3 for k in range(1, steps)]
+    return [*between, final]
+
+
+def reinitialize(model: nn.Module, seed: int) -> None:
+    """Fresh, seeded initialisation of every layer (BatchNorm statistics reset too)."""
+    torch.manual_seed(seed)
+    for module in model.modules():
+        if hasattr(module, "reset_parameters") and module is not model:
+            module.reset_parameters()
+
+
+def run_schedule(
+    state: Pruning,
+    sparsity: float,
+    schedule: ScheduleConfig,
+    train_data: Dataset,
+    evaluate: Callable[[nn.Module], float | None] | None = None,
+    on_event: Callable[[str], None] | None = None,
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """Apply ``schedule``; return warnings and a history of pruning and training events."""
+    schedule.check(sparsity)
+    ctx = state.context
+    warnings: list[str] = []
+    history: list[dict[str, Any]] = []
+    say = on_event or (lambda _: None)
+    ctx.say = say
+    phases = schedule.plan(sparsity)
+    ctx.total_steps = sum(
+        p.recompute
+        if p.recompute is not None
+        else auto_recompute(state.pruner, p.start, p.level, ctx.mask)
+        for p in phases
+        if isinstance(p, Prune)
+    )
+    for phase in phases:
+        if isinstance(phase, Reinitialize):
+            reinitialize(ctx.model, ctx.seed)
+            for t in ctx.targets:
+                t.mask = torch.ones_like(t.mask)
+            if state.structure is not None:
+                state.structure.reset()
+        elif isinstance(phase, Train):
+            if not phase.epochs:
+                continue
+            say(f"{phase.phase}: training {phase.epochs} epoch(s)")
+            with ctx.timings.phase("training"):
+                records = train(
+                    ctx.model,
+                    train_data,
+                    epochs=phase.epochs,
+                    device=ctx.device,
+                    config=schedule.train,
+                    seed=ctx.seed,
+                    targets=ctx.targets,
+                    evaluate=evaluate,
+                )
+            history.extend({"phase": phase.phase, **r} for r in records)
+        else:
+            say(f"pruning step {phase.step}/{phase.steps} to {phase.level:.2%}")
+            warnings.extend(oneshot(state, phase.level, phase.recompute))
+            achieved, _ = sparsity_of(ctx.targets)
+            entry: dict[str, Any] = {
+                "phase": f"prune {phase.step}/{phase.steps}",
+                "sparsity": achieved,
+            }
+            if state.structure is not None:
+                entry["channels_removed"] = state.structure.removed_fraction()
+            if evaluate is not None and schedule.trains():  # else the final accuracy says it
+                with ctx.timings.phase("evaluation"):
+                    entry["accuracy"] = evaluate(ctx.model)
+            history.append(entry)
+    return warnings, history

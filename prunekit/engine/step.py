@@ -1,0 +1,244 @@
+"""One pruning step: score -> select -> (OBS update) for score-based pruners, or a
+layer-by-layer calibrate -> compress pass for layer-wise ones; sub-steps of ``--recompute``.
+
+``Pruning`` is the engine's state over a run's steps: the plugin's view (``StepContext``) plus
+what only the engine sees (the pruner object, the channel plan, the statistics reports).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from prunekit.calibrate.collector import Collector
+from prunekit.calibrate.layer_inputs import input_gram, ordered_targets
+from prunekit.contract.context import StepContext
+from prunekit.contract.objectives import LABELS, Objective
+from prunekit.contract.pruner import Compressed, LayerPruner, LayerRequest, Pruner
+from prunekit.contract.target import Target
+from prunekit.engine.masks import apply, parse_nm, select, sparsity_of
+from prunekit.errors import NumericalError, UsageError
+from prunekit.runtime import distributed
+from prunekit.runtime.timing import Timings
+from prunekit.structured.plan import ChannelPlan
+
+AUTO_STEP_FRACTION = 0.25  # --recompute auto: the most one sub-step removes (measured)
+
+
+@dataclass
+class Pruning:
+    """The engine's state over the pruning steps of one run."""
+
+    context: StepContext  # what the pruner sees
+    pruner: Pruner
+    structure: ChannelPlan | None = None  # --structure channels: whole channels per group
+    statistics: list[dict[str, Any]] = field(default_factory=list)  # one entry per step
+
+    @classmethod
+    def of(
+        cls,
+        model: nn.Module,
+        targets: list[Target],
+        pruner: Pruner,
+        calibration: Dataset,
+        device: torch.device,
+        mask: str = "global",
+        memory_budget: int | None = None,
+        seed: int = 0,
+        *,
+        timings: Timings | None = None,
+        objective: Objective = LABELS,
+        structure: ChannelPlan | None = None,
+    ) -> Pruning:
+        context = StepContext(
+            model,
+            targets,
+            calibration,
+            device,
+            mask,
+            memory_budget,
+            seed,
+            timings=timings or Timings(device),
+            objective=objective,
+        )
+        return cls(context, pruner, structure)
+
+    def removed(self) -> float:
+        """The fraction pruned so far: of the channels with --structure, else of the weights."""
+        if self.structure is not None:
+            return self.structure.removed_fraction()
+        return sparsity_of(self.context.targets)[0]
+
+
+def auto_recompute(pruner: Pruner, start: float, final: float, mask: str = "global") -> int:
+    """Sub-steps for ``--recompute auto``: 1 unless the pruner compensates (OBS-style),
+    else enough that each removes at most AUTO_STEP_FRACTION of the remaining weights."""
+    if not pruner.compensates() or final <= start or parse_nm(mask) is not None:
+        return 1  # (an N:M pattern has no intermediate sparsity)
+    ratio = math.log((1.0 - final) / (1.0 - start)) / math.log(1.0 - AUTO_STEP_FRACTION)
+    return max(1, math.ceil(ratio - 1e-9))
+
+
+def substep_sparsities(start: float, final: float, steps: int) -> list[float]:
+    """Sparsities after each of ``steps`` sub-steps, densities interpolated geometrically."""
+    d0, d1 = 1.0 - start, 1.0 - final
+    between = [1.0 - d0 * (d1 / d0) ** (k / steps) for k in range(1, steps)]
+    return [*between, final]
+
+
+def prune_step(state: Pruning, sparsity: float) -> list[str]:
+    """Prune once to ``sparsity``; return the warnings of the step."""
+    ctx, pruner = state.context, state.pruner
+    ctx.step += 1
+    where = f"step {ctx.step}/{ctx.total_steps}" if ctx.total_steps > 1 else ""
+    outer_say = ctx.say
+
+    def say(text: str) -> None:
+        outer_say(f"{where}: {text}" if where else text)
+
+    ctx.sparsity = sparsity
+    ctx.say = say
+    try:
+        pruner.prepare(ctx, ctx.step, ctx.total_steps)
+        if isinstance(pruner, LayerPruner):
+            keep, warnings = compress_layers(state, sparsity), []
+            state.statistics.append({"step": ctx.step})
+        else:
+            keep, warnings = _score_and_select(state, sparsity)
+    finally:
+        ctx.say = outer_say
+    apply(ctx.targets, keep)
+    with torch.no_grad():  # decided once: rank 0's masks and weights on every rank
+        distributed.broadcast([x for t in ctx.targets for x in (t.weight, t.mask)])
+    warnings = list(dict.fromkeys(warnings + pruner.warnings))  # once each
+    pruner.warnings = []
+    return warnings
+
+
+def _score_and_select(state: Pruning, sparsity: float) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Statistics -> scores -> masks, then the OBS update for pruners that compensate."""
+    ctx, pruner = state.context, state.pruner
+    collector = Collector(
+        ctx.model,
+        ctx.targets,
+        ctx.calibration,
+        pruner.stats_spec(),
+        pruner.needs,
+        ctx.device,
+        ctx.memory_budget,
+        ctx.seed,
+        timings=ctx.timings,
+        say=ctx.say,
+        objective=ctx.objective,
+    )
+    compensates = pruner.compensates()
+    retain = compensates and collector.retains_for_update()
+    scores: dict[str, torch.Tensor | None] = {}
+    kept: list[tuple[list[Target], dict[str, dict[str, Any]]]] = []
+    for group, stats in collector.collect():
+        with ctx.timings.phase("prune"):
+            for t in group:
+                if state.structure is None:
+                    scores[t.name] = pruner.score(t, stats[t.name])
+                else:
+                    state.structure.add_scores(t, pruner, stats[t.name])
+        if retain:
+            kept.append((group, stats if collector.passes == 1 else _to_host(stats)))
+    with ctx.timings.phase("prune"):
+        if state.structure is None:
+            keep = select(ctx.targets, scores, sparsity, ctx.mask)
+        else:  # the channels' masks; the layers outside every group keep theirs
+            chosen = state.structure.select(sparsity, ctx.mask)
+            keep = {t.name: chosen.get(t.name, t.mask) & t.mask for t in ctx.targets}
+    if compensates:
+        updates = {}  # applied after all passes, so every pass sees the same weights
+        for group, stats in kept or collector.collect():  # a second round only if not kept
+            with ctx.timings.phase("prune"):
+                for t in group:
+                    own = {k: v.to(ctx.device) for k, v in stats[t.name].items()}
+                    updated = pruner.update(t, keep[t.name], own)
+                    if updated is not None:
+                        updates[t.name] = updated
+        with torch.no_grad():
+            for t in ctx.targets:
+                if t.name in updates:
+                    t.weight.copy_(updates[t.name])
+    report = {"step": ctx.step, **collector.report()}
+    if compensates:
+        report["update_passes"] = 0 if kept else collector.passes
+    state.statistics.append(report)
+    return keep, collector.warnings
+
+
+def _to_host(stats: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Move a pass's statistics to host memory until the update needs them."""
+    return {name: {k: v.cpu() for k, v in s.items()} for name, s in stats.items()}
+
+
+def compress_layers(state: Pruning, sparsity: float) -> dict[str, torch.Tensor]:
+    """A layer-wise pruner's step: every supported layer in forward order, its input Gram
+    matrix measured through the layers compressed before it, then ``compress``; the new
+    weights are written (pruned entries zero) before the next layer is measured."""
+    ctx = state.context
+    pruner = state.pruner
+    assert isinstance(pruner, LayerPruner)
+    request = LayerRequest(sparsity, parse_nm(ctx.mask))
+    supported = {t.name: t for t in ctx.targets if pruner.supports(t.module)}
+    skipped = [t.name for t in ctx.targets if t.name not in supported]
+    if skipped and ctx.step == 1:
+        pruner.warnings.append(
+            f"{pruner.name} handles Linear and Conv2d (groups 1): left {', '.join(skipped)}"
+        )
+    keep = {t.name: t.mask.clone() for t in ctx.targets}
+    samples = pruner.stats_spec().num_samples
+    for name in ordered_targets(ctx.model, list(supported)):
+        t = supported[name]
+        ctx.say(f"{pruner.name}: {name}")
+        with ctx.timings.phase("statistics"):
+            gram = input_gram(ctx.model, t.module, ctx.calibration, samples, ctx.device)
+        with ctx.timings.phase("prune"):
+            result = _checked_compression(pruner, t, pruner.compress(t, gram, request))
+            with torch.no_grad():
+                if result.weight is not None:
+                    t.weight.copy_(result.weight)
+                keep[name] = result.keep.to(t.mask.device) & t.mask
+                t.weight.masked_fill_(~keep[name], 0.0)
+    return keep
+
+
+def _checked_compression(pruner: Pruner, target: Target, result: Compressed) -> Compressed:
+    shape = tuple(target.weight.shape)
+    if not isinstance(result, Compressed) or result.keep.dtype != torch.bool:
+        raise NumericalError(
+            f"{pruner.name}.compress must return Compressed with a bool keep-mask; the pruner "
+            "is broken"
+        )
+    for what, tensor in (("keep-mask", result.keep), ("weight", result.weight)):
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise NumericalError(
+                f"{pruner.name}: the {what} for {target.name} has shape {tuple(tensor.shape)}, "
+                f"expected {shape}; the pruner is broken"
+            )
+    if result.weight is not None and not torch.isfinite(result.weight).all():
+        raise NumericalError(
+            f"{pruner.name}: the new weights of {target.name} hold NaN or Inf; raise --param damp"
+        )
+    return result
+
+
+def oneshot(state: Pruning, sparsity: float, recompute: int | None = 1) -> list[str]:
+    """Prune to ``sparsity`` in ``recompute`` sub-steps (None: auto); return the warnings."""
+    start = state.removed()
+    if recompute is None:
+        recompute = auto_recompute(state.pruner, start, sparsity, state.context.mask)
+    if recompute < 1:
+        raise UsageError(f"--recompute {recompute}: give at least 1 sub-step")
+    warnings: list[str] = []
+    for step_sparsity in substep_sparsities(start, sparsity, recompute):
+        warnings += prune_step(state, step_sparsity)
+    return warnings

@@ -1,0 +1,133 @@
+"""The compact sparse safetensors form: a bitmask plus the packed non-zero values.
+
+A tensor ``name`` that is cheaper this way is stored as two tensors:
+
+- ``name::mask``: uint8, the non-zero positions (row-major), 8 per byte, least significant
+  bit first (``numpy.packbits(..., bitorder="little")``);
+- ``name::values``: the non-zero entries in row-major order, in the original dtype.
+
+``__metadata__["prunekit_sparse"]`` is JSON ``{name: {"shape": [...], "dtype": "float32"}}``
+naming every tensor so stored; all other tensors are stored as they are. "Non-zero" is
+decided on the bit pattern, so -0.0 survives and densifying is bit-exact. Size of an fp32
+tensor of sparsity s: (1 - s) + 1/32 of dense.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from prunekit.errors import InputFileError
+from prunekit.formats.safetensors_file import read_metadata, write_safetensors
+
+FORMAT_KEY = "prunekit_sparse"
+MASK, VALUES = "::mask", "::values"
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _nonzero_bits(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(_INT_OF_SIZE[t.element_size()]) != 0
+
+
+def compact_bytes(t: torch.Tensor) -> int:
+    """Bytes the tensor would take in compact form."""
+    nnz = int(_nonzero_bits(t).sum())
+    return nnz * t.element_size() + (t.numel() + 7) // 8
+
+
+def compact_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split each tensor that gets smaller into mask + values; return tensors and the index."""
+    out: dict[str, torch.Tensor] = {}
+    index: dict[str, dict] = {}
+    for name, t in state.items():
+        t = t.detach().cpu().contiguous()
+        if (
+            t.numel() == 0
+            or t.element_size() not in _INT_OF_SIZE
+            or compact_bytes(t) >= t.numel() * t.element_size()
+        ):
+            out[name] = t
+            continue
+        bits = _nonzero_bits(t)
+        packed = np.packbits(bits.numpy(), bitorder="little")
+        out[name + MASK] = torch.from_numpy(packed)
+        out[name + VALUES] = t.reshape(-1)[bits].clone()
+        index[name] = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+    return out, index
+
+
+def save_compact(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    tensors, index = compact_state(state)
+    write_safetensors(tensors, path, {**metadata, FORMAT_KEY: json.dumps(index)})
+
+
+def load_sparse(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Read a safetensors file, compact or plain, and return dense tensors (bit-exact)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(f"{path} does not exist; check the path")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            index_text = (f.metadata() or {}).get(FORMAT_KEY, "{}")
+            raw = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iter)
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
+        raise InputFileError(
+            f"{path} is not a valid safetensors file ({exc}); re-export the weights"
+        ) from exc
+    try:
+        dense = _expand(raw, json.loads(index_text))
+    except (ValueError, TypeError, KeyError, RuntimeError) as exc:
+        detail = f"no tensor {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise InputFileError(
+            f"{path}: its compact index is inconsistent ({detail}); re-export the weights"
+        ) from exc
+    return {k: v.to(device) for k, v in dense.items()}
+
+
+def _expand(raw: dict[str, torch.Tensor], index: object) -> dict[str, torch.Tensor]:
+    """Dense tensors from the raw ones and the index; ValueError/KeyError where they disagree."""
+    if not isinstance(index, dict):
+        raise ValueError(f"{FORMAT_KEY} is not a JSON object")
+    dense = {k: v for k, v in raw.items() if not k.endswith((MASK, VALUES))}
+    for name, info in index.items():
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise ValueError(f"{name}: shape {shape!r} is not a list of sizes")
+        numel = int(np.prod(shape, dtype=np.int64))
+        mask, values = raw[name + MASK], raw[name + VALUES]
+        if mask.dtype != torch.uint8 or mask.dim() != 1 or mask.numel() * 8 < numel:
+            raise ValueError(f"{name}{MASK} is too short for shape {shape}")
+        bits = torch.from_numpy(
+            np.unpackbits(mask.numpy(), count=numel, bitorder="little").astype(bool)
+        )
+        if values.dim() != 1 or int(bits.sum()) != values.numel():
+            raise ValueError(f"{name}: {values.numel()} values for {int(bits.sum())} mask bits")
+        if str(values.dtype).removeprefix("torch.") != info.get("dtype"):
+            raise ValueError(f"{name}: values are {values.dtype}, index says {info.get('dtype')}")
+        flat = torch.zeros(numel, dtype=values.dtype)
+        flat[bits] = values
+        dense[name] = flat.reshape(shape)
+    return dense
+
+
+def densify(src: Path, dst: Path) -> None:
+    """Write the dense equivalent of ``src`` to ``dst`` (metadata kept, index dropped)."""
+    state = load_sparse(src)
+    meta = read_metadata(src)
+    meta.pop(FORMAT_KEY, None)
+    write_safetensors(state, dst, meta)
+
+
+def densify_file(src: Path, dst: Path, force: bool = False) -> list[str]:
+    """`prunekit densify`: write ``dst`` atomically; return notes on what killed runs left."""
+    from prunekit.runtime.outputs import prepare_output, staged_file
+
+    notes = prepare_output(dst, force, kind="file")
+    with staged_file(dst, force) as tmp:
+        densify(src, tmp)
+    return notes

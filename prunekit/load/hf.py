@@ -1,0 +1,182 @@
+"""Hugging Face models from a local directory (``hf:DIR``) and text data (``text:FILE``).
+
+Needs the optional extra ``prunekit[hf]`` (transformers). A model is wrapped so that it takes
+one integer tensor (N, 2, L) — token ids and attention mask stacked — and returns (N, K):
+the logits of a sequence classifier, or the attention-masked mean of the last hidden states
+of an encoder (sentence embeddings). Token ids stay integers through statistics, evaluation
+and export.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from prunekit.errors import InputFileError, UsageError
+from prunekit.structured.groups import Group, Member
+
+INSTALL = "install the extra: pip install 'prunekit[hf]'"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+DEFAULT_MAX_LENGTH = 128
+
+
+def _transformers():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory; never the network
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        import transformers
+    except ImportError:
+        raise UsageError(f"hf: models need transformers; {INSTALL}") from None
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+class PackedInputs(nn.Module):
+    """A transformers model taking (N, 2, L) = ids and attention mask, returning (N, K)."""
+
+    input_dtype = torch.long  # read by the ONNX export: integer inputs
+    sequence_axis = 2  # exported as a dynamic axis, like the batch
+
+    def __init__(self, model: nn.Module, kind: str) -> None:
+        super().__init__()
+        self.model, self.kind = model, kind
+        self.token_mask: torch.Tensor | None = None
+        self.vmapped = False
+
+    @contextmanager
+    def per_sample_mode(self) -> Iterator[None]:
+        """For vmapped per-sample gradients: eager attention (SDPA's backward has no batching
+        rule) and a ready 4-D additive mask (transformers' mask builder tests the mask's
+        values, which vmap cannot)."""
+        before = self.model.config._attn_implementation
+        self.model.set_attn_implementation("eager")
+        self.vmapped = True
+        try:
+            yield
+        finally:
+            self.model.set_attn_implementation(before)
+            self.vmapped = False
+
+    def channel_groups(self) -> tuple[list[Group], list[str]]:
+        """The MLP neurons of every transformer layer (``--structure channels``): neuron c of
+        ``intermediate.dense`` (row c, bias c) is read by column c of ``output.dense``
+        only, through an element-wise activation (BERT, RoBERTa, MiniLM...)."""
+        groups = []
+        for name, layer in self.named_modules():
+            up = getattr(getattr(layer, "intermediate", None), "dense", None)
+            down = getattr(getattr(layer, "output", None), "dense", None)
+            pair = isinstance(up, nn.Linear) and isinstance(down, nn.Linear)
+            if pair and up.out_features == down.in_features:
+                members = [Member(f"{name}.intermediate.dense", "out"),
+                           Member(f"{name}.output.dense", "in")]  # fmt: skip
+                groups.append(Group(up.out_features, members))
+        return groups, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids, mask = x[:, 0], x[:, 1]
+        attention: torch.Tensor = mask
+        if self.vmapped:
+            blocked = (1 - mask[:, None, None, :]).to(self.model.dtype)
+            attention = blocked * torch.finfo(self.model.dtype).min
+        elif not torch.compiler.is_compiling():  # (an export traces it; nothing to record)
+            self.token_mask = mask  # read by layer-input statistics: padding rows left out
+        out = self.model(input_ids=ids, attention_mask=attention)
+        if self.kind == "classifier":
+            return out.logits
+        hidden = out.last_hidden_state
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+@dataclass
+class HFModel:
+    module: PackedInputs
+    tokenizer: object
+    kind: str  # "encoder" or "classifier"
+    max_length: int
+
+
+def check_dir(root: Path) -> None:
+    if not root.is_dir():
+        raise InputFileError(f"hf:{root}: no such model directory; check the path")
+    if not (root / "config.json").is_file():
+        raise InputFileError(f"hf:{root} has no config.json; point at a saved model directory")
+    if not any((root / name).is_file() for name in WEIGHT_FILES):
+        raise InputFileError(
+            f"hf:{root} has no weights ({' or '.join(WEIGHT_FILES[:2])}); save the model with "
+            "save_pretrained"
+        )
+
+
+def _config_and_tokenizer(root: Path):
+    """The directory's config and its tokenizer, which must fit the model's vocabulary."""
+    transformers = _transformers()
+    check_dir(root)
+    config = transformers.AutoConfig.from_pretrained(root, trust_remote_code=False)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(root, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise InputFileError(
+            f"hf:{root}: no usable tokenizer ({str(exc).splitlines()[0]})"
+        ) from exc
+    if tokenizer.vocab_size > config.vocab_size:
+        raise InputFileError(
+            f"hf:{root}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
+            f"{config.vocab_size}; they do not belong together"
+        )
+    return config, tokenizer
+
+
+def load_hf(root: Path) -> HFModel:
+    """The model in ``root`` (config + weights + tokenizer), wrapped; in eval mode, on CPU."""
+    transformers = _transformers()
+    config, tokenizer = _config_and_tokenizer(root)
+    classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+    auto = transformers.AutoModelForSequenceClassification if classifier else transformers.AutoModel
+    try:
+        model = auto.from_pretrained(root, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise InputFileError(f"hf:{root}: cannot load it ({str(exc).splitlines()[0]})") from exc
+    if not classifier and getattr(model, "pooler", None) is not None:
+        model.pooler = None  # unused by mean pooling: neither pruned nor exported
+    limit = getattr(config, "max_position_embeddings", DEFAULT_MAX_LENGTH)
+    wrapped = PackedInputs(model.eval(), "classifier" if classifier else "encoder")
+    return HFModel(wrapped.eval(), tokenizer, wrapped.kind, limit)
+
+
+def load_tokenizer(root: Path) -> tuple[object, int]:
+    """The tokenizer of the model in ``root`` and the model's token limit (no weights read)."""
+    config, tokenizer = _config_and_tokenizer(root)
+    return tokenizer, getattr(config, "max_position_embeddings", DEFAULT_MAX_LENGTH)
+
+
+def read_texts(path: Path) -> list[str]:
+    if not path.is_file():
+        raise InputFileError(f"text file {path} does not exist; check --data text:FILE")
+    texts = [line.strip() for line in path.read_text(errors="replace").splitlines()]
+    texts = [t for t in texts if t]
+    if not texts:
+        raise InputFileError(f"text file {path} holds no text; give one text per line")
+    return texts
+
+
+def tokenize(
+    texts: list[str], tokenizer: object, max_length: int, model_limit: int
+) -> tuple[torch.Tensor, int]:
+    """(N, 2, L) int64 ids + attention masks, padded to the longest; and how many texts were
+    cut to ``max_length`` (at most the model's limit)."""
+    length = min(max_length, model_limit)
+    full = tokenizer(texts, truncation=False)["input_ids"]  # type: ignore[operator]
+    cut = sum(len(ids) > length for ids in full)
+    encoded = tokenizer(  # type: ignore[operator]
+        texts, truncation=True, max_length=length, padding="longest", return_tensors="pt"
+    )
+    packed = torch.stack([encoded["input_ids"], encoded["attention_mask"]], dim=1)
+    return packed.long(), cut

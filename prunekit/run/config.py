@@ -1,0 +1,58 @@
+"""The frozen description of one run; everything the pipeline needs and the report records."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prunekit.engine.schedule import ScheduleConfig
+from prunekit.load.preprocess import Preprocess
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    model: str
+    pruner: str
+    sparsity: float
+    mask: str = "global"
+    structure: str | None = None  # "channels": whole channels per dependency group
+    min_channels: int = 1  # --structure: the fewest channels a group keeps
+    channel_multiple: int = 1  # --structure: kept channels rounded up to a multiple of this
+    exclude: tuple[str, ...] = ()
+    data: str | None = None
+    normalize: str | None = None  # preset or MEAN/STD (prunekit.load.preprocess)
+    image_size: int | None = None  # image folders: resize + centre-crop to this size
+    max_length: int | None = None  # text: data, tokens per text (default 128, model limit)
+    weights: Path | None = None
+    num_classes: int | None = None
+    trust_checkpoint: bool = False
+    params: dict[str, str] = field(default_factory=dict)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    recalibrate_bn: bool | None = None  # None: on where whole channels are removed
+    memory_budget: int | None = None  # bytes; None: a safe fraction of free memory
+    objective: str | None = (
+        None  # prunekit.contract.objectives; None: the default for model and data
+    )
+    verbose: bool = False
+    device: str = "auto"
+    seed: int = 0
+    exports: tuple[str, ...] = ("safetensors",)
+    validate: bool = False
+    out: Path = Path("prunekit-out")
+    force: bool = False
+    command: tuple[str, ...] = ()  # the command line that asked for the run, if any
+
+    @staticmethod
+    def default_out(model: str, pruner: str, sparsity: float) -> Path:
+        """prunekit-out/MODEL-PRUNER-S, where OUT is not given."""
+        return (
+            Path("prunekit-out") / f"{model.split(':')[-1].replace('.', '_')}-{pruner}-{sparsity:g}"
+        )
+
+    def preprocess(self) -> Preprocess:
+        return Preprocess(self.normalize, self.image_size)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready view (paths as strings)."""
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}

@@ -1,0 +1,445 @@
+"""One pruning run, top to bottom: load -> calibrate -> score -> mask -> [train] -> export."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit.calibrate.collector import Collector, check_spec
+from prunekit.calibrate.memory import MemoryPlan, is_out_of_memory
+from prunekit.contract.objectives import Objective, resolve_objective, returns_embeddings
+from prunekit.contract.pruner import Pruner
+from prunekit.contract.statistics import LABEL_FREE, LAYER_INPUTS
+from prunekit.contract.target import Target
+from prunekit.engine.batchnorm import recalibrate_batchnorm
+from prunekit.engine.masks import (
+    check_mask,
+    check_sparsity,
+    find_targets,
+    nm_misfits,
+    parse_nm,
+    sparsity_of,
+)
+from prunekit.engine.schedule import run_schedule
+from prunekit.engine.step import Pruning
+from prunekit.errors import ModelMismatchError, NumericalError, UsageError
+from prunekit.load.data import Splits, load_data
+from prunekit.load.models import default_data, first_non_finite, load_model
+from prunekit.pruners import registry
+from prunekit.run.config import PruneConfig
+from prunekit.run.exports import EXPORT_FORMATS, metadata_for, write_exports
+from prunekit.run.report import accuracy_warnings, build_report, shrunk_record
+from prunekit.runtime import distributed
+from prunekit.runtime.batches import eval_mode
+from prunekit.runtime.device import resolve_device
+from prunekit.runtime.outputs import prepare_output, staged_dir
+from prunekit.runtime.progress import Reporter, Silent
+from prunekit.runtime.timing import Timings
+from prunekit.structured.groups import UntraceableError
+from prunekit.structured.plan import STRUCTURES, ChannelPlan
+from prunekit.validate.metrics import accuracy, cosine_fidelity, outputs_on
+from prunekit.validate.onnx_runtime import ValidateOptions, validate
+
+
+@dataclass
+class Outcome:
+    """What a run produced in memory: its report, the pruned and dense models, the data."""
+
+    report: dict[str, Any]
+    model: nn.Module
+    dense_model: nn.Module | None
+    data: Splits
+    timings: Timings
+    targets: list[Target]
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Keep-masks (True = kept) by dotted weight name, on the CPU."""
+        return {t.name: t.mask.detach().cpu().clone() for t in self.targets}
+
+
+@dataclass
+class Inputs:
+    """What a run prunes: the model and data, where they came from, what loading noted."""
+
+    model: nn.Module
+    data: Splits
+    source: dict[str, Any]  # model, weights, trusted_checkpoint, data: for the report
+    notes: list[str] = field(default_factory=list)  # warnings from loading
+
+
+def check(config: PruneConfig) -> None:
+    """Validate everything cheap before any work is done."""
+    check_sparsity(config.sparsity)
+    config.preprocess().check()
+    check_mask(config.mask, config.sparsity)
+    config.schedule.check(config.sparsity)
+    if parse_nm(config.mask) is not None and config.schedule.stepped(config.sparsity):
+        raise UsageError(
+            f"--mask {config.mask} is chosen in one step (an N:M pattern has no intermediate "
+            "sparsity): use --recompute 1 and the oneshot or pbt schedule"
+        )
+    unknown = sorted(set(config.exports) - set(EXPORT_FORMATS))
+    if unknown:
+        raise UsageError(
+            f"--export {','.join(config.exports)}: choose from "
+            f"{', '.join(EXPORT_FORMATS)} (comma-separated)"
+        )
+    if config.structure is not None:
+        if config.structure not in STRUCTURES:
+            raise UsageError(f"--structure {config.structure}: use {', '.join(STRUCTURES)}")
+        if config.mask not in ("global", "layer"):
+            raise UsageError(
+                f"--mask {config.mask} with --structure {config.structure}: use global (one "
+                "threshold over all channels) or layer (the same fraction of every group)"
+            )
+        if config.min_channels < 1:
+            raise UsageError(f"--min-channels {config.min_channels}: give at least 1")
+        if config.channel_multiple < 1:
+            raise UsageError(
+                f"--channel-multiple {config.channel_multiple}: give at least 1 (e.g. 8)"
+            )
+    if config.validate and "onnx" not in config.exports:
+        raise UsageError("--validate needs the ONNX export: add --export safetensors,onnx")
+
+
+def _check_objective(
+    config: PruneConfig, pruner: Pruner, data: Splits, objective: Objective
+) -> None:
+    """Label-free objectives feed curvature pruners; training needs labels."""
+    if pruner.needs - LABEL_FREE and objective.sampled:
+        raise UsageError(
+            f"pruner '{config.pruner}' ranks by the mean gradient, which is zero under "
+            f"--objective {objective.name} (no labels: the dense model is its minimum); use "
+            "labeled data with --objective labels, or a curvature pruner (fisher_diag, "
+            "fisher_pruner, woodfisher, fishleg)"
+        )
+    if data.labeled:
+        return
+    schedule = config.schedule
+    if schedule.kind != "oneshot" or schedule.finetune_epochs:
+        raise UsageError(
+            f"the {schedule.kind} schedule trains the model, which needs labels; "
+            f"{data.spec} has none"
+        )
+
+
+def execute(
+    config: PruneConfig, reporter: Reporter | None = None, device: torch.device | None = None
+) -> Outcome:
+    """Load, prune (and train, by the schedule) and evaluate; write nothing."""
+    reporter = reporter or Silent()
+    check(config)
+    device = device or resolve_device(config.device)
+    timings = Timings(device)
+    pruner = registry.create(config.pruner, config.params)
+    with reporter.stage("loading model and data"), timings.phase("load"):
+        inputs = load_inputs(config)
+    return prune_model(config, inputs, pruner, device, reporter, timings)
+
+
+def load_inputs(config: PruneConfig) -> Inputs:
+    """The model and data ``config`` names."""
+    data_spec = config.data or default_data(config.model)
+    if data_spec is None:
+        raise UsageError(f"{config.model} comes with no dataset; pass --data SPEC")
+    data = load_data(data_spec, config.preprocess(), config.model, config.max_length)
+    num_classes = config.num_classes
+    if num_classes is None and config.model.startswith(("torchvision:", "cifar:")):
+        num_classes = data.num_classes
+    loaded = load_model(config.model, config.weights, num_classes, config.trust_checkpoint)
+    source = {
+        "model": config.model,
+        "weights": str(config.weights) if config.weights else loaded.weights and "shipped",
+        "trusted_checkpoint": loaded.trusted_checkpoint,
+        "data": data_spec,
+    }
+    return Inputs(loaded.model, data, source, [*data.notes, *loaded.warnings])
+
+
+def prune_model(
+    config: PruneConfig,
+    inputs: Inputs,
+    pruner: Pruner,
+    device: torch.device,
+    reporter: Reporter,
+    timings: Timings,
+) -> Outcome:
+    """Prune ``inputs.model`` on ``inputs.data`` by ``config`` (its model and data specs are
+    only recorded)."""
+    torch.manual_seed(config.seed)
+    model, data = inputs.model, inputs.data
+    warnings = list(inputs.notes)
+    with reporter.stage("checking model and data"), timings.phase("load"):
+        model = model.to(device)
+        outputs = check_outputs(model, data, device)
+        targets = select_targets(config, model, warnings)
+    plan = None
+    if config.structure is not None:
+        with reporter.stage("finding channel groups"), timings.phase("load"):
+            plan = channel_plan(config, pruner, model, data, targets, device, warnings)
+    objective = resolve_objective(
+        config.objective, data.labeled, returns_embeddings(model), data.spec
+    )
+    warnings += check_fit(config, pruner, data, objective)
+
+    def evaluate(m: nn.Module) -> float | None:
+        return accuracy(m, data.test, device) if data.labeled else None
+
+    with reporter.stage("evaluating the dense model"), timings.phase("evaluation"):
+        dense_accuracy = evaluate(model)
+        dense_outputs = None if data.labeled else outputs_on(model, data.test, device)
+    dense_model = copy.deepcopy(model).cpu() if "onnx" in config.exports else None
+
+    state = Pruning.of(
+        model,
+        targets,
+        pruner,
+        data.calibration,
+        device,
+        config.mask,
+        config.memory_budget,
+        config.seed,
+        timings=timings,
+        objective=objective,
+        structure=plan,
+    )
+    if config.verbose and pruner.needs - LAYER_INPUTS:
+        reporter.note(memory_plan_of(state).describe())
+    with reporter.stage(f"{config.schedule.kind} pruning with {config.pruner}") as status:
+        step_warnings, history = run_schedule(
+            state,
+            config.sparsity,
+            config.schedule,
+            data.train,
+            evaluate=evaluate if data.labeled else None,
+            on_event=status,
+        )
+        warnings += step_warnings
+    # default: re-estimate where whole channels were removed (dev ResNet-56, 50 % of the
+    # channels one-shot: magnitude 33.4 -> 68.6 %, woodfisher 45.1 -> 54.5 %)
+    recalibrate = plan is not None if config.recalibrate_bn is None else config.recalibrate_bn
+    if recalibrate:
+        with reporter.stage("re-estimating BatchNorm statistics"), timings.phase("batchnorm"):
+            recalibrate_batchnorm(model, data.calibration, device)
+    check_finite_model(model)
+    achieved, per_tensor = sparsity_of(targets)
+    structure = None
+    if plan is not None:
+        warnings += plan.warnings
+        with reporter.stage("removing the pruned channels"), timings.phase("prune"):
+            structure = shrunk_record(plan, data)
+
+    with reporter.stage("evaluating the pruned model"), timings.phase("evaluation"):
+        pruned_accuracy = evaluate(model)
+        fidelity = (
+            None
+            if dense_outputs is None
+            else cosine_fidelity(dense_outputs, outputs_on(model, data.test, device))
+        )
+    warnings += accuracy_warnings(config, pruner, recalibrate, dense_accuracy, pruned_accuracy)
+    results = {
+        "num_classes": outputs,
+        "recalibrate_bn": recalibrate,
+        "sparsity": {"target": config.sparsity, "achieved": achieved, "per_tensor": per_tensor},
+        "structure": structure,
+        "accuracy": {"dense": dense_accuracy, "pruned": pruned_accuracy},
+        "fidelity": fidelity,
+        "history": history,
+        "warnings": warnings,
+    }
+    report = build_report(config, state, inputs.source, results, timings)
+    # after --structure the targets' masks describe the unshrunk shapes: none are handed out
+    return Outcome(report, model, dense_model, data, timings, [] if plan else list(targets))
+
+
+def select_targets(config: PruneConfig, model: nn.Module, warnings: list[str]) -> list[Target]:
+    """The weights ``config`` prunes (``--exclude``, N:M misfits left dense, with warnings)."""
+    targets, unused = find_targets(model, config.exclude)
+    warnings += [f"--exclude '{g}' matched no prunable weight" for g in unused]
+    misfits = nm_misfits(targets, config.mask)
+    if misfits:
+        names = ", ".join(t.name for t in misfits)
+        warnings.append(
+            f"--mask {config.mask}: left dense {names} (inputs per output not "
+            f"a multiple of {config.mask.split(':')[1]})"
+        )
+        targets = [t for t in targets if t not in misfits]
+        if not targets:
+            raise UsageError(
+                f"--mask {config.mask} fits none of the prunable weights (inputs per "
+                "output not a multiple of M); use another mask"
+            )
+    return targets
+
+
+def check_fit(config: PruneConfig, pruner: Pruner, data: Splits, objective: Objective) -> list[str]:
+    """The pruner's statistics and the schedule's training fit the data; warnings for what
+    was adapted."""
+    _check_objective(config, pruner, data, objective)
+    warnings = cap_num_grads(config, pruner, len(data.calibration))  # type: ignore[arg-type]
+    if pruner.needs - LAYER_INPUTS:
+        check_spec(pruner.stats_spec(), len(data.calibration))  # type: ignore[arg-type]
+        if pruner.stats_spec().fisher == "true" and pruner.needs - LABEL_FREE:
+            warnings.append(
+                f"{config.pruner} uses the mean gradient, which averages to zero "
+                "with labels sampled from the model (fisher=true)"
+            )
+    if config.schedule.trains():
+        config.schedule.train.check(len(data.train))  # type: ignore[arg-type]
+    return warnings
+
+
+def memory_plan_of(state: Pruning) -> MemoryPlan:
+    """The memory plan the first step's statistics will follow (for --verbose)."""
+    ctx, pruner = state.context, state.pruner
+    plan = Collector(
+        ctx.model,
+        ctx.targets,
+        ctx.calibration,
+        pruner.stats_spec(),
+        pruner.needs,
+        ctx.device,
+        ctx.memory_budget,
+        objective=ctx.objective,
+    ).plan
+    assert plan is not None  # the pruner needs gradient statistics
+    return plan
+
+
+def channel_plan(
+    config: PruneConfig,
+    pruner: Pruner,
+    model: nn.Module,
+    data: Splits,
+    targets: list[Target],
+    device: torch.device,
+    warnings: list[str],
+) -> ChannelPlan | None:
+    """The channel plan of ``--structure``; None when the model cannot be traced and
+    ``channels-or-weights`` allows unstructured pruning instead."""
+    if not pruner.structured:
+        raise UsageError(
+            f"{config.pruner} picks weights inside each layer and cannot score channels; "
+            "with --structure channels use magnitude, wanda, the fisher_* criteria or woodfisher"
+        )
+    example = data.calibration[0][0].unsqueeze(0).to(device)
+    try:
+        plan = ChannelPlan.of(model, example, targets, config.min_channels, config.channel_multiple)
+    except UntraceableError as exc:
+        if config.structure != "channels-or-weights":
+            raise
+        warnings.append(f"{str(exc).split('; ')[0]}: pruned unstructured instead")
+        return None
+    left = plan.left
+    if left:
+        more = f" and {len(left) - 5} more" if len(left) > 5 else ""
+        warnings.append(
+            f"--structure channels: {len(left)} layer(s) keep all their channels, which "
+            "reach the output, a reshape, a concatenation or a padding: "
+            f"{', '.join(left[:5])}{more} (report.json: structure.left_whole)"
+        )
+    return plan
+
+
+@torch.no_grad()
+def check_outputs(model: nn.Module, data: Splits, device: torch.device) -> int:
+    """The model's number of outputs; an error when the data's labels do not fit it."""
+    x = data.calibration[0][0].unsqueeze(0).to(device)
+    try:
+        with eval_mode(model):
+            logits = model(x)
+    except Exception as exc:  # shape errors come as RuntimeError, ValueError, AssertionError...
+        if isinstance(exc, RuntimeError) and is_out_of_memory(exc):
+            raise
+        raise ModelMismatchError(
+            f"the model cannot take inputs of shape {tuple(x.shape[1:])} from {data.spec} "
+            f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}); pick --data that "
+            "matches the architecture"
+        ) from exc
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ModelMismatchError(
+            f"the model returns {getattr(logits, 'shape', type(logits).__name__)} for one "
+            "input; prunekit prunes classifiers that return (batch, classes) logits"
+        )
+    outputs = logits.shape[1]
+    if data.labeled and data.num_classes > outputs:
+        raise ModelMismatchError(
+            f"{data.spec} has labels up to {data.num_classes - 1} but the model has {outputs} "
+            "outputs; check --data, or --num-classes for torchvision and factory models"
+        )
+    return outputs
+
+
+def check_finite_model(model: nn.Module) -> None:
+    """No NaN model is written: name the first tensor that went non-finite."""
+    bad = first_non_finite(model.state_dict())
+    if bad is not None:
+        raise NumericalError(
+            f"after pruning, {bad[0]} holds NaN or Inf; raise --param damp or lower the "
+            "sparsity per step (--recompute), or report it with --debug"
+        )
+
+
+def cap_num_grads(config: PruneConfig, pruner: Pruner, available: int) -> list[str]:
+    """Fit the default num_grads to a small calibration split (an explicit value must fit)."""
+    wanted, batch = pruner.hparams.get("num_grads"), pruner.hparams.get("grad_batch", 1)
+    if wanted is None or "num_grads" in config.params or wanted * batch <= available:
+        return []
+    capped = max(1, available // batch)
+    pruner.hparams["num_grads"] = capped
+    return [
+        f"num_grads lowered from {wanted} to {capped}: the calibration split has "
+        f"{available} samples"
+    ]
+
+
+def run(config: PruneConfig, reporter: Reporter | None = None) -> dict[str, Any]:
+    """Prune ``config.model`` and write OUT/model.safetensors, the exports and report.json."""
+    device = resolve_device(config.device)
+    with distributed.process_group(device):
+        return _run(config, reporter if distributed.is_main() else None, device)
+
+
+def _run(config: PruneConfig, reporter: Reporter | None, device: torch.device) -> dict[str, Any]:
+    reporter = reporter or Silent()
+    main = distributed.is_main()  # under torchrun only rank 0 writes
+    cleaned = prepare_output(config.out, config.force) if main else []
+    outcome = execute(config, reporter, device)  # validates the config before any work
+    report, data, timings = outcome.report, outcome.data, outcome.timings
+    report["warnings"] = cleaned + report["warnings"]
+    if not main:
+        return report
+    with reporter.stage("writing outputs"), staged_dir(config.out, config.force) as stage:
+        metadata = metadata_for(report, config.to_json())
+        with timings.phase("export"):
+            files = write_exports(
+                stage,
+                outcome.model,
+                outcome.dense_model,
+                data.input_shape,
+                metadata,
+                config.exports,
+            )
+        report["sizes"] = {name: (stage / name).stat().st_size for name in files}
+        if config.validate:
+            with reporter.stage("validating in ONNX Runtime"), timings.phase("validation"):
+                report["validation"] = validate(
+                    stage / "model.onnx",
+                    data.test,
+                    data.input_shape,
+                    ValidateOptions(),
+                    baseline=stage / "dense.onnx",
+                    torch_model=outcome.model,
+                )
+                report["validation"]["model"] = str(config.out / "model.onnx")
+                report["validation"]["baseline"] = str(config.out / "dense.onnx")
+        report["outputs"] = [str(config.out / name) for name in [*files, "report.json"]]
+        report["phases"] = timings.to_json()
+        report["seconds"] = timings.elapsed()
+        (stage / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report

@@ -1,0 +1,289 @@
+"""`prunekit sweep`: the accuracy-versus-sparsity grid of the papers, resumable.
+
+Every cell (pruner, sparsity, seed) is one in-memory run whose summary is written atomically
+to ``OUT/cells/NAME.json``; a cell whose file exists is not recomputed, so an interrupted sweep
+resumes where it stopped. ``results.csv``, ``results.md`` and ``accuracy_vs_sparsity.png`` are
+rebuilt from the cell files at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import statistics
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from prunekit.errors import InputFileError, UsageError
+from prunekit.run.config import PruneConfig
+from prunekit.runtime.outputs import inside_cwd_chain, staged_file
+
+COLUMNS = (
+    "model",
+    "schedule",
+    "pruner",
+    "sparsity",
+    "seed",
+    "achieved_sparsity",
+    "accuracy_dense",
+    "accuracy",
+    "seconds",
+    "latency_ms",
+    "speedup",
+)
+OPTIONAL = ("latency_ms", "speedup")  # --structure only; absent from older cells
+
+
+def cell_name(pruner: str, sparsity: float, seed: int) -> str:
+    return f"{pruner}_s{sparsity:g}_seed{seed}"
+
+
+def _settings(base: PruneConfig) -> dict[str, Any]:
+    """What must not change when a sweep is resumed."""
+    view = base.to_json()
+    for key in ("pruner", "sparsity", "seed", "out", "force", "verbose"):
+        view.pop(key)
+    return json.loads(json.dumps(view))  # the form it has when read back (tuples -> lists)
+
+
+def _read_json(path: Path, fix: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputFileError(f"{path} is corrupt ({exc}); {fix}") from exc
+
+
+def check_sweep_folder(out: Path) -> None:
+    """A sweep writes a new or empty folder, or resumes one holding its sweep.json."""
+    if inside_cwd_chain(out):
+        raise UsageError(f"--out {out} is the current folder or one above it; name a new one")
+    if os.path.lexists(out) and not out.is_dir():
+        raise UsageError(f"--out {out} is not a folder; pick another --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / "sweep.json").exists():
+        raise UsageError(
+            f"--out {out} holds files and no sweep.json: a sweep resumes only its own folder; "
+            "pick another --out"
+        )
+
+
+NUMBERS = ("sparsity", "achieved_sparsity", "seconds")
+
+
+def _read_cell(path: Path) -> dict[str, Any]:
+    fix = f"delete {path.name} and rerun the sweep to recompute that cell"
+    row = _read_json(path, fix)
+    if not isinstance(row, dict) or not set(COLUMNS) - set(OPTIONAL) <= row.keys():
+        raise InputFileError(f"{path} is not a sweep cell (fields missing); {fix}")
+    numeric = [row[k] for k in NUMBERS] + [
+        row[k] for k in ("accuracy", "accuracy_dense") if row[k] is not None
+    ]
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in numeric):
+        raise InputFileError(f"{path} holds a non-numeric result; {fix}")
+    return row
+
+
+def finished_cells(out: Path) -> int:
+    """How many cells an (interrupted) sweep in ``out`` has kept."""
+    return len(list((out / "cells").glob("*.json"))) if (out / "cells").is_dir() else 0
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with staged_file(path, force=True) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def run_sweep(
+    base: PruneConfig,
+    pruners: Sequence[str],
+    sparsities: Sequence[float],
+    seeds: Sequence[int],
+    out: Path,
+    execute: Callable[[PruneConfig], dict[str, Any]],
+    on_cell: Callable[[str, bool], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run every missing cell with ``execute``; return all rows (CSV columns)."""
+    if not pruners or not sparsities or not seeds:
+        raise UsageError("--pruners, --sparsities and --seeds each need at least one value")
+    settings = _settings(base)
+    marker = out / "sweep.json"
+    check_sweep_folder(out)
+    if marker.exists():
+        previous = _read_json(marker, "delete the folder to start the sweep again")
+        if not isinstance(previous, dict):
+            raise InputFileError(f"{marker} is not a sweep's settings; delete the folder")
+        if previous != settings:
+            changed = sorted(k for k in settings if previous.get(k) != settings[k])
+            raise UsageError(
+                f"{out} holds a sweep with other settings ({', '.join(changed)}); use another "
+                "--out, or delete it to start again"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cells").mkdir(exist_ok=True)
+    _write_json(marker, settings)
+    rows = []
+    for pruner in pruners:
+        for sparsity in sparsities:
+            for seed in seeds:
+                name = cell_name(pruner, sparsity, seed)
+                path = out / "cells" / f"{name}.json"
+                cached = path.exists()
+                if not cached:
+                    config = dataclasses.replace(base, pruner=pruner, sparsity=sparsity, seed=seed)
+                    report = execute(config)
+                    _write_json(
+                        path,
+                        {
+                            "model": report["model"],
+                            "schedule": base.schedule.kind,
+                            "pruner": pruner,
+                            "sparsity": sparsity,
+                            "seed": seed,
+                            "achieved_sparsity": report["sparsity"]["achieved"],
+                            "accuracy_dense": report["accuracy"]["dense"],
+                            "accuracy": report["accuracy"]["pruned"],
+                            "seconds": report["seconds"],
+                            # --structure: ONNX Runtime latency at batch 1 and speed-up
+                            "latency_ms": report.get("latency", {}).get("latency_ms"),
+                            "speedup": report.get("latency", {}).get("speedup"),
+                        },
+                    )
+                if on_cell is not None:
+                    on_cell(name, cached)
+                rows.append(_read_cell(path))
+    write_results(rows, out, pruners, sparsities)
+    return rows
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _cell(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    mean, std = _mean_std(values)
+    return f"{mean:.2f} ± {std:.2f}"
+
+
+def write_results(
+    rows: list[dict[str, Any]], out: Path, pruners: Sequence[str], sparsities: Sequence[float]
+) -> None:
+    with staged_file(out / "results.csv", force=True) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: row.get(k) for k in COLUMNS} for row in rows)
+    cells = {(r["pruner"], r["sparsity"]): [] for r in rows}
+    for r in rows:
+        if r["accuracy"] is not None:  # unlabeled data has no accuracy
+            cells[r["pruner"], r["sparsity"]].append(r["accuracy"] * 100)
+    lines = [
+        f"Test accuracy (%), mean ± std over {len({r['seed'] for r in rows})} seed(s); "
+        f"{rows[0]['model']}, schedule {rows[0]['schedule']}.",
+        "",
+        "| sparsity | " + " | ".join(pruners) + " |",
+        "|---|" + "---|" * len(pruners),
+    ]
+    for s in sparsities:
+        means = [_cell(cells[p, s]) for p in pruners]
+        lines.append(f"| {s:.0%} | " + " | ".join(means) + " |")
+    with staged_file(out / "results.md", force=True) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    if all(cells.values()):
+        _plot(cells, out / "accuracy_vs_sparsity.png", pruners, sparsities, rows[0])
+        if all(r.get("latency_ms") is not None for r in rows):
+            _plot_latency(rows, out / "accuracy_vs_latency.png", pruners)
+
+
+@contextmanager
+def _chart(path: Path, xlabel: str, title: str, columns: int = 1) -> Iterator[Any]:
+    """An accuracy chart's axes; on leaving, labelled and written atomically to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    try:
+        yield ax
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small", ncol=columns)
+        fig.tight_layout()
+        with staged_file(path, force=True) as tmp:
+            fig.savefig(tmp, format="png", dpi=120)
+    finally:
+        plt.close(fig)
+
+
+def _plot(
+    cells: dict,
+    path: Path,
+    pruners: Sequence[str],
+    sparsities: Sequence[float],
+    first: dict[str, Any],
+) -> None:
+    title = f"{first['model']} ({first['schedule']})"
+    with _chart(path, "sparsity (%)", title, columns=2) as ax:
+        xs = [s * 100 for s in sparsities]
+        for pruner in pruners:
+            stats = [_mean_std(cells[pruner, s]) for s in sparsities]
+            ax.errorbar(
+                xs,
+                [m for m, _ in stats],
+                yerr=[sd for _, sd in stats],
+                marker="o",
+                capsize=3,
+                label=pruner,
+            )
+
+
+def _plot_latency(rows: list[dict[str, Any]], path: Path, pruners: Sequence[str]) -> None:
+    """Accuracy against ONNX Runtime latency (batch 1), one line per pruner."""
+    dense = rows[0]
+    title = f"{dense['model']}: channels removed"
+    with _chart(path, "ONNX Runtime latency, batch 1 (ms)", title) as ax:
+        for pruner in pruners:
+            own = sorted((r for r in rows if r["pruner"] == pruner), key=lambda r: r["latency_ms"])
+            ax.plot([r["latency_ms"] for r in own], [100 * r["accuracy"] for r in own],
+                    marker="o", label=pruner)  # fmt: skip
+        ax.axhline(100 * dense["accuracy_dense"], color="grey", linestyle="--", label="dense")
+
+
+def cell_runner(
+    base: PruneConfig, pruners: Sequence[str], sparsities: Sequence[float]
+) -> Callable[[PruneConfig], dict[str, Any]]:
+    """Check the grid before any work; return the function that runs one cell.
+
+    ``--param`` values go to the pruners that accept them; one no pruner accepts is an error.
+    """
+    from prunekit.pruners import registry
+    from prunekit.run.pipeline import check, execute
+
+    if not pruners or not sparsities:
+        raise UsageError("--pruners, --sparsities and --seeds each need at least one value")
+    accepted = {name: {p.name for p in registry.load(name).params} for name in pruners}
+    unused = sorted(k for k in base.params if not any(k in a for a in accepted.values()))
+    if unused:
+        raise UsageError(f"--param {', '.join(unused)}: none of the pruners accepts it")
+    for level in sparsities:
+        check(dataclasses.replace(base, sparsity=level))
+
+    def one_cell(config: PruneConfig) -> dict[str, Any]:
+        own = {k: v for k, v in config.params.items() if k in accepted[config.pruner]}
+        exports = ("onnx",) if config.structure else ()  # keeps the dense model to time
+        outcome = execute(dataclasses.replace(config, params=own, exports=exports))
+        if config.structure and outcome.dense_model is not None:
+            from prunekit.validate.onnx_runtime import speedup_of
+
+            outcome.report["latency"] = speedup_of(
+                outcome.model, outcome.dense_model, outcome.data.input_shape
+            )
+        return outcome.report
+
+    return one_cell

@@ -1,0 +1,187 @@
+"""Structured pruning (``--structure channels``): whole channels chosen per dependency group.
+
+A channel's score is the sum of the pruner's per-weight scores over every weight removed with
+it (the producing rows, the reading columns): the L1 norm of the group for magnitude, the summed
+Fisher or Taylor saliency for the Fisher-Taylor criteria; pruners may score a whole channel
+themselves (``Pruner.set_scores``: woodfisher's group OBS). The chosen channels become
+weight masks (``channel_surgery.group_masks``), so statistics, OBS updates and masked
+fine-tuning work as for unstructured masks; at the end the model is shrunk to new shapes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from prunekit.contract.pruner import Pruner
+from prunekit.contract.target import Target
+from prunekit.errors import UsageError
+from prunekit.structured.groups import Group, find_groups
+from prunekit.structured.surgery import group_masks, shrink
+
+STRUCTURES = ("channels", "channels-or-weights")  # the second: unstructured if untraceable
+
+
+@dataclass
+class ChannelPlan:
+    """The prunable groups of a model, the channels kept in each, and the minimum kept."""
+
+    model: nn.Module
+    example: torch.Tensor  # one input, for tracing and counting FLOPs
+    groups: list[Group]
+    left: list[str]  # Conv/Linear layers whose channels stay
+    min_channels: int = 1
+    multiple: int = 1  # kept channels rounded up to a multiple of this (fast kernels)
+    kept: list[torch.Tensor] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)  # group -> channel scores
+
+    @classmethod
+    def of(
+        cls,
+        model: nn.Module,
+        example: torch.Tensor,
+        targets: Sequence[Target],
+        min_channels: int = 1,
+        multiple: int = 1,
+    ) -> ChannelPlan:
+        groups, left = find_groups(model, example)
+        names = {t.name for t in targets}
+        usable = []
+        for g in groups:
+            excluded = [
+                m.module
+                for m in g.members
+                if m.role != "channel" and f"{m.module}.weight" not in names
+            ]
+            if excluded:  # part of the group is excluded: all of it stays
+                left.extend(g.names("out"))
+            else:
+                usable.append(g)
+        if not usable:
+            raise UsageError(
+                "no channel group of this model can be removed safely (every Conv/Linear feeds "
+                "the output, a reshape or a concatenation); prune it without --structure"
+            )
+        plan = cls(model, example, usable, left, min_channels, multiple)
+        plan.reset()
+        return plan
+
+    def reset(self) -> None:
+        """Every channel kept (a new plan, or pbt's re-initialised model)."""
+        self.kept = [torch.arange(g.channels) for g in self.groups]
+
+    def channels(self) -> int:
+        return sum(g.channels for g in self.groups)
+
+    def removed_fraction(self) -> float:
+        return 1.0 - sum(len(k) for k in self.kept) / self.channels()
+
+    def add_scores(self, target: Target, pruner: Pruner, stats: Mapping[str, torch.Tensor]) -> None:
+        """Add ``target``'s share of every channel score: the pruner's score of the set of
+        its weights removed with the channel (rows it makes, columns that read it)."""
+        for index, sets in self._sets(target):
+            score = pruner.set_scores(target, stats, sets.to(target.weight.device))
+            if score is not None:
+                self.scores.setdefault(index, torch.zeros(len(sets), dtype=torch.float64))
+                self.scores[index] += score.detach().double().cpu()
+
+    def _sets(self, target: Target) -> list[tuple[int, torch.Tensor]]:
+        module = target.name.rsplit(".", 1)[0] if "." in target.name else ""
+        shape = target.weight.shape
+        found = []
+        for index, g in enumerate(self.groups):
+            for m in g.members:
+                if m.module != module or m.role == "channel":
+                    continue
+                found.append((index, channel_sets(shape, g.channels, m.role, m.block)))
+        return found
+
+    def select(self, fraction: float, mode: str) -> dict[str, torch.Tensor]:
+        """Keep-masks of the targets after removing ``fraction`` of all channels by the
+        scores added since the last selection (global: one threshold on the channel scores;
+        layer: the same fraction of every group)."""
+        modules = dict(self.model.named_modules())
+        channel_scores = []
+        for index, (g, kept) in enumerate(zip(self.groups, self.kept, strict=True)):
+            score = self.scores.get(index, torch.zeros(g.channels, dtype=torch.float64))
+            removed = torch.ones(g.channels, dtype=torch.bool)
+            removed[kept] = False  # removed channels stay removed
+            channel_scores.append(score.masked_fill(removed, float("-inf")))
+        self.scores = {}
+        self.warnings = []  # the last selection's: each sub-step would repeat them
+        wanted = [self._kept_count(g, fraction) for g in self.groups]
+        if mode == "global":
+            total = self.channels() - round(fraction * self.channels())
+            wanted = self._global_counts(channel_scores, total)
+        masks: dict[str, torch.Tensor] = {}
+        for i, (g, s) in enumerate(zip(self.groups, channel_scores, strict=True)):
+            rounded = min(g.channels, -(-wanted[i] // self.multiple) * self.multiple)
+            count = max(rounded, min(self.min_channels, g.channels))
+            if count > rounded:
+                self.warnings.append(
+                    f"{g}: kept {count} of {g.channels} channels (--min-channels), not {wanted[i]}"
+                )
+            keep = torch.argsort(s, descending=True, stable=True)[:count].sort()[0]
+            self.kept[i] = keep
+            for name, mask in group_masks(modules, g, keep).items():
+                masks[name] = masks[name] & mask if name in masks else mask
+        return masks
+
+    def _kept_count(self, g: Group, fraction: float) -> int:
+        return g.channels - math.floor(fraction * g.channels + 1e-9)
+
+    def _global_counts(self, channel_scores: list[torch.Tensor], total: int) -> list[int]:
+        flat = torch.cat(channel_scores)
+        order = torch.argsort(flat, descending=True, stable=True)[:total]
+        owner = torch.repeat_interleave(
+            torch.arange(len(channel_scores)), torch.tensor([len(s) for s in channel_scores])
+        )
+        return torch.bincount(owner[order], minlength=len(channel_scores)).tolist()
+
+    @torch.no_grad()
+    def shrink(self) -> dict[str, list[int]]:
+        """Cut the removed channels out of the model (new shapes); the kept channels of each
+        group by its producing layers, as recorded in the files."""
+        modules = dict(self.model.named_modules())
+        record = {}
+        for g, keep in zip(self.groups, self.kept, strict=True):
+            record[str(g)] = keep.tolist()
+            shrink(modules, g, keep)
+        return record
+
+
+def channel_sets(shape: torch.Size, channels: int, role: str, block: int) -> torch.Tensor:
+    """(channels, k) flat indices into a weight of ``shape``: the rows that make each
+    channel ("out"), or the input columns that read it ("in", ``block`` features each)."""
+    numel = math.prod(shape)
+    if role == "out":
+        per = numel // channels
+        return torch.arange(channels)[:, None] * per + torch.arange(per)
+    outputs, inputs = shape[0], shape[1]
+    rest = numel // (outputs * inputs)  # kernel positions per (output, input) pair
+    o = torch.arange(outputs)[:, None, None]
+    j = torch.arange(block)[None, :, None]
+    r = torch.arange(rest)[None, None, :]
+    within = (o * inputs * rest + j * rest + r).reshape(-1)  # channel 0's indices
+    return torch.arange(channels)[:, None] * (block * rest) + within
+
+
+def reapply(model: nn.Module, example: torch.Tensor, record: Mapping[str, list[int]]) -> None:
+    """Shrink a freshly built model as a saved structured run was shrunk (before its state
+    dict is loaded)."""
+    groups, _ = find_groups(model, example)
+    by_name = {str(g): g for g in groups}
+    missing = sorted(set(record) - set(by_name))
+    if missing:
+        raise UsageError(
+            f"the file removes channels of {', '.join(missing[:3])}, which this model does not "
+            "have as a channel group; load it with the architecture it was pruned from"
+        )
+    modules = dict(model.named_modules())
+    for name, keep in record.items():
+        shrink(modules, by_name[name], torch.tensor(keep, dtype=torch.long))

@@ -1,0 +1,81 @@
+"""Removing a group's channels: masks on the full model, and the physically smaller model.
+
+``group_masks`` zeroes, for the removed channels, the rows of the layers that make them and
+the input columns of the layers that read them: the masked model computes exactly what the
+shrunk one does (nothing reads a removed channel any more), so masked fine-tuning and the
+existing exports work unchanged. ``shrink`` then cuts the removed channels out of every
+member (Conv2d / Linear rows and columns, BatchNorm and depthwise channels): new shapes,
+same outputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from prunekit.structured.groups import Group, Member
+
+
+def input_columns(keep: torch.Tensor, block: int) -> torch.Tensor:
+    """Input features of the kept channels, with ``block`` features per channel."""
+    return (keep[:, None] * block + torch.arange(block, device=keep.device)).flatten()
+
+
+def group_masks(
+    modules: dict[str, nn.Module], group: Group, keep: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Keep-masks of the members' weights (by dotted weight name) for kept channels ``keep``."""
+    masks: dict[str, torch.Tensor] = {}
+    for m in group.members:
+        if m.role == "channel":
+            continue
+        weight = modules[m.module].weight
+        mask = torch.zeros(weight.shape, dtype=torch.bool, device=weight.device)
+        if m.role == "out":
+            mask[keep] = True
+        else:
+            mask[:, input_columns(keep, m.block)] = True
+        name = f"{m.module}.weight"  # a layer may both read and write the group's axis
+        masks[name] = masks[name] & mask if name in masks else mask
+    return masks
+
+
+@torch.no_grad()
+def shrink(modules: dict[str, nn.Module], group: Group, keep: torch.Tensor) -> None:
+    """Cut every member of ``group`` down to the channels ``keep`` (sorted indices), in place."""
+    for m in group.members:
+        _shrink_member(modules[m.module], m, keep)
+    group.channels = len(keep)
+
+
+def _take(param: nn.Parameter | torch.Tensor | None, index: torch.Tensor, dim: int):
+    if param is None:
+        return None
+    taken = param.detach().index_select(dim, index.to(param.device)).clone()
+    return nn.Parameter(taken, param.requires_grad) if isinstance(param, nn.Parameter) else taken
+
+
+def _shrink_member(module: nn.Module, member: Member, keep: torch.Tensor) -> None:
+    n = len(keep)
+    if member.role == "in":
+        columns = input_columns(keep.cpu(), member.block)
+        module.weight = _take(module.weight, columns, 1)
+        if isinstance(module, nn.Conv2d):
+            module.in_channels = n
+        else:
+            module.in_features = len(columns)
+        return
+    module.weight = _take(module.weight, keep, 0)
+    module.bias = _take(module.bias, keep, 0)
+    if isinstance(module, nn.Conv2d):
+        module.out_channels = n
+        if member.role == "channel":  # depthwise
+            module.in_channels = module.groups = n
+    elif isinstance(module, nn.Linear):
+        module.out_features = n
+    else:  # BatchNorm
+        module.num_features = n
+        for name in ("running_mean", "running_var"):
+            buffer = getattr(module, name)
+            if buffer is not None:
+                setattr(module, name, _take(buffer, keep, 0))

@@ -1,0 +1,3 @@
+"""The prunekit release (read by the build backend and recorded in every output)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,677 @@
+"""Bad input and faults through the CLI: exit code, the one-line message, and what is left on
+disk. One test per finding of the fault trial (issue 11)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from prunekit.load.models import load_model
+from tests.cli_helpers import CNN_HALF, MLP_HALF, assert_error, invoke, prune, prune_report
+
+ALL_NUMPY_DIGITS = 40
+
+
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path, monkeypatch):
+    """Runs without --out write prunekit-out/ here, never into the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
+def digits_like(path: Path, n: int = ALL_NUMPY_DIGITS, **override) -> Path:
+    """An .npz of n digits-shaped samples with labels 0..9 (``override`` replaces x or y)."""
+    rng = np.random.default_rng(0)
+    arrays = {
+        "x": rng.random((n, 1, 8, 8), dtype=np.float32),
+        "y": np.arange(n) % 10,
+    }
+    arrays.update(override)
+    np.savez(path, **arrays)
+    return path
+
+
+def data_arg(path: Path) -> tuple[str, str]:
+    return "--data", f"tensors:{path}"
+
+
+# --- wrong results with exit 0 -------------------------------------------------------------
+
+
+def test_labels_shaped_n_by_1_are_refused(tmp_path):
+    path = digits_like(tmp_path / "d.npz", y=(np.arange(40) % 10)[:, None])
+    result = prune(*CNN_HALF, *data_arg(path), "--out", str(tmp_path / "o"))
+    assert_error(result, 2, "y has shape (40, 1)", "y.reshape(-1)")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("pruner", ["magnitude", "woodfisher", "snip"])
+def test_labels_beyond_the_model_outputs(tmp_path, pruner):
+    path = digits_like(tmp_path / "d.npz", y=np.where(np.arange(40) == 3, 50, np.arange(40) % 10))
+    result = prune("sample:digits-cnn", "-p", pruner, "-s", "0.5", *data_arg(path))
+    assert_error(result, 1, "labels up to 50", "10 outputs", "--num-classes")
+
+
+def test_nan_in_input_data(tmp_path):
+    x = np.random.default_rng(0).random((40, 1, 8, 8), dtype=np.float32)
+    x[7, 0, 2, 2] = np.nan
+    result = prune(*CNN_HALF, *data_arg(digits_like(tmp_path / "d.npz", x=x)))
+    assert_error(result, 2, "x holds NaN or Inf", "sample")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_in_an_excluded_weight_is_refused_and_named(tmp_path, value):
+    state = load_model("sample:digits-cnn").model.state_dict()
+    state["classifier.3.weight"][0, 0] = value  # the last layer, excluded from pruning
+    path = tmp_path / "w.pt"
+    torch.save(state, path)
+    out = tmp_path / "o"
+    result = prune(
+        *CNN_HALF, "--weights", str(path), "--exclude", "classifier.3.*", "--out", str(out)
+    )
+    assert_error(result, 2, "classifier.3.weight holds 1 NaN/Inf", str(path))
+    assert not out.exists()
+
+
+def test_one_negative_label_is_an_error_not_unlabeled(tmp_path):
+    y = np.arange(40) % 10
+    y[17] = -3
+    result = prune(*CNN_HALF, *data_arg(digits_like(tmp_path / "d.npz", y=y)))
+    assert_error(result, 2, "label -3 at sample", "0..C-1")
+
+
+def test_float_labels_are_refused(tmp_path):
+    path = digits_like(tmp_path / "d.npz", y=(np.arange(40) % 10).astype(np.float32))
+    assert_error(prune(*CNN_HALF, *data_arg(path)), 2, "y is float32", "integer class")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A pruned run with ONNX exports (module-wide: validate tests only read it)."""
+    out = tmp_path_factory.mktemp("run") / "o"
+    prune_report(*CNN_HALF, "--export", "safetensors,onnx", "--out", str(out))
+    return out
+
+
+def test_validate_unlabeled_data_has_no_accuracy_and_no_gate(tmp_path, exported):
+    x = np.random.default_rng(0).random((20, 1, 8, 8), dtype=np.float32)
+    np.savez(tmp_path / "u.npz", x=x)
+    spec = f"tensors:{tmp_path / 'u.npz'}"
+    args = ("validate", str(exported / "model.onnx"), "--data", spec, "--runs", "2")
+    result = invoke(*args, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["accuracy"] is None
+    assert_error(invoke(*args, "--max-accuracy-drop", "0.01"), 2, "needs labeled data")
+
+
+@pytest.mark.parametrize("value", ["nan", "-0.1", "1.5"])
+def test_validate_accuracy_gate_values(exported, value):
+    result = invoke("validate", str(exported / "model.onnx"), "--max-accuracy-drop", value)
+    assert_error(result, 2, f"--max-accuracy-drop {float(value)}", "[0, 1]")
+
+
+def test_validate_checks_parity_of_a_prunekit_export(tmp_path, exported):
+    onnx_file = tmp_path / "m.onnx"
+    weights = exported / "model.safetensors"
+    args = ("export", "sample:digits-cnn", "--weights", str(weights), "--out", str(onnx_file))
+    assert invoke(*args).exit_code == 0
+    result = invoke("validate", str(onnx_file), "--runs", "2", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["parity"]["passed"] and "parity_skipped" not in report
+
+
+def test_validate_says_when_parity_is_skipped(tmp_path, exported):
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes((exported / "model.safetensors").read_bytes())
+    onnx_file = tmp_path / "m.onnx"
+    args = ("export", "sample:digits-cnn", "--weights", str(weights), "--out", str(onnx_file))
+    assert invoke(*args).exit_code == 0
+    weights.unlink()
+    result = invoke("validate", str(onnx_file), "--runs", "2", "--json")
+    assert result.exit_code == 0, result.output
+    assert "are not there" in json.loads(result.stdout)["parity_skipped"]
+    assert "warning: parity with PyTorch not checked" in result.stderr
+
+
+# --- where outputs go ----------------------------------------------------------------------
+
+
+def test_out_dot_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.txt").write_text("keep")
+    for out in (".", "..", "./"):
+        assert_error(prune(*MLP_HALF, "--out", out, "--force"), 2, "current folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
+
+
+def test_out_that_is_a_device_or_file_is_refused(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    assert_error(prune(*MLP_HALF, "--out", str(fifo), "--force"), 2, "special file", "--out")
+    assert fifo.is_fifo()
+    plain = tmp_path / "plain.txt"
+    plain.write_text("mine")
+    assert_error(prune(*MLP_HALF, "--out", str(plain), "--force"), 2, "is a file, not a folder")
+    assert plain.read_text() == "mine"
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    result = invoke("export", "sample:digits-mlp", "--out", str(folder), "--force")
+    assert_error(result, 2, "is a folder, not a file")
+
+
+# --- tracebacks turned into one-line errors ------------------------------------------------
+
+
+def test_x_and_y_of_different_lengths(tmp_path):
+    path = digits_like(tmp_path / "d.npz", y=np.arange(39) % 10)
+    assert_error(prune(*CNN_HALF, *data_arg(path)), 2, "x has 40 samples and y 39")
+
+
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_datasets_too_small(tmp_path, n):
+    path = digits_like(tmp_path / "d.npz", n=n)
+    assert_error(prune(*CNN_HALF, *data_arg(path)), 2, "prunekit needs at least", "add data")
+
+
+def test_three_samples_are_enough(tmp_path):
+    path = digits_like(tmp_path / "d.npz", n=3)
+    args = ("sample:digits-cnn", "-p", "woodfisher", "-s", "0.5", *data_arg(path))
+    report = prune_report(*args, "--out", str(tmp_path / "o"))
+    assert report["sparsity"]["achieved"] == pytest.approx(0.5, abs=1e-3)
+    assert any("num_grads lowered from 1000 to 2" in w for w in report["warnings"])
+
+
+def test_explicit_num_grads_beyond_the_split_is_an_error(tmp_path):
+    path = digits_like(tmp_path / "d.npz", n=20)
+    result = prune(
+        "sample:digits-cnn", "-p", "woodfisher", "-s", "0.5", *data_arg(path),
+        "--param", "num_grads=1000",
+    )  # fmt: skip
+    assert_error(result, 2, "num_grads=1000", "lower --param num_grads")
+
+
+def test_disk_full_in_the_safetensors_writer(tmp_path, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '
+            'space left on device" })'
+        )
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    out = tmp_path / "o"
+    result = prune(*MLP_HALF, "--out", str(out))
+    assert_error(result, 1, "writing safetensors failed", "the disk is full")
+    assert list(tmp_path.iterdir()) == []  # no output, no staging folder
+
+
+def test_inconsistent_compact_index(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from prunekit.formats.compact import save_compact
+    from prunekit.run.exports import read_metadata
+
+    path = tmp_path / "m.compact.safetensors"
+    state = load_model("sample:digits-cnn").model.state_dict()
+    state["features.0.weight"][:, :, :2] = 0
+    save_compact(state, path, {})
+    tensors, meta = load_file(path), read_metadata(path)
+    del tensors["features.0.weight::mask"]
+    save_file(tensors, path, metadata=meta)
+    result = invoke("densify", str(path), str(tmp_path / "d.safetensors"))
+    assert_error(result, 2, "compact index is inconsistent", "features.0.weight::mask")
+    assert not (tmp_path / "d.safetensors").exists()
+
+
+SWEEP = ("sweep", *MLP_HALF[:1], "--pruners", "magnitude", "--sparsities", "0.5,0.6")
+
+
+@pytest.mark.parametrize("victim", ["cells/magnitude_s0.5_seed0.json", "sweep.json"])
+def test_corrupt_sweep_files(tmp_path, victim):
+    out = tmp_path / "sw"
+    assert invoke(*SWEEP, "--out", str(out)).exit_code == 0
+    (out / victim).write_text("{not json")
+    assert_error(invoke(*SWEEP, "--out", str(out)), 2, "is corrupt", "delete")
+
+
+def test_interrupted_sweep_says_how_many_cells_are_kept(tmp_path, monkeypatch):
+    import prunekit.run.pipeline
+
+    real, calls = prunekit.run.pipeline.execute, []
+
+    def execute(config, reporter=None):
+        calls.append(config)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(config, reporter)
+
+    monkeypatch.setattr(prunekit.run.pipeline, "execute", execute)
+    result = invoke(*SWEEP, "--out", str(tmp_path / "sw"))
+    assert result.exit_code == 130
+    assert "interrupted; 1 of 2 cells are kept" in result.stderr
+    assert "nothing was written" not in result.stderr
+
+
+def _images(root: Path, sizes: list[tuple[int, int]]) -> None:
+    from PIL import Image
+
+    for i, (h, w) in enumerate(sizes):
+        folder = root / f"class{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((h, w), 40 * i, np.uint8)).save(folder / f"{i}.png")
+
+
+def test_image_folder_of_mixed_sizes_loads_at_one_size(tmp_path):
+    from prunekit.load.data import load_data
+
+    _images(tmp_path / "imgs", [(8, 8), (20, 6), (6, 30), (9, 9), (8, 12), (30, 30)])
+    splits = load_data(f"imagefolder:{tmp_path / 'imgs'}")
+    shapes = {tuple(splits.train[i][0].shape) for i in range(len(splits.train))}
+    shapes |= {tuple(splits.test[i][0].shape) for i in range(len(splits.test))}
+    assert shapes == {(3, 8, 8)}
+
+
+def test_unreadable_image_is_named(tmp_path):
+    _images(tmp_path / "imgs", [(8, 8)] * 6)
+    bad = tmp_path / "imgs" / "class0" / "bad.png"
+    bad.write_bytes(b"not an image")
+    result = prune(
+        "torchvision:resnet18", "-p", "woodfisher", "-s", "0.5",
+        "--data", f"imagefolder:{tmp_path / 'imgs'}", "--param", "num_grads=4",
+    )  # fmt: skip
+    assert_error(result, 2, "cannot read image", "bad.png")
+
+
+FACTORY = """
+from torch import nn
+
+def net():
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+"""
+
+
+def test_factory_in_the_current_folder_and_num_classes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "localmodels", raising=False)
+    (tmp_path / "localmodels.py").write_text(FACTORY)
+    report = prune_report("localmodels:net", "-p", "magnitude", "-s", "0.5", "--data", "digits")
+    assert any("randomly initialised" in w for w in report["warnings"])
+    args = ("-p", "magnitude", "-s", "0.5", "--data", "digits")
+    result = prune("localmodels:net", *args, "--num-classes", "10", "--out", "o2")
+    assert_error(result, 2, "has no num_classes argument", "drop --num-classes")
+    missing = prune("nowhere_models:net", *args, "--out", "o3")
+    assert_error(missing, 2, "cannot import model factory", "current folder")
+
+
+# --- plugins -------------------------------------------------------------------------------
+
+
+def test_plugin_that_exits_or_prints_at_import(tmp_path, monkeypatch):
+    from tests.fake_plugins import GOOD, install, unique
+
+    exiting, chatty = unique("exiting"), unique("chatty")
+    install(
+        tmp_path / "site",
+        monkeypatch,
+        "odd-plugins",
+        {exiting: "raise SystemExit(3)", chatty: "print('hello from import')\n" + GOOD},
+        {"exiting": f"{exiting}:P", "chatty": f"{chatty}:Fixed"},
+    )
+    monkeypatch.setenv("PRUNEKIT_PLUGINS", "odd-plugins")
+    listing = invoke("pruners", "list", "--json")
+    assert listing.exit_code == 0
+    rows = {r["name"]: r for r in json.loads(listing.stdout)}  # stdout is JSON only
+    assert "SystemExit" in rows["exiting"]["error"] and rows["chatty"]["error"] is None
+    assert "hello from import" in listing.stderr
+
+
+def test_pruner_hidden_by_the_plugin_filter(monkeypatch):
+    monkeypatch.setenv("PRUNEKIT_PLUGINS", "")
+    result = prune("sample:digits-mlp", "-p", "fishleg", "-s", "0.5")
+    assert_error(result, 2, "pruner 'fishleg' from prunekit-fishleg is hidden", "PRUNEKIT_PLUGINS")
+
+
+# --- messages ------------------------------------------------------------------------------
+
+
+def test_random_bytes_are_not_a_checkpoint(tmp_path):
+    path = tmp_path / "w.pt"
+    path.write_bytes(b"\x00" + bytes(np.random.default_rng(0).integers(0, 256, 255).tolist()))
+    result = prune(*CNN_HALF, "--weights", str(path))
+    assert_error(result, 2, "is not a PyTorch checkpoint")
+    assert "--trust-checkpoint" not in result.stderr
+
+
+def test_folder_as_weights(tmp_path):
+    assert_error(prune(*CNN_HALF, "--weights", str(tmp_path)), 2, "is a folder")
+
+
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_non_finite_hyperparameter(value):
+    result = prune("sample:digits-mlp", "-p", "woodfisher", "-s", "0.5", "--param", f"damp={value}")
+    assert_error(result, 2, f"--param damp={value}: must be a finite number")
+
+
+def test_os_errors_name_their_own_fix():
+    import errno
+
+    from prunekit.cli import os_error_line
+
+    exists = os_error_line(FileExistsError(errno.EEXIST, "File exists", "x"))
+    assert "already exists" in exists and "free space" not in exists
+    assert "the disk is full" in os_error_line(OSError(errno.ENOSPC, "No space", "x"))
+    assert "permission" in os_error_line(PermissionError(errno.EACCES, "Denied", "x"))
+
+
+# --- trust and the report ------------------------------------------------------------------
+
+
+def test_trusted_checkpoint_is_warned_and_recorded(tmp_path):
+    path = tmp_path / "whole.pt"
+    torch.save(load_model("sample:digits-mlp").model, path)
+    args = (*MLP_HALF, "--weights", str(path), "--trust-checkpoint", "--out", str(tmp_path / "o"))
+    result = prune(*args, "--json")
+    assert result.exit_code == 0, result.output
+    assert f"warning: --trust-checkpoint: {path} was unpickled" in result.stderr
+    assert json.loads(result.stdout)["trusted_checkpoint"] == str(path)
+
+
+def test_report_records_versions_command_time_and_counts(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["prunekit", "prune", *CNN_HALF, "--out", "rel/o"])
+    report = prune_report(*CNN_HALF, "--out", "rel/o")
+    assert set(report["versions"]) == {"prunekit", "torch", "onnx", "onnxruntime", "python"}
+    assert report["versions"]["torch"] == torch.__version__
+    assert report["created"].endswith("+00:00")
+    assert report["command"] == "prunekit prune sample:digits-cnn -p magnitude -s 0.5 --out rel/o"
+    params = dict(load_model("sample:digits-cnn").model.named_parameters())
+    total = sum(p.numel() for p in params.values())
+    removed = sum(round(f * params[n].numel()) for n, f in report["sparsity"]["per_tensor"].items())
+    assert report["parameters"] == {"total": total, "nonzero": total - removed}
+    assert report["outputs"][0] == "rel/o/model.safetensors"  # relative, as given
+    assert report["weights"] == "shipped"
+
+
+# --- N:M and leftovers ---------------------------------------------------------------------
+
+
+def test_nm_mask_leaves_misfit_layers_dense_with_a_warning(tmp_path):
+    report = prune_report("sample:digits-cnn", "-p", "magnitude", "-s", "0.5", "--mask", "2:4")
+    assert any("left dense features.0.weight" in w for w in report["warnings"])
+    assert "features.0.weight" not in report["sparsity"]["per_tensor"]
+    assert report["sparsity"]["per_tensor"]["features.2.weight"] == 0.5
+
+
+def test_nm_masks_are_chosen_in_one_step(tmp_path):
+    # an OBS pruner's automatic sub-steps would pass through sparsities no N:M pattern has
+    report = prune_report("sample:digits-cnn", "-p", "woodfisher", "-s", "0.5", "--mask", "2:4",
+                          "--param", "num_grads=64", "--out", str(tmp_path / "wf"))  # fmt: skip
+    assert report["schedule"]["pruning_steps"] == 1
+    assert report["sparsity"]["per_tensor"]["features.2.weight"] == 0.5
+    base = ("sample:digits-cnn", "-p", "magnitude", "-s", "0.5", "--mask", "2:4",
+            "--out", str(tmp_path / "x"))  # fmt: skip
+    for extra in (("--recompute", "3"), ("--schedule", "gradual", "--steps", "2")):
+        assert_error(prune(*base, *extra), 2, "--mask 2:4 is chosen in one step")
+    assert not (tmp_path / "x").exists()
+
+
+def test_stale_staging_of_a_killed_run_is_cleaned(tmp_path):
+    from prunekit.runtime import outputs
+
+    out = tmp_path / "o"
+    dead = tmp_path / ".o.staging-111-0123abcd"  # its lock file is gone with its process
+    other = tmp_path / ".o.something-else"
+    for folder in (dead, other):
+        folder.mkdir()
+        (folder / "model.safetensors").write_text("x")
+    with outputs._held(out) as token:  # a live run, holding its lock
+        live = tmp_path / f".o.staging-{token}"
+        live.mkdir()
+        report = prune_report(*MLP_HALF, "--out", str(out))
+        assert f"removed {dead}, left by a killed run" in report["warnings"]
+        names = sorted(p.name for p in tmp_path.iterdir())
+        assert names == sorted(["o", live.name, other.name, f".o.lock-{token}"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["o", live.name, other.name])
+
+
+KILLED_MID_WRITE = """
+import os, signal, sys
+from pathlib import Path
+from prunekit.runtime import outputs
+if sys.argv[2] == "fallback":  # no renameat2: die between the two renames of the replace
+    outputs._renameat2 = lambda src, dst, flags: False
+    real = os.rename
+    def rename(src, dst):
+        real(src, dst)
+        if ".previous-" in str(dst):
+            os.kill(os.getpid(), signal.SIGKILL)
+    os.rename = rename
+with outputs.staged_dir(Path(sys.argv[1]), force=True) as stage:
+    (stage / "report.json").write_text("new")
+    if sys.argv[2] == "writing":
+        os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("when", ["writing", "fallback"])
+def test_a_kill_never_loses_the_old_output(tmp_path, when):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / ".prunekit-output").write_text("")
+    (out / "report.json").write_text("old")
+    script = [sys.executable, "-c", KILLED_MID_WRITE, str(out), when]
+    assert subprocess.run(script, check=False).returncode == -9
+    if when == "writing":
+        assert (out / "report.json").read_text() == "old"
+    else:  # parked, not deleted
+        assert not out.exists()
+        assert [p.name for p in tmp_path.glob(".o.previous-*")]
+    # without --force: the old output is put back (or kept), and not replaced
+    assert_error(prune(*MLP_HALF, "--out", str(out)), 2, "already exists", "--force")
+    assert (out / "report.json").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["o"]
+    report = prune_report(*MLP_HALF, "--out", str(out), "--force")
+    assert report["model"] == "sample:digits-mlp"
+    assert [p.name for p in tmp_path.iterdir()] == ["o"]
+
+
+def test_force_never_replaces_a_folder_with_a_foreign_report(tmp_path):
+    out = tmp_path / "proj"
+    (out / "src").mkdir(parents=True)
+    (out / "report.json").write_text("{}")
+    (out / "src" / "main.py").write_text("code")
+    result = prune(*MLP_HALF, "--out", str(out), "--force")
+    assert_error(result, 2, "is not a prunekit output", "pick another --out")
+    assert (out / "src" / "main.py").read_text() == "code"
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_force_replace_is_one_step_and_leaks_nothing(tmp_path, monkeypatch, exchange):
+    from prunekit.runtime import outputs
+
+    if not exchange:  # where renameat2 is missing: the three-rename fallback
+        monkeypatch.setattr(outputs, "_renameat2", lambda src, dst, flags: False)
+    out = tmp_path / "o"
+    for content in ("first", "second"):
+        with outputs.staged_dir(out, force=True) as stage:
+            (stage / "report.json").write_text(content)
+    assert (out / "report.json").read_text() == "second"
+    # two runs with --force finishing in turn: the last one wins, nothing is leaked
+    with outputs.staged_dir(out, force=True) as a, outputs.staged_dir(out, force=True) as b:
+        (a / "report.json").write_text("a")
+        (b / "report.json").write_text("b")
+    assert (out / "report.json").read_text() == "a"
+    assert [p.name for p in tmp_path.iterdir()] == ["o"]
+
+
+def test_concurrent_run_without_force_loses_cleanly(tmp_path):
+    from prunekit.errors import OutputExistsError
+    from prunekit.runtime.outputs import staged_dir
+
+    out = tmp_path / "o"
+    with (
+        pytest.raises(OutputExistsError, match="created by another run"),
+        staged_dir(out, force=False) as a,
+        staged_dir(out, force=False) as b,
+    ):
+        (a / "report.json").write_text("a")
+        (b / "report.json").write_text("b")
+    assert (out / "report.json").read_text() == "b"
+    assert [p.name for p in tmp_path.iterdir()] == ["o"]
+
+
+def test_prune_help_is_grouped_and_fits_80_columns(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    result = invoke("prune", "--help")
+    assert result.exit_code == 0
+    for panel in ("Targets", "Model and data", "Statistics and device", "Schedule and training"):
+        assert f"─ {panel} ─" in result.stdout
+    assert "─ Export and validation ─" in result.stdout and "─ Output ─" in result.stdout
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80
+    assert "--no-force" not in result.stdout  # flags are single switches
+
+
+# --- review findings -----------------------------------------------------------------------
+
+ODD_FACTORIES = {
+    "exiting_models": "import sys\nsys.exit(0)\n",
+    "chatty_models": "print('hello')\n" + FACTORY,
+    "bn_first_models": (
+        "from torch import nn\n\ndef net():\n"
+        "    return nn.Sequential(nn.BatchNorm1d(64), nn.Flatten(), nn.Linear(64, 10))\n"
+    ),
+}
+
+
+def test_factories_that_exit_print_or_do_not_fit(tmp_path, monkeypatch):
+    for name, source in ODD_FACTORIES.items():
+        (tmp_path / f"{name}.py").write_text(source)
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    args = ("-p", "magnitude", "-s", "0.5", "--data", "digits")
+    exiting = prune("exiting_models:net", *args, "--json", "--out", "a")
+    assert_error(exiting, 2, "importing model factory 'exiting_models:net' failed", "SystemExit")
+    assert exiting.stdout == ""
+    chatty = prune("chatty_models:net", *args, "--json", "--out", "b")
+    assert chatty.exit_code == 0 and json.loads(chatty.stdout)["model"] == "chatty_models:net"
+    assert "hello" in chatty.stderr
+    result = prune("bn_first_models:net", *args, "--out", "c")
+    assert_error(result, 1, "the model cannot take inputs of shape (1, 8, 8)", "ValueError")
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.int32])
+def test_integer_label_types(tmp_path, dtype):
+    path = digits_like(tmp_path / "d.npz", y=(np.arange(40) % 10).astype(dtype))
+    report = prune_report(*CNN_HALF, *data_arg(path), "--out", "o")
+    assert report["num_classes"] == 10
+    y = (np.arange(40) % 10).astype(dtype)
+    y[5] = 255  # a real class index for uint8, not "unlabeled"
+    result = prune(*CNN_HALF, *data_arg(digits_like(tmp_path / "e.npz", y=y)), "--out", "p")
+    assert_error(result, 1, "labels up to 255", "10 outputs")
+
+
+def test_data_file_with_extra_entries_loads(tmp_path):
+    rng = np.random.default_rng(0)
+    torch.save(
+        {
+            "x": torch.from_numpy(rng.random((20, 1, 8, 8), dtype=np.float32)),
+            "y": torch.arange(20) % 10,
+            "classes": [str(i) for i in range(10)],
+            "version": 2,
+        },
+        tmp_path / "d.pt",
+    )
+    report = prune_report(*CNN_HALF, "--data", f"tensors:{tmp_path / 'd.pt'}", "--out", "o")
+    assert report["data"].endswith("d.pt")
+
+
+def test_legacy_protocol_0_checkpoint_is_a_checkpoint(tmp_path):
+    """torch's safe loader cannot read protocol 0: say that (not "not a checkpoint")."""
+    path = tmp_path / "w.pt"
+    state = load_model("sample:digits-cnn").model.state_dict()
+    torch.save(state, path, pickle_protocol=0, _use_new_zipfile_serialization=False)
+    result = prune(*CNN_HALF, "--weights", str(path))
+    assert_error(result, 2, "safe loading refuses", "--trust-checkpoint")
+
+
+def test_imagefolder_val_classes_must_match_train(tmp_path):
+    from PIL import Image
+
+    for split, classes in (("train", ["cat", "dog", "eel"]), ("val", ["dog", "eel"])):
+        for c in classes:
+            (tmp_path / "imgs" / split / c).mkdir(parents=True)
+            Image.fromarray(np.zeros((8, 8), np.uint8)).save(
+                tmp_path / "imgs" / split / c / "a.png"
+            )
+    result = prune(*CNN_HALF, "--data", f"imagefolder:{tmp_path / 'imgs'}")
+    assert_error(result, 2, "val/ has classes dog, eel but train/ has cat, dog, eel")
+
+
+def test_sweep_never_writes_into_a_foreign_folder(tmp_path):
+    out = tmp_path / "proj"
+    out.mkdir()
+    (out / "results.csv").write_text("my,data\n")
+    assert_error(invoke(*SWEEP, "--out", str(out)), 2, "holds files and no sweep.json")
+    assert (out / "results.csv").read_text() == "my,data\n"
+    assert_error(invoke(*SWEEP, "--out", "."), 2, "current folder")
+
+
+def test_sweep_json_that_is_not_an_object(tmp_path):
+    out = tmp_path / "sw"
+    assert invoke(*SWEEP, "--out", str(out)).exit_code == 0
+    (out / "sweep.json").write_text("[]")
+    assert_error(invoke(*SWEEP, "--out", str(out)), 2, "is not a sweep's settings")
+
+
+PWNED = "from pathlib import Path\nPath('PWNED').write_text('x')\n" + FACTORY
+
+
+def test_validate_never_imports_a_factory_named_in_the_file(tmp_path, monkeypatch):
+    (tmp_path / "evil_models.py").write_text(PWNED)
+    monkeypatch.delitem(sys.modules, "evil_models", raising=False)
+    args = ("-p", "magnitude", "-s", "0.5", "--data", "digits", "--export", "safetensors,onnx")
+    assert prune("evil_models:net", *args, "--out", "o").exit_code == 0
+    Path("PWNED").unlink()
+    monkeypatch.delitem(sys.modules, "evil_models", raising=False)
+    result = invoke("validate", "o/model.onnx", "--runs", "2", "--json")
+    assert result.exit_code == 0, result.output
+    assert "does not import code" in json.loads(result.stdout)["parity_skipped"]
+    assert not Path("PWNED").exists()
+
+
+def test_validate_weights_with_the_recorded_spec_and_changed_weights(tmp_path, exported):
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("model.onnx", "model.safetensors"):
+        (run / name).write_bytes((exported / name).read_bytes())
+    args = ("validate", str(run / "model.onnx"), "--runs", "2", "--json")
+    given = invoke(*args, "--weights", str(exported / "model.safetensors"))
+    assert given.exit_code == 0 and json.loads(given.stdout)["parity"]["passed"]
+    dense = load_model("sample:digits-cnn").model  # replace the recorded weights
+    from prunekit.run.exports import save_safetensors
+
+    save_safetensors(dense, run / "model.safetensors", {})
+    changed = invoke(*args)
+    assert changed.exit_code == 0, changed.output
+    assert "changed since the export" in json.loads(changed.stdout)["parity_skipped"]
+
+
+def test_sweep_resumed_after_a_kill_leaves_no_temp_files(tmp_path):
+    out = tmp_path / "sw"
+    assert invoke(*SWEEP, "--out", str(out)).exit_code == 0
+    cell = out / "cells" / "magnitude_s0.5_seed0.json"
+    cell.unlink()
+    (out / "cells" / f".{cell.name}.staging-999-0123abcd.tmp").write_text("half")
+    (out / "cells" / f".{cell.name}.lock-999-0123abcd").write_text("")
+    assert invoke(*SWEEP, "--out", str(out)).exit_code == 0
+    assert sorted(p.name for p in (out / "cells").iterdir()) == [
+        "magnitude_s0.5_seed0.json",
+        "magnitude_s0.6_seed0.json",
+    ]

@@ -1,0 +1,234 @@
+"""hf:DIR models and text:FILE data, with a tiny randomly initialised BERT built here (no
+download): token ids stay integers through pruning and export; the layer-wise pruners run
+without labels; the ONNX export takes any batch and sequence length."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.cli_helpers import assert_error, invoke, prune, prune_report
+
+transformers = pytest.importorskip("transformers")
+
+WORDS = [
+    "the",
+    "cat",
+    "dog",
+    "sat",
+    "on",
+    "a",
+    "mat",
+    "red",
+    "blue",
+    "green",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "river",
+    "tree",
+    "house",
+    "car",
+    "runs",
+    "fast",
+    "slow",
+    "big",
+    "small",
+    "old",
+    "new",
+    "sun",
+    "moon",
+    "star",
+]
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory) -> tuple[Path, Path]:
+    """A 2-layer BERT (hidden 32) with its WordPiece tokenizer, and 60 sentences."""
+    root = tmp_path_factory.mktemp("hf")
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    tokenizer = transformers.BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)})
+    assert tokenizer("the cat")["input_ids"] == [2, 5, 6, 3]  # words, not [UNK]
+    config = transformers.BertConfig(
+        vocab_size=5 + len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=32,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model_dir = root / "bert"
+    transformers.BertModel(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    rng = np.random.default_rng(0)
+    lines = [" ".join(rng.choice(WORDS, size=rng.integers(3, 12))) for _ in range(60)]
+    lines[5] = " ".join(WORDS * 3)  # longer than --max-length: cut, with a note
+    texts = root / "texts.txt"
+    texts.write_text("\n".join(lines) + "\n")
+    return model_dir, texts
+
+
+def _run(bert, tmp_path, pruner: str, *extra: str) -> dict:
+    model_dir, texts = bert
+    return prune_report(
+        f"hf:{model_dir}", "-p", pruner, "-s", "0.5", "--data", f"text:{texts}",
+        "--max-length", "16", "--out", str(tmp_path / pruner), *extra,
+    )  # fmt: skip
+
+
+def test_layerwise_pruning_of_an_encoder_keeps_its_embeddings(bert, tmp_path):
+    reports = {p: _run(bert, tmp_path, p, "--mask", "layer") for p in ("sparsegpt", "magnitude")}
+    sparse = reports["sparsegpt"]
+    assert sparse["accuracy"] == {"dense": None, "pruned": None}  # no labels
+    assert sparse["sparsity"]["achieved"] == pytest.approx(0.5, abs=1e-3)
+    assert "texts cut to 16 tokens" in " ".join(sparse["warnings"])
+    fidelity = {p: r["fidelity"]["cosine_mean"] for p, r in reports.items()}
+    assert fidelity["sparsegpt"] > 0.9 and fidelity["sparsegpt"] >= fidelity["magnitude"]
+    assert sparse["fidelity"]["cosine_p5"] <= sparse["fidelity"]["cosine_mean"]
+
+
+def test_two_of_four_and_onnx_with_any_sequence_length(bert, tmp_path):
+    import onnxruntime as ort
+
+    from prunekit.load.models import load_model
+
+    report = _run(bert, tmp_path, "wanda", "--mask", "2:4", "--export", "safetensors,onnx")
+    assert set(report["sparsity"]["per_tensor"].values()) == {0.5}
+    out = tmp_path / "wanda"
+    model = load_model(f"hf:{bert[0]}", out / "model.safetensors").model
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert "int64" in session.get_inputs()[0].type
+    for batch, length in ((1, 5), (3, 21)):
+        ids = torch.randint(5, 5 + len(WORDS), (batch, length))
+        x = torch.stack([ids, torch.ones_like(ids)], dim=1)
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        with torch.no_grad():
+            expected = model(x).numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+    validated = invoke("validate", str(out / "model.onnx"), "--runs", "2", "--json")
+    assert validated.exit_code == 0, validated.output
+    result = json.loads(validated.stdout)
+    assert result["accuracy"] is None and result["parity"]["max_abs_diff"] < 1e-4
+    assert result["parity"]["cosine_min"] > 0.99999
+    # ONNX vs the dense PyTorch model on the held-out texts = the run's own measurement
+    fidelity = result["fidelity"]
+    assert fidelity["reference"] == "the dense model (PyTorch)"
+    assert fidelity["cosine_mean"] == pytest.approx(report["fidelity"]["cosine_mean"], abs=1e-5)
+    gate = ("validate", str(out / "model.onnx"), "--runs", "1", "--min-cosine")
+    assert invoke(*gate, str(fidelity["cosine_mean"] - 1e-3)).exit_code == 0
+    failed = invoke(*gate, str(min(1.0, fidelity["cosine_mean"] + 1e-3)))
+    assert failed.exit_code == 1 and "below --min-cosine" in failed.output
+    assert_error(invoke(*gate, "1.5"), 2, "--min-cosine 1.5: give a cosine in [-1, 1]")
+
+
+def test_vmapped_gradients_through_the_encoder_equal_a_backward_loop(bert):
+    from prunekit.calibrate.collector import per_sample_gradients
+    from prunekit.contract.objectives import COSINE
+    from prunekit.engine.masks import find_targets
+    from prunekit.load.data import load_data
+    from prunekit.load.hf import load_hf
+
+    model_dir, texts = bert
+    model = load_hf(model_dir).module
+    x = load_data(f"text:{texts}", model_spec=f"hf:{model_dir}", max_length=16).calibration[:6][0]
+    assert (x[:, 1] == 0).any()  # some texts are padded
+    targets, _ = find_targets(model, ())
+    y = torch.nn.functional.normalize(torch.randn(6, 32), dim=1)
+    rows = per_sample_gradients(model, targets, x, y, objective=COSINE)  # eager, 4-D mask
+    for i in range(6):  # SDPA and the 2-D mask, one sample at a time
+        model.zero_grad()
+        COSINE.loss(model(x[i : i + 1]), y[i : i + 1]).backward()
+        for t in targets:
+            torch.testing.assert_close(
+                rows[t.name][i], t.weight.grad.flatten(), atol=1e-6, rtol=1e-4
+            )
+    assert model.model.config._attn_implementation != "eager"  # restored
+
+
+def test_label_free_gradient_pruners_on_an_encoder_and_a_classifier(bert, tmp_path):
+    model_dir, texts = bert
+    encoder = _run(bert, tmp_path, "woodfisher", "--param", "num_grads=32")
+    assert encoder["objective"] == "cosine" and encoder["fidelity"]["cosine_mean"] > 0.9
+    assert encoder["sparsity"]["achieved"] == pytest.approx(0.5, abs=1e-3)
+    classifier_dir = tmp_path / "classifier"
+    config = transformers.BertConfig.from_pretrained(model_dir, num_labels=3)
+    config.architectures = ["BertForSequenceClassification"]
+    transformers.BertForSequenceClassification(config).save_pretrained(classifier_dir)
+    transformers.AutoTokenizer.from_pretrained(model_dir).save_pretrained(classifier_dir)
+    classifier = prune_report(
+        f"hf:{classifier_dir}", "-p", "fisher_pruner", "-s", "0.5", "--data", f"text:{texts}",
+        "--max-length", "16", "--out", str(tmp_path / "cls"),
+    )  # fmt: skip
+    assert classifier["objective"] == "kl" and classifier["num_classes"] == 3
+    args = (f"hf:{model_dir}", "-s", "0.5", "--data", f"text:{texts}", "--out", str(tmp_path / "x"))
+    assert_error(prune(*args, "-p", "woodfisher", "--objective", "kl"), 2,
+                 "--objective kl needs class logits but the model returns embeddings")  # fmt: skip
+    assert_error(prune(*args, "-p", "snip"), 2, "'snip' ranks by the mean gradient, which is "
+                 "zero under --objective cosine")  # fmt: skip
+    assert not (tmp_path / "x").exists()
+
+
+def test_bad_text_input(bert, tmp_path):
+    model_dir, texts = bert
+    args = (f"hf:{model_dir}", "-s", "0.5", "--mask", "layer")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    assert_error(prune(*args, "-p", "wanda", "--data", f"text:{empty}"), 2, "holds no text")
+    no_config = tmp_path / "nocfg"
+    no_config.mkdir()
+    assert_error(prune(f"hf:{no_config}", "-p", "wanda", "-s", "0.5", "--data",
+                       f"text:{texts}"), 2, "has no config.json")  # fmt: skip
+    assert_error(prune("sample:digits-mlp", "-p", "wanda", "-s", "0.5", "--mask", "layer",
+                       "--data", f"text:{texts}"), 2, "use an hf:DIR model")  # fmt: skip
+    assert json.loads((model_dir / "config.json").read_text())["hidden_size"] == 32
+
+
+def test_model_directory_without_weights_or_with_a_foreign_tokenizer(bert, tmp_path):
+    import shutil
+
+    model_dir, texts = bert
+    args = ("-p", "wanda", "-s", "0.5", "--mask", "layer", "--data", f"text:{texts}")
+    no_weights = tmp_path / "noweights"
+    shutil.copytree(model_dir, no_weights)
+    (no_weights / "model.safetensors").unlink()
+    assert_error(
+        prune(f"hf:{no_weights}", *args, "--out", str(tmp_path / "a")), 2, "has no weights"
+    )
+    foreign = tmp_path / "foreign"
+    shutil.copytree(model_dir, foreign)
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    tokens += [f"extra{i}" for i in range(50)]  # 50 tokens the model has no embedding for
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        (foreign / name).unlink(missing_ok=True)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    transformers.BertTokenizerFast(vocab=vocab).save_pretrained(foreign)
+    result = prune(f"hf:{foreign}", *args, "--out", str(tmp_path / "b"))
+    assert_error(result, 2, "do not belong together")
+
+
+def test_mlp_neurons_removed_from_an_encoder(bert, tmp_path):
+    import onnxruntime as ort
+
+    from prunekit.load.models import load_model
+
+    report = _run(bert, tmp_path, "wanda", "--structure", "channels", "--mask", "layer",
+                  "--export", "safetensors,onnx")  # fmt: skip
+    structure = report["structure"]
+    assert structure["groups"] == 2 and structure["removed"] == pytest.approx(0.5)
+    assert structure["parameters"]["after"] < structure["parameters"]["before"]
+    out = tmp_path / "wanda"
+    model = load_model(f"hf:{bert[0]}", out / "model.safetensors").model
+    layer = model.model.encoder.layer[0]
+    assert layer.intermediate.dense.out_features == layer.output.dense.in_features == 32
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    ids = torch.randint(5, 5 + len(WORDS), (3, 9))
+    x = torch.stack([ids, torch.ones_like(ids)], dim=1)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert report["fidelity"]["cosine_mean"] > 0.9
