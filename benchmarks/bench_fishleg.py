@@ -26,9 +26,7 @@ MODELS = ("digits-mlp", "digits-cnn", "digits-resnet")
 def measure(name: str, pruner: str, data, sparsity: float) -> tuple[float, int, float]:
     model = load_model(f"sample:{name}").model
     targets, _ = find_targets(model)
-    ctx = Pruning.of(
-        model, targets, registry.create(pruner), data.calibration, torch.device("cpu")
-    )
+    ctx = Pruning.of(model, targets, registry.create(pruner), data.calibration, torch.device("cpu"))
     base = reset_peak_rss()
     start = time.perf_counter()
     prune_step(ctx, sparsity)

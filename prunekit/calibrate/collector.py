@@ -50,7 +50,7 @@ from prunekit.contract.statistics import (
 from prunekit.contract.target import StatsSpec, Target, multiplies_rows
 from prunekit.errors import NumericalError, OutOfMemoryError, UsageError
 from prunekit.runtime import distributed
-from prunekit.runtime.batches import loader
+from prunekit.runtime.batches import eval_mode, loader
 from prunekit.runtime.timing import Timings
 
 AVAILABLE = frozenset(STATISTICS)
@@ -217,9 +217,7 @@ class Collector:
             self.seed,
         )
         x, y = next(trial)
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             if self.device.type != "cuda":
                 return estimate_activation_bytes(self.model, x), "estimated from module outputs"
             first = self.targets[:1]
@@ -235,8 +233,6 @@ class Collector:
                 ),
                 f"measured with a trial chunk of {len(x)}",
             )
-        finally:
-            self.model.train(was_training)
 
     def collect(self) -> Iterator[tuple[list[Target], dict[str, dict[str, torch.Tensor]]]]:
         """Yield each group of targets with its statistics."""
@@ -308,16 +304,13 @@ class Collector:
     def _accumulate_group(self, group: list[Target], where: str, curvature: bool) -> _Accumulators:
         """One pass over the calibration samples for ``group``: sums, squares, curvature."""
         spec, m = self.spec, self.spec.num_grads
-        was_training = self.model.training
-        self.model.eval()
         acc = _Accumulators(group, spec, self.device, curvature, GRAD_ROWS in self.needs)
-        with self.timings.phase("statistics"):
+        with self.timings.phase("statistics"), eval_mode(self.model):
             done = 0
             for x, y in self._batches() if self.needs & PER_SAMPLE else ():
                 self._accumulate_pieces(group, x, y, acc, set())
                 done += len(x) // spec.grad_batch
                 self.say(f"{where}gradients {done}/{m}")
-        self.model.train(was_training)
         with self.timings.phase("all-reduce"):
             acc.combine_ranks()
         return acc

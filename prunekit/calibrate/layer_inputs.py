@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from prunekit.errors import UsageError
 from prunekit.runtime import distributed
-from prunekit.runtime.batches import loader
+from prunekit.runtime.batches import eval_mode, loader
 
 
 def real_rows(model: nn.Module, rows: torch.Tensor) -> torch.Tensor:
@@ -70,19 +70,17 @@ def _layer_means(
         return hook
 
     handles = [m.register_forward_pre_hook(hook_for(n, m)) for n, m in modules.items()]
-    was_training = model.training
-    model.eval()
     data, samples = distributed.shard_samples(data, samples)
     try:
-        seen = 0
-        for x, _ in loader(data, batch_size):
-            x = x[: samples - seen].to(device)
-            model(x)
-            seen += len(x)
-            if seen >= samples:
-                break
+        with eval_mode(model):
+            seen = 0
+            for x, _ in loader(data, batch_size):
+                x = x[: samples - seen].to(device)
+                model(x)
+                seen += len(x)
+                if seen >= samples:
+                    break
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
     if distributed.active():  # each rank has samples, and its pass reaches the same modules

@@ -30,7 +30,6 @@ FLOAT_BYTES = 4
 GRAD_WORKSPACE = 3  # per-sample gradient bytes held by vmap and the Gram update, x their size
 ACTIVATION_WORKSPACE = 3  # CPU estimate: saved outputs, their gradients, vmap's batching
 MAX_CHUNK = 128
-TRIAL_CHUNK = 4
 HEADROOM = 0.9  # plan against this share of the budget: allocator slack, framework buffers
 
 

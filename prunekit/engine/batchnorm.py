@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from prunekit.runtime.batches import loader
+from prunekit.runtime.batches import loader, train_mode
 
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -20,14 +20,14 @@ def recalibrate_batchnorm(
     if not norms:
         return 0
     momenta = [m.momentum for m in norms]
-    was_training = model.training
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over all batches
-    model.train()
-    for x, _ in loader(dataset, batch_size):
-        model(x.to(device))
-    for m, momentum in zip(norms, momenta, strict=True):
-        m.momentum = momentum
-    model.train(was_training)
+    try:
+        with train_mode(model):
+            for x, _ in loader(dataset, batch_size):
+                model(x.to(device))
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
     return len(norms)

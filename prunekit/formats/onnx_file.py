@@ -125,21 +125,3 @@ def export_onnx(
         "dense_graph_bytes": dense_bytes,
         "sparse_initializers": moved,
     }
-
-
-def onnx_sparsity(path: Path) -> dict[str, float]:
-    """Fraction of exact zeros of every float initializer, dense or sparse, by name."""
-    import onnx
-    from onnx import numpy_helper
-
-    proto = onnx.load(str(path))
-    out = {}
-    for init in proto.graph.initializer:
-        array = numpy_helper.to_array(init)
-        if array.dtype.kind == "f" and array.size:
-            out[init.name] = float((array == 0).sum()) / array.size
-    for sparse in proto.graph.sparse_initializer:
-        values = numpy_helper.to_array(sparse.values)
-        numel = int(np.prod(sparse.dims))
-        out[sparse.values.name] = 1.0 - float((values != 0).sum()) / numel
-    return out

@@ -26,6 +26,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from prunekit.errors import UsageError
+from prunekit.runtime.batches import eval_mode
 
 CHANNEL_WISE = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU,
@@ -96,9 +97,6 @@ class _Axes:
     def pin(self, a: int) -> None:
         self.pinned.add(self.find(a))
 
-    def is_pinned(self, a: int) -> bool:
-        return self.find(a) in self.pinned
-
 
 @dataclass
 class _Value:
@@ -108,9 +106,8 @@ class _Value:
 
 def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     """The model's graph with shapes, or an error naming what could not be traced."""
-    was_training = model.training
-    model.eval()  # traced as it is pruned and loaded: `if self.training` branches agree
-    try:
+    # traced in eval mode, as it is pruned and loaded: `if self.training` branches agree
+    with eval_mode(model):
         try:
             graph = fx.symbolic_trace(model)
         except Exception as exc:  # tracers fail with many exception types
@@ -123,8 +120,6 @@ def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
             ) from exc
         with torch.no_grad():
             ShapeProp(graph).propagate(example)
-    finally:
-        model.train(was_training)
     return graph
 
 

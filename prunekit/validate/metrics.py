@@ -7,7 +7,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from prunekit.errors import ModelMismatchError
-from prunekit.runtime.batches import loader
+from prunekit.runtime.batches import eval_mode, loader
 
 
 @torch.no_grad()
@@ -15,30 +15,26 @@ def accuracy(
     model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 256
 ) -> float:
     """Top-1 accuracy in eval mode, in [0, 1]."""
-    was_training = model.training
-    model.eval()
     correct = total = 0
-    for x, y in loader(dataset, batch_size):
-        try:
-            logits = model(x.to(device))
-        except RuntimeError as exc:
-            raise ModelMismatchError(
-                f"the model cannot take inputs of shape {tuple(x.shape[1:])} from the data "
-                f"({str(exc).splitlines()[0]}); pick --data that matches the architecture"
-            ) from exc
-        correct += int((logits.argmax(1) == y.to(device)).sum())
-        total += len(y)
-    model.train(was_training)
+    with eval_mode(model):
+        for x, y in loader(dataset, batch_size):
+            try:
+                logits = model(x.to(device))
+            except RuntimeError as exc:
+                raise ModelMismatchError(
+                    f"the model cannot take inputs of shape {tuple(x.shape[1:])} from the data "
+                    f"({str(exc).splitlines()[0]}); pick --data that matches the architecture"
+                ) from exc
+            correct += int((logits.argmax(1) == y.to(device)).sum())
+            total += len(y)
     return correct / max(total, 1)
 
 
 @torch.no_grad()
 def outputs_on(model: nn.Module, dataset: Dataset, device: torch.device) -> torch.Tensor:
     """The model's outputs on a split (eval mode; the mode is restored), on the CPU."""
-    was_training = model.training
-    model.eval()
-    outs = [model(x.to(device)).float().cpu() for x, _ in loader(dataset, 256)]
-    model.train(was_training)
+    with eval_mode(model):
+        outs = [model(x.to(device)).float().cpu() for x, _ in loader(dataset, 256)]
     return torch.cat(outs)
 
 

@@ -1,6 +1,7 @@
 """ONNX export and ONNX Runtime validation: outputs, sparsity, sparse initializers, gates."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -10,7 +11,7 @@ import torch
 from prunekit.cli import app
 from prunekit.engine.masks import find_targets, sparsity_of
 from prunekit.engine.step import Pruning, oneshot
-from prunekit.formats.onnx_file import export_onnx, onnx_sparsity
+from prunekit.formats.onnx_file import export_onnx
 from prunekit.load.data import load_data
 from prunekit.load.models import load_model
 from prunekit.pruners import registry
@@ -18,6 +19,26 @@ from prunekit.validate.onnx_runtime import ValidateOptions, open_session, run_lo
 from tests.cli_helpers import assert_error, runner
 
 pytestmark = pytest.mark.slow
+
+
+def onnx_sparsity(path: Path) -> dict[str, float]:
+    """Fraction of exact zeros of every float initializer, dense or sparse, by name."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path))
+    out = {}
+    for init in proto.graph.initializer:
+        array = numpy_helper.to_array(init)
+        if array.dtype.kind == "f" and array.size:
+            out[init.name] = float((array == 0).sum()) / array.size
+    for sparse in proto.graph.sparse_initializer:
+        values = numpy_helper.to_array(sparse.values)
+        numel = int(np.prod(sparse.dims))
+        out[sparse.values.name] = 1.0 - float((values != 0).sum()) / numel
+    return out
+
+
 SAMPLES = ["digits-mlp", "digits-cnn", "digits-resnet"]
 
 

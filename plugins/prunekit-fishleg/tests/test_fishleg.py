@@ -282,7 +282,8 @@ def test_gradient_pool_follows_the_memory_plan_more_passes_same_result(digits):
     params = {"aux_iters": "20", "num_grads": "256", "aux_batch": "32"}
     ctx, _ = mlp_context(digits, params, "digits-cnn")
     costs = [
-        target_cost(t, StatsSpec(num_grads=256), frozenset({"grad_rows"})) for t in ctx.context.targets
+        target_cost(t, StatsSpec(num_grads=256), frozenset({"grad_rows"}))
+        for t in ctx.context.targets
     ]
     largest = max(c.kept + c.transient + c.per_grad for c in costs)
     together = sum(c.kept + c.per_grad for c in costs) + max(c.transient for c in costs)
