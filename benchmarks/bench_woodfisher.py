@@ -21,9 +21,10 @@ from prunekit.calibrate.collector import Collector, per_sample_gradients
 from prunekit.calibrate.memory import PeakMemory
 from prunekit.engine.masks import find_targets
 from prunekit.engine.step import Pruning, prune_step
-from prunekit.load.data import load_data, loader
+from prunekit.load.data import load_data
 from prunekit.load.models import load_model
 from prunekit.pruners import registry
+from prunekit.runtime.batches import loader
 
 
 def best_of(fn, repeats: int = 3) -> float:

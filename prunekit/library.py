@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -160,6 +160,8 @@ def prune(
 class _KeepMask(nn.Module):
     """A parametrization: the weight as trained, times a fixed keep-mask."""
 
+    mask: torch.Tensor  # a buffer, registered in __init__
+
     def __init__(self, mask: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("mask", mask, persistent=False)
@@ -212,7 +214,10 @@ def hold_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> MaskHandl
                 module._parameters.get(attr) is weight
                 or (
                     parametrize.is_parametrized(module, attr)
-                    and getattr(module.parametrizations[attr], "original", None) is weight
+                    and getattr(
+                        cast(nn.ModuleDict, module.parametrizations)[attr], "original", None
+                    )
+                    is weight
                 )
                 or (module is owner and parametrize.is_parametrized(module, attr))
             ):

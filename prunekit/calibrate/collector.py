@@ -11,9 +11,9 @@ an out-of-memory error halves the chunk and carries on, with a warning.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence, Sized
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -164,7 +164,7 @@ class Collector:
         self.plan: MemoryPlan | None = None
         gradients = needs - LAYER_INPUTS
         if gradients:
-            check_spec(spec, len(calibration))  # type: ignore[arg-type]
+            check_spec(spec, len(cast(Sized, calibration)))
             activations, source = self._activation_bytes() if needs & PER_SAMPLE else (0, "none")
             self.plan = plan_memory(
                 self.targets, spec, gradients, budget or default_budget(device), activations, source
@@ -234,7 +234,7 @@ class Collector:
                 f"measured with a trial chunk of {len(x)}",
             )
 
-    def collect(self) -> Iterator[tuple[list[Target], dict[str, dict[str, torch.Tensor]]]]:
+    def collect(self) -> Iterator[tuple[list[Target], dict[str, dict[str, Any]]]]:
         """Yield each group of targets with its statistics."""
         inputs = self._layer_inputs() if self.needs & LAYER_INPUTS else {}
         if self.plan is None:
@@ -294,7 +294,8 @@ class Collector:
     def _fisher_scale(self) -> float:
         """Mean Fisher diagonal over every target: a squares-only round of passes."""
         total = count = 0.0
-        for index, group in enumerate(self.plan.groups, start=1):  # type: ignore[union-attr]
+        assert self.plan is not None  # collect() calls this only with a memory plan
+        for index, group in enumerate(self.plan.groups, start=1):
             where = f"damping scale, pass {index}/{self.passes}: "
             acc = self._accumulate_group(group, where, curvature=False)
             total += sum(float(s.double().sum()) for s in acc.squares.values())
@@ -315,7 +316,7 @@ class Collector:
             acc.combine_ranks()
         return acc
 
-    def _collect_group(self, group: list[Target], index: int) -> dict[str, dict[str, torch.Tensor]]:
+    def _collect_group(self, group: list[Target], index: int) -> dict[str, dict[str, Any]]:
         spec, m = self.spec, self.spec.num_grads
         where = f"pass {index}/{self.passes}: " if self.passes > 1 else ""
         acc = self._accumulate_group(group, where, FISHER_INV in self.needs)
@@ -323,7 +324,7 @@ class Collector:
             hessian = self._hessian_gradient(group) if HESSIAN_GRAD in self.needs else {}
         if self._damps() and self.fisher_scale is None:
             self.fisher_scale = fisher.relative_damping(list(acc.squares.values()), 1.0) / m
-        out: dict[str, dict[str, torch.Tensor]] = {}
+        out: dict[str, dict[str, Any]] = {}
         for t in group:
             squares = acc.squares[t.name]
             if not torch.isfinite(squares).all():  # any NaN/Inf gradient shows here
@@ -331,7 +332,7 @@ class Collector:
                     f"the gradients of {t.name} contain NaN or Inf; check the model's weights "
                     "and inputs (or lower the learning rate that produced them)"
                 )
-            stats = {
+            stats: dict[str, Any] = {
                 GRAD_MEAN: (acc.sums[t.name] / m).reshape(t.weight.shape),
                 # × b: with mini-batch gradients this still estimates the per-sample Fisher
                 FISHER_DIAG: (squares / m * spec.grad_batch).reshape(t.weight.shape),
@@ -436,7 +437,10 @@ class Collector:
         product = [torch.zeros_like(p) for p in params]
         for loss in chunk_losses():
             grads = torch.autograd.grad(loss, params, create_graph=True)
-            dot = sum((g * fixed).sum() for g, fixed in zip(grads, mean_grad, strict=True))
+            dot = cast(
+                torch.Tensor,
+                sum((g * fixed).sum() for g, fixed in zip(grads, mean_grad, strict=True)),
+            )
             for acc, h in zip(product, torch.autograd.grad(dot, params), strict=True):
                 acc += h
         distributed.all_reduce_sum(product)

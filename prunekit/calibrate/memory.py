@@ -16,7 +16,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -90,6 +90,8 @@ def is_out_of_memory(exc: BaseException) -> bool:
 class PeakMemory:
     """Peak memory of a block of work: CUDA's allocator peak, or the process's peak RSS."""
 
+    _base: int | None  # set by __enter__; always an int on CUDA
+
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.peak: int | None = None
@@ -107,7 +109,7 @@ class PeakMemory:
     def __exit__(self, *exc: object) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
+            self.peak = torch.cuda.max_memory_allocated(self.device) - cast(int, self._base)
         elif self._base is not None:
             peak = peak_rss()
             self.peak = None if peak is None else max(0, peak - self._base)

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import typer
 from rich.console import Console
@@ -85,7 +85,7 @@ def handle_errors(command: F) -> F:
                 raise
             raise _fail(os_error_line(exc), 1) from None
 
-    return wrapper  # type: ignore[return-value]
+    return cast(F, wrapper)  # functools.wraps: same signature as command
 
 
 _OS_FIXES = {

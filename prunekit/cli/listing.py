@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -53,7 +53,7 @@ def pruners_show(
     from prunekit.pruners import registry
 
     cls = registry.load(name)
-    info = {
+    info: dict[str, Any] = {
         "name": name,
         "summary": cls.summary(),
         "needs": sorted(cls.needs),

@@ -279,7 +279,9 @@ def with_options(*groups: tuple[Opt, ...]) -> Callable[[Callable[..., Any]], Cal
             }  # fmt: skip
             return command(*args, options=options, **kwargs)
 
-        wrapper.__signature__ = signature.replace(parameters=[*own, *added])  # type: ignore[attr-defined]
+        merged = signature.replace(parameters=[*own, *added])
+        # read by inspect.signature (typer sees the merged options), a runtime-only attribute
+        wrapper.__signature__ = merged  # type: ignore[attr-defined]  # stubs lack __signature__
         wrapper.__annotations__ = {p.name: p.annotation for p in [*own, *added]}
         return wrapper
 

@@ -55,8 +55,8 @@ def sweep(
     names = [p.strip() for p in pruners.split(",") if p.strip()]
     levels = number_list(sparsities, "--sparsities", float)
     seed_list = number_list(seeds, "--seeds", int)
-    first = {"model": model, "pruner": names[0] if names else "",
-             "sparsity": levels[0] if levels else 0.0, "exports": []}  # fmt: skip
+    first: dict[str, Any] = {"model": model, "pruner": names[0] if names else "",
+                             "sparsity": levels[0] if levels else 0.0, "exports": []}  # fmt: skip
     base = config_from({**to_recipe(options), **first})
     one_cell = cell_runner(base, names, levels)
     if not seed_list:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Mapping, Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -30,7 +31,7 @@ def find_targets(model: nn.Module, exclude: Sequence[str] = ()) -> tuple[list[Ta
         hits = [g for g in exclude if fnmatch.fnmatchcase(name, g)]
         used.update(hits)
         if not hits:
-            weight = module.weight
+            weight = cast(nn.Parameter, module.weight)  # the stubs type it as a Tensor
             mask = torch.ones_like(weight, dtype=torch.bool)
             targets.append(Target(name, module, weight, mask))
     if not targets:
@@ -128,7 +129,7 @@ def select(
     ranked = [t for t in targets if scores[t.name] is not None]
     if not ranked:
         return keep
-    checked = [_checked(t.name, scores[t.name], t) for t in ranked]  # type: ignore[arg-type]
+    checked = [_checked(t.name, cast(torch.Tensor, scores[t.name]), t) for t in ranked]
     nm = parse_nm(mode)
     if nm is not None:
         keep.update({t.name: _n_of_m(s, t, *nm) for t, s in zip(ranked, checked, strict=True)})

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -145,7 +145,7 @@ def reinitialize(model: nn.Module, seed: int) -> None:
     torch.manual_seed(seed)
     for module in model.modules():
         if hasattr(module, "reset_parameters") and module is not model:
-            module.reset_parameters()
+            cast("Callable[[], None]", module.reset_parameters)()
 
 
 def run_schedule(

@@ -103,6 +103,7 @@ def prune_step(state: Pruning, sparsity: float) -> list[str]:
 
     ctx.sparsity = sparsity
     ctx.say = say
+    warnings: list[str]
     try:
         pruner.prepare(ctx, ctx.step, ctx.total_steps)
         if isinstance(pruner, LayerPruner):

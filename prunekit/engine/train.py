@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Sized
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -61,7 +61,7 @@ def train(
     config: TrainConfig = TrainConfig(),
     seed: int = 0,
     targets: Sequence[Target] = (),
-    evaluate: Callable[[nn.Module], float] | None = None,
+    evaluate: Callable[[nn.Module], float | None] | None = None,
 ) -> list[dict[str, Any]]:
     """Train with cross-entropy; return per-epoch records (loss and, with ``evaluate``, accuracy).
 
@@ -70,7 +70,7 @@ def train(
     """
     if epochs <= 0:
         return []
-    config.check(len(dataset))  # type: ignore[arg-type]
+    config.check(len(cast(Sized, dataset)))
     torch.manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer == "sgd":

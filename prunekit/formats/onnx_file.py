@@ -15,6 +15,7 @@ import contextlib
 import copy
 import io
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -42,7 +43,7 @@ def to_proto(model: nn.Module, input_shape: tuple[int, ...]):
     dynamic = {0: torch.export.Dim("batch")}
     if getattr(model, "sequence_axis", None) is not None:
         example = torch.ones(2, input_shape[0], 8, dtype=dtype)  # a length the export varies
-        dynamic[model.sequence_axis] = torch.export.Dim("sequence", min=2, max=4096)
+        dynamic[cast(int, model.sequence_axis)] = torch.export.Dim("sequence", min=2, max=4096)
     quiet = io.StringIO()
     try:
         with contextlib.redirect_stdout(quiet):
@@ -62,6 +63,7 @@ def to_proto(model: nn.Module, input_shape: tuple[int, ...]):
             f"torch.onnx.export failed for this model ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''}); run with --debug for details"
         ) from exc
+    assert program is not None  # dynamo=True always returns an ONNXProgram
     proto = program.model_proto
     onnx.checker.check_model(proto, full_check=True)
     return proto

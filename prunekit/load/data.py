@@ -10,8 +10,10 @@ on the same data.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sized
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
@@ -44,7 +46,7 @@ class Splits:
     notes: list[str] = field(default_factory=list)  # worth a warning (e.g. texts cut)
 
     def __post_init__(self) -> None:
-        check_sizes(self.spec, len(self.train), len(self.test))  # type: ignore[arg-type]
+        check_sizes(self.spec, len(cast(Sized, self.train)), len(cast(Sized, self.test)))
 
 
 def check_sizes(spec: str, n_train: int, n_test: int) -> None:
@@ -61,7 +63,7 @@ def _permutation(n: int) -> torch.Tensor:
 
 
 def calibration_of(train: Dataset) -> Dataset:
-    n = len(train)  # type: ignore[arg-type]
+    n = len(cast(Sized, train))
     return Subset(train, _permutation(n)[: min(n, CALIBRATION_MAX)].tolist())
 
 
@@ -341,7 +343,7 @@ def imagefolder(root: Path, prep: Preprocess) -> Splits:
             train, test = Subset(full, order[n_test:]), Subset(full, order[:n_test])
     except (FileNotFoundError, OSError) as exc:
         raise InputFileError(f"cannot read image folder {root}: {exc}") from exc
-    classes = getattr(train, "classes", None) or train.dataset.classes  # type: ignore[attr-defined]
+    classes = getattr(train, "classes", None) or train.dataset.classes
     shape = tuple(train[0][0].shape)
     return Splits(f"imagefolder:{root}", train, calibration_of(train), test, len(classes), shape)
 

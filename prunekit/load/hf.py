@@ -10,10 +10,11 @@ and export.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,6 +44,7 @@ class PackedInputs(nn.Module):
 
     input_dtype = torch.long  # read by the ONNX export: integer inputs
     sequence_axis = 2  # exported as a dynamic axis, like the batch
+    model: Any  # a transformers PreTrainedModel (config, dtype, set_attn_implementation)
 
     def __init__(self, model: nn.Module, kind: str) -> None:
         super().__init__()
@@ -72,8 +74,11 @@ class PackedInputs(nn.Module):
         for name, layer in self.named_modules():
             up = getattr(getattr(layer, "intermediate", None), "dense", None)
             down = getattr(getattr(layer, "output", None), "dense", None)
-            pair = isinstance(up, nn.Linear) and isinstance(down, nn.Linear)
-            if pair and up.out_features == down.in_features:
+            if (
+                isinstance(up, nn.Linear)
+                and isinstance(down, nn.Linear)
+                and up.out_features == down.in_features
+            ):
                 members = [Member(f"{name}.intermediate.dense", "out"),
                            Member(f"{name}.output.dense", "in")]  # fmt: skip
                 groups.append(Group(up.out_features, members))
@@ -151,7 +156,7 @@ def load_hf(root: Path) -> HFModel:
     return HFModel(wrapped.eval(), tokenizer, wrapped.kind, limit)
 
 
-def load_tokenizer(root: Path) -> tuple[object, int]:
+def load_tokenizer(root: Path) -> tuple[Callable[..., Any], int]:
     """The tokenizer of the model in ``root`` and the model's token limit (no weights read)."""
     config, tokenizer = _config_and_tokenizer(root)
     return tokenizer, getattr(config, "max_position_embeddings", DEFAULT_MAX_LENGTH)
@@ -168,14 +173,14 @@ def read_texts(path: Path) -> list[str]:
 
 
 def tokenize(
-    texts: list[str], tokenizer: object, max_length: int, model_limit: int
+    texts: list[str], tokenizer: Callable[..., Any], max_length: int, model_limit: int
 ) -> tuple[torch.Tensor, int]:
     """(N, 2, L) int64 ids + attention masks, padded to the longest; and how many texts were
     cut to ``max_length`` (at most the model's limit)."""
     length = min(max_length, model_limit)
-    full = tokenizer(texts, truncation=False)["input_ids"]  # type: ignore[operator]
+    full = tokenizer(texts, truncation=False)["input_ids"]
     cut = sum(len(ids) > length for ids in full)
-    encoded = tokenizer(  # type: ignore[operator]
+    encoded = tokenizer(
         texts, truncation=True, max_length=length, padding="longest", return_tensors="pt"
     )
     packed = torch.stack([encoded["input_ids"], encoded["attention_mask"]], dim=1)

@@ -4,6 +4,7 @@ gradient mean ḡ, the Fisher diagonal F and the Hessian-gradient product Hḡ."
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import ClassVar
 
 import torch
 
@@ -25,8 +26,8 @@ class Saliency(Pruner):
     ``name``, ``needs`` and ``saliency``."""
 
     contract = CONTRACT_VERSION
-    params = SAMPLING_PARAMS
-    stats_params = SAMPLING_NAMES
+    params: ClassVar[tuple[Param, ...]] = SAMPLING_PARAMS
+    stats_params: ClassVar[tuple[str, ...]] = SAMPLING_NAMES
 
     def score(self, target: Target, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self.saliency(target.weight.detach(), stats)

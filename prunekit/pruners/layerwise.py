@@ -140,7 +140,9 @@ def sparsegpt(
         w1 = w[:, start:end].clone()
         err = torch.zeros_like(w1)
         u1 = upper[start:end, start:end]
-        fixed = pruned[:, start:end] if pruned is not None else torch.zeros_like(w1, dtype=bool)
+        fixed = (
+            pruned[:, start:end] if pruned is not None else torch.zeros_like(w1, dtype=torch.bool)
+        )
         if nm is None:
             saliency = (w1.square() / u1.diagonal().square()).masked_fill(fixed, -1.0)
             count = round(sparsity * rows * end) - round(sparsity * rows * start)

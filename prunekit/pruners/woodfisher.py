@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 
@@ -49,24 +50,24 @@ class WoodFisherPruner(Pruner):
     name = "woodfisher"
     contract = CONTRACT_VERSION
     needs = frozenset({FISHER_INV})
-    stats_params = (*SAMPLING_NAMES, "block_size", "damp", "damp_mode")
-    params = (
+    stats_params: ClassVar[tuple[str, ...]] = (*SAMPLING_NAMES, "block_size", "damp", "damp_mode")
+    params: ClassVar[tuple[Param, ...]] = (
         Param("block_size", 128, "weights per Fisher block along each tensor", minimum=1),
         *GRADIENT_PARAMS,
     )
 
-    def score(self, target: Target, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def score(self, target: Target, stats: Mapping[str, Any]) -> torch.Tensor:
         return obs_scores(target.weight.detach(), stats[FISHER_INV].blocks)
 
     def set_scores(
-        self, target: Target, stats: Mapping[str, torch.Tensor], sets: torch.Tensor
+        self, target: Target, stats: Mapping[str, Any], sets: torch.Tensor
     ) -> torch.Tensor:
         """Group OBS: ½ θ_Sᵀ (F⁻¹[S, S])⁻¹ θ_S, the loss increase of removing S jointly."""
         weight = target.weight.detach() * target.mask
         return group_obs_scores(weight, stats[FISHER_INV].blocks, sets.to(weight.device))
 
     def update(
-        self, target: Target, keep: torch.Tensor, stats: Mapping[str, torch.Tensor]
+        self, target: Target, keep: torch.Tensor, stats: Mapping[str, Any]
     ) -> torch.Tensor | None:
         prune = target.mask & ~keep  # only the weights removed in this step move the others
         if not prune.any():

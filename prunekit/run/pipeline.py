@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Sized
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -281,16 +282,16 @@ def check_fit(config: PruneConfig, pruner: Pruner, data: Splits, objective: Obje
     """The pruner's statistics and the schedule's training fit the data; warnings for what
     was adapted."""
     _check_objective(config, pruner, data, objective)
-    warnings = cap_num_grads(config, pruner, len(data.calibration))  # type: ignore[arg-type]
+    warnings = cap_num_grads(config, pruner, len(cast(Sized, data.calibration)))
     if pruner.needs - LAYER_INPUTS:
-        check_spec(pruner.stats_spec(), len(data.calibration))  # type: ignore[arg-type]
+        check_spec(pruner.stats_spec(), len(cast(Sized, data.calibration)))
         if pruner.stats_spec().fisher == "true" and pruner.needs - LABEL_FREE:
             warnings.append(
                 f"{config.pruner} uses the mean gradient, which averages to zero "
                 "with labels sampled from the model (fisher=true)"
             )
     if config.schedule.trains():
-        config.schedule.train.check(len(data.train))  # type: ignore[arg-type]
+        config.schedule.train.check(len(cast(Sized, data.train)))
     return warnings
 
 

@@ -176,7 +176,7 @@ def write_results(
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows({k: row.get(k) for k in COLUMNS} for row in rows)
-    cells = {(r["pruner"], r["sparsity"]): [] for r in rows}
+    cells: dict[tuple[str, float], list[float]] = {(r["pruner"], r["sparsity"]): [] for r in rows}
     for r in rows:
         if r["accuracy"] is not None:  # unlabeled data has no accuracy
             cells[r["pruner"], r["sparsity"]].append(r["accuracy"] * 100)

@@ -13,6 +13,7 @@ import datetime
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -157,7 +158,9 @@ def train_loader(dataset: Dataset, batch_size: int, seed: int) -> DataLoader:
     global batch of ``batch_size`` (so the steps per epoch match a single process)."""
     if not active():
         return loader(dataset, batch_size, shuffle=True, seed=seed)
-    sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=False)
+    sampler: DistributedSampler[Any] = DistributedSampler(
+        dataset, shuffle=True, seed=seed, drop_last=False
+    )
     return DataLoader(dataset, batch_size=max(1, batch_size // world_size()), sampler=sampler)
 
 

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import fx, nn
@@ -301,24 +303,29 @@ def _layer_kind(module: nn.Module) -> str:
 def _channel_dim_ok(node: fx.Node, module: nn.Module) -> bool:
     """Conv2d on (N, C, H, W) and Linear on (N, F): the channel axis is dim 1 (a Linear on
     more dimensions reads the last one, which is not a tracked channel axis)."""
-    shape = node.args[0].meta["tensor_meta"].shape
+    shape = _input_shape(node)
     return len(shape) == (4 if isinstance(module, nn.Conv2d) else 2)
+
+
+def _input_shape(node: fx.Node) -> torch.Size:
+    """The traced shape of the node's first argument (the tensor it reads)."""
+    return cast(fx.Node, node.args[0]).meta["tensor_meta"].shape
 
 
 def _flattens_channels(node: fx.Node, module: nn.Module | None = None) -> bool:
     """flatten(x, 1) of (N, C, ...): channel c becomes a block of prod(...) features."""
     if isinstance(module, nn.Flatten):
         start, end = module.start_dim, module.end_dim
-    else:
-        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-        end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-    return start == 1 and end in (-1, len(node.args[0].meta["tensor_meta"].shape) - 1)
+    else:  # torch.flatten(x, start_dim, end_dim): ints in the traced call
+        start = cast(int, node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0))
+        end = cast(int, node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1))
+    return start == 1 and end in (-1, len(_input_shape(node)) - 1)
 
 
 def _spatial_mean(node: fx.Node) -> bool:
     """mean over the spatial axes of (N, C, H, W), without keepdim."""
-    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
-    rank = len(node.args[0].meta["tensor_meta"].shape)
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    dims = (dim,) if isinstance(dim, int) else tuple(cast("Sequence[int] | None", dim) or ())
+    rank = len(_input_shape(node))
     keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
     return rank == 4 and not keep and sorted(d % rank for d in dims) == [2, 3]

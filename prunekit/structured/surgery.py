@@ -10,6 +10,8 @@ same outputs.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -29,7 +31,7 @@ def group_masks(
     for m in group.members:
         if m.role == "channel":
             continue
-        weight = modules[m.module].weight
+        weight = cast(torch.Tensor, modules[m.module].weight)
         mask = torch.zeros(weight.shape, dtype=torch.bool, device=weight.device)
         if m.role == "out":
             mask[keep] = True
@@ -59,14 +61,14 @@ def _shrink_member(module: nn.Module, member: Member, keep: torch.Tensor) -> Non
     n = len(keep)
     if member.role == "in":
         columns = input_columns(keep.cpu(), member.block)
-        module.weight = _take(module.weight, columns, 1)
+        module.weight = _take(cast(torch.Tensor, module.weight), columns, 1)
         if isinstance(module, nn.Conv2d):
             module.in_channels = n
-        else:
-            module.in_features = len(columns)
+        else:  # only a Conv2d or a Linear reads a group's channels
+            cast(nn.Linear, module).in_features = len(columns)
         return
-    module.weight = _take(module.weight, keep, 0)
-    module.bias = _take(module.bias, keep, 0)
+    module.weight = _take(cast(torch.Tensor, module.weight), keep, 0)
+    module.bias = _take(cast("torch.Tensor | None", module.bias), keep, 0)
     if isinstance(module, nn.Conv2d):
         module.out_channels = n
         if member.role == "channel":  # depthwise
@@ -74,7 +76,7 @@ def _shrink_member(module: nn.Module, member: Member, keep: torch.Tensor) -> Non
     elif isinstance(module, nn.Linear):
         module.out_features = n
     else:  # BatchNorm
-        module.num_features = n
+        cast("nn.BatchNorm1d | nn.BatchNorm2d", module).num_features = n
         for name in ("running_mean", "running_var"):
             buffer = getattr(module, name)
             if buffer is not None:

@@ -143,6 +143,28 @@ def test_the_readme_guide_example_passes_check_pruner():
     api.check_pruner(namespace["DiagOBS"])
 
 
+def test_the_readme_layer_wise_example_passes_check_pruner_and_prunes_layer_by_layer():
+    import re
+
+    text = (Path(__file__).parents[2] / "README.md").read_text()
+    guide = text[text.index("calibrate-then-compress form instead") :]
+    code = re.search(r"```python\n(.*?)```", guide, re.S)[1]
+    namespace: dict = {"torch": torch}
+    exec(code, namespace)
+    cls = namespace["KeepLargestReconstructed"]
+    api.check_pruner(cls)
+    from prunekit.engine.masks import find_targets
+    from prunekit.engine.step import Pruning, prune_step
+    from prunekit.testing import tiny_data, tiny_model
+
+    model = tiny_model()
+    targets, _ = find_targets(model)
+    prune_step(Pruning.of(model, targets, cls(), tiny_data(), torch.device("cpu"), "layer"), 0.5)
+    for t in targets:  # exactly half of every layer, zeros written by prunekit
+        assert int((~t.mask).sum()) == t.numel // 2
+        assert torch.all(t.weight.detach()[~t.mask] == 0)
+
+
 def test_plugin_written_before_contracts_is_refused(tmp_path, monkeypatch):
     old = ODD.format(body="", shape="").replace("    contract = 1\n", "")
     _plugin(tmp_path, monkeypatch, old)
