@@ -17,7 +17,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from prunekit.calibrate import fisher
-from prunekit.calibrate.collector import Collector, per_sample_gradients
+from prunekit.calibrate.collector import Collector
+from prunekit.calibrate.gradients import per_sample_gradients
 from prunekit.calibrate.memory import PeakMemory
 from prunekit.engine.masks import find_targets
 from prunekit.engine.step import Pruning, prune_step

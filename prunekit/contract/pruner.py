@@ -136,7 +136,7 @@ class Pruner:
         """Whether ``update`` is overridden (OBS-style weight compensation)."""
         return cls.update is not Pruner.update
 
-    def score(self, target: Target, stats: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    def score(self, target: Target, stats: Mapping[str, Any]) -> torch.Tensor | None:
         """Return one score per weight, shaped like ``target.weight``; larger = keep.
 
         None declines the tensor: its mask stays as it is in this step.
@@ -144,7 +144,7 @@ class Pruner:
         raise NotImplementedError
 
     def set_scores(
-        self, target: Target, stats: Mapping[str, torch.Tensor], sets: torch.Tensor
+        self, target: Target, stats: Mapping[str, Any], sets: torch.Tensor
     ) -> torch.Tensor | None:
         """One score per set of weights removed together (``--structure``): ``sets`` is
         (n, k) flat indices into the weight; larger = keep. The default sums ``score``;
@@ -156,7 +156,7 @@ class Pruner:
         return score.detach().reshape(-1).double()[sets].sum(1)
 
     def update(
-        self, target: Target, keep: torch.Tensor, stats: Mapping[str, torch.Tensor]
+        self, target: Target, keep: torch.Tensor, stats: Mapping[str, Any]
     ) -> torch.Tensor | None:
         """Optionally return compensated weights for ``target`` given the new mask ``keep``.
 
@@ -208,7 +208,7 @@ class LayerPruner(Pruner):
         ``gram`` (float64, (d, d), d = the weight's elements per output row)."""
         raise NotImplementedError
 
-    def score(self, target: Target, stats: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    def score(self, target: Target, stats: Mapping[str, Any]) -> torch.Tensor | None:
         raise UsageError(f"{self.name} compresses layer by layer and has no per-weight score")
 
 

@@ -9,7 +9,8 @@ from torch.utils.data import TensorDataset
 
 from prunekit.calibrate import collector as stats_module
 from prunekit.calibrate import fisher
-from prunekit.calibrate.collector import Collector, per_sample_gradients
+from prunekit.calibrate.collector import Collector
+from prunekit.calibrate.gradients import per_sample_gradients
 from prunekit.calibrate.memory import PeakMemory, parse_size, plan_memory
 from prunekit.contract.objectives import LABELS
 from prunekit.contract.target import StatsSpec

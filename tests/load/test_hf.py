@@ -126,7 +126,7 @@ def test_two_of_four_and_onnx_with_any_sequence_length(bert, tmp_path):
 
 
 def test_vmapped_gradients_through_the_encoder_equal_a_backward_loop(bert):
-    from prunekit.calibrate.collector import per_sample_gradients
+    from prunekit.calibrate.gradients import per_sample_gradients
     from prunekit.contract.objectives import COSINE
     from prunekit.engine.masks import find_targets
     from prunekit.load.data import load_data
