@@ -53,3 +53,7 @@ class NumericalError(PrunekitError):
 
 class OutOfMemoryError(PrunekitError):
     """The device ran out of memory even at the smallest chunk of samples."""
+
+
+class GateError(PrunekitError):
+    """A validation gate (--max-accuracy-drop, --min-cosine) failed."""

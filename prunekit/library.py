@@ -14,6 +14,7 @@ from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from prunekit.contract.pruner import Pruner
+from prunekit.contract.quantization import QuantizedTensor
 from prunekit.engine.schedule import ScheduleConfig
 from prunekit.errors import UsageError
 from prunekit.load.data import Splits, calibration_of, check_pair
@@ -35,6 +36,9 @@ class PruneResult:
     model: nn.Module
     masks: dict[str, torch.Tensor]  # dotted weight name -> bool, True = kept
     report: dict[str, Any]
+    # quantize=: dotted weight name -> its integer codes and scales (the weight, dequantized,
+    # is what the model now holds); give it to export_onnx for the quantized ONNX
+    quantized: dict[str, QuantizedTensor] | None = None
 
     def hold(self) -> MaskHandle:
         """Keep the pruned weights at zero while you train; ``.remove()`` when done."""
@@ -98,6 +102,9 @@ def prune(
     structure: str | None = None,
     min_channels: int = 1,
     channel_multiple: int = 1,
+    quantize: str | None = None,
+    rounding: str = "gptq",
+    group_size: int = 32,
     reporter: Reporter | None = None,
 ) -> PruneResult:
     """Prune ``model`` in place to ``sparsity`` with ``pruner`` (a name or an instance).
@@ -109,7 +116,10 @@ def prune(
     automatic recomputation); ``objective`` the loss of the gradient statistics (labels, kl,
     mse, cosine; default: labels, or kl on unlabeled data). ``structure="channels"`` removes
     whole channels (``sparsity`` is then the fraction of channels) and shrinks ``model`` in
-    place to its new shapes; the result then has no masks. Everything numeric runs on
+    place to its new shapes; the result then has no masks. ``quantize`` ("int8" or "int4",
+    with ``rounding`` "gptq" or "rtn" and ``group_size`` for the 4-bit Linear layers) rounds
+    every weight to its integer grid afterwards (the model holds the dequantized weights,
+    ``result.quantized`` the codes). Everything numeric runs on
     ``device``. Under torchrun (or in a process group the caller started) each process
     takes its share of the calibration samples and every process gets the same result.
     """
@@ -135,6 +145,9 @@ def prune(
         structure=structure,
         min_channels=min_channels,
         channel_multiple=channel_multiple,
+        quantize=quantize,
+        rounding=rounding,
+        group_size=group_size,
         device=device,
         seed=seed,
         exports=(),
@@ -154,7 +167,8 @@ def prune(
             config, Inputs(model, splits, source), instance, where, reporter or Silent(), timings
         )
     model.to(home)  # where the caller had it
-    return PruneResult(model, outcome.masks(), outcome.report)
+    quantized = outcome.quantized.tensors if outcome.quantized else None
+    return PruneResult(model, outcome.masks(), outcome.report, quantized)
 
 
 class _KeepMask(nn.Module):
@@ -239,15 +253,41 @@ def export_onnx(
     input_shape: Sequence[int],
     metadata: Mapping[str, str] | None = None,
     sparse: bool = True,
+    quantized: Mapping[str, QuantizedTensor] | None = None,
+    calibration: torch.Tensor | None = None,
 ) -> dict[str, object]:
     """Export ``model`` (CPU copy, eval mode) to a self-contained ONNX file; pruned
-    initializers are stored as sparse tensors where that is smaller (``sparse``)."""
+    initializers are stored as sparse tensors where that is smaller (``sparse``).
+
+    With ``quantized`` (``PruneResult.quantized``) the file is the quantized model instead:
+    static INT8 with activation ranges from ``calibration`` inputs (at least 32 samples), or,
+    without calibration, dynamic INT8; the 4-bit Linear layers as MatMulNBits."""
     import copy
+    import tempfile
 
     from prunekit.formats.onnx_file import export_onnx as write
+    from prunekit.formats.onnx_file import write_metadata
+    from prunekit.formats.onnx_quant import CALIBRATION_SAMPLES, check_calibration, quantize_onnx
 
     exported = copy.deepcopy(model).cpu().eval()
-    return write(exported, tuple(input_shape), Path(path), dict(metadata or {}), sparse=sparse)
+    if quantized is None:
+        return write(exported, tuple(input_shape), Path(path), dict(metadata or {}), sparse=sparse)
+    batches = None
+    if calibration is not None:
+        check_calibration(len(calibration))
+        xs = calibration[:CALIBRATION_SAMPLES].detach().cpu().numpy()
+        batches = [xs[i : i + 32] for i in range(0, len(xs), 32)]
+    int4 = {n: q for n, q in quantized.items() if q.bits == 4}
+    state = exported.state_dict()
+    weights = {n: state[n].reshape(state[n].shape[0], -1).numpy() for n in int4}
+    target = Path(path)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        fp32 = Path(tmp) / "fp32.onnx"
+        write(exported, tuple(input_shape), fp32, {}, sparse=False)
+        mode = "static" if batches is not None else "dynamic"
+        info = quantize_onnx(fp32, target, mode, batches, int4, weights)
+    write_metadata(target, dict(metadata or {}))
+    return {"path": str(target), "bytes": target.stat().st_size, **info}
 
 
 def validate_onnx(

@@ -15,7 +15,7 @@ from prunekit.cli.common import (
     print_json,
     warn,
 )
-from prunekit.cli.options import FORCE, JSON, NUM_CLASSES, PREPROCESS, TRUST, with_options
+from prunekit.cli.options import FORCE, GATES, JSON, NUM_CLASSES, PREPROCESS, TRUST, with_options
 from prunekit.cli.prune import MODEL_HELP
 from prunekit.cli.summary import print_validation
 
@@ -81,7 +81,7 @@ def densify(
 
 
 @handle_errors
-@with_options(PREPROCESS, NUM_CLASSES, JSON)
+@with_options(PREPROCESS, NUM_CLASSES, GATES, JSON)
 def validate(
     onnx_file: Annotated[Path, typer.Argument(help="The ONNX model to validate.")],
     baseline: Annotated[Path | None, typer.Option(help="Dense ONNX model timed alongside.")] = None,
@@ -99,17 +99,6 @@ def validate(
     threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads (0: default).")] = 0,
     provider: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     runs: Annotated[int, typer.Option(help="Timed runs per model and batch size.")] = 500,
-    max_accuracy_drop: Annotated[
-        float | None,
-        typer.Option(help="Fail when accuracy falls more than this (0..1) below the baseline."),
-    ] = None,
-    min_cosine: Annotated[
-        float | None,
-        typer.Option(
-            help="Fail when the mean cosine similarity of the outputs to the dense model's "
-            "(--baseline, or the recorded hf:/sample: model) is below this, e.g. 0.95."
-        ),
-    ] = None,
     options: dict | None = None,
 ) -> None:
     """Check an ONNX export in ONNX Runtime: accuracy, parity with PyTorch, latency.
@@ -129,8 +118,8 @@ def validate(
         threads=threads,
         provider=provider,
         runs=runs,
-        max_accuracy_drop=max_accuracy_drop,
-        min_cosine=min_cosine,
+        max_accuracy_drop=options["max_accuracy_drop"],
+        min_cosine=options["min_cosine"],
     )
     result, warnings = validate_file(
         onnx_file, settings, baseline, data, options["normalize"], options["image_size"],

@@ -80,6 +80,27 @@ FORCE = (
         OUTPUT,
     ),
 )
+GATES = (
+    _opt(
+        "max_accuracy_drop",
+        float | None,
+        None,
+        "--max-accuracy-drop",
+        "Fail when an export's accuracy falls more than this (0..1) below the dense model's "
+        "(prune: with --validate, and nothing is written).",
+        EXPORT,
+    ),
+    _opt(
+        "min_cosine",
+        float | None,
+        None,
+        "--min-cosine",
+        "Fail when the mean cosine similarity of an export's outputs to the dense model's "
+        "(--baseline, or the recorded hf:/sample: model) is below this, e.g. 0.95 (prune: "
+        "with --validate, and nothing is written).",
+        EXPORT,
+    ),
+)
 TRUST = (
     _opt(
         "trust_checkpoint",
@@ -201,6 +222,27 @@ RUN = (
         STATISTICS,
     ),
     _opt("device", str, "auto", "--device", "auto, cpu or cuda[:i].", STATISTICS),
+    _opt(
+        "quantize",
+        str | None,
+        None,
+        "--quantize",
+        "int8: every Conv/Linear weight rounded per channel to INT8 and model.int8.onnx "
+        "written (static QDQ with activation ranges from the calibration split; dynamic for "
+        "text models). int4: Linear layers to 4 bits in groups (ONNX Runtime's MatMulNBits), "
+        "the others INT8; model.int4.onnx.",
+        EXPORT,
+    ),
+    _opt(
+        "rounding",
+        str,
+        "gptq",
+        "--rounding",
+        "--quantize int4: gptq (column by column, each error compensated under the layer's "
+        "input statistics) or rtn (round to nearest).",
+        EXPORT,
+    ),
+    _opt("group_size", int, 32, "--group-size", "--quantize int4: inputs per scale.", EXPORT),
 )
 
 TRAINING = (

@@ -13,6 +13,7 @@ from prunekit.cli.common import exit_if_failed, handle_errors, print_json, warn
 from prunekit.cli.options import (
     EXPORT,
     FORCE,
+    GATES,
     JSON,
     OUTPUT,
     RUN,
@@ -28,7 +29,7 @@ MODEL_HELP = "sample:NAME, cifar:ARCH, torchvision:ARCH or pkg.module:factory"
 
 
 @handle_errors
-@with_options(RUN, TRAINING, FORCE, JSON)
+@with_options(RUN, TRAINING, GATES, FORCE, JSON)
 def prune(
     model: Annotated[str | None, typer.Argument(help=MODEL_HELP, show_default=False)] = None,
     pruner: Annotated[
@@ -90,11 +91,12 @@ def prune(
 
     assert options is not None
     given = set(options["given"])
-    if given & {"export", "validate"}:
+    if given & {"export", "validate", "quantize"}:
         given.add("exports")
+    onnx_needed = validate or bool(options["quantize"])
     own = {"model": model, "pruner": pruner, "sparsity": sparsity, "seed": seed,
            "verbose": verbose, "validate": validate, "out": out,
-           "exports": list(export_formats(export, validate))}  # fmt: skip
+           "exports": list(export_formats(export, onnx_needed))}  # fmt: skip
     base = load_recipe(config) if config else None
     if base is not None and pruner is not None and pruner != base.get("pruner"):
         base["params"] = kept_params(pruner, base.get("params") or {})

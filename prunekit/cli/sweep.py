@@ -56,7 +56,8 @@ def sweep(
     levels = number_list(sparsities, "--sparsities", float)
     seed_list = number_list(seeds, "--seeds", int)
     first: dict[str, Any] = {"model": model, "pruner": names[0] if names else "",
-                             "sparsity": levels[0] if levels else 0.0, "exports": []}  # fmt: skip
+                             "sparsity": levels[0] if levels else 0.0,
+                             "exports": ["onnx"] if options.get("quantize") else []}  # fmt: skip
     base = config_from({**to_recipe(options), **first})
     one_cell = cell_runner(base, names, levels)
     if not seed_list:

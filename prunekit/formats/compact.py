@@ -10,6 +10,14 @@ A tensor ``name`` that is cheaper this way is stored as two tensors:
 naming every tensor so stored; all other tensors are stored as they are. "Non-zero" is
 decided on the bit pattern, so -0.0 survives and densifying is bit-exact. Size of an fp32
 tensor of sparsity s: (1 - s) + 1/32 of dense.
+
+A quantized weight (``--quantize``) stores its integer codes instead of float values:
+``name::mask`` as above, ``name::codes`` (the non-zero codes in order: int8, or for 4 bits
+two per byte, low nibble first, as uint8 of code + 8) and ``name::scales`` (float32, one per
+output row and group of inputs); the index entry adds ``"bits"`` and ``"group_size"``
+(null: one scale per row). Densifying gives codes · scale in float32, the weight exactly as
+prunekit held it. Size of a 90 %-sparse INT8 fp32 tensor: 1/32 + 0.1/4 ≈ 0.056 of dense,
+plus the scales.
 """
 
 from __future__ import annotations
@@ -20,11 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from prunekit.contract.quantization import QuantizedTensor
 from prunekit.errors import InputFileError
 from prunekit.formats.safetensors_file import read_metadata, write_safetensors
 
 FORMAT_KEY = "prunekit_sparse"
-MASK, VALUES = "::mask", "::values"
+MASK, VALUES, CODES, SCALES = "::mask", "::values", "::codes", "::scales"
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -38,12 +47,24 @@ def compact_bytes(t: torch.Tensor) -> int:
     return nnz * t.element_size() + (t.numel() + 7) // 8
 
 
-def compact_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split each tensor that gets smaller into mask + values; return tensors and the index."""
+def compact_state(
+    state: dict[str, torch.Tensor], quantized: dict[str, QuantizedTensor] | None = None
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split each tensor that gets smaller into mask + values (mask + codes + scales for a
+    quantized one); return tensors and the index."""
     out: dict[str, torch.Tensor] = {}
     index: dict[str, dict] = {}
     for name, t in state.items():
         t = t.detach().cpu().contiguous()
+        if quantized and name in quantized:
+            out.update(_quantized_tensors(name, t, quantized[name]))
+            index[name] = {
+                "shape": list(t.shape),
+                "dtype": str(t.dtype).removeprefix("torch."),
+                "bits": quantized[name].bits,
+                "group_size": quantized[name].group_size,
+            }
+            continue
         if (
             t.numel() == 0
             or t.element_size() not in _INT_OF_SIZE
@@ -59,8 +80,29 @@ def compact_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
     return out, index
 
 
-def save_compact(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    tensors, index = compact_state(state)
+def _quantized_tensors(name: str, t: torch.Tensor, q: QuantizedTensor) -> dict[str, torch.Tensor]:
+    codes = q.codes.reshape(-1)
+    if not torch.equal(q.dequantized().reshape(t.shape).to(t.dtype), t):
+        raise ValueError(f"{name}: the weight is not its codes times its scales")
+    bits = codes != 0
+    packed = np.packbits(bits.numpy(), bitorder="little")
+    kept = codes[bits]
+    if q.bits == 4:
+        nibbles = (kept.to(torch.int16) + 8).to(torch.uint8)
+        if nibbles.numel() % 2:
+            nibbles = torch.cat([nibbles, torch.zeros(1, dtype=torch.uint8)])
+        kept = nibbles[0::2] | (nibbles[1::2] << 4)
+    return {name + MASK: torch.from_numpy(packed), name + CODES: kept.clone(),
+            name + SCALES: q.scales.float().contiguous()}  # fmt: skip
+
+
+def save_compact(
+    state: dict[str, torch.Tensor],
+    path: Path,
+    metadata: dict[str, str],
+    quantized: dict[str, QuantizedTensor] | None = None,
+) -> None:
+    tensors, index = compact_state(state, quantized)
     write_safetensors(tensors, path, {**metadata, FORMAT_KEY: json.dumps(index)})
 
 
@@ -93,18 +135,22 @@ def _expand(raw: dict[str, torch.Tensor], index: object) -> dict[str, torch.Tens
     """Dense tensors from the raw ones and the index; ValueError/KeyError where they disagree."""
     if not isinstance(index, dict):
         raise ValueError(f"{FORMAT_KEY} is not a JSON object")
-    dense = {k: v for k, v in raw.items() if not k.endswith((MASK, VALUES))}
+    dense = {k: v for k, v in raw.items() if not k.endswith((MASK, VALUES, CODES, SCALES))}
     for name, info in index.items():
         shape = info.get("shape") if isinstance(info, dict) else None
         if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
             raise ValueError(f"{name}: shape {shape!r} is not a list of sizes")
         numel = int(np.prod(shape, dtype=np.int64))
-        mask, values = raw[name + MASK], raw[name + VALUES]
+        mask = raw[name + MASK]
         if mask.dtype != torch.uint8 or mask.dim() != 1 or mask.numel() * 8 < numel:
             raise ValueError(f"{name}{MASK} is too short for shape {shape}")
         bits = torch.from_numpy(
             np.unpackbits(mask.numpy(), count=numel, bitorder="little").astype(bool)
         )
+        if "bits" in info:
+            dense[name] = _dequantized(name, info, shape, bits, raw)
+            continue
+        values = raw[name + VALUES]
         if values.dim() != 1 or int(bits.sum()) != values.numel():
             raise ValueError(f"{name}: {values.numel()} values for {int(bits.sum())} mask bits")
         if str(values.dtype).removeprefix("torch.") != info.get("dtype"):
@@ -113,6 +159,35 @@ def _expand(raw: dict[str, torch.Tensor], index: object) -> dict[str, torch.Tens
         flat[bits] = values
         dense[name] = flat.reshape(shape)
     return dense
+
+
+def _dequantized(
+    name: str, info: dict, shape: list[int], bits: torch.Tensor, raw: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """codes · scales of a quantized entry; ValueError where its pieces disagree."""
+    width, group = info.get("bits"), info.get("group_size")
+    if width not in (8, 4) or not (group is None or (isinstance(group, int) and group > 0)):
+        raise ValueError(f"{name}: bits {width!r} / group_size {group!r} are not a grid")
+    if len(shape) < 1 or info.get("dtype") != "float32":
+        raise ValueError(f"{name}: a quantized entry must be a float32 weight")
+    codes, scales = raw[name + CODES], raw[name + SCALES]
+    count = int(bits.sum())
+    if width == 4:
+        if codes.dtype != torch.uint8 or codes.numel() != (count + 1) // 2:
+            raise ValueError(f"{name}: {codes.numel()} packed bytes for {count} codes")
+        nibbles = torch.stack([codes & 15, codes >> 4], dim=1).reshape(-1)[:count]
+        codes = (nibbles.to(torch.int16) - 8).to(torch.int8)
+    elif codes.dtype != torch.int8 or codes.numel() != count:
+        raise ValueError(f"{name}: {codes.numel()} codes for {count} mask bits")
+    rows = shape[0]
+    columns = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+    groups = 1 if group is None else -(-columns // group)
+    if scales.dtype != torch.float32 or tuple(scales.shape) != (rows, groups):
+        raise ValueError(f"{name}: scales {tuple(scales.shape)}, expected ({rows}, {groups})")
+    flat = torch.zeros(rows * columns, dtype=torch.int8)
+    flat[bits] = codes
+    tensor = QuantizedTensor(flat.reshape(rows, columns), scales, width, group)
+    return tensor.dequantized().reshape(shape)
 
 
 def densify(src: Path, dst: Path) -> None:

@@ -127,3 +127,12 @@ def export_onnx(
         "dense_graph_bytes": dense_bytes,
         "sparse_initializers": moved,
     }
+
+
+def write_metadata(path: Path, metadata: dict[str, str]) -> None:
+    """Set the metadata properties of the ONNX file at ``path`` (rewritten in place)."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    onnx.helper.set_model_props(proto, metadata)
+    onnx.save_model(proto, str(path))

@@ -28,6 +28,7 @@ from prunekit.contract.pruner import (
     Param,
     Pruner,
 )
+from prunekit.contract.quantization import QuantGrid
 from prunekit.contract.statistics import INPUT_SQUARES
 from prunekit.contract.target import Target, multiplies_rows
 from prunekit.errors import NumericalError, UsageError
@@ -121,6 +122,43 @@ def sparsegpt(
     saliency (an earlier step's mask). The blocks' counts add up to round(sparsity · numel).
     Computed in float64.
     """
+    new, keep, _ = obs_columns(weight, gram, sparsity, nm, block_size, damp, pruned)
+    return new, keep
+
+
+def gptq(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    grid: QuantGrid,
+    block_size: int = 128,
+    damp: float = 0.01,
+    pruned: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round the (out, d) ``weight`` to ``grid`` column by column (GPTQ), each rounding error
+    moved onto the columns not yet rounded by the OBS update under H = ``gram``; ``pruned``
+    entries stay exactly zero. Returns the rounded weight (on the grid) and its scales
+    (rows, groups)."""
+    new, _, scales = obs_columns(weight, gram, 0.0, None, block_size, damp, pruned, grid)
+    assert scales is not None
+    return new, scales
+
+
+def obs_columns(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    sparsity: float,
+    nm: tuple[int, int] | None = None,
+    block_size: int = 128,
+    damp: float = 0.01,
+    pruned: torch.Tensor | None = None,
+    grid: QuantGrid | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The column-by-column OBS solver behind SparseGPT and GPTQ: every column is pruned (by
+    the mask chosen as in ``sparsegpt``) and, with a ``grid``, the kept entries are rounded to
+    it; the difference is compensated on the columns to the right under H restricted to
+    them. Returns the weight, the keep-mask and, with a grid, the scales (rows, groups):
+    per row from the whole row before any update, or per group of ``grid.group_size``
+    columns from the group's weights when its first column is reached."""
     w = weight.detach().double().clone()
     rows, d = w.shape
     h = gram.double().clone()
@@ -134,6 +172,12 @@ def sparsegpt(
         raise NumericalError(
             f"the layer Hessian is not positive definite ({exc}); raise damp"
         ) from exc
+    group, scales, scale = d, None, None
+    if grid is not None:
+        group = grid.group_of(d)
+        if grid.group_size is not None:  # blocks hold whole groups
+            block_size = max(group, block_size // group * group)
+        scales = torch.empty(rows, -(-d // group), dtype=torch.float32, device=w.device)
     keep = torch.ones_like(w, dtype=torch.bool)
     for start in range(0, d, block_size):
         end = min(start + block_size, d)
@@ -158,6 +202,15 @@ def sparsegpt(
                 block_drop[:, cols].scatter_(1, order, True)
             q = w1[:, i].clone()
             q[block_drop[:, i]] = 0.0
+            if grid is not None and scales is not None:
+                column = start + i
+                if column % group == 0:  # a new scale: the whole row, or this group
+                    source = w if grid.group_size is None else w1[:, i : i + group]
+                    kept = keep if grid.group_size is None else ~block_drop[:, i : i + group]
+                    scale = grid.scales(source.masked_fill(~kept, 0.0))
+                    scales[:, column // group] = scale
+                assert scale is not None
+                q = grid.round(q.unsqueeze(1), scale).squeeze(1)
             e = (w1[:, i] - q) / u1[i, i]
             w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
             w1[:, i] = q
@@ -166,7 +219,7 @@ def sparsegpt(
         w[:, end:] -= err @ upper[start:end, end:]
         keep[:, start:end] = ~block_drop
     w[~keep] = 0.0
-    return w.to(weight.dtype).reshape(weight.shape), keep
+    return w.to(weight.dtype).reshape(weight.shape), keep, scales
 
 
-__all__ = ["SparseGPTPruner", "WandaPruner", "sparsegpt"]
+__all__ = ["SparseGPTPruner", "WandaPruner", "gptq", "obs_columns", "sparsegpt"]

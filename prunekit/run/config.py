@@ -6,8 +6,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prunekit.engine.quantize import QuantizeConfig
 from prunekit.engine.schedule import ScheduleConfig
 from prunekit.load.preprocess import Preprocess
+from prunekit.validate.onnx_runtime import ValidateOptions
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,12 @@ class PruneConfig:
     device: str = "auto"
     seed: int = 0
     exports: tuple[str, ...] = ("safetensors",)
+    quantize: str | None = None  # int8 or int4: weights on an integer grid, a quantized ONNX
+    rounding: str = "gptq"  # --quantize int4: rtn or gptq
+    group_size: int = 32  # --quantize int4: inputs per scale
     validate: bool = False
+    max_accuracy_drop: float | None = None  # --validate gates: nothing is written when one
+    min_cosine: float | None = None  # fails
     out: Path = Path("prunekit-out")
     force: bool = False
     command: tuple[str, ...] = ()  # the command line that asked for the run, if any
@@ -49,6 +56,14 @@ class PruneConfig:
         return (
             Path("prunekit-out") / f"{model.split(':')[-1].replace('.', '_')}-{pruner}-{sparsity:g}"
         )
+
+    def quantization(self) -> QuantizeConfig | None:
+        if self.quantize is None:
+            return None
+        return QuantizeConfig(self.quantize, self.rounding, self.group_size)
+
+    def validate_options(self) -> ValidateOptions:
+        return ValidateOptions(max_accuracy_drop=self.max_accuracy_drop, min_cosine=self.min_cosine)
 
     def preprocess(self) -> Preprocess:
         return Preprocess(self.normalize, self.image_size)

@@ -6,8 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch import nn
 
+from prunekit.contract.quantization import QuantizedTensor
+from prunekit.engine.quantize import Quantized
 from prunekit.formats.safetensors_file import read_metadata, write_safetensors
 from prunekit.version import __version__
 
@@ -17,7 +20,8 @@ EXPORT_FORMATS = ("safetensors", "onnx")
 
 
 def export_formats(text: str, validate: bool = False) -> tuple[str, ...]:
-    """``--export a,b`` as a tuple; validating needs the ONNX export, so it is added."""
+    """``--export a,b`` as a tuple; validating (and quantizing) needs the ONNX export, so it
+    is added."""
     formats = [f.strip() for f in text.split(",") if f.strip()]
     if validate and "onnx" not in formats:
         formats.append("onnx")
@@ -87,6 +91,7 @@ def write_exports(
     input_shape: tuple[int, ...],
     metadata: dict[str, str],
     formats: tuple[str, ...],
+    quantized: dict[str, QuantizedTensor] | None = None,
 ) -> list[str]:
     """Write the run's files into ``folder``; return their names.
 
@@ -99,7 +104,7 @@ def write_exports(
     save_safetensors(model, folder / "model.safetensors", metadata)
     files = ["model.safetensors"]
     if "safetensors" in formats:
-        save_compact(model.state_dict(), folder / "model.compact.safetensors", metadata)
+        save_compact(model.state_dict(), folder / "model.compact.safetensors", metadata, quantized)
         files.append("model.compact.safetensors")
     if "onnx" in formats:
         from prunekit.formats.onnx_file import export_onnx
@@ -170,3 +175,33 @@ def export_file(
             save_compact(loaded.model.state_dict(), tmp, metadata)
     summary = {"model": model, "format": format, "out": str(out), "bytes": out.stat().st_size}
     return summary, [*notes, *loaded.warnings]
+
+
+def write_quantized_onnx(
+    folder: Path,
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    metadata: dict[str, str],
+    kind: str,
+    mode: str,
+    quantized: Quantized,
+    calibration: list[np.ndarray] | None,
+) -> tuple[str, dict[str, Any]]:
+    """``model.int8.onnx`` / ``model.int4.onnx`` in ``folder``: the model (its weights on the
+    grid) exported in FP32 and quantized by ONNX Runtime (``mode`` static or dynamic), the
+    4-bit layers as MatMulNBits with prunekit's codes; return its name and what was done."""
+    import tempfile
+
+    from prunekit.formats.onnx_file import export_onnx, write_metadata
+    from prunekit.formats.onnx_quant import quantize_onnx
+
+    name = f"model.{kind}.onnx"
+    int4 = {n: q for n, q in quantized.tensors.items() if q.bits == 4}
+    state = model.state_dict()
+    weights = {n: state[n].detach().cpu().reshape(state[n].shape[0], -1).numpy() for n in int4}
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        fp32 = Path(tmp) / "fp32.onnx"
+        export_onnx(model, input_shape, fp32, {}, sparse=False)
+        info = quantize_onnx(fp32, folder / name, mode, calibration, int4, weights)
+    write_metadata(folder / name, {**metadata, "quantize": kind, "quantize_mode": mode})
+    return name, info

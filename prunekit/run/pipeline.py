@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Sized
+from collections.abc import Callable, Sized
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -26,14 +28,16 @@ from prunekit.engine.masks import (
     parse_nm,
     sparsity_of,
 )
+from prunekit.engine.quantize import QuantizeConfig, Quantized, quantize_weights
 from prunekit.engine.schedule import run_schedule
 from prunekit.engine.step import Pruning
-from prunekit.errors import ModelMismatchError, NumericalError, UsageError
+from prunekit.errors import GateError, ModelMismatchError, NumericalError, UsageError
+from prunekit.formats.onnx_quant import CALIBRATION_SAMPLES, check_calibration
 from prunekit.load.data import Splits, load_data
 from prunekit.load.models import default_data, first_non_finite, load_model
 from prunekit.pruners import registry
 from prunekit.run.config import PruneConfig
-from prunekit.run.exports import EXPORT_FORMATS, metadata_for, write_exports
+from prunekit.run.exports import EXPORT_FORMATS, metadata_for, write_exports, write_quantized_onnx
 from prunekit.run.report import accuracy_warnings, build_report, shrunk_record
 from prunekit.runtime import distributed
 from prunekit.runtime.batches import eval_mode
@@ -44,7 +48,7 @@ from prunekit.runtime.timing import Timings
 from prunekit.structured.groups import UntraceableError
 from prunekit.structured.plan import STRUCTURES, ChannelPlan
 from prunekit.validate.metrics import accuracy, cosine_fidelity, outputs_on
-from prunekit.validate.onnx_runtime import ValidateOptions, validate
+from prunekit.validate.onnx_runtime import validate
 
 
 @dataclass
@@ -57,6 +61,7 @@ class Outcome:
     data: Splits
     timings: Timings
     targets: list[Target]
+    quantized: Quantized | None = None
 
     def masks(self) -> dict[str, torch.Tensor]:
         """Keep-masks (True = kept) by dotted weight name, on the CPU."""
@@ -106,6 +111,13 @@ def check(config: PruneConfig) -> None:
             )
     if config.validate and "onnx" not in config.exports:
         raise UsageError("--validate needs the ONNX export: add --export safetensors,onnx")
+    quantization = config.quantization()
+    if quantization is not None:
+        quantization.check()
+    gated = config.max_accuracy_drop is not None or config.min_cosine is not None
+    if gated and not config.validate:
+        raise UsageError("--max-accuracy-drop and --min-cosine gate the validation: add --validate")
+    config.validate_options().check()
 
 
 def _check_objective(
@@ -235,6 +247,19 @@ def prune_model(
         with reporter.stage("removing the pruned channels"), timings.phase("prune"):
             structure = shrunk_record(plan, data)
 
+    quantized, quantization = None, config.quantization()
+    if quantization is not None:
+        with reporter.stage("evaluating before rounding"), timings.phase("evaluation"):
+            unrounded = evaluate(model)
+        with reporter.stage(f"rounding the weights to {quantization.kind}") as status:
+            quantized = quantize_model(model, state, quantization, status)
+        if quantized.left_int8:
+            warnings.append(
+                f"--quantize int4: {len(quantized.left_int8)} layer(s) stay INT8 (not a Linear "
+                f"whose inputs divide into groups of {quantization.group_size}): "
+                f"{', '.join(quantized.left_int8[:5])}"
+                f"{' and more' if len(quantized.left_int8) > 5 else ''}"
+            )
     with reporter.stage("evaluating the pruned model"), timings.phase("evaluation"):
         pruned_accuracy = evaluate(model)
         fidelity = (
@@ -252,10 +277,39 @@ def prune_model(
         "fidelity": fidelity,
         "history": history,
         "warnings": warnings,
+        "quantize": None
+        if quantized is None or quantization is None
+        else {
+            "kind": quantization.kind,
+            "rounding": quantization.rounding if quantization.bits == 4 else "rtn",
+            "group_size": quantization.group_size if quantization.bits == 4 else None,
+            "layers": quantized.kinds(),
+            "left_int8": quantized.left_int8,
+            "accuracy_before_rounding": unrounded,
+        },
     }
     report = build_report(config, state, inputs.source, results, timings)
     # after --structure the targets' masks describe the unshrunk shapes: none are handed out
-    return Outcome(report, model, dense_model, data, timings, [] if plan else list(targets))
+    return Outcome(
+        report, model, dense_model, data, timings, [] if plan else list(targets), quantized
+    )
+
+
+def quantize_model(
+    model: nn.Module, state: Pruning, config: QuantizeConfig, say: Callable[[str], None]
+) -> Quantized:
+    """Round every Conv/Linear weight of ``model`` (as it is now: shrunk after --structure)
+    to its grid in place; zeros, pruned or not, stay zero."""
+    ctx = state.context
+    targets, _ = find_targets(model)
+    for t in targets:
+        t.mask = t.weight.detach() != 0
+    rounding = Pruning.of(
+        model, targets, state.pruner, ctx.calibration, ctx.device, timings=ctx.timings,
+        objective=ctx.objective,
+    )  # fmt: skip
+    rounding.context.say = say
+    return quantize_weights(rounding, config)
 
 
 def select_targets(config: PruneConfig, model: nn.Module, warnings: list[str]) -> list[Target]:
@@ -292,7 +346,22 @@ def check_fit(config: PruneConfig, pruner: Pruner, data: Splits, objective: Obje
             )
     if config.schedule.trains():
         config.schedule.train.check(len(cast(Sized, data.train)))
+    if config.quantize is not None and quantize_mode(data) == "static":
+        check_calibration(len(cast(Sized, data.calibration)))
     return warnings
+
+
+def quantize_mode(data: Splits) -> str:
+    """static INT8 (calibrated activation ranges) for images and tensors; dynamic for text
+    (transformer encoders, whose activation ranges vary too much for fixed ones)."""
+    return "dynamic" if data.spec.startswith("text:") else "static"
+
+
+def calibration_batches(data: Splits, batch: int = 32) -> list[np.ndarray]:
+    """The first samples of the calibration split as input batches, for activation ranges."""
+    count = min(CALIBRATION_SAMPLES, len(cast(Sized, data.calibration)))
+    xs = torch.stack([data.calibration[i][0] for i in range(count)]).numpy()
+    return [xs[i : i + batch] for i in range(0, count, batch)]
 
 
 def memory_plan_of(state: Pruning) -> MemoryPlan:
@@ -406,9 +475,55 @@ def run(config: PruneConfig, reporter: Reporter | None = None) -> dict[str, Any]
         return _run(config, reporter if distributed.is_main() else None, device)
 
 
+def validate_outputs(
+    stage: Path, config: PruneConfig, outcome: Outcome, files: list[str]
+) -> dict[str, Any]:
+    """The validation of model.onnx against dense.onnx, and of the quantized export against
+    dense.onnx (accuracy, speed-up) with its parity to model.onnx (the same weights in FP32)."""
+    data, options = outcome.data, config.validate_options()
+    result = validate(
+        stage / "model.onnx",
+        data.test,
+        data.input_shape,
+        options,
+        baseline=stage / "dense.onnx",
+        torch_model=outcome.model,
+    )
+    result["model"] = str(config.out / "model.onnx")
+    result["baseline"] = str(config.out / "dense.onnx")
+    _final_paths(result, stage, config.out)
+    quantized = next((f for f in files if f.startswith("model.int")), None)
+    if quantized is not None:
+        result["quantized"] = validate(
+            stage / quantized,
+            data.test,
+            data.input_shape,
+            options,
+            baseline=stage / "dense.onnx",
+            parity_skipped="a quantized export: compared with model.onnx (parity_fp32)",
+            parity_reference=stage / "model.onnx",
+        )
+        result["quantized"]["model"] = str(config.out / quantized)
+        result["quantized"]["baseline"] = str(config.out / "dense.onnx")
+        _final_paths(result["quantized"], stage, config.out)
+    return result
+
+
+def _final_paths(report: dict[str, Any], stage: Path, out: Path) -> None:
+    """References to files of the staging folder, as they will be named once moved."""
+    for key in ("fidelity", "parity_fp32"):
+        entry = report.get(key)
+        if isinstance(entry, dict) and isinstance(entry.get("reference"), str):
+            entry["reference"] = entry["reference"].replace(str(stage), str(out))
+
+
 def _run(config: PruneConfig, reporter: Reporter | None, device: torch.device) -> dict[str, Any]:
     reporter = reporter or Silent()
     main = distributed.is_main()  # under torchrun only rank 0 writes
+    if config.quantize is not None and "onnx" not in config.exports:
+        raise UsageError(
+            f"--quantize {config.quantize} writes a quantized ONNX: add --export safetensors,onnx"
+        )
     cleaned = prepare_output(config.out, config.force) if main else []
     outcome = execute(config, reporter, device)  # validates the config before any work
     report, data, timings = outcome.report, outcome.data, outcome.timings
@@ -425,20 +540,29 @@ def _run(config: PruneConfig, reporter: Reporter | None, device: torch.device) -
                 data.input_shape,
                 metadata,
                 config.exports,
+                outcome.quantized.tensors if outcome.quantized else None,
             )
+        quantization = config.quantization()
+        if quantization is not None and outcome.quantized is not None:
+            mode = quantize_mode(data)
+            with reporter.stage(f"quantizing the ONNX export ({mode})"), timings.phase("export"):
+                name, info = write_quantized_onnx(
+                    stage, outcome.model, data.input_shape, metadata, quantization.kind, mode,
+                    outcome.quantized, calibration_batches(data) if mode == "static" else None,
+                )  # fmt: skip
+            files.append(name)
+            report["quantize"]["onnx"] = {"file": name, **info}
         report["sizes"] = {name: (stage / name).stat().st_size for name in files}
         if config.validate:
             with reporter.stage("validating in ONNX Runtime"), timings.phase("validation"):
-                report["validation"] = validate(
-                    stage / "model.onnx",
-                    data.test,
-                    data.input_shape,
-                    ValidateOptions(),
-                    baseline=stage / "dense.onnx",
-                    torch_model=outcome.model,
-                )
-                report["validation"]["model"] = str(config.out / "model.onnx")
-                report["validation"]["baseline"] = str(config.out / "dense.onnx")
+                report["validation"] = validate_outputs(stage, config, outcome, files)
+            failures = [
+                *report["validation"]["failures"],
+                *report["validation"].get("quantized", {}).get("failures", []),
+            ]
+            gated = config.max_accuracy_drop is not None or config.min_cosine is not None
+            if gated and failures:  # nothing is written under the final name
+                raise GateError(f"validation failed, nothing written: {'; '.join(failures)}")
         report["outputs"] = [str(config.out / name) for name in [*files, "report.json"]]
         report["phases"] = timings.to_json()
         report["seconds"] = timings.elapsed()

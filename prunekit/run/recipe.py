@@ -107,6 +107,8 @@ TYPES = {  # the options' kinds, as a recipe must hold them
     "channel_multiple": INTEGER,
     "recalibrate_bn": FLAG, "memory_budget": INTEGER, "verbose": FLAG, "device": TEXT,
     "seed": INTEGER, "validate": FLAG, "out": TEXT, "force": FLAG,
+    "quantize": TEXT, "rounding": TEXT, "group_size": INTEGER, "max_accuracy_drop": NUMBER,
+    "min_cosine": NUMBER,
     "kind": TEXT, "steps": INTEGER, "initial_sparsity": NUMBER, "finetune_epochs": INTEGER,
     "warmup_epochs": INTEGER, "epochs": INTEGER, "lr": NUMBER, "optimizer": TEXT,
     "lr_schedule": TEXT, "batch_size": INTEGER, "weight_decay": NUMBER,

@@ -63,6 +63,7 @@ def build_report(
         "parameters": parameter_counts(ctx.model),
         "accuracy": results["accuracy"],
         "fidelity": results["fidelity"],
+        "quantize": results.get("quantize"),
         "history": results["history"],
         "pruner_diagnostics": pruner.diagnostics(),
         "statistics": state.statistics,

@@ -35,7 +35,7 @@ COLUMNS = (
     "latency_ms",
     "speedup",
 )
-OPTIONAL = ("latency_ms", "speedup")  # --structure only; absent from older cells
+OPTIONAL = ("latency_ms", "speedup")  # --structure / --quantize; absent from older cells
 
 
 def cell_name(pruner: str, sparsity: float, seed: int) -> str:
@@ -146,7 +146,7 @@ def run_sweep(
                             "accuracy_dense": report["accuracy"]["dense"],
                             "accuracy": report["accuracy"]["pruned"],
                             "seconds": report["seconds"],
-                            # --structure: ONNX Runtime latency at batch 1 and speed-up
+                            # --structure, --quantize: ONNX Runtime latency (batch 1), speed-up
                             "latency_ms": report.get("latency", {}).get("latency_ms"),
                             "speedup": report.get("latency", {}).get("speedup"),
                         },
@@ -276,9 +276,12 @@ def cell_runner(
 
     def one_cell(config: PruneConfig) -> dict[str, Any]:
         own = {k: v for k, v in config.params.items() if k in accepted[config.pruner]}
-        exports = ("onnx",) if config.structure else ()  # keeps the dense model to time
+        timed = bool(config.structure or config.quantize)
+        exports = ("onnx",) if timed else ()  # keeps the dense model to time
         outcome = execute(dataclasses.replace(config, params=own, exports=exports))
-        if config.structure and outcome.dense_model is not None:
+        if config.quantize and outcome.dense_model is not None:
+            outcome.report["latency"] = quantized_speedup(config, outcome)
+        elif config.structure and outcome.dense_model is not None:
             from prunekit.validate.onnx_runtime import speedup_of
 
             outcome.report["latency"] = speedup_of(
@@ -287,3 +290,31 @@ def cell_runner(
         return outcome.report
 
     return one_cell
+
+
+def quantized_speedup(config: PruneConfig, outcome: Any) -> dict[str, float]:
+    """ONNX Runtime p50 latency at batch 1 of the cell's quantized export and of the dense
+    FP32 model, timed interleaved; and the speed-up."""
+    import tempfile
+
+    from prunekit.formats.onnx_file import export_onnx
+    from prunekit.run.exports import write_quantized_onnx
+    from prunekit.run.pipeline import calibration_batches, quantize_mode
+    from prunekit.validate.onnx_runtime import ValidateOptions, latency, open_session
+
+    assert config.quantize is not None and outcome.quantized is not None
+    data, options = outcome.data, ValidateOptions(batch_sizes=(1,), runs=100)
+    mode = quantize_mode(data)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        name, _ = write_quantized_onnx(
+            folder, outcome.model, data.input_shape, {}, config.quantize, mode,
+            outcome.quantized, calibration_batches(data) if mode == "static" else None,
+        )  # fmt: skip
+        export_onnx(outcome.dense_model, data.input_shape, folder / "dense.onnx", {}, sparse=False)
+        sessions = {label: open_session(folder / f, options)
+                    for label, f in (("model", name), ("dense", "dense.onnx"))}  # fmt: skip
+        timed = latency(sessions, data.input_shape, options)
+    ms = {label: timed[label]["1"]["p50_ms"] for label in timed}
+    return {"latency_ms": ms["model"], "dense_latency_ms": ms["dense"],
+            "speedup": ms["dense"] / ms["model"]}  # fmt: skip

@@ -335,10 +335,13 @@ def validate(
     reference_accuracy: float | None = None,
     parity_skipped: str | None = None,
     dense_model: nn.Module | None = None,
+    parity_reference: Path | None = None,
 ) -> dict[str, Any]:
     """Everything ``prunekit validate`` reports; ``passed`` is false when a gate fails.
 
     ``parity_skipped`` says why there is no ``torch_model`` to compare with; it is reported.
+    ``parity_reference``: another ONNX file the outputs are compared with, reported, not a
+    gate (a quantized export against its FP32 form: what quantization changed).
     ``fidelity`` is the cosine similarity of the outputs to the dense reference: the
     ``baseline``'s outputs, else those of ``dense_model`` (PyTorch), when given.
     """
@@ -391,6 +394,14 @@ def validate(
                 f"mean cosine similarity to the dense outputs {cosine:.4f} is below "
                 f"--min-cosine {options.min_cosine}"
             )
+    if parity_reference is not None:
+        reference_logits, _ = run_logits(open_session(parity_reference, options), dataset)
+        report["parity_fp32"] = {
+            "reference": str(parity_reference),
+            "top1_agreement": float((logits.argmax(1) == reference_logits.argmax(1)).mean()),
+            "max_abs_diff": float(np.abs(logits - reference_logits).max()),
+            **cosine_fidelity(torch.from_numpy(reference_logits), torch.from_numpy(logits)),
+        }
     if torch_model is None:
         report["parity_skipped"] = parity_skipped or "no PyTorch model was given"
     else:

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -232,3 +233,21 @@ def test_mlp_neurons_removed_from_an_encoder(bert, tmp_path):
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     np.testing.assert_allclose(got, expected, atol=1e-4)
     assert report["fidelity"]["cosine_mean"] > 0.9
+
+
+def test_quantized_encoder_dynamic_int8_and_weight_only_int4(bert, tmp_path):
+    """Text models get dynamic INT8 (activation ranges per batch); int4 is weight-only
+    MatMulNBits with the held codes, so it matches the FP32 export of the same weights."""
+    int8 = _run(bert, tmp_path, "magnitude", "--mask", "layer", "--quantize", "int8",
+                "--validate", "--out", str(tmp_path / "q8"))  # fmt: skip
+    assert int8["quantize"]["onnx"]["mode"] == "dynamic"
+    assert int8["quantize"]["onnx"]["float_ops"] == {}
+    assert int8["validation"]["quantized"]["parity_fp32"]["cosine_mean"] > 0.99
+    int4 = _run(bert, tmp_path, "sparsegpt", "--mask", "layer", "--quantize", "int4",
+                "--group-size", "16", "--validate", "--out", str(tmp_path / "q4"))  # fmt: skip
+    layers = int4["quantize"]["layers"]
+    assert set(layers.values()) == {"int4"} and len(layers) == 2 * 6  # q k v o, up, down
+    graph = onnx.load(str(tmp_path / "q4" / "model.int4.onnx")).graph
+    assert sum(n.op_type == "MatMulNBits" for n in graph.node) == len(layers)
+    parity = int4["validation"]["quantized"]["parity_fp32"]
+    assert parity["cosine_p5"] > 0.99999 and parity["max_abs_diff"] < 1e-3
