@@ -11,11 +11,17 @@ are permitted by each licence); they are read here, never copied into the reposi
         [--pruners magnitude,wanda,sparsegpt,woodfisher,fishleg]
         [--masks layer:0.3,layer:0.5,layer:0.7,2:4] [--max-length 64] [--device auto]
         [--param woodfisher.num_grads=256 ...] [--onnx] [--structure channels]
+        [--quantize int8,int4:rtn,int4:gptq --group-size 32]
 
 woodfisher and fishleg run label-free (--objective cosine, the default for an encoder).
 --onnx also exports every run to ONNX and validates it: parity with PyTorch, cosine to the
 dense model, and latency against the dense export (batch 1 and 32). --structure channels
 removes MLP neurons instead of single weights (layer:S is then the fraction of neurons).
+--quantize runs every pruner x mask once per listed kind (int8: dynamic INT8; int4:ROUNDING:
+weight-only 4-bit MatMulNBits with rtn or gptq rounding) and validates the quantized ONNX
+export: cosine to the dense FP32 export and to the FP32 export of the weights it quantizes,
+latency and speed-up over the dense export (batch 1 and 32), file size. ``layer:0`` is the
+unpruned model.
 """
 
 from __future__ import annotations
@@ -64,6 +70,8 @@ def main() -> None:
     parser.add_argument("--onnx", action="store_true", help="export and validate every run")
     parser.add_argument("--runs", type=int, default=100, help="timed ONNX runs per batch")
     parser.add_argument("--structure", default=None, help="channels: remove MLP neurons")
+    parser.add_argument("--quantize", default=None, help="e.g. int8,int4:rtn,int4:gptq")
+    parser.add_argument("--group-size", type=int, default=32)
     args = parser.parse_args()
     params: dict[str, dict[str, str]] = {}
     for item in args.param:
@@ -75,6 +83,8 @@ def main() -> None:
     if not args.licenses.is_dir():
         sys.exit(f"no licence texts in {args.licenses}: pass --licenses DIR of English texts")
     texts = sentences(args.licenses)
+    if args.quantize:
+        return quantized_runs(args, params, texts)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "sentences.txt"
         path.write_text("\n".join(texts) + "\n")
@@ -107,6 +117,44 @@ def main() -> None:
                   f"{seconds:.1f} |", flush=True)  # fmt: skip
             if args.onnx:
                 print_validation(report, config.out, args.runs)
+
+
+def quantized_runs(args: argparse.Namespace, params: dict, texts: list[str]) -> None:
+    """One table row per pruner x mask x quantization, from the quantized ONNX export."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "sentences.txt"
+        path.write_text("\n".join(texts) + "\n")
+        print(f"all-MiniLM-L6-v2, {len(texts)} sentences, max length {args.max_length}; "
+              f"ONNX Runtime CPU, {args.runs} timed runs per batch size")  # fmt: skip
+        print(
+            "| mask | pruner | quantized | cosine to dense (mean / p5) | cosine to its FP32 "
+            "(mean / p5) | p50 b1 ms | p50 b32 ms | speed-up b1 | b32 | MiB | seconds |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        runs = [(p, m, q) for m in args.masks.split(",") for p in args.pruners.split(",")
+                for q in args.quantize.split(",")]  # fmt: skip
+        for index, (pruner, item, kind) in enumerate(runs):
+            mask, sparsity = mask_of(item)
+            quantize, _, rounding = kind.partition(":")
+            config = PruneConfig(
+                model=f"hf:{args.model_dir}", pruner=pruner, sparsity=sparsity, mask=mask,
+                data=f"text:{path}", max_length=args.max_length, params=params.get(pruner, {}),
+                device=args.device, exports=("safetensors", "onnx"), quantize=quantize,
+                rounding=rounding or "gptq", group_size=args.group_size, validate=True,
+                validate_runs=args.runs, out=Path(tmp) / f"run{index}",
+            )  # fmt: skip
+            started = time.perf_counter()
+            report = run(config)
+            seconds = time.perf_counter() - started
+            v = report["validation"]["quantized"]
+            f, p = v["fidelity"], v["parity_fp32"]
+            size = report["sizes"][f"model.{quantize}.onnx"] / 2**20
+            lat, speed = v["latency"]["model"], v["speedup"]
+            label = f"layer {sparsity:.0%}" if mask == "layer" else mask
+            print(f"| {label} | {pruner} | {kind} | {f['cosine_mean']:.4f} / {f['cosine_p5']:.4f} "
+                  f"| {p['cosine_mean']:.4f} / {p['cosine_p5']:.4f} | {lat['1']['p50_ms']:.2f} "
+                  f"| {lat['32']['p50_ms']:.1f} | {speed['1']:.2f} | {speed['32']:.2f} "
+                  f"| {size:.1f} | {seconds:.0f} |", flush=True)  # fmt: skip
 
 
 def mask_of(item: str) -> tuple[str, float]:

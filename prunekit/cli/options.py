@@ -243,6 +243,15 @@ RUN = (
         EXPORT,
     ),
     _opt("group_size", int, 32, "--group-size", "--quantize int4: inputs per scale.", EXPORT),
+    _opt(
+        "quantize_fallback",
+        bool,
+        False,
+        "--quantize-fallback",
+        "When ONNX Runtime cannot quantize the model, keep the FP32 export with a warning "
+        "(default: the run fails, naming what it could not quantize).",
+        EXPORT,
+    ),
 )
 
 TRAINING = (

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from prunekit.contract.context import StepContext
+from prunekit.contract.quantization import QuantGrid
 from prunekit.contract.target import StatsSpec, Target, multiplies_rows
 from prunekit.errors import UnknownNameError, UsageError
 
@@ -169,10 +170,13 @@ class Pruner:
 class LayerRequest:
     """What one layer is compressed to: the fraction of its weights pruned after this step
     (already pruned ones included), or an N:M pattern (``pattern`` = (n, m): n kept of every m
-    consecutive inputs of an output)."""
+    consecutive inputs of an output); with ``grid`` (the last step of a ``--quantize`` run)
+    the kept weights are also rounded to it in the same pass, and ``Compressed.scales`` holds
+    its scales. A pruner that cannot round returns no scales; prunekit rounds afterwards."""
 
     sparsity: float
     pattern: tuple[int, int] | None = None
+    grid: QuantGrid | None = None  # --quantize: also round the kept weights to this grid
 
 
 @dataclass
@@ -182,6 +186,7 @@ class Compressed:
 
     keep: torch.Tensor
     weight: torch.Tensor | None = None
+    scales: torch.Tensor | None = None  # with a request's grid: (rows, groups), float32
 
 
 class LayerPruner(Pruner):

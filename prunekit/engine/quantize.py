@@ -62,9 +62,19 @@ class Quantized:
 
     tensors: dict[str, QuantizedTensor] = field(default_factory=dict)
     left_int8: list[str] = field(default_factory=list)
+    joint: list[str] = field(default_factory=list)  # rounded by the pruner in its last pass
 
     def kinds(self) -> dict[str, str]:
         return {name: f"int{q.bits}" for name, q in self.tensors.items()}
+
+
+def joint_grids(state: Pruning, config: QuantizeConfig) -> dict[str, QuantGrid]:
+    """The 4-bit grids a layer-wise pruner rounds to in its last pass (GPTQ rounding inside
+    SparseGPT's column solver: prune and quantize at once)."""
+    if config.bits != 4 or config.rounding != "gptq":
+        return {}
+    grids = {t.name: grid_for(t, config) for t in state.context.targets}
+    return {name: grid for name, grid in grids.items() if grid.bits == 4}
 
 
 def grid_for(target: Target, config: QuantizeConfig) -> QuantGrid:
@@ -80,9 +90,12 @@ def grid_for(target: Target, config: QuantizeConfig) -> QuantGrid:
 
 
 @torch.no_grad()
-def quantize_weights(state: Pruning, config: QuantizeConfig) -> Quantized:
+def quantize_weights(
+    state: Pruning, config: QuantizeConfig, rounded: dict[str, QuantizedTensor] | None = None
+) -> Quantized:
     """Round every target of ``state`` to its grid in place (forward order); return the
-    codes and scales."""
+    codes and scales. ``rounded``: targets a layer-wise pruner already rounded to their grid
+    in its last pass (kept as they are)."""
     ctx = state.context
     result = Quantized()
     by_name = {t.name: t for t in ctx.targets}
@@ -92,6 +105,11 @@ def quantize_weights(state: Pruning, config: QuantizeConfig) -> Quantized:
         if config.bits == 4 and grid.bits == 8:
             result.left_int8.append(name)
         matrix = t.weight.detach().reshape(t.weight.shape[0], -1)
+        done = (rounded or {}).get(name)
+        if done is not None and torch.equal(done.dequantized().to(matrix), matrix):
+            result.tensors[name] = done  # rounded while pruned, in the same pass
+            result.joint.append(name)
+            continue
         if grid.bits == 4 and config.rounding == "gptq":
             ctx.say(f"gptq: {name}")
             with ctx.timings.phase("statistics"):

@@ -20,6 +20,7 @@ from prunekit.calibrate.layer_inputs import input_gram, ordered_targets
 from prunekit.contract.context import StepContext
 from prunekit.contract.objectives import LABELS, Objective
 from prunekit.contract.pruner import Compressed, LayerPruner, LayerRequest, Pruner
+from prunekit.contract.quantization import QuantGrid, QuantizedTensor, expand_scales
 from prunekit.contract.target import Target
 from prunekit.engine.masks import apply, parse_nm, select, sparsity_of
 from prunekit.errors import NumericalError, UsageError
@@ -38,6 +39,10 @@ class Pruning:
     pruner: Pruner
     structure: ChannelPlan | None = None  # --structure channels: whole channels per group
     statistics: list[dict[str, Any]] = field(default_factory=list)  # one entry per step
+    # --quantize with a layer-wise pruner: the 4-bit grids its last step rounds to, by target,
+    # and what it rounded (target name -> codes and scales)
+    grids: dict[str, QuantGrid] = field(default_factory=dict)
+    rounded: dict[str, QuantizedTensor] = field(default_factory=dict)
 
     @classmethod
     def of(
@@ -188,7 +193,7 @@ def compress_layers(state: Pruning, sparsity: float) -> dict[str, torch.Tensor]:
     ctx = state.context
     pruner = state.pruner
     assert isinstance(pruner, LayerPruner)
-    request = LayerRequest(sparsity, parse_nm(ctx.mask))
+    last = ctx.step == ctx.total_steps
     supported = {t.name: t for t in ctx.targets if pruner.supports(t.module)}
     skipped = [t.name for t in ctx.targets if t.name not in supported]
     if skipped and ctx.step == 1:
@@ -202,14 +207,26 @@ def compress_layers(state: Pruning, sparsity: float) -> dict[str, torch.Tensor]:
         ctx.say(f"{pruner.name}: {name}")
         with ctx.timings.phase("statistics"):
             gram = input_gram(ctx.model, t.module, ctx.calibration, samples, ctx.device)
+        grid = state.grids.get(name) if last else None
+        request = LayerRequest(sparsity, parse_nm(ctx.mask), grid)
         with ctx.timings.phase("prune"):
             result = _checked_compression(pruner, t, pruner.compress(t, gram, request))
+            if grid is not None and result.scales is not None and result.weight is not None:
+                state.rounded[name] = _rounded(grid, result.weight, result.scales)
             with torch.no_grad():
                 if result.weight is not None:
                     t.weight.copy_(result.weight)
                 keep[name] = result.keep.to(t.mask.device) & t.mask
                 t.weight.masked_fill_(~keep[name], 0.0)
     return keep
+
+
+def _rounded(grid: QuantGrid, weight: torch.Tensor, scales: torch.Tensor) -> QuantizedTensor:
+    """The codes of a weight a pruner rounded to ``grid`` (exactly: it is on the grid)."""
+    matrix = weight.detach().reshape(weight.shape[0], -1).float().cpu()
+    expanded = expand_scales(scales.float().cpu(), matrix.shape[1])
+    codes = torch.round(matrix / expanded).clamp(grid.qmin, grid.qmax).to(torch.int8)
+    return QuantizedTensor(codes, scales.float().cpu(), grid.bits, grid.group_size)
 
 
 def _checked_compression(pruner: Pruner, target: Target, result: Compressed) -> Compressed:

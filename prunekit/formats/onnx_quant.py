@@ -113,7 +113,8 @@ def quantize_onnx(
         except Exception as exc:  # ORT raises many kinds on graphs it cannot handle
             raise QuantizationError(
                 f"ONNX Runtime could not quantize the model ({type(exc).__name__}: "
-                f"{(str(exc).splitlines() or [''])[0][:200]}); export without --quantize"
+                f"{(str(exc).splitlines() or [''])[0][:200]}); drop --quantize, or add "
+                "--quantize-fallback to keep the FP32 export"
             ) from exc
     left = float_compute_ops(out)
     return {"mode": mode, "int4_layers": written_int4, "float_ops": left}

@@ -62,11 +62,12 @@ class SparseGPTPruner(LayerPruner):
 
     def compress(self, target: Target, gram: torch.Tensor, request: LayerRequest) -> Compressed:
         matrix = target.weight.detach().reshape(target.weight.shape[0], -1)
-        new, keep = sparsegpt(
+        new, keep, scales = obs_columns(
             matrix, gram, request.sparsity, request.pattern, self.hparams["block_size"],
-            self.hparams["damp"], pruned=~target.mask.reshape(matrix.shape),
+            self.hparams["damp"], pruned=~target.mask.reshape(matrix.shape), grid=request.grid,
         )  # fmt: skip
-        return Compressed(keep.reshape(target.weight.shape), new.reshape(target.weight.shape))
+        shape = target.weight.shape
+        return Compressed(keep.reshape(shape), new.reshape(shape), scales)
 
 
 class WandaPruner(Pruner):

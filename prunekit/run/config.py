@@ -43,9 +43,11 @@ class PruneConfig:
     quantize: str | None = None  # int8 or int4: weights on an integer grid, a quantized ONNX
     rounding: str = "gptq"  # --quantize int4: rtn or gptq
     group_size: int = 32  # --quantize int4: inputs per scale
+    quantize_fallback: bool = False  # keep the FP32 export when ONNX Runtime cannot quantize
     validate: bool = False
     max_accuracy_drop: float | None = None  # --validate gates: nothing is written when one
     min_cosine: float | None = None  # fails
+    validate_runs: int = 500  # --validate: timed ONNX Runtime runs per model and batch size
     out: Path = Path("prunekit-out")
     force: bool = False
     command: tuple[str, ...] = ()  # the command line that asked for the run, if any
@@ -63,7 +65,11 @@ class PruneConfig:
         return QuantizeConfig(self.quantize, self.rounding, self.group_size)
 
     def validate_options(self) -> ValidateOptions:
-        return ValidateOptions(max_accuracy_drop=self.max_accuracy_drop, min_cosine=self.min_cosine)
+        return ValidateOptions(
+            max_accuracy_drop=self.max_accuracy_drop,
+            min_cosine=self.min_cosine,
+            runs=self.validate_runs,
+        )
 
     def preprocess(self) -> Preprocess:
         return Preprocess(self.normalize, self.image_size)

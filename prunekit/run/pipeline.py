@@ -16,7 +16,7 @@ from torch import nn
 from prunekit.calibrate.collector import Collector, check_spec
 from prunekit.calibrate.memory import MemoryPlan, is_out_of_memory
 from prunekit.contract.objectives import Objective, resolve_objective, returns_embeddings
-from prunekit.contract.pruner import Pruner
+from prunekit.contract.pruner import LayerPruner, Pruner
 from prunekit.contract.statistics import LABEL_FREE, LAYER_INPUTS
 from prunekit.contract.target import Target
 from prunekit.engine.batchnorm import recalibrate_batchnorm
@@ -28,11 +28,15 @@ from prunekit.engine.masks import (
     parse_nm,
     sparsity_of,
 )
-from prunekit.engine.quantize import QuantizeConfig, Quantized, quantize_weights
+from prunekit.engine.quantize import QuantizeConfig, Quantized, joint_grids, quantize_weights
 from prunekit.engine.schedule import run_schedule
 from prunekit.engine.step import Pruning
 from prunekit.errors import GateError, ModelMismatchError, NumericalError, UsageError
-from prunekit.formats.onnx_quant import CALIBRATION_SAMPLES, check_calibration
+from prunekit.formats.onnx_quant import (
+    CALIBRATION_SAMPLES,
+    QuantizationError,
+    check_calibration,
+)
 from prunekit.load.data import Splits, load_data
 from prunekit.load.models import default_data, first_non_finite, load_model
 from prunekit.pruners import registry
@@ -221,6 +225,10 @@ def prune_model(
         objective=objective,
         structure=plan,
     )
+    quantization = config.quantization()
+    joint = isinstance(pruner, LayerPruner) and plan is None and not config.schedule.trains()
+    if quantization is not None and joint:  # nothing moves the weights after the last step
+        state.grids = joint_grids(state, quantization)
     if config.verbose and pruner.needs - LAYER_INPUTS:
         reporter.note(memory_plan_of(state).describe())
     with reporter.stage(f"{config.schedule.kind} pruning with {config.pruner}") as status:
@@ -247,7 +255,7 @@ def prune_model(
         with reporter.stage("removing the pruned channels"), timings.phase("prune"):
             structure = shrunk_record(plan, data)
 
-    quantized, quantization = None, config.quantization()
+    quantized = None
     if quantization is not None:
         with reporter.stage("evaluating before rounding"), timings.phase("evaluation"):
             unrounded = evaluate(model)
@@ -285,6 +293,7 @@ def prune_model(
             "group_size": quantization.group_size if quantization.bits == 4 else None,
             "layers": quantized.kinds(),
             "left_int8": quantized.left_int8,
+            "rounded_while_pruning": quantized.joint,
             "accuracy_before_rounding": unrounded,
         },
     }
@@ -309,7 +318,7 @@ def quantize_model(
         objective=ctx.objective,
     )  # fmt: skip
     rounding.context.say = say
-    return quantize_weights(rounding, config)
+    return quantize_weights(rounding, config, state.rounded)
 
 
 def select_targets(config: PruneConfig, model: nn.Module, warnings: list[str]) -> list[Target]:
@@ -546,12 +555,25 @@ def _run(config: PruneConfig, reporter: Reporter | None, device: torch.device) -
         if quantization is not None and outcome.quantized is not None:
             mode = quantize_mode(data)
             with reporter.stage(f"quantizing the ONNX export ({mode})"), timings.phase("export"):
-                name, info = write_quantized_onnx(
-                    stage, outcome.model, data.input_shape, metadata, quantization.kind, mode,
-                    outcome.quantized, calibration_batches(data) if mode == "static" else None,
-                )  # fmt: skip
-            files.append(name)
-            report["quantize"]["onnx"] = {"file": name, **info}
+                try:
+                    name, info = write_quantized_onnx(
+                        stage, outcome.model, data.input_shape, metadata, quantization.kind,
+                        mode, outcome.quantized,
+                        calibration_batches(data) if mode == "static" else None,
+                    )  # fmt: skip
+                except QuantizationError as exc:
+                    if not config.quantize_fallback:
+                        raise
+                    report["warnings"].append(f"{exc}: kept the FP32 export only")
+                    name, info = "", {"skipped": str(exc)}
+            if name:
+                files.append(name)
+                if info["float_ops"]:
+                    ops = ", ".join(f"{op} x{n}" for op, n in info["float_ops"].items())
+                    report["warnings"].append(
+                        f"ONNX Runtime left {ops} in FP32 in {name} (the rest is quantized)"
+                    )
+            report["quantize"]["onnx"] = {"file": name or None, **info}
         report["sizes"] = {name: (stage / name).stat().st_size for name in files}
         if config.validate:
             with reporter.stage("validating in ONNX Runtime"), timings.phase("validation"):

@@ -108,7 +108,7 @@ TYPES = {  # the options' kinds, as a recipe must hold them
     "recalibrate_bn": FLAG, "memory_budget": INTEGER, "verbose": FLAG, "device": TEXT,
     "seed": INTEGER, "validate": FLAG, "out": TEXT, "force": FLAG,
     "quantize": TEXT, "rounding": TEXT, "group_size": INTEGER, "max_accuracy_drop": NUMBER,
-    "min_cosine": NUMBER,
+    "min_cosine": NUMBER, "validate_runs": INTEGER, "quantize_fallback": FLAG,
     "kind": TEXT, "steps": INTEGER, "initial_sparsity": NUMBER, "finetune_epochs": INTEGER,
     "warmup_epochs": INTEGER, "epochs": INTEGER, "lr": NUMBER, "optimizer": TEXT,
     "lr_schedule": TEXT, "batch_size": INTEGER, "weight_decay": NUMBER,

@@ -129,3 +129,22 @@ def test_bad_quantize_options_are_usage_errors(option, message):
     model, x, y = _mlp()
     with pytest.raises(UsageError, match=message):
         prunekit.prune(model, "magnitude", 0.5, (x, y), **option)
+
+
+def test_sparsegpt_prunes_and_rounds_to_int4_in_one_pass():
+    """With a layer-wise pruner the 4-bit layers are rounded inside its column solver: the
+    masks are SparseGPT's own (one block: chosen before any rounding) and every weight is on
+    its grid (the solver's rounding against the dense oracle: test_gptq_column_update...)."""
+    import copy
+
+    model, x, y = _mlp()
+    plain = copy.deepcopy(model)
+    result = prunekit.prune(model, "sparsegpt", 0.5, (x, y), mask="layer", quantize="int4",
+                            group_size=16)  # fmt: skip
+    assert result.report["quantize"]["rounded_while_pruning"] == ["0.weight", "2.weight"]
+    masks = prunekit.prune(plain, "sparsegpt", 0.5, (x, y), mask="layer").masks
+    assert torch.equal(result.masks["0.weight"], masks["0.weight"])
+    assert result.quantized is not None
+    for name, q in result.quantized.items():
+        assert q.bits == 4
+        assert torch.equal(q.dequantized(), dict(model.named_parameters())[name].detach())

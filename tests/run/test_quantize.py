@@ -114,3 +114,32 @@ def test_calibration_too_small_for_activation_ranges_says_how_many(tmp_path):
                    "int8", "--out", str(tmp_path / "x"))  # fmt: skip
     assert_error(result, 2, "calibration split, which has", "needs at least 32")
     assert not (tmp_path / "x").exists()
+
+
+def _unquantizable(monkeypatch):
+    import onnxruntime.quantization as ortq
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Unsupported node type CustomWarp in node 'warp_3'")
+
+    monkeypatch.setattr(ortq, "quantize_static", refuse)
+
+
+def test_a_model_onnx_runtime_cannot_quantize_fails_naming_it_and_writes_nothing(
+    tmp_path, monkeypatch
+):
+    _unquantizable(monkeypatch)
+    out = tmp_path / "x"
+    result = prune(*CNN_HALF, "--quantize", "int8", "--out", str(out))
+    assert_error(result, 1, "could not quantize", "CustomWarp", "--quantize-fallback")
+    assert not out.exists()
+
+
+def test_quantize_fallback_keeps_the_fp32_export_with_a_warning(tmp_path, monkeypatch):
+    _unquantizable(monkeypatch)
+    out = tmp_path / "x"
+    report = prune_report(*CNN_HALF, "--quantize", "int8", "--quantize-fallback",
+                          "--out", str(out))  # fmt: skip
+    assert (out / "model.onnx").is_file() and not (out / "model.int8.onnx").exists()
+    assert report["quantize"]["onnx"]["file"] is None
+    assert any("kept the FP32 export only" in w for w in report["warnings"])

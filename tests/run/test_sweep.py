@@ -103,3 +103,17 @@ def test_structured_sweep_charts_accuracy_against_latency(tmp_path):
     assert [float(r["sparsity"]) for r in rows] == [0.25, 0.75]
     assert all(float(r["latency_ms"]) > 0 and float(r["speedup"]) > 0 for r in rows)
     assert (out / "accuracy_vs_latency.png").stat().st_size > 1000
+
+
+def test_quantized_sweep_times_every_cells_int8_export(tmp_path):
+    out = tmp_path / "quantized"
+    args = ["sweep", "sample:digits-cnn", "--pruners", "magnitude,fisher_pruner",
+            "--sparsities", "0.5", "--seeds", "0", "--quantize", "int8",
+            "--out", str(out)]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    with (out / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["pruner"] for r in rows] == ["magnitude", "fisher_pruner"]
+    assert all(float(r["latency_ms"]) > 0 and float(r["speedup"]) > 0 for r in rows)
+    assert (out / "accuracy_vs_latency.png").stat().st_size > 1000
