@@ -73,6 +73,23 @@ class Pruning:
         )
         return cls(context, pruner, structure)
 
+    def collector(self) -> Collector:
+        """The statistics collector of the next step: the pruner's needs, on the context."""
+        ctx = self.context
+        return Collector(
+            ctx.model,
+            ctx.targets,
+            ctx.calibration,
+            self.pruner.stats_spec(),
+            self.pruner.needs,
+            ctx.device,
+            ctx.memory_budget,
+            ctx.seed,
+            timings=ctx.timings,
+            say=ctx.say,
+            objective=ctx.objective,
+        )
+
     def removed(self) -> float:
         """The fraction pruned so far: of the channels with --structure, else of the weights."""
         if self.structure is not None:
@@ -129,19 +146,7 @@ def prune_step(state: Pruning, sparsity: float) -> list[str]:
 def _score_and_select(state: Pruning, sparsity: float) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Statistics -> scores -> masks, then the OBS update for pruners that compensate."""
     ctx, pruner = state.context, state.pruner
-    collector = Collector(
-        ctx.model,
-        ctx.targets,
-        ctx.calibration,
-        pruner.stats_spec(),
-        pruner.needs,
-        ctx.device,
-        ctx.memory_budget,
-        ctx.seed,
-        timings=ctx.timings,
-        say=ctx.say,
-        objective=ctx.objective,
-    )
+    collector = state.collector()
     compensates = pruner.compensates()
     retain = compensates and collector.retains_for_update()
     scores: dict[str, torch.Tensor | None] = {}

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from prunekit.calibrate.collector import Collector, check_spec
+from prunekit.calibrate.collector import check_spec
 from prunekit.calibrate.memory import MemoryPlan, is_out_of_memory
 from prunekit.contract.objectives import Objective, resolve_objective, returns_embeddings
 from prunekit.contract.pruner import LayerPruner, Pruner
@@ -375,17 +375,7 @@ def calibration_batches(data: Splits, batch: int = 32) -> list[np.ndarray]:
 
 def memory_plan_of(state: Pruning) -> MemoryPlan:
     """The memory plan the first step's statistics will follow (for --verbose)."""
-    ctx, pruner = state.context, state.pruner
-    plan = Collector(
-        ctx.model,
-        ctx.targets,
-        ctx.calibration,
-        pruner.stats_spec(),
-        pruner.needs,
-        ctx.device,
-        ctx.memory_budget,
-        objective=ctx.objective,
-    ).plan
+    plan = state.collector().plan
     assert plan is not None  # the pruner needs gradient statistics
     return plan
 
