@@ -105,6 +105,8 @@ def prune(
     quantize: str | None = None,
     rounding: str = "gptq",
     group_size: int = 32,
+    distill: bool | None = None,
+    augment: bool | None = None,
     reporter: Reporter | None = None,
 ) -> PruneResult:
     """Prune ``model`` in place to ``sparsity`` with ``pruner`` (a name or an instance).
@@ -119,7 +121,9 @@ def prune(
     place to its new shapes; the result then has no masks. ``quantize`` ("int8" or "int4",
     with ``rounding`` "gptq" or "rtn" and ``group_size`` for the 4-bit Linear layers) rounds
     every weight to its integer grid afterwards (the model holds the dequantized weights,
-    ``result.quantized`` the codes). Everything numeric runs on
+    ``result.quantized`` the codes). Training (a schedule that fine-tunes) distills from the
+    dense model (``distill``, default on except for pbt) and augments images (``augment``,
+    default on for images). Everything numeric runs on
     ``device``. Under torchrun (or in a process group the caller started) each process
     takes its share of the calibration samples and every process gets the same result.
     """
@@ -138,7 +142,7 @@ def prune(
         mask=mask,
         exclude=tuple(exclude),
         params={k: str(v) for k, v in (params or {}).items()},
-        schedule=schedule or ScheduleConfig(),
+        schedule=_with_fine_tuning(schedule or ScheduleConfig(), distill, augment),
         recalibrate_bn=recalibrate_bn,
         memory_budget=memory_budget,
         objective=objective,
@@ -169,6 +173,20 @@ def prune(
     model.to(home)  # where the caller had it
     quantized = outcome.quantized.tensors if outcome.quantized else None
     return PruneResult(model, outcome.masks(), outcome.report, quantized)
+
+
+def _with_fine_tuning(
+    schedule: ScheduleConfig, distill: bool | None, augment: bool | None
+) -> ScheduleConfig:
+    """``schedule`` with ``distill`` / ``augment`` set on its training where given."""
+    import dataclasses
+
+    train = schedule.train
+    if distill is not None:
+        train = dataclasses.replace(train, distill=distill)
+    if augment is not None:
+        train = dataclasses.replace(train, augment=augment)
+    return dataclasses.replace(schedule, train=train)
 
 
 class _KeepMask(nn.Module):

@@ -297,6 +297,25 @@ TRAINING = (
     _opt("lr_schedule", str, "cosine", "--lr-schedule", "cosine, multistep, constant.", SCHEDULE),
     _opt("batch_size", int, 64, "--batch-size", "Training batch size.", SCHEDULE),
     _opt("weight_decay", float, 5e-4, "--weight-decay", "Weight decay.", SCHEDULE),
+    _opt(
+        "distill",
+        bool | None,
+        None,
+        "--distill/--no-distill",
+        "Fine-tune against the dense model's outputs (KL to its softened logits, mixed with "
+        "the labels; cosine to its embeddings for encoders), so unlabeled data can train. "
+        "Default: on, except for pbt.",
+        SCHEDULE,
+    ),
+    _opt(
+        "augment",
+        bool | None,
+        None,
+        "--augment/--no-augment",
+        "Random crop (4-pixel padding) and horizontal flip of training images. Default: on "
+        "for images.",
+        SCHEDULE,
+    ),
 )
 
 
@@ -352,7 +371,8 @@ def parse_params(items: list[str] | None) -> dict[str, str]:
 _SCHEDULE_KEYS = {"schedule": "kind", "recompute": "recompute", "steps": "steps",
                   "initial_sparsity": "initial_sparsity", "finetune_epochs": "finetune_epochs",
                   "warmup_epochs": "warmup_epochs", "epochs": "epochs"}  # fmt: skip
-_TRAIN_KEYS = ("lr", "optimizer", "lr_schedule", "batch_size", "weight_decay")
+_TRAIN_KEYS = ("lr", "optimizer", "lr_schedule", "batch_size", "weight_decay", "distill",
+               "augment")  # fmt: skip
 
 
 def _value(name: str, value: Any) -> Any:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from prunekit.engine.distill import Distillation
 from prunekit.engine.masks import sparsity_of
 from prunekit.engine.step import Pruning, auto_recompute, oneshot
 from prunekit.engine.train import TrainConfig, train
@@ -155,8 +156,11 @@ def run_schedule(
     train_data: Dataset,
     evaluate: Callable[[nn.Module], float | None] | None = None,
     on_event: Callable[[str], None] | None = None,
+    distillation: Distillation | None = None,
+    augment: bool = False,
 ) -> tuple[list[str], list[dict[str, Any]]]:
-    """Apply ``schedule``; return warnings and a history of pruning and training events."""
+    """Apply ``schedule``; return warnings and a history of pruning and training events.
+    Training phases distill from ``distillation``'s teacher and augment images when asked."""
     schedule.check(sparsity)
     ctx = state.context
     warnings: list[str] = []
@@ -192,6 +196,8 @@ def run_schedule(
                     seed=ctx.seed,
                     targets=ctx.targets,
                     evaluate=evaluate,
+                    distillation=distillation,
+                    augment=augment,
                 )
             history.extend({"phase": phase.phase, **r} for r in records)
         else:

@@ -1,4 +1,5 @@
-"""The small training loop: SGD or AdamW, cosine or multistep LR, masks held every step."""
+"""The small training loop: SGD or AdamW, cosine or multistep LR, masks held every step;
+optionally distilled from the dense model and on augmented images (prunekit.engine.distill)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from prunekit.contract.target import Target
+from prunekit.engine.distill import Distillation, augment_images
 from prunekit.errors import UsageError
 from prunekit.runtime import distributed
 
@@ -25,6 +27,10 @@ class TrainConfig:
     lr_schedule: str = "cosine"
     batch_size: int = 64
     weight_decay: float = 5e-4
+    distill: bool | None = None  # None: from the dense model wherever one is at hand
+    temperature: float = 4.0  # distillation: logits divided by it
+    distill_weight: float = 0.9  # distillation's share of the loss where labels exist
+    augment: bool | None = None  # None: random crop + flip for images, off otherwise
 
     def check(self, train_size: int | None = None) -> None:
         """Options always; the split size when it is known."""
@@ -36,6 +42,11 @@ class TrainConfig:
             )
         if self.lr <= 0 or self.batch_size < 1 or self.weight_decay < 0:
             raise UsageError("--lr must be > 0, --batch-size >= 1 and --weight-decay >= 0")
+        if not self.temperature > 0 or not 0 <= self.distill_weight <= 1:
+            raise UsageError(
+                f"distillation temperature {self.temperature} must be > 0 and its weight "
+                f"{self.distill_weight} in [0, 1]"
+            )
         if train_size is not None and train_size < self.batch_size:
             raise UsageError(
                 f"the training split has {train_size} samples, fewer than --batch-size "
@@ -62,8 +73,12 @@ def train(
     seed: int = 0,
     targets: Sequence[Target] = (),
     evaluate: Callable[[nn.Module], float | None] | None = None,
+    distillation: Distillation | None = None,
+    augment: bool = False,
 ) -> list[dict[str, Any]]:
-    """Train with cross-entropy; return per-epoch records (loss and, with ``evaluate``, accuracy).
+    """Train with cross-entropy, or the ``distillation`` loss against a dense teacher; return
+    per-epoch records (loss and, with ``evaluate``, accuracy). ``augment``: random crop and
+    flip of image batches.
 
     Pruned weights of ``targets`` are re-zeroed after every optimiser step, so they stay
     exactly zero whatever momentum or weight decay would do to them.
@@ -82,14 +97,22 @@ def train(
     batches = distributed.train_loader(dataset, config.batch_size, seed)
     schedule = _scheduler(opt, config.lr_schedule, epochs * len(batches))
     forward = distributed.data_parallel(model, device)
+    if distillation is not None:
+        distillation.teacher.to(device).eval()
+    generator = torch.Generator().manual_seed(seed)
     history = []
     for epoch in range(1, epochs + 1):
         distributed.set_epoch(batches, epoch)
         model.train()
         total, count = 0.0, 0
         for x, y in batches:
+            if augment:
+                x = augment_images(x, generator)
             x, y = x.to(device), y.to(device)
-            loss = nn.functional.cross_entropy(forward(x), y)
+            if distillation is None:
+                loss = nn.functional.cross_entropy(forward(x), y)
+            else:
+                loss = distillation.loss(forward(x), x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -20,6 +20,7 @@ from prunekit.contract.pruner import LayerPruner, Pruner
 from prunekit.contract.statistics import LABEL_FREE, LAYER_INPUTS
 from prunekit.contract.target import Target
 from prunekit.engine.batchnorm import recalibrate_batchnorm
+from prunekit.engine.distill import Distillation, is_image_batch
 from prunekit.engine.masks import (
     check_mask,
     check_sparsity,
@@ -135,14 +136,57 @@ def _check_objective(
             "labeled data with --objective labels, or a curvature pruner (fisher_diag, "
             "fisher_pruner, woodfisher, fishleg)"
         )
-    if data.labeled:
-        return
     schedule = config.schedule
-    if schedule.kind != "oneshot" or schedule.finetune_epochs:
+    if data.labeled or not schedule.trains() or distills(config):
+        return
+    raise UsageError(
+        f"the {schedule.kind} schedule trains the model, which needs labels or the dense "
+        f"model as a teacher; {data.spec} has no labels and --no-distill was given"
+    )
+
+
+def distills(config: PruneConfig) -> bool:
+    """Whether training distills from the dense model: asked, or by default where the
+    pruned model starts from it (oneshot, gradual; pbt re-initialises, so off there)."""
+    asked = config.schedule.train.distill
+    return asked if asked is not None else config.schedule.kind != "pbt"
+
+
+def fine_tuning(
+    config: PruneConfig, model: nn.Module, data: Splits
+) -> tuple[Distillation | None, bool, dict[str, Any] | None]:
+    """The teacher (a frozen copy of the dense ``model``) and whether images are augmented,
+    for the schedule's training; what was chosen, for the report."""
+    train = config.schedule.train
+    if not config.schedule.trains():
+        for flag, value in (("--distill", train.distill), ("--augment", train.augment)):
+            if value:
+                raise UsageError(
+                    f"{flag} applies to fine-tuning, and this run does not train: add "
+                    "--finetune-epochs N or --schedule gradual"
+                )
+        return None, False, None
+    sample = data.calibration[0][0]
+    images = is_image_batch(tuple(sample.shape), sample.dtype)
+    if train.augment and not images:
         raise UsageError(
-            f"the {schedule.kind} schedule trains the model, which needs labels; "
-            f"{data.spec} has none"
+            f"--augment crops and flips images; {data.spec} holds samples of shape "
+            f"{tuple(sample.shape)}: drop --augment"
         )
+    augment = images if train.augment is None else train.augment
+    distillation = None
+    if distills(config):
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        distillation = Distillation(
+            teacher, train.temperature, train.distill_weight, returns_embeddings(model)
+        )
+    record = {
+        "distill": distillation is not None,
+        "temperature": train.temperature if distillation else None,
+        "distill_weight": train.distill_weight if distillation and data.labeled else None,
+        "augment": augment,
+    }
+    return distillation, augment, record
 
 
 def execute(
@@ -211,6 +255,7 @@ def prune_model(
         dense_accuracy = evaluate(model)
         dense_outputs = None if data.labeled else outputs_on(model, data.test, device)
     dense_model = copy.deepcopy(model).cpu() if "onnx" in config.exports else None
+    distillation, augment, tuning = fine_tuning(config, model, data)
 
     state = Pruning.of(
         model,
@@ -239,8 +284,11 @@ def prune_model(
             data.train,
             evaluate=evaluate if data.labeled else None,
             on_event=status,
+            distillation=distillation,
+            augment=augment,
         )
         warnings += step_warnings
+    distillation = None  # the teacher's memory back before evaluation
     # default: re-estimate where whole channels were removed (dev ResNet-56, 50 % of the
     # channels one-shot: magnitude 33.4 -> 68.6 %, woodfisher 45.1 -> 54.5 %)
     recalibrate = plan is not None if config.recalibrate_bn is None else config.recalibrate_bn
@@ -284,6 +332,7 @@ def prune_model(
         "accuracy": {"dense": dense_accuracy, "pruned": pruned_accuracy},
         "fidelity": fidelity,
         "history": history,
+        "fine_tuning": tuning,
         "warnings": warnings,
         "quantize": None
         if quantized is None or quantization is None

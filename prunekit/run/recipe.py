@@ -111,7 +111,8 @@ TYPES = {  # the options' kinds, as a recipe must hold them
     "min_cosine": NUMBER, "validate_runs": INTEGER, "quantize_fallback": FLAG,
     "kind": TEXT, "steps": INTEGER, "initial_sparsity": NUMBER, "finetune_epochs": INTEGER,
     "warmup_epochs": INTEGER, "epochs": INTEGER, "lr": NUMBER, "optimizer": TEXT,
-    "lr_schedule": TEXT, "batch_size": INTEGER, "weight_decay": NUMBER,
+    "lr_schedule": TEXT, "batch_size": INTEGER, "weight_decay": NUMBER, "distill": FLAG,
+    "temperature": NUMBER, "distill_weight": NUMBER, "augment": FLAG,
 }  # fmt: skip
 CHECKS = {
     NUMBER: lambda v: isinstance(v, int | float) and not isinstance(v, bool),

@@ -65,6 +65,7 @@ def build_report(
         "fidelity": results["fidelity"],
         "quantize": results.get("quantize"),
         "history": results["history"],
+        "fine_tuning": results.get("fine_tuning"),
         "pruner_diagnostics": pruner.diagnostics(),
         "statistics": state.statistics,
         "warnings": results["warnings"],

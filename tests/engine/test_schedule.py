@@ -233,9 +233,13 @@ def test_unlabeled_data(tmp_path):
         2,
         "--objective labels needs labels",
     )
+    gradual = [*base, "-p", "magnitude", "--schedule", "gradual", "--finetune-epochs", "1"]
     assert_error(
-        runner.invoke(app, [*base, "-p", "magnitude", "--schedule", "gradual"]), 2, "needs labels"
+        runner.invoke(app, [*gradual, "--no-distill"]), 2, "needs labels or the dense model"
     )
+    distilled = runner.invoke(app, [*gradual, "--steps", "2", "--json"])  # the teacher: labels
+    assert distilled.exit_code == 0, distilled.output
+    assert json.loads(distilled.stdout)["fine_tuning"]["distill"] is True
     weights = {}
     for name, extra in (("kl", []), ("true", ["--param", "fisher=true"])):
         out = tmp_path / name

@@ -251,3 +251,16 @@ def test_quantized_encoder_dynamic_int8_and_weight_only_int4(bert, tmp_path):
     assert sum(n.op_type == "MatMulNBits" for n in graph.node) == len(layers)
     parity = int4["validation"]["quantized"]["parity_fp32"]
     assert parity["cosine_p5"] > 0.99999 and parity["max_abs_diff"] < 1e-3
+
+
+def test_an_encoder_fine_tunes_on_unlabeled_text_by_distillation(bert, tmp_path):
+    """No labels: the pruned encoder learns the dense encoder's embeddings (cosine)."""
+    args = ("--mask", "layer", "-s", "0.9")  # the later -s wins over _run's
+    one_shot = _run(bert, tmp_path, "magnitude", *args, "--out", str(tmp_path / "a"))
+    tuned = _run(bert, tmp_path, "magnitude", *args, "--finetune-epochs", "4", "--batch-size",
+                 "16", "--lr", "0.001", "--optimizer", "adam", "--out", str(tmp_path / "b"))  # fmt: skip
+    assert tuned["fine_tuning"] == {"distill": True, "temperature": 4.0, "distill_weight": None,
+                                    "augment": False}  # fmt: skip
+    losses = [h["loss"] for h in tuned["history"] if h["phase"] == "fine-tune"]
+    assert len(losses) == 4 and losses[-1] < losses[0] and all(0 <= v < 1 for v in losses)
+    assert one_shot["fine_tuning"] is None and tuned["fidelity"]["cosine_mean"] > 0.99
