@@ -258,7 +258,8 @@ def test_an_encoder_fine_tunes_on_unlabeled_text_by_distillation(bert, tmp_path)
     args = ("--mask", "layer", "-s", "0.9")  # the later -s wins over _run's
     one_shot = _run(bert, tmp_path, "magnitude", *args, "--out", str(tmp_path / "a"))
     tuned = _run(bert, tmp_path, "magnitude", *args, "--finetune-epochs", "4", "--batch-size",
-                 "16", "--lr", "0.001", "--optimizer", "adam", "--out", str(tmp_path / "b"))  # fmt: skip
+                 "16", "--lr", "0.001", "--optimizer", "adam",
+                 "--out", str(tmp_path / "b"))  # fmt: skip
     assert tuned["fine_tuning"] == {"distill": True, "temperature": 4.0, "distill_weight": None,
                                     "augment": False}  # fmt: skip
     losses = [h["loss"] for h in tuned["history"] if h["phase"] == "fine-tune"]
