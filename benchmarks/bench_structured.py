@@ -10,7 +10,7 @@ downloaded): its accuracy means nothing there, its speed-up, parameters and FLOP
     python benchmarks/bench_structured.py [--dev-dir DIR] [--model cifar:resnet56]
         [--pruners magnitude,woodfisher] [--fractions 0.3,0.5] [--mask layer]
         [--finetune-epochs 5] [--lr 0.01] [--no-recalibrate-bn] [--test-images 3000]
-        [--param KEY=VALUE ...]
+        [--param KEY=VALUE ...] [--no-distill] [--no-augment]
 
 BatchNorm statistics are re-estimated after the schedule (prunekit's default for structured
 runs; --no-recalibrate-bn: not): the one-shot column includes it only when there is no
@@ -56,6 +56,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=200, help="timed ONNX runs per batch")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--channel-multiple", type=int, default=1)
+    parser.add_argument("--distill", action=argparse.BooleanOptionalAction, help="default: on")
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, help="default: on")
     args = parser.parse_args()
     dev = checked(args.dev_dir)
     cifar = args.model.startswith("cifar:")
@@ -72,7 +74,9 @@ def main() -> None:
         epochs = args.finetune_epochs if cifar else 0  # random weights: nothing to recover
         print(f"{args.model}, --structure channels --mask {args.mask}, fine-tuning "
               f"{epochs} epoch(s) on the calibration images, lr {args.lr}, BatchNorm "
-              f"{'as trained' if args.recalibrate_bn is False else 're-estimated'}\n")  # fmt: skip
+              f"{'as trained' if args.recalibrate_bn is False else 're-estimated'}, "
+              f"distillation {'off' if args.distill is False else 'on'}, augmentation "
+              f"{'off' if args.augment is False else 'on'}\n")  # fmt: skip
         print("| pruner | channels removed | params | FLOPs | one-shot top-1 | fine-tuned "
               "top-1 | ORT speed-up b1 | b32 | seconds |")  # fmt: skip
         print("|---|---|---|---|---|---|---|---|---|")
@@ -95,12 +99,13 @@ def main() -> None:
                 params={k: v for k, v in params.items() if pruner != "magnitude"},
                 schedule=ScheduleConfig(
                     finetune_epochs=epochs,
-                    train=TrainConfig(lr=args.lr),
+                    train=TrainConfig(lr=args.lr, distill=args.distill, augment=args.augment),
                 ),
                 recalibrate_bn=args.recalibrate_bn,
                 device=args.device,
                 exports=("safetensors", "onnx"),
                 validate=True,
+                validate_runs=args.runs,
                 out=Path(tmp) / f"{pruner}-{fraction}",
             )
             report = run(config)
