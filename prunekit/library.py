@@ -122,7 +122,7 @@ def prune(
     with ``rounding`` "gptq" or "rtn" and ``group_size`` for the 4-bit Linear layers) rounds
     every weight to its integer grid afterwards (the model holds the dequantized weights,
     ``result.quantized`` the codes). Training (a schedule that fine-tunes) distills from the
-    dense model (``distill``, default on except for pbt) and augments images (``augment``,
+    dense model (``distill``, default on for unlabeled data only) and augments images (``augment``,
     default on for images). Everything numeric runs on
     ``device``. Under torchrun (or in a process group the caller started) each process
     takes its share of the calibration samples and every process gets the same result.

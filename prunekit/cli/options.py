@@ -304,7 +304,7 @@ TRAINING = (
         "--distill/--no-distill",
         "Fine-tune against the dense model's outputs (KL to its softened logits, mixed with "
         "the labels; cosine to its embeddings for encoders), so unlabeled data can train. "
-        "Default: on, except for pbt.",
+        "Default: on for unlabeled data, off where there are labels.",
         SCHEDULE,
     ),
     _opt(

@@ -66,10 +66,14 @@ def test_augmentation_crops_and_flips_each_image_and_is_seeded():
     assert not is_image_batch((16,), torch.int64) and not is_image_batch((1, 4, 4), torch.float32)
 
 
-def test_fine_tuning_distills_and_augments_images_by_default(tmp_path):
+def test_fine_tuning_augments_images_by_default_and_distills_when_asked(tmp_path):
     report = prune_report(*CNN_HALF, "--finetune-epochs", "1", "--out", str(tmp_path / "a"))
-    assert report["fine_tuning"] == {"distill": True, "temperature": 4.0,
-                                     "distill_weight": 0.9, "augment": True}  # fmt: skip
+    assert report["fine_tuning"] == {"distill": False, "temperature": None,
+                                     "distill_weight": None, "augment": True}  # fmt: skip
+    asked = prune_report(*CNN_HALF, "--finetune-epochs", "1", "--distill",
+                         "--out", str(tmp_path / "d"))  # fmt: skip
+    assert asked["fine_tuning"] == {"distill": True, "temperature": 4.0,
+                                    "distill_weight": 0.9, "augment": True}  # fmt: skip
     flat = prune_report(*MLP_HALF, "--data", _flat_digits(tmp_path), "--finetune-epochs", "1",
                         "--no-distill", "--out", str(tmp_path / "b"))  # fmt: skip
     assert flat["fine_tuning"]["augment"] is False and flat["fine_tuning"]["distill"] is False
