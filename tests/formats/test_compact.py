@@ -48,3 +48,25 @@ def test_size_is_close_to_the_bitmask_bound(tmp_path, sparsity):
 def test_missing_file():
     with pytest.raises(InputFileError, match="does not exist"):
         load_sparse("nowhere.safetensors")
+
+
+@pytest.mark.parametrize(("bits", "group"), [(8, None), (4, 16), (4, 32)])
+def test_quantized_weights_round_trip_exactly_at_a_bit_per_weight_plus_their_codes(
+    tmp_path, bits, group
+):
+    from prunekit.contract.quantization import QuantGrid, QuantizedTensor
+    from prunekit.formats.compact import load_sparse, save_compact
+
+    generator = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 64, generator=generator)
+    w[torch.rand(24, 64, generator=generator) < 0.9] = 0.0  # 90 % sparse
+    codes, scales = QuantGrid(bits, group).quantize(w)
+    q = QuantizedTensor(codes, scales, bits, group)
+    held = q.dequantized()
+    path = tmp_path / "c.safetensors"
+    save_compact({"w": held, "b": torch.zeros(3)}, path, {}, {"w": q})
+    back = load_sparse(path)
+    assert torch.equal(back["w"], held) and torch.equal(back["b"], torch.zeros(3))
+    nonzero = int(torch.count_nonzero(held))
+    payload = (held.numel() + 7) // 8 + (nonzero if bits == 8 else (nonzero + 1) // 2)
+    assert path.stat().st_size < payload + scales.numel() * 4 + 1200  # + header
