@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable, Sized
+from collections.abc import Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -20,7 +19,6 @@ from prunekit.contract.pruner import LayerPruner, Pruner
 from prunekit.contract.statistics import LABEL_FREE, LAYER_INPUTS
 from prunekit.contract.target import Target
 from prunekit.engine.batchnorm import recalibrate_batchnorm
-from prunekit.engine.distill import Distillation, is_image_batch
 from prunekit.engine.masks import (
     check_mask,
     check_sparsity,
@@ -29,20 +27,20 @@ from prunekit.engine.masks import (
     parse_nm,
     sparsity_of,
 )
-from prunekit.engine.quantize import QuantizeConfig, Quantized, joint_grids, quantize_weights
+from prunekit.engine.quantize import Quantized, joint_grids
 from prunekit.engine.schedule import run_schedule
 from prunekit.engine.step import Pruning
 from prunekit.errors import GateError, ModelMismatchError, NumericalError, UsageError
 from prunekit.formats.onnx_quant import (
-    CALIBRATION_SAMPLES,
-    QuantizationError,
     check_calibration,
 )
 from prunekit.load.data import Splits, load_data
 from prunekit.load.models import default_data, first_non_finite, load_model
 from prunekit.pruners import registry
 from prunekit.run.config import PruneConfig
-from prunekit.run.exports import EXPORT_FORMATS, metadata_for, write_exports, write_quantized_onnx
+from prunekit.run.exports import EXPORT_FORMATS, metadata_for, write_exports
+from prunekit.run.fine_tuning import distills, fine_tuning
+from prunekit.run.quantized import quantize_mode, round_weights, write_quantized
 from prunekit.run.report import accuracy_warnings, build_report, shrunk_record
 from prunekit.runtime import distributed
 from prunekit.runtime.batches import eval_mode
@@ -143,53 +141,6 @@ def _check_objective(
         f"the {schedule.kind} schedule trains the model, which needs labels or the dense "
         f"model as a teacher; {data.spec} has no labels and --no-distill was given"
     )
-
-
-def distills(config: PruneConfig, labeled: bool) -> bool:
-    """Whether training distills from the dense model: asked, or by default where the data
-    has no labels (the only signal there). With labels the default is off: on the dev
-    ResNet-56 (50 % of the channels, 5 epochs) KL to the dense model (T 4, weight 0.9) ended
-    at 81.6 % against 84.2 % with the labels alone: the teacher's own errors on these images
-    cap the student, where the labels let it adapt."""
-    asked = config.schedule.train.distill
-    return asked if asked is not None else not labeled
-
-
-def fine_tuning(
-    config: PruneConfig, model: nn.Module, data: Splits
-) -> tuple[Distillation | None, bool, dict[str, Any] | None]:
-    """The teacher (a frozen copy of the dense ``model``) and whether images are augmented,
-    for the schedule's training; what was chosen, for the report."""
-    train = config.schedule.train
-    if not config.schedule.trains():
-        for flag, value in (("--distill", train.distill), ("--augment", train.augment)):
-            if value:
-                raise UsageError(
-                    f"{flag} applies to fine-tuning, and this run does not train: add "
-                    "--finetune-epochs N or --schedule gradual"
-                )
-        return None, False, None
-    sample = data.calibration[0][0]
-    images = is_image_batch(tuple(sample.shape), sample.dtype)
-    if train.augment and not images:
-        raise UsageError(
-            f"--augment crops and flips images; {data.spec} holds samples of shape "
-            f"{tuple(sample.shape)}: drop --augment"
-        )
-    augment = images if train.augment is None else train.augment
-    distillation = None
-    if distills(config, data.labeled):
-        teacher = copy.deepcopy(model).eval().requires_grad_(False)
-        distillation = Distillation(
-            teacher, train.temperature, train.distill_weight, returns_embeddings(model)
-        )
-    record = {
-        "distill": distillation is not None,
-        "temperature": train.temperature if distillation else None,
-        "distill_weight": train.distill_weight if distillation and data.labeled else None,
-        "augment": augment,
-    }
-    return distillation, augment, record
 
 
 def execute(
@@ -306,19 +257,11 @@ def prune_model(
         with reporter.stage("removing the pruned channels"), timings.phase("prune"):
             structure = shrunk_record(plan, data)
 
-    quantized = None
+    quantized, rounding = None, None
     if quantization is not None:
-        with reporter.stage("evaluating before rounding"), timings.phase("evaluation"):
-            unrounded = evaluate(model)
-        with reporter.stage(f"rounding the weights to {quantization.kind}") as status:
-            quantized = quantize_model(model, state, quantization, status)
-        if quantized.left_int8:
-            warnings.append(
-                f"--quantize int4: {len(quantized.left_int8)} layer(s) stay INT8 (not a Linear "
-                f"whose inputs divide into groups of {quantization.group_size}): "
-                f"{', '.join(quantized.left_int8[:5])}"
-                f"{' and more' if len(quantized.left_int8) > 5 else ''}"
-            )
+        quantized, rounding = round_weights(
+            model, state, quantization, evaluate, reporter, warnings
+        )
     with reporter.stage("evaluating the pruned model"), timings.phase("evaluation"):
         pruned_accuracy = evaluate(model)
         fidelity = (
@@ -337,40 +280,13 @@ def prune_model(
         "history": history,
         "fine_tuning": tuning,
         "warnings": warnings,
-        "quantize": None
-        if quantized is None or quantization is None
-        else {
-            "kind": quantization.kind,
-            "rounding": quantization.rounding if quantization.bits == 4 else "rtn",
-            "group_size": quantization.group_size if quantization.bits == 4 else None,
-            "layers": quantized.kinds(),
-            "left_int8": quantized.left_int8,
-            "rounded_while_pruning": quantized.joint,
-            "accuracy_before_rounding": unrounded,
-        },
+        "quantize": rounding,
     }
     report = build_report(config, state, inputs.source, results, timings)
     # after --structure the targets' masks describe the unshrunk shapes: none are handed out
     return Outcome(
         report, model, dense_model, data, timings, [] if plan else list(targets), quantized
     )
-
-
-def quantize_model(
-    model: nn.Module, state: Pruning, config: QuantizeConfig, say: Callable[[str], None]
-) -> Quantized:
-    """Round every Conv/Linear weight of ``model`` (as it is now: shrunk after --structure)
-    to its grid in place; zeros, pruned or not, stay zero."""
-    ctx = state.context
-    targets, _ = find_targets(model)
-    for t in targets:
-        t.mask = t.weight.detach() != 0
-    rounding = Pruning.of(
-        model, targets, state.pruner, ctx.calibration, ctx.device, timings=ctx.timings,
-        objective=ctx.objective,
-    )  # fmt: skip
-    rounding.context.say = say
-    return quantize_weights(rounding, config, state.rounded)
 
 
 def select_targets(config: PruneConfig, model: nn.Module, warnings: list[str]) -> list[Target]:
@@ -410,19 +326,6 @@ def check_fit(config: PruneConfig, pruner: Pruner, data: Splits, objective: Obje
     if config.quantize is not None and quantize_mode(data) == "static":
         check_calibration(len(cast(Sized, data.calibration)))
     return warnings
-
-
-def quantize_mode(data: Splits) -> str:
-    """static INT8 (calibrated activation ranges) for images and tensors; dynamic for text
-    (transformer encoders, whose activation ranges vary too much for fixed ones)."""
-    return "dynamic" if data.spec.startswith("text:") else "static"
-
-
-def calibration_batches(data: Splits, batch: int = 32) -> list[np.ndarray]:
-    """The first samples of the calibration split as input batches, for activation ranges."""
-    count = min(CALIBRATION_SAMPLES, len(cast(Sized, data.calibration)))
-    xs = torch.stack([data.calibration[i][0] for i in range(count)]).numpy()
-    return [xs[i : i + batch] for i in range(0, count, batch)]
 
 
 def memory_plan_of(state: Pruning) -> MemoryPlan:
@@ -593,29 +496,12 @@ def _run(config: PruneConfig, reporter: Reporter | None, device: torch.device) -
                 config.exports,
                 outcome.quantized.tensors if outcome.quantized else None,
             )
-        quantization = config.quantization()
-        if quantization is not None and outcome.quantized is not None:
-            mode = quantize_mode(data)
-            with reporter.stage(f"quantizing the ONNX export ({mode})"), timings.phase("export"):
-                try:
-                    name, info = write_quantized_onnx(
-                        stage, outcome.model, data.input_shape, metadata, quantization.kind,
-                        mode, outcome.quantized,
-                        calibration_batches(data) if mode == "static" else None,
-                    )  # fmt: skip
-                except QuantizationError as exc:
-                    if not config.quantize_fallback:
-                        raise
-                    report["warnings"].append(f"{exc}: kept the FP32 export only")
-                    name, info = "", {"skipped": str(exc)}
-            if name:
-                files.append(name)
-                if info["float_ops"]:
-                    ops = ", ".join(f"{op} x{n}" for op, n in info["float_ops"].items())
-                    report["warnings"].append(
-                        f"ONNX Runtime left {ops} in FP32 in {name} (the rest is quantized)"
-                    )
-            report["quantize"]["onnx"] = {"file": name or None, **info}
+        if outcome.quantized is not None:
+            with timings.phase("export"):
+                files += write_quantized(
+                    stage, config, outcome.model, outcome.data, outcome.quantized, metadata,
+                    report, reporter,
+                )  # fmt: skip
         report["sizes"] = {name: (stage / name).stat().st_size for name in files}
         if config.validate:
             with reporter.stage("validating in ONNX Runtime"), timings.phase("validation"):

@@ -299,7 +299,7 @@ def quantized_speedup(config: PruneConfig, outcome: Any) -> dict[str, float]:
 
     from prunekit.formats.onnx_file import export_onnx
     from prunekit.run.exports import write_quantized_onnx
-    from prunekit.run.pipeline import calibration_batches, quantize_mode
+    from prunekit.run.quantized import calibration_batches, quantize_mode
     from prunekit.validate.onnx_runtime import ValidateOptions, latency, open_session
 
     assert config.quantize is not None and outcome.quantized is not None
