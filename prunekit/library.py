@@ -281,30 +281,22 @@ def export_onnx(
     static INT8 with activation ranges from ``calibration`` inputs (at least 32 samples), or,
     without calibration, dynamic INT8; the 4-bit Linear layers as MatMulNBits."""
     import copy
-    import tempfile
 
     from prunekit.formats.onnx_file import export_onnx as write
-    from prunekit.formats.onnx_file import write_metadata
-    from prunekit.formats.onnx_quant import CALIBRATION_SAMPLES, check_calibration, quantize_onnx
+    from prunekit.formats.onnx_quant import check_calibration, export_quantized, input_batches
 
     exported = copy.deepcopy(model).cpu().eval()
+    target = Path(path)
     if quantized is None:
-        return write(exported, tuple(input_shape), Path(path), dict(metadata or {}), sparse=sparse)
+        return write(exported, tuple(input_shape), target, dict(metadata or {}), sparse=sparse)
     batches = None
     if calibration is not None:
         check_calibration(len(calibration))
-        xs = calibration[:CALIBRATION_SAMPLES].detach().cpu().numpy()
-        batches = [xs[i : i + 32] for i in range(0, len(xs), 32)]
-    int4 = {n: q for n, q in quantized.items() if q.bits == 4}
-    state = exported.state_dict()
-    weights = {n: state[n].reshape(state[n].shape[0], -1).numpy() for n in int4}
-    target = Path(path)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        fp32 = Path(tmp) / "fp32.onnx"
-        write(exported, tuple(input_shape), fp32, {}, sparse=False)
-        mode = "static" if batches is not None else "dynamic"
-        info = quantize_onnx(fp32, target, mode, batches, int4, weights)
-    write_metadata(target, dict(metadata or {}))
+        batches = input_batches(calibration.detach().cpu().numpy())
+    mode = "static" if batches is not None else "dynamic"
+    info = export_quantized(
+        exported, tuple(input_shape), target, dict(metadata or {}), mode, quantized, batches
+    )
     return {"path": str(target), "bytes": target.stat().st_size, **info}
 
 

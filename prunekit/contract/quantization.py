@@ -59,6 +59,15 @@ class QuantGrid:
         """``w`` rounded to the grid (dequantized, in w's dtype)."""
         return dequantize(self.codes(w, scale), scale).to(w.dtype)
 
+    def on_grid(self, weight: torch.Tensor, scales: torch.Tensor) -> QuantizedTensor:
+        """The codes of a weight already on this grid (a rounding of it), given its scales
+        (rows, groups): exact, on the CPU."""
+        matrix = weight.detach().reshape(weight.shape[0], -1).float().cpu()
+        scales = scales.float().cpu()
+        codes = torch.round(matrix / expand_scales(scales, matrix.shape[1]))
+        codes = codes.clamp(self.qmin, self.qmax).to(torch.int8)
+        return QuantizedTensor(codes, scales, self.bits, self.group_size)
+
     def quantize(self, matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Round-to-nearest codes (rows, d) and scales (rows, groups) of a whole matrix."""
         d = matrix.shape[1]

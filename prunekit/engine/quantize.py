@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from prunekit.calibrate.layer_inputs import input_gram, ordered_targets
-from prunekit.contract.quantization import QuantGrid, QuantizedTensor, expand_scales
+from prunekit.contract.quantization import QuantGrid, QuantizedTensor
 from prunekit.contract.target import Target
 from prunekit.engine.step import Pruning
 from prunekit.errors import UsageError
@@ -119,19 +119,12 @@ def quantize_weights(
             with ctx.timings.phase("quantize"):
                 pruned = ~t.mask.reshape(matrix.shape)
                 new, scales = gptq(matrix, gram, grid, damp=config.damp, pruned=pruned)
-                codes = _codes_of(grid, new, scales)
+                quantized = grid.on_grid(new, scales)
         else:
             with ctx.timings.phase("quantize"):
                 codes, scales = grid.quantize(matrix)
-        quantized = QuantizedTensor(codes.cpu(), scales.cpu(), grid.bits, grid.group_size)
+                quantized = QuantizedTensor(codes.cpu(), scales.cpu(), grid.bits, grid.group_size)
         t.weight.copy_(quantized.dequantized().reshape(t.weight.shape).to(t.weight))
         t.weight.masked_fill_(~t.mask, 0.0)
         result.tensors[name] = quantized
     return result
-
-
-def _codes_of(grid: QuantGrid, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """The codes of a weight already on the grid, given its scales (exact)."""
-    expanded = expand_scales(scales, weight.shape[1])
-    codes = torch.round(weight.float() / expanded).clamp(grid.qmin, grid.qmax).to(torch.int8)
-    return codes

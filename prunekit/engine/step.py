@@ -20,7 +20,7 @@ from prunekit.calibrate.layer_inputs import input_gram, ordered_targets
 from prunekit.contract.context import StepContext
 from prunekit.contract.objectives import LABELS, Objective
 from prunekit.contract.pruner import Compressed, LayerPruner, LayerRequest, Pruner
-from prunekit.contract.quantization import QuantGrid, QuantizedTensor, expand_scales
+from prunekit.contract.quantization import QuantGrid, QuantizedTensor
 from prunekit.contract.target import Target
 from prunekit.engine.masks import apply, parse_nm, select, sparsity_of
 from prunekit.errors import NumericalError, UsageError
@@ -217,21 +217,13 @@ def compress_layers(state: Pruning, sparsity: float) -> dict[str, torch.Tensor]:
         with ctx.timings.phase("prune"):
             result = _checked_compression(pruner, t, pruner.compress(t, gram, request))
             if grid is not None and result.scales is not None and result.weight is not None:
-                state.rounded[name] = _rounded(grid, result.weight, result.scales)
+                state.rounded[name] = grid.on_grid(result.weight, result.scales)
             with torch.no_grad():
                 if result.weight is not None:
                     t.weight.copy_(result.weight)
                 keep[name] = result.keep.to(t.mask.device) & t.mask
                 t.weight.masked_fill_(~keep[name], 0.0)
     return keep
-
-
-def _rounded(grid: QuantGrid, weight: torch.Tensor, scales: torch.Tensor) -> QuantizedTensor:
-    """The codes of a weight a pruner rounded to ``grid`` (exactly: it is on the grid)."""
-    matrix = weight.detach().reshape(weight.shape[0], -1).float().cpu()
-    expanded = expand_scales(scales.float().cpu(), matrix.shape[1])
-    codes = torch.round(matrix / expanded).clamp(grid.qmin, grid.qmax).to(torch.int8)
-    return QuantizedTensor(codes, scales.float().cpu(), grid.bits, grid.group_size)
 
 
 def _checked_compression(pruner: Pruner, target: Target, result: Compressed) -> Compressed:

@@ -18,7 +18,7 @@ graph optimisation: Conv + BatchNorm folded, so the integer kernels see the fold
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +118,37 @@ def quantize_onnx(
             ) from exc
     left = float_compute_ops(out)
     return {"mode": mode, "int4_layers": written_int4, "float_ops": left}
+
+
+def input_batches(inputs: np.ndarray, batch: int = 32) -> list[np.ndarray]:
+    """The first CALIBRATION_SAMPLES inputs, in batches, for activation ranges."""
+    inputs = inputs[:CALIBRATION_SAMPLES]
+    return [inputs[i : i + batch] for i in range(0, len(inputs), batch)]
+
+
+def export_quantized(
+    model: Any,
+    input_shape: tuple[int, ...],
+    path: Path,
+    metadata: dict[str, str],
+    mode: str,
+    quantized: Mapping[str, QuantizedTensor],
+    calibration: list[np.ndarray] | None,
+) -> dict[str, Any]:
+    """``model`` (an nn.Module whose weights are on their grids) exported in FP32 to a
+    temporary file beside ``path`` and quantized into ``path`` (``quantize_onnx``: the 4-bit
+    layers of ``quantized`` as MatMulNBits), with ``metadata``; what was done."""
+    from prunekit.formats.onnx_file import export_onnx, write_metadata
+
+    int4 = {n: q for n, q in quantized.items() if q.bits == 4}
+    state = model.state_dict()
+    weights = {n: state[n].detach().cpu().reshape(state[n].shape[0], -1).numpy() for n in int4}
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        fp32 = Path(tmp) / "fp32.onnx"
+        export_onnx(model, input_shape, fp32, {}, sparse=False)
+        info = quantize_onnx(fp32, path, mode, calibration, int4, weights)
+    write_metadata(path, metadata)
+    return info
 
 
 def float_compute_ops(path: Path) -> dict[str, int]:

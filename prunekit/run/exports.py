@@ -190,18 +190,11 @@ def write_quantized_onnx(
     """``model.int8.onnx`` / ``model.int4.onnx`` in ``folder``: the model (its weights on the
     grid) exported in FP32 and quantized by ONNX Runtime (``mode`` static or dynamic), the
     4-bit layers as MatMulNBits with prunekit's codes; return its name and what was done."""
-    import tempfile
-
-    from prunekit.formats.onnx_file import export_onnx, write_metadata
-    from prunekit.formats.onnx_quant import quantize_onnx
+    from prunekit.formats.onnx_quant import export_quantized
 
     name = f"model.{kind}.onnx"
-    int4 = {n: q for n, q in quantized.tensors.items() if q.bits == 4}
-    state = model.state_dict()
-    weights = {n: state[n].detach().cpu().reshape(state[n].shape[0], -1).numpy() for n in int4}
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        fp32 = Path(tmp) / "fp32.onnx"
-        export_onnx(model, input_shape, fp32, {}, sparse=False)
-        info = quantize_onnx(fp32, folder / name, mode, calibration, int4, weights)
-    write_metadata(folder / name, {**metadata, "quantize": kind, "quantize_mode": mode})
+    info = export_quantized(
+        model, input_shape, folder / name, {**metadata, "quantize": kind, "quantize_mode": mode},
+        mode, quantized.tensors, calibration,
+    )  # fmt: skip
     return name, info

@@ -14,7 +14,7 @@ from torch import nn
 from prunekit.engine.masks import find_targets
 from prunekit.engine.quantize import QuantizeConfig, Quantized, quantize_weights
 from prunekit.engine.step import Pruning
-from prunekit.formats.onnx_quant import CALIBRATION_SAMPLES, QuantizationError
+from prunekit.formats.onnx_quant import CALIBRATION_SAMPLES, QuantizationError, input_batches
 from prunekit.load.data import Splits
 from prunekit.run.config import PruneConfig
 from prunekit.run.exports import write_quantized_onnx
@@ -76,11 +76,10 @@ def quantize_mode(data: Splits) -> str:
     return "dynamic" if data.spec.startswith("text:") else "static"
 
 
-def calibration_batches(data: Splits, batch: int = 32) -> list[np.ndarray]:
+def calibration_batches(data: Splits) -> list[np.ndarray]:
     """The first samples of the calibration split as input batches, for activation ranges."""
     count = min(CALIBRATION_SAMPLES, len(cast(Sized, data.calibration)))
-    xs = torch.stack([data.calibration[i][0] for i in range(count)]).numpy()
-    return [xs[i : i + batch] for i in range(0, count, batch)]
+    return input_batches(torch.stack([data.calibration[i][0] for i in range(count)]).numpy())
 
 
 def write_quantized(

@@ -300,10 +300,10 @@ def quantized_speedup(config: PruneConfig, outcome: Any) -> dict[str, float]:
     from prunekit.formats.onnx_file import export_onnx
     from prunekit.run.exports import write_quantized_onnx
     from prunekit.run.quantized import calibration_batches, quantize_mode
-    from prunekit.validate.onnx_runtime import ValidateOptions, latency, open_session
+    from prunekit.validate.onnx_runtime import speedup_of_files
 
     assert config.quantize is not None and outcome.quantized is not None
-    data, options = outcome.data, ValidateOptions(batch_sizes=(1,), runs=100)
+    data = outcome.data
     mode = quantize_mode(data)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -312,9 +312,4 @@ def quantized_speedup(config: PruneConfig, outcome: Any) -> dict[str, float]:
             outcome.quantized, calibration_batches(data) if mode == "static" else None,
         )  # fmt: skip
         export_onnx(outcome.dense_model, data.input_shape, folder / "dense.onnx", {}, sparse=False)
-        sessions = {label: open_session(folder / f, options)
-                    for label, f in (("model", name), ("dense", "dense.onnx"))}  # fmt: skip
-        timed = latency(sessions, data.input_shape, options)
-    ms = {label: timed[label]["1"]["p50_ms"] for label in timed}
-    return {"latency_ms": ms["model"], "dense_latency_ms": ms["dense"],
-            "speedup": ms["dense"] / ms["model"]}  # fmt: skip
+        return speedup_of_files(folder / name, folder / "dense.onnx", data.input_shape)
