@@ -21,7 +21,7 @@ def checked(dev: Path, *needed: str) -> Path:
     if not all((dev / name).is_file() for name in files):
         sys.exit(
             f"no CIFAR-10 development set in {dev}: pass --dev-dir DIR (a folder with "
-            f"{', '.join(files)}; ../shared/data/cifar10-dev in a prunekit checkout)"
+            f"{', '.join(files)})"
         )
     return dev
 
