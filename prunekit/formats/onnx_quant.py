@@ -17,6 +17,8 @@ graph optimisation: Conv + BatchNorm folded, so the integer kernels see the fold
 
 from __future__ import annotations
 
+import contextlib
+import os
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -81,7 +83,8 @@ def quantize_onnx(
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+    fp32, out = fp32.absolute(), out.absolute()
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp, _working_folder(Path(tmp)):
         pre = Path(tmp) / "pre.onnx"
         try:
             quant_pre_process(str(fp32), str(pre))
@@ -149,6 +152,19 @@ def export_quantized(
         info = quantize_onnx(fp32, path, mode, calibration, int4, weights)
     write_metadata(path, metadata)
     return info
+
+
+@contextlib.contextmanager
+def _working_folder(folder: Path) -> Iterator[None]:
+    """Run in ``folder``: ONNX Runtime's symbolic shape inference, when it gives up, saves
+    ``sym_shape_infer_temp.onnx`` and its external data into the current folder; there they
+    go into the temporary folder, removed with it, not into the user's."""
+    before = Path.cwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
 
 
 def float_compute_ops(path: Path) -> dict[str, int]:
