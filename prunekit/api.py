@@ -4,7 +4,8 @@ A pruner subclasses ``Pruner`` and declares:
 
 - ``name`` and a docstring (first line: the summary `prunekit pruners list` shows);
 - ``needs``: the statistics to collect, from the constants below (``GRAD_MEAN``,
-  ``FISHER_DIAG``, ``FISHER_INV``, ``GRAD_ROWS``, ``HESSIAN_GRAD``, ``INPUT_SQUARES``);
+  ``FISHER_DIAG``, ``FISHER_INV``, ``GRAD_ROWS``, ``HESSIAN_GRAD``, ``INPUT_SQUARES``,
+  ``INPUT_GRAM``);
 - ``params``: its hyperparameters (``Param``), given by users as ``--param key=value``;
 - ``stats_params``: which of those set how statistics are gathered (fields of
   ``StatsSpec``: num_grads, grad_batch, fisher, block_size, damp, damp_mode, temperature,
@@ -44,6 +45,7 @@ from prunekit.contract.statistics import (
     GRAD_MEAN,
     GRAD_ROWS,
     HESSIAN_GRAD,
+    INPUT_GRAM,
     INPUT_SQUARES,
     STATISTICS,
 )
@@ -58,6 +60,7 @@ __all__ = [
     "GRAD_MEAN",
     "GRAD_ROWS",
     "HESSIAN_GRAD",
+    "INPUT_GRAM",
     "INPUT_SQUARES",
     "NUM_SAMPLES",
     "SAMPLING_NAMES",

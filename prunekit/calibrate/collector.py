@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from prunekit.calibrate import fisher
 from prunekit.calibrate.gradients import calibration_batches, per_sample_gradients
-from prunekit.calibrate.layer_inputs import input_square_norms
+from prunekit.calibrate.layer_inputs import input_grams, input_square_norms
 from prunekit.calibrate.memory import (
     MemoryPlan,
     PeakMemory,
@@ -41,6 +41,7 @@ from prunekit.contract.statistics import (
     GRAD_MEAN,
     GRAD_ROWS,
     HESSIAN_GRAD,
+    INPUT_GRAM,
     INPUT_SQUARES,
     LAYER_INPUTS,
     PER_SAMPLE,
@@ -187,14 +188,27 @@ class Collector:
             yield group, stats
 
     def _layer_inputs(self) -> dict[str, dict[str, torch.Tensor]]:
-        """E[x_j²] of the inputs of every target layer that multiplies rows (Linear, Conv2d
-        with groups 1), from one forward pass of ``num_samples`` calibration samples."""
+        """E[x_j²] (or the Gram matrix XᵀX / n) of the inputs of every target layer that
+        multiplies rows (Linear, Conv2d with groups 1), from one forward pass of
+        ``num_samples`` calibration samples."""
         modules = {t.name: t.module for t in self.targets if multiplies_rows(t.module)}
+        found: dict[str, dict[str, torch.Tensor]] = {name: {} for name in modules}
         with self.timings.phase("statistics"):
-            squares = input_square_norms(
-                self.model, modules, self.calibration, self.spec.num_samples, self.device
-            )
-        return {name: {INPUT_SQUARES: s} for name, s in squares.items()}
+            if INPUT_GRAM in self.needs:
+                grams = input_grams(
+                    self.model, modules, self.calibration, self.spec.num_samples, self.device
+                )
+                for name, gram in grams.items():
+                    found[name][INPUT_GRAM] = gram
+                    if INPUT_SQUARES in self.needs:
+                        found[name][INPUT_SQUARES] = gram.diagonal().clone()
+            elif INPUT_SQUARES in self.needs:
+                squares = input_square_norms(
+                    self.model, modules, self.calibration, self.spec.num_samples, self.device
+                )
+                for name, square in squares.items():
+                    found[name][INPUT_SQUARES] = square
+        return {name: own for name, own in found.items() if own}
 
     def base_damping(self) -> float:
         """λ before any escalation: α times the mean Fisher diagonal over every target

@@ -108,6 +108,22 @@ def input_square_norms(
 
 
 @torch.no_grad()
+def input_grams(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    data: Dataset,
+    samples: int,
+    device: torch.device,
+    batch_size: int = 64,
+) -> dict[str, torch.Tensor]:
+    """XᵀX / n (float64, d × d) of every module's inputs (name -> H), in one pass of the
+    model as it is now."""
+    return _layer_means(
+        model, modules, data, samples, device, batch_size, lambda rows: rows.T @ rows
+    )
+
+
+@torch.no_grad()
 def input_gram(
     model: nn.Module,
     module: nn.Module,

@@ -78,6 +78,10 @@ class Pruner:
     # whether per-weight scores may be summed over a channel's weights (--structure); false
     # for a pruner that picks weights inside each layer itself (sparsegpt)
     structured: ClassVar[bool] = True
+    # with --structure: the sides of a channel whose weights ``set_scores`` scores, the rows
+    # that make it ("out") and the columns that read it ("in"); a pruner that measures what
+    # removing a channel does to the layers reading it scores the "in" side only
+    channel_sides: ClassVar[frozenset[str]] = frozenset({"out", "in"})
 
     def __init__(self, **values: Any) -> None:
         self.hparams = self.resolve_params(values)

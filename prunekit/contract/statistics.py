@@ -34,6 +34,12 @@ left out), as a float64 vector of the weight matrix's column count, measured on 
 it is before the step. No gradients, no labels (Wanda). Only for those layers; others get
 none."""
 
+INPUT_GRAM: Final = "input_gram"
+"""H = XᵀX / n: the Gram matrix of the input rows of a Linear or Conv2d (groups 1; unfolded
+patches), float64 (d, d) for a weight matrix of d columns, from the same pass and samples as
+INPUT_SQUARES: the Hessian of the layer's output error ‖WX − ŴX‖² / n (layer-wise OBS). Only
+for those layers; others get none. Costs d² per layer: meant for CNNs and small encoders."""
+
 STATISTICS: Final = {
     GRAD_MEAN: "mean loss gradient ḡ (true labels)",
     FISHER_DIAG: "Fisher diagonal E[g ⊙ g]",
@@ -41,11 +47,12 @@ STATISTICS: Final = {
     GRAD_ROWS: "the (m, d) per-sample gradient rows",
     HESSIAN_GRAD: "Hessian-gradient product H ḡ",
     INPUT_SQUARES: "mean square of each layer input column E[x_j²]",
+    INPUT_GRAM: "Gram matrix of each layer's input rows XᵀX / n",
 }
 PER_SAMPLE: Final = frozenset({GRAD_MEAN, FISHER_DIAG, FISHER_INV, GRAD_ROWS})
 """The statistics built from per-sample gradients (one memory-planned pass each)."""
-LAYER_INPUTS: Final = frozenset({INPUT_SQUARES})
+LAYER_INPUTS: Final = frozenset({INPUT_SQUARES, INPUT_GRAM})
 """The statistics of what each layer sees, from forward passes only."""
-LABEL_FREE: Final = frozenset({FISHER_DIAG, FISHER_INV, GRAD_ROWS, INPUT_SQUARES})
+LABEL_FREE: Final = frozenset({FISHER_DIAG, FISHER_INV, GRAD_ROWS, INPUT_SQUARES, INPUT_GRAM})
 """Statistics that mean something without labels (curvature from targets drawn around the
 model's outputs, or inputs only): the mean gradient and Hḡ do not."""

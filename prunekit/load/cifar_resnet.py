@@ -13,14 +13,29 @@ DEPTHS = {"resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9}  # blocks 
 
 
 class PadShortcut(nn.Module):
-    """Option A: subsample by 2 and zero-pad the new channels equally on both sides."""
+    """Option A: subsample by 2 and zero-pad the channels, ``front`` new ones before the
+    ``inputs`` carried and ``back`` after (equally on both sides as built). A channel map
+    (``structured.groups.ChannelMapping``): the residual stream is pruned across stages."""
 
-    def __init__(self, extra_channels: int) -> None:
+    def __init__(self, inputs: int, outputs: int) -> None:
         super().__init__()
-        self.pad = extra_channels // 2
+        self.inputs, self.front = inputs, (outputs - inputs) // 2
+        self.back = outputs - inputs - self.front
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+        return nn.functional.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.front, self.back))
+
+    def channel_map(self, inputs: int) -> torch.Tensor:
+        carried = torch.arange(self.front + inputs + self.back) - self.front
+        return carried.masked_fill((carried < 0) | (carried >= inputs), -1)
+
+    def keep_channels(self, kept_inputs: torch.Tensor, kept_outputs: torch.Tensor) -> None:
+        carried = (kept_outputs >= self.front) & (kept_outputs < self.front + self.inputs)
+        if int(carried.sum()) != len(kept_inputs):
+            raise ValueError("the kept channels of the shortcut's input and output disagree")
+        self.front = int((kept_outputs < self.front).sum())
+        self.back = len(kept_outputs) - self.front - len(kept_inputs)
+        self.inputs = len(kept_inputs)
 
 
 class BasicBlock(nn.Module):
@@ -31,7 +46,7 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(outputs, outputs, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(outputs)
         changes = stride != 1 or inputs != outputs
-        self.shortcut = PadShortcut(outputs - inputs) if changes else nn.Identity()
+        self.shortcut = PadShortcut(inputs, outputs) if changes else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.relu(self.bn1(self.conv1(x)))

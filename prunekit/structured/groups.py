@@ -10,18 +10,26 @@ Every traced value gets a channel axis (a union-find node). Layers that create c
 (Conv2d with groups 1, Linear) start a new axis; channel-wise layers (BatchNorm, activations,
 pooling, dropout, depthwise convs) pass theirs on; element-wise arithmetic between tensors
 joins its operands' axes; flatten keeps the axis with a block of spatial features per channel.
-Anything else (reshape, concatenation, padding, indexing, a module called twice, the model's
-input and output) pins the axes it touches: their channels cannot be removed, and the
+
+Two kinds of node relate the channels of different axes one by one (a *channel map*):
+concatenation along channels (output channel ``offset + j`` is channel ``j`` of an input) and a
+module that says which input channel each of its output channels carries (``channel_map``:
+the option-A shortcut of CIFAR ResNets, which zero-pads the residual stream to more channels).
+Mapped channels are one channel of the group: the whole residual stream of a CIFAR ResNet,
+across its three widths, is one group whose members each hold a subset of its channels
+(``Member.index``). Anything else (reshape, padding, indexing, a module called twice, the
+model's input and output) pins the axes it touches: their channels cannot be removed, and the
 layers there stay as they are.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Protocol, cast, runtime_checkable
 
 import torch
 from torch import fx, nn
@@ -44,7 +52,23 @@ CHANNEL_WISE_FUNCTIONS = {
 CHANNEL_WISE_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone", "detach"}
 ELEMENT_WISE = {operator.add, operator.sub, operator.mul, operator.iadd, torch.add, torch.mul}
 FLATTEN = {torch.flatten, "flatten"}  # the function and the tensor method
+CONCATENATE = {torch.cat, torch.concat}
 SPATIAL_MEANS = {torch.mean, "mean"}
+
+
+@runtime_checkable
+class ChannelMapping(Protocol):
+    """A module whose output channels are some of its input channels, moved, or new zero
+    channels (the option-A shortcut). Traced as one node; structured pruning keeps it in step
+    with the channels kept around it."""
+
+    def channel_map(self, inputs: int) -> torch.Tensor:
+        """For each output channel, the input channel it carries, or -1 (a new channel)."""
+        ...
+
+    def keep_channels(self, kept_inputs: torch.Tensor, kept_outputs: torch.Tensor) -> None:
+        """Carry only ``kept_inputs`` (sorted) and make only ``kept_outputs`` from now on."""
+        ...
 
 
 @dataclass
@@ -52,8 +76,12 @@ class Member:
     """One layer's share of a group: which of its tensors lose the group's channels."""
 
     module: str  # dotted module name
-    role: str  # "out" (rows of a Conv/Linear), "channel" (BN / depthwise), "in" (columns)
+    role: str  # "out" (rows), "channel" (BN / depthwise), "in" (columns), "map" (ChannelMapping)
     block: int = 1  # "in" after a flatten: input features per channel
+    # the group channel of each of the member's channels (None: the same index; a member of a
+    # mapped group holds a subset); a "map" member's outputs here, its inputs in ``source``
+    index: tuple[int, ...] | None = None
+    source: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -101,6 +129,17 @@ class _Axes:
 
 
 @dataclass
+class _Map:
+    """Channels of axis ``source`` carried into axis ``target`` (``carried[j]``: the source
+    channel in target channel j, or -1), by a mapping module or a concatenation."""
+
+    source: int
+    target: int
+    carried: list[int]
+    module: str | None = None  # the ChannelMapping module, or None (a concatenation)
+
+
+@dataclass
 class _Value:
     axis: int
     block: int = 1  # features per channel (after a flatten)
@@ -111,7 +150,7 @@ def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     # traced in eval mode, as it is pruned and loaded: `if self.training` branches agree
     with eval_mode(model):
         try:
-            graph = fx.symbolic_trace(model)
+            graph = fx.GraphModule(model, _Tracer().trace(model))
         except Exception as exc:  # tracers fail with many exception types
             where = _untraceable_part(model)
             raise UntraceableError(
@@ -123,6 +162,13 @@ def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
         with torch.no_grad():
             ShapeProp(graph).propagate(example)
     return graph
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, with channel-mapping modules kept as single nodes."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, ChannelMapping) or super().is_leaf_module(m, module_qualified_name)
 
 
 class UntraceableError(UsageError):
@@ -160,6 +206,8 @@ def find_groups(model: nn.Module, example: torch.Tensor) -> tuple[list[Group], l
     calls: dict[str, int] = {}
     outputs: list[int] = []  # axes of the model's outputs (the logits): left whole silently
     unmanaged: list[str] = []  # Conv/Linear layers outside every group
+    maps: list[_Map] = []
+    sizes: dict[int, int] = {}  # channels of the axes that maps touch
     for node in graph.graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
@@ -195,6 +243,26 @@ def find_groups(model: nn.Module, example: torch.Tensor) -> tuple[list[Group], l
         module = modules.get(node.target) if node.op == "call_module" else None
         # a layer called twice would need one index for two axes; a stateless one is fine
         shared = module is not None and calls[node.target] > 1 and _layer_kind(module) != "passes"
+        if isinstance(module, ChannelMapping) and not shared and first is not None:
+            mapped = _mapping(module, node, first)
+            if mapped is not None:
+                out = axes.new()
+                maps.append(_Map(first.axis, out, mapped, node.target))
+                sizes[first.axis], sizes[out] = _input_shape(node)[1], len(mapped)
+                values[node] = _Value(out)
+                continue
+        if node.op == "call_function" and node.target in CONCATENATE:
+            parts = _concatenated(node, values)
+            if parts:
+                out, offset, total = axes.new(), 0, node.meta["tensor_meta"].shape[1]
+                for part, count in parts:
+                    carried = [-1] * total
+                    carried[offset : offset + count] = range(count)
+                    maps.append(_Map(part, out, carried))
+                    sizes[part], offset = count, offset + count
+                sizes[out] = total
+                values[node] = _Value(out)
+                continue
         if module is not None and not shared and first is not None:
             kind = _layer_kind(module)
             if kind == "creates" and _channel_dim_ok(node, module):
@@ -252,35 +320,125 @@ def find_groups(model: nn.Module, example: torch.Tensor) -> tuple[list[Group], l
         if module is not None and _layer_kind(module) == "creates":
             unmanaged.append(node.target)  # shared, or reading a non-channel axis
 
-    groups, left = _collect(axes, members, {axes.find(a) for a in outputs})
+    groups, left = _collect(axes, members, {axes.find(a) for a in outputs}, maps, sizes)
     return groups, list(dict.fromkeys([*left, *unmanaged]))
 
 
+def _mapping(module: ChannelMapping, node: fx.Node, first: _Value) -> list[int] | None:
+    """The module's channel map, if it maps channel axis 1 of a tensor of the same rank."""
+    shape, out = _input_shape(node), node.meta["tensor_meta"].shape
+    if first.block != 1 or len(shape) < 2 or len(out) != len(shape):
+        return None
+    carried = [int(c) for c in module.channel_map(shape[1]).tolist()]
+    real = [c for c in carried if c != -1]
+    fits = len(carried) == out[1] and all(0 <= c < shape[1] for c in real)
+    return carried if fits and len(set(real)) == len(real) else None
+
+
+def _concatenated(node: fx.Node, values: dict[fx.Node, _Value]) -> list[tuple[int, int]]:
+    """(axis, channels) of each part of a concatenation along channels, or [] for any other."""
+    parts = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if not isinstance(parts, list | tuple) or not isinstance(dim, int):
+        return []
+    found = []
+    for part in parts:
+        meta = part.meta.get("tensor_meta") if isinstance(part, fx.Node) else None
+        shape = getattr(meta, "shape", None)
+        if part not in values or shape is None or len(shape) < 2 or dim % len(shape) != 1:
+            return []
+        if values[part].block != 1:
+            return []
+        found.append((values[part].axis, shape[1]))
+    return found
+
+
 def _collect(
-    axes: _Axes, members: dict[int, list[tuple[Member, int]]], outputs: set[int]
+    axes: _Axes,
+    members: dict[int, list[tuple[Member, int]]],
+    outputs: set[int],
+    maps: list[_Map],
+    sizes: dict[int, int],
 ) -> tuple[list[Group], list[str]]:
+    """Groups: the axes joined by maps, one group channel per set of mapped channels."""
     by_root: dict[int, list[tuple[Member, int]]] = {}
     for axis, items in members.items():
         by_root.setdefault(axes.find(axis), []).extend(items)
+    components = _Axes()  # over roots: the maps join axes into one group
+    node_of: dict[int, int] = {}
+    for root in [*by_root, *(axes.find(a) for m in maps for a in (m.source, m.target))]:
+        node_of.setdefault(root, components.new(pinned=root in axes.pinned))
+    for m in maps:
+        components.join(node_of[axes.find(m.source)], node_of[axes.find(m.target)])
+    roots_of: dict[int, list[int]] = {}
+    for root, node in node_of.items():
+        roots_of.setdefault(components.find(node), []).append(root)
+    root_size = {axes.find(a): n for a, n in sizes.items()}
     groups, left = [], []
-    for root, items in by_root.items():
-        producers = [(m, n) for m, n in items if m.role == "out"]
-        if not producers:
+    for component, roots in roots_of.items():
+        items = [item for r in roots for item in by_root.get(r, [])]
+        names = [m.module for m, _ in items if m.role == "out"]
+        if not names:
             continue
-        names = [m.module for m, _ in producers]
-        if root in axes.pinned:
-            if root not in outputs:
+        if components.find(component) in components.pinned:
+            if not any(r in outputs for r in roots):
                 left.extend(names)
             continue
-        channels = {n for m, n in items if m.role != "in"}
-        blocks_fit = len(channels) == 1 and all(
-            n == next(iter(channels)) * m.block for m, n in items if m.role == "in"
-        )
-        if not blocks_fit:  # e.g. a Linear reading a flatten it does not divide
-            left.extend(names)
+        size = {r: _channels_of(by_root.get(r, []), root_size.get(r)) for r in roots}
+        if any(n is None for n in size.values()):  # e.g. a Linear reading a flatten it does
+            left.extend(names)  # not divide, or a map of another width than its neighbours
             continue
-        groups.append(Group(channels.pop(), [m for m, _ in items]))
+        sized = cast(dict[int, int], size)
+        group_maps = [m for m in maps if axes.find(m.target) in sized]
+        classes, channels = _channel_classes(sized, group_maps, axes)
+        members_ = []
+        for r in roots:
+            for member, _ in by_root.get(r, []):
+                members_.append(_indexed(member, classes[r], channels))
+        for m in group_maps:
+            target, source = classes[axes.find(m.target)], classes[axes.find(m.source)]
+            if m.module is not None:
+                members_.append(Member(m.module, "map", index=target, source=source))
+        groups.append(Group(channels, members_))
     return groups, left
+
+
+def _channels_of(items: list[tuple[Member, int]], known: int | None) -> int | None:
+    """The channels of one axis, or None where its members disagree."""
+    channels = {n for m, n in items if m.role != "in"} | ({known} if known else set())
+    if len(channels) != 1:
+        return None
+    count = channels.pop()
+    return count if all(n == count * m.block for m, n in items if m.role == "in") else None
+
+
+def _channel_classes(
+    size: dict[int, int], maps: list[_Map], axes: _Axes
+) -> tuple[dict[int, tuple[int, ...]], int]:
+    """Per axis, the group channel of each of its channels (mapped channels share one), and
+    the number of group channels, numbered along the widest axis first."""
+    order = sorted(size, key=lambda r: -size[r])  # stable: the first widest leads
+    start = dict(zip(order, [0, *itertools.accumulate(size[r] for r in order)], strict=False))
+    channels = _Axes()
+    for _ in range(sum(size.values())):
+        channels.new()
+    for m in maps:
+        target, source = start[axes.find(m.target)], start[axes.find(m.source)]
+        for j, c in enumerate(m.carried):
+            if c != -1:
+                channels.join(target + j, source + c)
+    number: dict[int, int] = {}
+    classes = {}
+    for r in order:
+        found = [channels.find(start[r] + c) for c in range(size[r])]
+        classes[r] = tuple(number.setdefault(f, len(number)) for f in found)
+    return classes, len(number)
+
+
+def _indexed(member: Member, index: tuple[int, ...], channels: int) -> Member:
+    """The member with its channels' group channels (None where they are 0..channels-1)."""
+    identity = len(index) == channels and index == tuple(range(channels))
+    return Member(member.module, member.role, member.block, None if identity else index)
 
 
 def _layer_kind(module: nn.Module) -> str:

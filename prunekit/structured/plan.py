@@ -11,7 +11,7 @@ fine-tuning work as for unstructured masks; at the end the model is shrunk to ne
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -56,7 +56,7 @@ class ChannelPlan:
             excluded = [
                 m.module
                 for m in g.members
-                if m.role != "channel" and f"{m.module}.weight" not in names
+                if m.role in ("out", "in") and f"{m.module}.weight" not in names
             ]
             if excluded:  # part of the group is excluded: all of it stays
                 left.extend(g.names("out"))
@@ -84,21 +84,29 @@ class ChannelPlan:
     def add_scores(self, target: Target, pruner: Pruner, stats: Mapping[str, torch.Tensor]) -> None:
         """Add ``target``'s share of every channel score: the pruner's score of the set of
         its weights removed with the channel (rows it makes, columns that read it)."""
-        for index, sets in self._sets(target):
+        for index, sets, channels in self._sets(target, pruner.channel_sides):
             score = pruner.set_scores(target, stats, sets.to(target.weight.device))
             if score is not None:
-                self.scores.setdefault(index, torch.zeros(len(sets), dtype=torch.float64))
-                self.scores[index] += score.detach().double().cpu()
+                total = self.scores.setdefault(
+                    index, torch.zeros(self.groups[index].channels, dtype=torch.float64)
+                )
+                total.index_add_(0, channels, score.detach().double().cpu())
 
-    def _sets(self, target: Target) -> list[tuple[int, torch.Tensor]]:
+    def _sets(
+        self, target: Target, sides: frozenset[str]
+    ) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(group, the target's weights removed with each of its channels in the group,
+        the group channel of each)."""
         module = target.name.rsplit(".", 1)[0] if "." in target.name else ""
         shape = target.weight.shape
         found = []
         for index, g in enumerate(self.groups):
             for m in g.members:
-                if m.module != module or m.role == "channel":
+                if m.module != module or m.role not in sides:
                     continue
-                found.append((index, channel_sets(shape, g.channels, m.role, m.block)))
+                channels = torch.tensor(m.index) if m.index else torch.arange(g.channels)
+                sets = channel_sets(shape, len(channels), m.role, m.block)
+                found.append((index, sets, channels))
         return found
 
     def select(self, fraction: float, mode: str) -> dict[str, torch.Tensor]:
@@ -120,17 +128,44 @@ class ChannelPlan:
             wanted = self._global_counts(channel_scores, total)
         masks: dict[str, torch.Tensor] = {}
         for i, (g, s) in enumerate(zip(self.groups, channel_scores, strict=True)):
-            rounded = min(g.channels, -(-wanted[i] // self.multiple) * self.multiple)
-            count = max(rounded, min(self.min_channels, g.channels))
-            if count > rounded:
+            count = self._rounded(g.channels, wanted[i])
+            if count > -(-wanted[i] // self.multiple) * self.multiple:
                 self.warnings.append(
                     f"{g}: kept {count} of {g.channels} channels (--min-channels), not {wanted[i]}"
                 )
-            keep = torch.argsort(s, descending=True, stable=True)[:count].sort()[0]
+            if mode == "layer" and any(m.index for m in g.members):
+                keep = _each_width_kept(g, s, fraction, self._rounded)
+            else:
+                keep = torch.argsort(s, descending=True, stable=True)[:count].sort()[0]
+            keep = self._fit_members(g, keep, s)
             self.kept[i] = keep
             for name, mask in group_masks(modules, g, keep).items():
                 masks[name] = masks[name] & mask if name in masks else mask
         return masks
+
+    def _rounded(self, channels: int, wanted: int) -> int:
+        """``wanted`` rounded up to the multiple, at least --min-channels, at most all."""
+        rounded = min(channels, -(-wanted // self.multiple) * self.multiple)
+        return max(rounded, min(self.min_channels, channels))
+
+    def _fit_members(self, g: Group, keep: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """``keep`` grown so that every member of a mapped group (one width of a residual
+        stream) keeps a rounded count of its own channels: the best-scored ones it lost."""
+        held = sorted({m.index for m in g.members if m.index}, key=len)
+        for _ in range(len(held) + 1):  # growing a narrow member can only grow wider ones
+            grown = False
+            for index in held:
+                own = torch.tensor(index)
+                kept = int(torch.isin(own, keep).sum())
+                count = self._rounded(len(own), kept)
+                if count > kept:
+                    lost = own[~torch.isin(own, keep)]
+                    best = lost[torch.argsort(scores[lost], descending=True, stable=True)]
+                    keep = torch.cat([keep, best[: count - kept]]).unique()
+                    grown = True
+            if not grown:
+                break
+        return keep
 
     def _kept_count(self, g: Group, fraction: float) -> int:
         return g.channels - math.floor(fraction * g.channels + 1e-9)
@@ -153,6 +188,29 @@ class ChannelPlan:
             record[str(g)] = keep.tolist()
             shrink(modules, g, keep)
         return record
+
+
+def _each_width_kept(
+    g: Group, scores: torch.Tensor, fraction: float, rounded: Callable[[int, int], int]
+) -> torch.Tensor:
+    """The kept channels of a mapped group with ``fraction`` removed from each of its widths
+    (a residual stream's 16, 32 and 64 channels; each kept count rounded by ``rounded``),
+    narrowest first: a channel removed from a narrow width is gone from the wider ones too,
+    and each wider width removes what it still owes from the channels it adds, so the kept
+    counts of the narrower ones stay as rounded. (One cut over the whole group would spare
+    the narrow widths, whose channels are read by more layers and so score higher.)"""
+    widths = [torch.tensor(w).unique() for w in sorted({m.index for m in g.members if m.index},
+                                                        key=len)]  # fmt: skip
+    removed = torch.zeros(g.channels, dtype=torch.bool)
+    narrower = torch.zeros(g.channels, dtype=torch.bool)
+    for held in [*widths, torch.arange(g.channels)]:
+        wanted = len(held) - math.floor(fraction * len(held) + 1e-9)
+        owed = len(held) - rounded(len(held), wanted) - int(removed[held].sum())
+        open_ = held[~removed[held] & ~narrower[held]]
+        if owed > 0:
+            removed[open_[torch.argsort(scores[open_], stable=True)[:owed]]] = True
+        narrower[held] = True
+    return (~removed).nonzero().flatten()
 
 
 def channel_sets(shape: torch.Size, channels: int, role: str, block: int) -> torch.Tensor:

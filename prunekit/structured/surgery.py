@@ -15,12 +15,20 @@ from typing import cast
 import torch
 from torch import nn
 
-from prunekit.structured.groups import Group, Member
+from prunekit.structured.groups import ChannelMapping, Group, Member
 
 
 def input_columns(keep: torch.Tensor, block: int) -> torch.Tensor:
     """Input features of the kept channels, with ``block`` features per channel."""
     return (keep[:, None] * block + torch.arange(block, device=keep.device)).flatten()
+
+
+def member_channels(index: tuple[int, ...] | None, keep: torch.Tensor) -> torch.Tensor:
+    """A member's own kept channels: those whose group channel is in ``keep``."""
+    if index is None:
+        return keep
+    held = torch.tensor(index, dtype=torch.long, device=keep.device)
+    return torch.isin(held, keep).nonzero().flatten()
 
 
 def group_masks(
@@ -29,14 +37,15 @@ def group_masks(
     """Keep-masks of the members' weights (by dotted weight name) for kept channels ``keep``."""
     masks: dict[str, torch.Tensor] = {}
     for m in group.members:
-        if m.role == "channel":
+        if m.role in ("channel", "map"):
             continue
         weight = cast(torch.Tensor, modules[m.module].weight)
         mask = torch.zeros(weight.shape, dtype=torch.bool, device=weight.device)
+        kept = member_channels(m.index, keep.to(weight.device))
         if m.role == "out":
-            mask[keep] = True
+            mask[kept] = True
         else:
-            mask[:, input_columns(keep, m.block)] = True
+            mask[:, input_columns(kept, m.block)] = True
         name = f"{m.module}.weight"  # a layer may both read and write the group's axis
         masks[name] = masks[name] & mask if name in masks else mask
     return masks
@@ -46,7 +55,17 @@ def group_masks(
 def shrink(modules: dict[str, nn.Module], group: Group, keep: torch.Tensor) -> None:
     """Cut every member of ``group`` down to the channels ``keep`` (sorted indices), in place."""
     for m in group.members:
-        _shrink_member(modules[m.module], m, keep)
+        module, kept = modules[m.module], member_channels(m.index, keep.cpu())
+        if m.role == "map":
+            cast(ChannelMapping, module).keep_channels(member_channels(m.source, keep.cpu()), kept)
+        else:
+            _shrink_member(module, m, kept)
+    position = {int(c): i for i, c in enumerate(keep.tolist())}  # renumbered group channels
+    for m in group.members:
+        m.index, m.source = (
+            None if held is None else tuple(position[c] for c in held if c in position)
+            for held in (m.index, m.source)
+        )
     group.channels = len(keep)
 
 

@@ -82,7 +82,7 @@ def test_cifar_resnet_option_a_shortcut_pads_channels():
     from prunekit.load.cifar_resnet import PadShortcut
 
     x = torch.arange(2 * 16 * 4 * 4, dtype=torch.float32).reshape(2, 16, 4, 4)
-    y = PadShortcut(16)(x)
+    y = PadShortcut(16, 32)(x)
     assert y.shape == (2, 32, 2, 2)
     assert torch.equal(y[:, 8:24], x[:, :, ::2, ::2])
     assert y[:, :8].abs().sum() == 0 and y[:, 24:].abs().sum() == 0

@@ -132,3 +132,28 @@ def test_out_of_memory_outside_the_statistics_is_one_line(monkeypatch, tmp_path)
     )
     assert_error(result, 1, "out of memory (CUDA out of memory.", "lower --batch-size")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_cifar_resnets_residual_stream_is_pruned_saved_and_loaded_back(cifar_like, tmp_path):
+    import onnxruntime as ort
+
+    from prunekit.load.models import load_model
+
+    _, base = cifar_like
+    out = tmp_path / "run"
+    report = prune_report(*base, "-p", "layer_obs", "-s", "0.3", "--mask", "layer",
+                          "--structure", "channels", "--export", "safetensors,onnx",
+                          "--out", str(out))  # fmt: skip
+    stream = next(name for name in report["structure"]["kept"] if name.startswith("conv1+"))
+    assert len(report["structure"]["kept"][stream]) < 64  # the stream lost channels
+    loaded = load_model("cifar:resnet20", out / "model.safetensors").model.eval()
+    assert loaded.conv1.out_channels < 16 and loaded.linear.in_features < 64
+    shortcut = loaded.layer3[0].shortcut  # carries stage 2's kept channels into stage 3
+    assert shortcut.inputs == loaded.layer2[2].conv2.out_channels
+    assert shortcut.front + shortcut.inputs + shortcut.back == loaded.layer3[0].conv2.out_channels
+    x = torch.rand(4, 3, 16, 16)
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        expected = loaded(x).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)

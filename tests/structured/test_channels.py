@@ -62,11 +62,48 @@ def test_groups_of_a_torchvision_resnet_block():
     assert len(by_producers) == 12 and left == []
 
 
-def test_option_a_shortcuts_pin_the_residual_stream():
-    described, left = _described(cifar_resnet("resnet20"), torch.randn(2, 3, 32, 32))
-    assert len(described) == 9  # each block's inner channels (conv1 -> bn1 -> conv2)
-    assert all({r for _, r, _ in members} == {"out", "channel", "in"} for _, members in described)
-    assert "linear" not in left and any("layer1.0.conv2" in name for name in left)
+def test_option_a_shortcuts_make_the_residual_stream_one_group_across_its_widths():
+    groups, left = find_groups(cifar_resnet("resnet20"), torch.randn(2, 3, 32, 32))
+    assert left == [] and len(groups) == 10  # each block's inner channels, and the stream
+    stream = next(g for g in groups if g.channels == 64)
+    held = {(m.module, m.role): m.index for m in stream.members}
+    # numbered along the widest width: the zero-padded shortcuts put the 16 channels of
+    # stage 1 in the middle of stage 2's 32 (8..23), and those in the middle of stage 3's 64
+    assert held["conv1", "out"] == tuple(range(24, 40))
+    assert held["layer2.0.conv2", "out"] == held["layer2.2.conv1", "in"] == tuple(range(16, 48))
+    assert held["layer3.0.conv2", "out"] is None and held["linear", "in"] is None  # 0..63
+    maps = [m for m in stream.members if m.role == "map"]
+    assert [m.module for m in maps] == ["layer2.0.shortcut", "layer3.0.shortcut"]
+    assert maps[0].source == tuple(range(24, 40)) and maps[0].index == tuple(range(16, 48))
+
+
+class Dense(nn.Module):
+    """DenseNet-style: features concatenated along channels, read by later layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.a = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 4, 3, padding=1)
+        self.b = nn.Conv2d(10, 5, 1)
+        self.bn = nn.BatchNorm2d(10)
+        self.fc = nn.Linear(15, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        x = torch.cat([x, torch.relu(self.a(x))], 1)  # 6 + 4
+        x = torch.cat((torch.relu(self.bn(x)), self.b(x)), dim=1)  # 10 + 5
+        return self.fc(x.mean((2, 3)))
+
+
+def test_concatenated_channels_are_the_channels_of_the_parts():
+    groups, left = find_groups(Dense(), torch.randn(2, 3, 8, 8))
+    assert left == [] and len(groups) == 1  # the parts of the last concatenation: one group
+    (group,) = groups
+    held = {(m.module, m.role): m.index for m in group.members}
+    assert group.channels == 15 and held["fc", "in"] is None  # numbered along the widest
+    assert held["stem", "out"] == held["a", "in"] == tuple(range(6))
+    assert held["a", "out"] == tuple(range(6, 10))
+    assert held["b", "in"] == held["bn", "channel"] == tuple(range(10))
+    assert held["b", "out"] == tuple(range(10, 15))
 
 
 @pytest.mark.parametrize(
@@ -76,8 +113,9 @@ def test_option_a_shortcuts_pin_the_residual_stream():
         (lambda: cifar_resnet("resnet20"), 32),
         (torchvision.models.resnet18, 32),
         (torchvision.models.mobilenet_v2, 32),
+        (Dense, 8),
     ],
-    ids=["net", "cifar-resnet20", "resnet18", "mobilenet_v2"],
+    ids=["net", "cifar-resnet20", "resnet18", "mobilenet_v2", "concatenation"],
 )
 def test_the_shrunk_model_computes_what_the_masked_model_computes(build, size):
     torch.manual_seed(0)
