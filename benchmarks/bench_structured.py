@@ -10,7 +10,8 @@ downloaded): its accuracy means nothing there, its speed-up, parameters and FLOP
     python benchmarks/bench_structured.py [--dev-dir DIR] [--model cifar:resnet56]
         [--pruners magnitude,woodfisher] [--fractions 0.3,0.5] [--mask layer]
         [--finetune-epochs 5] [--lr 0.01] [--no-recalibrate-bn] [--test-images 3000]
-        [--param KEY=VALUE ...] [--no-distill] [--no-augment]
+        [--param KEY=VALUE ...] [--distill | --no-distill] [--no-augment]
+        [--channel-multiple 8] [--exclude conv1.weight] [--no-dense-reference]
 
 BatchNorm statistics are re-estimated after the schedule (prunekit's default for structured
 runs; --no-recalibrate-bn: not): the one-shot column includes it only when there is no
@@ -56,8 +57,25 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=200, help="timed ONNX runs per batch")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--channel-multiple", type=int, default=1)
-    parser.add_argument("--distill", action=argparse.BooleanOptionalAction, help="default: on")
+    parser.add_argument(
+        "--distill",
+        action=argparse.BooleanOptionalAction,
+        help="default: prunekit's (off with labels)",
+    )
+    parser.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        help="weights left whole (e.g. conv1.weight: "
+        "the stem, and so the whole residual stream, of a CIFAR ResNet)",
+    )
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, help="default: on")
+    parser.add_argument(
+        "--dense-reference",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also fine-tune the dense model the same way (the reference row)",
+    )
     args = parser.parse_args()
     dev = checked(args.dev_dir)
     cifar = args.model.startswith("cifar:")
@@ -75,14 +93,15 @@ def main() -> None:
         print(f"{args.model}, --structure channels --mask {args.mask}, fine-tuning "
               f"{epochs} epoch(s) on the calibration images, lr {args.lr}, BatchNorm "
               f"{'as trained' if args.recalibrate_bn is False else 're-estimated'}, "
-              f"distillation {'off' if args.distill is False else 'on'}, augmentation "
+              f"distillation {({None: 'default', True: 'on', False: 'off'})[args.distill]}, "
+              f"excluded {', '.join(args.exclude) or 'none'}, augmentation "
               f"{'off' if args.augment is False else 'on'}\n")  # fmt: skip
         print("| pruner | channels removed | params | FLOPs | one-shot top-1 | fine-tuned "
               "top-1 | ORT speed-up b1 | b32 | seconds |")  # fmt: skip
         print("|---|---|---|---|---|---|---|---|---|")
         dense_row = False
         runs = [(float(f), p) for f in args.fractions.split(",") for p in args.pruners.split(",")]
-        if epochs:  # the same fine-tuning of the dense model: the
+        if epochs and args.dense_reference:  # the same fine-tuning of the dense model: the
             runs.insert(0, (0.0, "magnitude"))  # fair reference for the fine-tuned columns
         for fraction, pruner in runs:
             config = PruneConfig(
@@ -92,6 +111,7 @@ def main() -> None:
                 mask=args.mask,
                 structure="channels",
                 channel_multiple=args.channel_multiple,
+                exclude=tuple(args.exclude),
                 data=f"tensors:{calibration},{held_out}",
                 normalize="imagenet",
                 weights=dev / f"{arch}.safetensors" if cifar else None,
