@@ -324,6 +324,7 @@ def test_models_and_pruners_listing():
         "fbss",
         "sparsegpt",
         "wanda",
+        "layer_obs",
     }
     assert all(p["distribution"] == "prunekit" and p["summary"] for p in pruners)
     show = runner.invoke(app, ["pruners", "show", "magnitude"])
