@@ -80,6 +80,7 @@ class Collector:
                 f"the pruner needs statistics prunekit cannot collect: {', '.join(unknown)} "
                 f"(available: {', '.join(sorted(AVAILABLE))}); upgrade prunekit"
             )
+        self.budget = budget
         self.model, self.targets, self.calibration = model, list(targets), calibration
         self.spec, self.needs, self.device, self.seed = spec, needs, device, seed
         self.objective = objective.for_fisher(spec.fisher)
@@ -193,6 +194,8 @@ class Collector:
         ``num_samples`` calibration samples."""
         modules = {t.name: t.module for t in self.targets if multiplies_rows(t.module)}
         found: dict[str, dict[str, torch.Tensor]] = {name: {} for name in modules}
+        if INPUT_GRAM in self.needs:
+            self._check_gram_memory([t for t in self.targets if t.name in modules])
         with self.timings.phase("statistics"):
             if INPUT_GRAM in self.needs:
                 grams = input_grams(
@@ -209,6 +212,21 @@ class Collector:
                 for name, square in squares.items():
                     found[name][INPUT_SQUARES] = square
         return {name: own for name, own in found.items() if own}
+
+    def _check_gram_memory(self, targets: list[Target]) -> None:
+        """The input Gram matrices (d × d float64 per layer, all held at once) fit the
+        memory budget, or a usage error naming the widest layers."""
+        widths = {t.name: t.weight[0].numel() for t in targets}
+        needed = sum(8 * d * d for d in widths.values())
+        budget = self.budget or default_budget(self.device)
+        if needed > budget:
+            widest = sorted(widths, key=lambda n: -widths[n])[:3]
+            raise UsageError(
+                f"the layers' input Gram matrices need {needed / 2**30:.1f} GiB, over the "
+                f"memory budget of {budget / 2**30:.1f} GiB (widest: {', '.join(widest)}): "
+                "--exclude the widest layers, raise --memory-budget, or use sparsegpt, "
+                "which measures one layer at a time"
+            )
 
     def base_damping(self) -> float:
         """λ before any escalation: α times the mean Fisher diagonal over every target

@@ -185,7 +185,7 @@ def _untraceable_part(model: nn.Module) -> str:
         ):
             continue
         try:
-            fx.symbolic_trace(module)
+            _Tracer().trace(module)
         except Exception:  # the deepest failing module is listed last
             found = f"module {name} ({type(module).__name__})"
     return found

@@ -104,7 +104,7 @@ class ChannelPlan:
             for m in g.members:
                 if m.module != module or m.role not in sides:
                     continue
-                channels = torch.tensor(m.index) if m.index else torch.arange(g.channels)
+                channels = torch.arange(g.channels) if m.index is None else torch.tensor(m.index)
                 sets = channel_sets(shape, len(channels), m.role, m.block)
                 found.append((index, sets, channels))
         return found
@@ -126,6 +126,13 @@ class ChannelPlan:
         if mode == "global":
             total = self.channels() - round(fraction * self.channels())
             wanted = self._global_counts(channel_scores, total)
+            mapped = [str(g) for g in self.groups if len(_widths(g)) > 1]
+            if mapped:
+                self.warnings.append(
+                    f"--mask global ranks the channels of {mapped[0][:60]}... (a group across "
+                    "several widths) by scores summed over every width, so its narrow widths "
+                    "are rarely pruned; --mask layer removes the fraction from each width"
+                )
         masks: dict[str, torch.Tensor] = {}
         for i, (g, s) in enumerate(zip(self.groups, channel_scores, strict=True)):
             count = self._rounded(g.channels, wanted[i])
@@ -133,7 +140,7 @@ class ChannelPlan:
                 self.warnings.append(
                     f"{g}: kept {count} of {g.channels} channels (--min-channels), not {wanted[i]}"
                 )
-            if mode == "layer" and any(m.index for m in g.members):
+            if mode == "layer" and len(_widths(g)) > 1:
                 keep = _each_width_kept(g, s, fraction, self._rounded)
             else:
                 keep = torch.argsort(s, descending=True, stable=True)[:count].sort()[0]
@@ -149,23 +156,25 @@ class ChannelPlan:
         return max(rounded, min(self.min_channels, channels))
 
     def _fit_members(self, g: Group, keep: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """``keep`` grown so that every member of a mapped group (one width of a residual
-        stream) keeps a rounded count of its own channels: the best-scored ones it lost."""
-        held = sorted({m.index for m in g.members if m.index}, key=len)
-        for _ in range(len(held) + 1):  # growing a narrow member can only grow wider ones
-            grown = False
-            for index in held:
-                own = torch.tensor(index)
-                kept = int(torch.isin(own, keep).sum())
-                count = self._rounded(len(own), kept)
-                if count > kept:
-                    lost = own[~torch.isin(own, keep)]
-                    best = lost[torch.argsort(scores[lost], descending=True, stable=True)]
-                    keep = torch.cat([keep, best[: count - kept]]).unique()
-                    grown = True
-            if not grown:
-                break
-        return keep
+        """``keep`` grown so that every width of a mapped group (a residual stream's 16, 32
+        and 64 channels) keeps a rounded count of its channels, narrowest first, each grown
+        from the best-scored channels it adds to the narrower ones (so their counts stay)."""
+        widths = _widths(g)
+        if len(widths) == 1:
+            return keep
+        kept = torch.zeros(g.channels, dtype=torch.bool)
+        kept[keep] = True
+        narrower = torch.zeros(g.channels, dtype=torch.bool)
+        for held in widths:
+            count = int(kept[held].sum())
+            owed = self._rounded(len(held), count) - count
+            for pool in (held[~kept[held] & ~narrower[held]], held[~kept[held]]):
+                if owed > 0:  # its own channels first; a narrower width's only if it must
+                    best = pool[torch.argsort(scores[pool], descending=True, stable=True)]
+                    kept[best[:owed]] = True
+                    owed -= len(best[:owed])
+            narrower[held] = True
+        return kept.nonzero().flatten()
 
     def _kept_count(self, g: Group, fraction: float) -> int:
         return g.channels - math.floor(fraction * g.channels + 1e-9)
@@ -190,6 +199,14 @@ class ChannelPlan:
         return record
 
 
+def _widths(g: Group) -> list[torch.Tensor]:
+    """The group channels each width of a mapped group holds, narrowest first, the whole
+    group last (one entry for a group without maps)."""
+    held = {m.index for m in g.members if m.index is not None}
+    distinct = {tuple(sorted(set(index))) for index in held} - {tuple(range(g.channels))}
+    return [*(torch.tensor(w) for w in sorted(distinct, key=len)), torch.arange(g.channels)]
+
+
 def _each_width_kept(
     g: Group, scores: torch.Tensor, fraction: float, rounded: Callable[[int, int], int]
 ) -> torch.Tensor:
@@ -199,11 +216,9 @@ def _each_width_kept(
     and each wider width removes what it still owes from the channels it adds, so the kept
     counts of the narrower ones stay as rounded. (One cut over the whole group would spare
     the narrow widths, whose channels are read by more layers and so score higher.)"""
-    widths = [torch.tensor(w).unique() for w in sorted({m.index for m in g.members if m.index},
-                                                        key=len)]  # fmt: skip
     removed = torch.zeros(g.channels, dtype=torch.bool)
     narrower = torch.zeros(g.channels, dtype=torch.bool)
-    for held in [*widths, torch.arange(g.channels)]:
+    for held in _widths(g):
         wanted = len(held) - math.floor(fraction * len(held) + 1e-9)
         owed = len(held) - rounded(len(held), wanted) - int(removed[held].sum())
         open_ = held[~removed[held] & ~narrower[held]]

@@ -237,3 +237,25 @@ def test_groups_are_safe_where_a_layer_reads_another_axis_or_a_weight_is_reused(
     model = _Noisy()  # built in training mode, as on load: traced in eval mode regardless
     reapply(model, torch.zeros(1, 3, 4, 4), {"a": [0, 1, 2, 3]})
     assert model.a.out_channels == 4 and model.training
+
+
+@pytest.mark.parametrize("mode", ["layer", "global"])
+def test_every_width_of_a_residual_stream_keeps_a_rounded_count(mode):
+    from prunekit.engine.masks import find_targets
+    from prunekit.pruners.magnitude import MagnitudePruner
+    from prunekit.structured.plan import ChannelPlan
+
+    model = cifar_resnet("resnet20")
+    targets, _ = find_targets(model)
+    plan = ChannelPlan.of(model, torch.randn(1, 3, 32, 32), targets, multiple=4)
+    for t in targets:  # scores that favour no width: the weights' L1 norms
+        plan.add_scores(t, MagnitudePruner(), {})
+    plan.select(0.5, mode)
+    plan.shrink()
+    widths = [model.conv1.out_channels, model.layer2[0].conv2.out_channels,
+              model.layer3[0].conv2.out_channels]  # fmt: skip
+    assert all(w % 4 == 0 for w in widths)
+    if mode == "layer":
+        assert widths == [8, 16, 32]  # half of each width
+    else:
+        assert any("--mask global ranks" in w for w in plan.warnings)
