@@ -10,6 +10,7 @@ forward pass per measurement.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -84,8 +85,9 @@ def _layer_means(
         for handle in handles:
             handle.remove()
     if distributed.active():  # each rank has samples, and its pass reaches the same modules
-        for name in modules:
-            sums.setdefault(name, torch.zeros((), dtype=torch.float64, device=device))
+        for name, module in modules.items():  # zeros of the right shape where not reached
+            width = cast(torch.Tensor, module.weight)[0].numel()
+            sums.setdefault(name, reduce(torch.zeros(0, width, dtype=torch.float64, device=device)))
         total = torch.tensor([float(counts.get(name, 0)) for name in modules], device=device)
         distributed.all_reduce_sum([total, *(sums[name] for name in modules)])
         counts = {name: int(c) for name, c in zip(modules, total.tolist(), strict=True) if c}

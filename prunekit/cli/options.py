@@ -138,7 +138,9 @@ RUN = (
         "--structure",
         "channels: remove whole Conv channels / Linear neurons with the layers that depend "
         "on them (-s is then the fraction of channels); the exports are smaller dense models. "
-        "channels-or-weights: the same, or unstructured if the model cannot be traced.",
+        "channels-or-weights: the same, or unstructured if the model cannot be traced. "
+        "The second-order criterion for channels is -p layer_obs (with --mask layer); "
+        "--channel-multiple 8 for ONNX Runtime speed.",
         TARGETS,
     ),
     _opt(

@@ -27,6 +27,8 @@ RUNS = {
     "fisher_pruner": ("sample:digits-cnn", "-p", "fisher_pruner", "-s", "0.6",
                       "--param", "num_grads=200"),
     "sparsegpt": ("sample:digits-cnn", "-p", "sparsegpt", "-s", "0.6", "--mask", "layer"),
+    "layer_obs": ("sample:digits-cnn", "-p", "layer_obs", "-s", "0.5", "--mask", "layer",
+                  "--structure", "channels"),  # input Gram matrices all-reduced
 }  # fmt: skip
 
 
