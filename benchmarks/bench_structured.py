@@ -12,6 +12,7 @@ downloaded): its accuracy means nothing there, its speed-up, parameters and FLOP
         [--finetune-epochs 5] [--lr 0.01] [--no-recalibrate-bn] [--test-images 3000]
         [--param KEY=VALUE ...] [--distill | --no-distill] [--no-augment]
         [--channel-multiple 8] [--exclude conv1.weight] [--no-dense-reference]
+        [--recompute auto|K]
 
 BatchNorm statistics are re-estimated after the schedule (prunekit's default for structured
 runs; --no-recalibrate-bn: not): the one-shot column includes it only when there is no
@@ -70,6 +71,7 @@ def main() -> None:
         "the stem, and so the whole residual stream, of a CIFAR ResNet)",
     )
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, help="default: on")
+    parser.add_argument("--recompute", default="auto", help="sub-steps: auto or K")
     parser.add_argument(
         "--dense-reference",
         action=argparse.BooleanOptionalAction,
@@ -119,6 +121,7 @@ def main() -> None:
                 params={k: v for k, v in params.items() if pruner != "magnitude"},
                 schedule=ScheduleConfig(
                     finetune_epochs=epochs,
+                    recompute=None if args.recompute == "auto" else int(args.recompute),
                     train=TrainConfig(lr=args.lr, distill=args.distill, augment=args.augment),
                 ),
                 recalibrate_bn=args.recalibrate_bn,
