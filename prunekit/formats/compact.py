@@ -31,6 +31,7 @@ import torch
 from prunekit.contract.quantization import QuantizedTensor
 from prunekit.errors import InputFileError
 from prunekit.formats.safetensors_file import read_metadata, write_safetensors
+from prunekit.version import __version__
 
 FORMAT_KEY = "prunekit_sparse"
 MASK, VALUES, CODES, SCALES = "::mask", "::values", "::codes", "::scales"
@@ -195,6 +196,7 @@ def densify(src: Path, dst: Path) -> None:
     state = load_sparse(src)
     meta = read_metadata(src)
     meta.pop(FORMAT_KEY, None)
+    meta["prunekit_version"] = __version__  # what --force may later replace
     write_safetensors(state, dst, meta)
 
 
@@ -202,7 +204,7 @@ def densify_file(src: Path, dst: Path, force: bool = False) -> list[str]:
     """`prunekit densify`: write ``dst`` atomically; return notes on what killed runs left."""
     from prunekit.runtime.outputs import prepare_output, staged_file
 
-    notes = prepare_output(dst, force, kind="file")
-    with staged_file(dst, force) as tmp:
+    notes = prepare_output(dst, force, kind="export")
+    with staged_file(dst, force, kind="export") as tmp:
         densify(src, tmp)
     return notes

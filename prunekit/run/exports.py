@@ -159,10 +159,10 @@ def export_file(
         from prunekit.load.data import load_data
 
         input_shape = load_data(data_spec, model_spec=model).input_shape
-    notes = prepare_output(out, force, kind="file")
+    notes = prepare_output(out, force, kind="export")
     loaded = load_model(model, weights, num_classes, trust_checkpoint)
     metadata = export_metadata(model, weights, out, data_spec, num_classes)
-    with staged_file(out, force) as tmp:
+    with staged_file(out, force, kind="export") as tmp:
         if format == "onnx":
             from prunekit.formats.onnx_file import export_onnx
 

@@ -108,29 +108,42 @@ def _empty_folder(path: Path) -> bool:
     return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
 
 
-def _json_keys(path: Path) -> set[str]:
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
-        return set()
-    return set(obj) if isinstance(obj, dict) else set()
-
-
 def is_prunekit_output(path: Path) -> bool:
-    """prunekit's marker, or a report.json / sweep.json with prunekit's own keys."""
-    if not path.is_dir():
+    """A folder holding prunekit's marker file (every run and sweep writes one). A folder
+    whose report.json merely has prunekit's keys is not enough: another tool's may too."""
+    return path.is_dir() and (path / MARKER).is_file()
+
+
+def written_by_prunekit(path: Path) -> bool:
+    """A safetensors or ONNX file whose metadata names the prunekit version that wrote it
+    (every file prunekit exports carries ``prunekit_version``)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) == 8:  # safetensors: u64 header length, then the JSON header
+                size = int.from_bytes(head, "little")
+                if 0 < size <= 100_000_000:
+                    header = json.loads(f.read(size))
+                    meta = header.get("__metadata__") if isinstance(header, dict) else None
+                    if isinstance(meta, dict) and "prunekit_version" in meta:
+                        return True
+    except (OSError, ValueError, UnicodeDecodeError):
+        pass
+    try:
+        import onnx
+
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not an ONNX file (the parser raises several types)
         return False
-    return (
-        (path / MARKER).is_file()
-        or {"model", "pruner", "sparsity", "schedule"} <= _json_keys(path / "report.json")
-        or {"model", "schedule", "mask", "data"} <= _json_keys(path / "sweep.json")
-    )
+    return any(p.key == "prunekit_version" for p in proto.metadata_props)
 
 
 def check_writable(out: Path, force: bool, kind: str = "folder") -> None:
     """Fail before any work when OUT cannot or must not be (re)placed.
 
-    ``kind`` is "folder" (a run's output folder) or "file" (one exported file).
+    ``kind`` is "folder" (a run's output folder), "file" (one file prunekit keeps inside
+    a folder of its own, e.g. a sweep's) or "export" (a file the user named: replaced only
+    if prunekit wrote it).
     """
     if inside_cwd_chain(out):
         raise UsageError(
@@ -142,13 +155,18 @@ def check_writable(out: Path, force: bool, kind: str = "folder") -> None:
         if kind == "folder" and not stat.S_ISDIR(mode):
             what = "a file" if stat.S_ISREG(mode) else "a link, device or other special file"
             raise UsageError(f"--out {out} is {what}, not a folder; pick another --out")
-        if kind == "file" and not stat.S_ISREG(mode):
+        if kind != "folder" and not stat.S_ISREG(mode):
             what = "a folder" if stat.S_ISDIR(mode) else "a link, device or other special file"
             raise UsageError(f"{out} is {what}, not a file prunekit can replace; pick another path")
         if kind == "folder" and not is_prunekit_output(out):
             raise UsageError(
-                f"{out} exists and is not a prunekit output (no {MARKER} or prunekit "
-                "report.json in it); prunekit replaces only its own outputs: pick another --out"
+                f"{out} exists and is not a prunekit output (no {MARKER} in it); prunekit "
+                "replaces only its own outputs: pick another --out"
+            )
+        if kind == "export" and not written_by_prunekit(out):
+            raise UsageError(
+                f"{out} exists and was not written by prunekit (no prunekit_version in its "
+                "metadata); --force replaces only prunekit's own files: pick another path"
             )
         if not force:
             raise OutputExistsError(f"{out} already exists; pass --force to replace it")
@@ -246,9 +264,10 @@ def staged_dir(out: Path, force: bool) -> Iterator[Path]:
 
 
 @contextmanager
-def staged_file(path: Path, force: bool) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it over ``path`` only on success."""
-    check_writable(path, force, kind="file")
+def staged_file(path: Path, force: bool, kind: str = "file") -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it over ``path`` only on success
+    (``kind``: "file", or "export" for a file the user named, see check_writable)."""
+    check_writable(path, force, kind)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(path)  # temp files of this same file from a killed run
     with _held(path) as token:

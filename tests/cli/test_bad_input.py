@@ -166,6 +166,39 @@ def test_out_that_is_a_device_or_file_is_refused(tmp_path):
     assert_error(result, 2, "is a folder, not a file")
 
 
+def test_force_replaces_only_files_and_folders_prunekit_wrote(tmp_path):
+    mine = tmp_path / "mine.onnx"
+    mine.write_text("a user's own file")
+    for args in (("export", "sample:digits-mlp", "--out", str(mine), "--force"),
+                 ("export", "sample:digits-mlp", "--format", "safetensors", "--out", str(mine),
+                  "--force")):  # fmt: skip
+        assert_error(invoke(*args), 2, "was not written by prunekit", "pick another path")
+    assert mine.read_text() == "a user's own file"
+    ours = tmp_path / "ours.onnx"
+    assert invoke("export", "sample:digits-mlp", "--out", str(ours)).exit_code == 0
+    assert_error(invoke("export", "sample:digits-mlp", "--out", str(ours)), 2, "--force")
+    assert invoke("export", "sample:digits-mlp", "--out", str(ours), "--force").exit_code == 0
+    compact = tmp_path / "c.safetensors"
+    assert invoke("export", "sample:digits-mlp", "--format", "safetensors",
+                  "--out", str(compact)).exit_code == 0  # fmt: skip
+    notes = tmp_path / "notes.txt"
+    notes.write_text("notes")
+    result = invoke("densify", str(compact), str(notes), "--force")
+    assert_error(result, 2, "was not written by prunekit")
+    assert notes.read_text() == "notes"
+    dense = tmp_path / "d.safetensors"
+    assert invoke("densify", str(compact), str(dense)).exit_code == 0
+    assert invoke("densify", str(compact), str(dense), "--force").exit_code == 0
+    # another tool's run folder whose report.json has prunekit's keys is not prunekit's
+    decoy = tmp_path / "decoy"
+    decoy.mkdir()
+    keys = {"model": "m", "pruner": "p", "sparsity": 0.5, "schedule": "s"}
+    (decoy / "report.json").write_text(json.dumps(keys))
+    (decoy / "checkpoint.pt").write_text("weights")
+    assert_error(prune(*MLP_HALF, "--out", str(decoy), "--force"), 2, "not a prunekit output")
+    assert (decoy / "checkpoint.pt").read_text() == "weights"
+
+
 # --- tracebacks turned into one-line errors ------------------------------------------------
 
 
