@@ -20,7 +20,7 @@ from typing import Any
 
 from prunekit.errors import InputFileError, UsageError
 from prunekit.run.config import PruneConfig
-from prunekit.runtime.outputs import inside_cwd_chain, staged_file
+from prunekit.runtime.outputs import MARKER, inside_cwd_chain, staged_file
 
 COLUMNS = (
     "model",
@@ -123,6 +123,7 @@ def run_sweep(
             )
     out.mkdir(parents=True, exist_ok=True)
     (out / "cells").mkdir(exist_ok=True)
+    (out / MARKER).write_text("written by prunekit\n")  # --force may replace it later
     _write_json(marker, settings)
     rows = []
     for pruner in pruners:

@@ -54,7 +54,8 @@ def test_interrupted_sweep_leaves_no_partial_files_and_resumes(tmp_path):
         run_sweep(BASE, ["a"], [0.5, 0.9], [0, 1], tmp_path, fake_execute(calls, fail_at=3))
     cells = sorted(p.name for p in (tmp_path / "cells").iterdir())
     assert cells == ["a_s0.5_seed0.json", "a_s0.5_seed1.json"]
-    assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".")]  # no temp files
+    hidden = [p.name for p in tmp_path.rglob("*") if p.name.startswith(".")]
+    assert hidden == [".prunekit-output"]  # the marker, no temp files
     calls.clear()
     run_sweep(BASE, ["a"], [0.5, 0.9], [0, 1], tmp_path, fake_execute(calls))
     assert calls == [("a", 0.9, 0), ("a", 0.9, 1)]
