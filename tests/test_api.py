@@ -306,3 +306,23 @@ def test_importing_prunekit_and_its_cli_stays_light():
     probe = "import sys, prunekit, prunekit.cli; print('torch' in sys.modules)"
     shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert shown.stdout.strip() == "False", shown.stderr
+
+
+def test_a_recipe_never_names_code_nor_replaces_an_output_by_itself(tmp_path):
+    import sys as _sys
+
+    code = tmp_path / "code.json"
+    code.write_text(json.dumps({"model": "http.server:test", "pruner": "magnitude",
+                                "sparsity": 0.5, "out": str(tmp_path / "x")}))  # fmt: skip
+    result = invoke("prune", "--config", str(code))
+    assert_error(result, 2, "names Python code to import and run", "on the command line")
+    assert "http.server" not in _sys.modules and not (tmp_path / "x").exists()
+    out = tmp_path / "run"
+    prune_report("sample:digits-mlp", "-p", "magnitude", "-s", "0.5", "--out", str(out))
+    before = (out / "report.json").read_text()
+    forced = tmp_path / "forced.json"
+    forced.write_text(json.dumps({"model": "sample:digits-mlp", "pruner": "magnitude",
+                                  "sparsity": 0.7, "out": str(out), "force": True}))  # fmt: skip
+    assert_error(invoke("prune", "--config", str(forced)), 2, "already exists", "--force")
+    assert (out / "report.json").read_text() == before
+    assert prune_report("--config", str(forced), "--force")["sparsity"]["target"] == 0.7

@@ -85,7 +85,12 @@ def prune(
     """
     from prunekit.run.exports import export_formats
     from prunekit.run.pipeline import run
-    from prunekit.run.recipe import config_from, kept_params, load_recipe
+    from prunekit.run.recipe import (
+        config_from,
+        kept_params,
+        load_recipe,
+        refuse_code_and_overwrite,
+    )
     from prunekit.runtime import distributed
     from prunekit.runtime.progress import RichReporter
 
@@ -98,6 +103,8 @@ def prune(
            "verbose": verbose, "validate": validate, "out": out,
            "exports": list(export_formats(export, onnx_needed))}  # fmt: skip
     base = load_recipe(config) if config else None
+    if base is not None and config is not None:
+        refuse_code_and_overwrite(base, config, model is not None, "force" in given)
     if base is not None and pruner is not None and pruner != base.get("pruner"):
         base["params"] = kept_params(pruner, base.get("params") or {})
     recipe = to_recipe({**options, **own, "given": given}, base)

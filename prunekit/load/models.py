@@ -144,6 +144,14 @@ def _factory(spec: str, num_classes: int | None) -> nn.Module:
     return model
 
 
+BUILT_IN_KINDS = ("sample", "cifar", "torchvision", "hf")
+
+
+def names_code(spec: str) -> bool:
+    """Whether ``spec`` is a ``package.module:factory`` (Python code to import and call)."""
+    return spec.partition(":")[0] not in BUILT_IN_KINDS
+
+
 def build(spec: str, num_classes: int | None = None) -> tuple[nn.Module, Path | None]:
     """Build the architecture named by ``spec``; return it and its default weights."""
     default_data(spec)  # validates the spec

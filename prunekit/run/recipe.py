@@ -193,3 +193,22 @@ def kept_params(pruner: str, params: Mapping[str, Any]) -> dict[str, Any]:
 
     accepted = {p.name for p in registry.load(pruner).params}
     return {k: v for k, v in params.items() if k in accepted}
+
+
+def refuse_code_and_overwrite(
+    recipe: dict[str, Any], path: Path | str, model_given: bool, force_given: bool
+) -> None:
+    """A file never names code to run nor replaces an output by itself: a recipe's
+    ``package.module:factory`` model is refused unless typed on the command line, and its
+    ``force`` is dropped unless --force is (so an existing --out stays an error)."""
+    from prunekit.load.models import names_code
+
+    model = recipe.get("model")
+    if not model_given and isinstance(model, str) and names_code(model):
+        raise UsageError(
+            f"{path}: model = {model!r} names Python code to import and run, and a recipe "
+            f"never runs code: type the model on the command line (prunekit prune {model} "
+            f"--config {path})"
+        )
+    if not force_given:
+        recipe.pop("force", None)
