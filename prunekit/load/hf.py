@@ -146,9 +146,22 @@ def load_hf(root: Path) -> HFModel:
     classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
     auto = transformers.AutoModelForSequenceClassification if classifier else transformers.AutoModel
     try:
-        model = auto.from_pretrained(root, trust_remote_code=False)
+        model, info = auto.from_pretrained(root, trust_remote_code=False, output_loading_info=True)
     except (OSError, ValueError) as exc:
         raise InputFileError(f"hf:{root}: cannot load it ({str(exc).splitlines()[0]})") from exc
+    missing = sorted(info.get("missing_keys") or []) + sorted(
+        str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or []
+    )
+    if not classifier:  # an encoder's pooler is dropped below: its weights do not matter
+        missing = [k for k in missing if not k.split(".", 1)[-1].startswith("pooler.")
+                   and not k.startswith("pooler.")]  # fmt: skip
+    if missing:  # transformers would fill them with random values
+        raise InputFileError(
+            f"hf:{root}: the weights do not cover the model its config.json describes: "
+            f"{len(missing)} tensor(s) missing or of another shape (e.g. {', '.join(missing[:3])})"
+            ", which would be random; save the weights and config.json of one model together "
+            "(save_pretrained)"
+        )
     if not classifier and getattr(model, "pooler", None) is not None:
         model.pooler = None  # unused by mean pooling: neither pruned nor exported
     limit = getattr(config, "max_position_embeddings", DEFAULT_MAX_LENGTH)
@@ -172,6 +185,28 @@ def read_texts(path: Path) -> list[str]:
     return texts
 
 
+UNKNOWN_LIMIT = 0.5  # the most of a text's tokens that may be the unknown token
+
+
+def _check_known_words(ids: list[list[int]], tokenizer: Any) -> None:
+    """Refuse a tokenizer that knows (almost) none of the text: without its vocabulary files
+    a folder's tokenizer maps every word to the unknown token, and calibration runs on
+    nothing."""
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    special = set(getattr(tokenizer, "all_special_ids", []) or []) - {unknown}
+    tokens = [t for row in ids for t in row if t not in special]
+    if unknown is None or not tokens:
+        return
+    share = sum(t == unknown for t in tokens) / len(tokens)
+    if share > UNKNOWN_LIMIT:
+        raise InputFileError(
+            f"the model's tokenizer maps {share:.0%} of the text's tokens to its unknown token "
+            f"({getattr(tokenizer, 'unk_token', '?')}): the model folder lacks its tokenizer "
+            "files (tokenizer.json or vocab.txt), or they belong to another language or model; "
+            "save the tokenizer with the model (tokenizer.save_pretrained)"
+        )
+
+
 def tokenize(
     texts: list[str], tokenizer: Callable[..., Any], max_length: int, model_limit: int
 ) -> tuple[torch.Tensor, int]:
@@ -179,6 +214,7 @@ def tokenize(
     cut to ``max_length`` (at most the model's limit)."""
     length = min(max_length, model_limit)
     full = tokenizer(texts, truncation=False)["input_ids"]
+    _check_known_words(full, tokenizer)
     cut = sum(len(ids) > length for ids in full)
     encoded = tokenizer(
         texts, truncation=True, max_length=length, padding="longest", return_tensors="pt"

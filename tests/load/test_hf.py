@@ -271,3 +271,33 @@ def test_an_encoder_fine_tunes_on_unlabeled_text_by_distillation(bert, tmp_path)
     losses = [h["loss"] for h in tuned["history"] if h["phase"] == "fine-tune"]
     assert len(losses) == 4 and losses[-1] < losses[0] and all(0 <= v < 1 for v in losses)
     assert one_shot["fine_tuning"] is None and tuned["fidelity"]["cosine_mean"] > 0.99
+
+
+def test_weights_that_do_not_cover_the_config_or_a_tokenizer_without_vocabulary(bert, tmp_path):
+    import shutil
+
+    model_dir, texts = bert
+    args = ("-p", "wanda", "-s", "0.5", "--mask", "layer", "--data", f"text:{texts}")
+    deeper = tmp_path / "deeper"  # one more layer in config.json than in the weights
+    shutil.copytree(model_dir, deeper)
+    config = json.loads((deeper / "config.json").read_text())
+    (deeper / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    result = prune(f"hf:{deeper}", *args, "--out", str(tmp_path / "a"))
+    assert_error(result, 2, "weights do not cover", "encoder.layer.2.", "would be random")
+    headless = tmp_path / "headless"  # an encoder's weights under a classifier's config
+    shutil.copytree(model_dir, headless)
+    config = {**config, "architectures": ["BertForSequenceClassification"], "num_labels": 3}
+    (headless / "config.json").write_text(json.dumps(config))
+    result = prune(f"hf:{headless}", *args, "--out", str(tmp_path / "b"))
+    assert_error(result, 2, "weights do not cover", "classifier.")
+    unknown = tmp_path / "unknown"  # the tokenizer knows none of the text's words
+    shutil.copytree(model_dir, unknown)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        (unknown / name).unlink(missing_ok=True)
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "zebra"]
+    transformers.BertTokenizerFast(vocab={t: i for i, t in enumerate(special)}).save_pretrained(
+        unknown
+    )
+    result = prune(f"hf:{unknown}", *args, "--out", str(tmp_path / "c"))
+    assert_error(result, 2, "unknown token ([UNK])", "tokenizer files")
+    assert not any((tmp_path / n).exists() for n in "abc")
