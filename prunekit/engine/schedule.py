@@ -59,6 +59,10 @@ class Reinitialize:
 Phase = Prune | Train | Reinitialize
 
 
+MAX_STEPS = 1000  # pruning steps or sub-steps: more can only be a mistake
+MAX_EPOCHS = 100_000
+
+
 def recompute_of(text: str) -> int | None:
     """``--recompute``: auto (None) or a number of sub-steps."""
     if text == "auto":
@@ -83,18 +87,18 @@ class ScheduleConfig:
     def check(self, sparsity: float) -> None:
         if self.kind not in SCHEDULES:
             raise UsageError(f"--schedule {self.kind}: use one of {', '.join(SCHEDULES)}")
-        if self.recompute is not None and self.recompute < 1:
-            raise UsageError(f"--recompute {self.recompute}: give at least 1 sub-step")
-        if self.steps < 1:
-            raise UsageError(f"--steps {self.steps}: give at least 1 pruning step")
+        if self.recompute is not None and not 1 <= self.recompute <= MAX_STEPS:
+            raise UsageError(f"--recompute {self.recompute}: give 1 to {MAX_STEPS} sub-steps")
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise UsageError(f"--steps {self.steps}: give 1 to {MAX_STEPS} pruning steps")
         if not 0.0 <= self.initial_sparsity <= sparsity:
             raise UsageError(
                 f"--initial-sparsity {self.initial_sparsity} must be in [0, --sparsity "
                 f"{sparsity}]: the schedule only adds sparsity"
             )
         for name in ("finetune_epochs", "warmup_epochs", "epochs"):
-            if getattr(self, name) < 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
+            if not 0 <= getattr(self, name) <= MAX_EPOCHS:
+                raise UsageError(f"--{name.replace('_', '-')} must be from 0 to {MAX_EPOCHS}")
         self.train.check()
 
     def trains(self) -> bool:

@@ -3,6 +3,7 @@ optionally distilled from the dense model and on augmented images (prunekit.engi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any, cast
@@ -40,8 +41,12 @@ class TrainConfig:
             raise UsageError(
                 f"--lr-schedule {self.lr_schedule}: use one of {', '.join(LR_SCHEDULES)}"
             )
-        if self.lr <= 0 or self.batch_size < 1 or self.weight_decay < 0:
-            raise UsageError("--lr must be > 0, --batch-size >= 1 and --weight-decay >= 0")
+        finite = all(math.isfinite(v) for v in (self.lr, self.weight_decay, self.temperature))
+        if not finite or self.lr <= 0 or self.batch_size < 1 or self.weight_decay < 0:
+            raise UsageError(
+                "--lr must be a finite number > 0, --batch-size >= 1 and --weight-decay a finite "
+                "number >= 0"
+            )
         if not self.temperature > 0 or not 0 <= self.distill_weight <= 1:
             raise UsageError(
                 f"distillation temperature {self.temperature} must be > 0 and its weight "

@@ -7,6 +7,7 @@ uint8 are scaled to [0, 1] first; other integer inputs (token ids) are left as t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -39,8 +40,13 @@ class Normalization:
                 f"--normalize {text}: use {' or '.join(PRESETS)}, or MEAN/STD with one value "
                 "per channel each, e.g. 0.5,0.5,0.5/0.25,0.25,0.25"
             )
-        if any(not s > 0 for s in std):
-            raise UsageError(f"--normalize {text}: every standard deviation must be > 0")
+        if not all(math.isfinite(v) for v in (*mean, *std)):
+            raise UsageError(f"--normalize {text}: give finite numbers (no nan or inf)")
+        if any(not s >= 1e-6 for s in std):
+            raise UsageError(
+                f"--normalize {text}: every standard deviation must be at least 1e-6 (a smaller "
+                "one turns inputs into Inf)"
+            )
         return cls(mean, std)
 
     def check_channels(self, channels: int, source: str) -> None:

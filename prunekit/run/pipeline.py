@@ -81,8 +81,32 @@ class Inputs:
     notes: list[str] = field(default_factory=list)  # warnings from loading
 
 
+BOUNDS = {  # options whose values outside these can only be mistakes
+    "seed": (0, 2**63 - 1),
+    "num_classes": (1, 1_000_000),
+    "max_length": (1, 1_000_000),
+    "image_size": (1, 16384),
+    "min_channels": (1, 1_000_000),
+    "channel_multiple": (1, 4096),
+    "validate_runs": (1, 1_000_000),
+}
+
+
+def check_bounds(config: PruneConfig) -> None:
+    """Integer options within what can be meant (Python API and CLI alike)."""
+    for name, (low, high) in BOUNDS.items():
+        value = getattr(config, name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise UsageError(
+                f"--{name.replace('_', '-')} {value!r}: give an integer from {low} to {high}"
+            )
+
+
 def check(config: PruneConfig) -> None:
     """Validate everything cheap before any work is done."""
+    check_bounds(config)
     check_sparsity(config.sparsity)
     config.preprocess().check()
     check_mask(config.mask, config.sparsity)

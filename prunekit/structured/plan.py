@@ -67,6 +67,13 @@ class ChannelPlan:
                 "no channel group of this model can be removed safely (every Conv/Linear feeds "
                 "the output, a reshape or a concatenation); prune it without --structure"
             )
+        if all(g.channels <= max(multiple, min_channels) for g in usable):
+            raise UsageError(
+                f"--channel-multiple {multiple} / --min-channels {min_channels}: every prunable "
+                f"group has at most that many channels (the widest: "
+                f"{max(g.channels for g in usable)}), so none could be removed; use a smaller "
+                "value (8 suits ONNX Runtime)"
+            )
         plan = cls(model, example, usable, left, min_channels, multiple)
         plan.reset()
         return plan

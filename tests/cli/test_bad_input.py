@@ -708,3 +708,37 @@ def test_sweep_resumed_after_a_kill_leaves_no_temp_files(tmp_path):
         "magnitude_s0.5_seed0.json",
         "magnitude_s0.6_seed0.json",
     ]
+
+
+@pytest.mark.parametrize(
+    "extra, fragments",
+    [
+        (("--seed", "99999999999999999999"), ("--seed", "from 0 to")),
+        (("--num-classes", "-3"), ("--num-classes -3", "from 1")),
+        (("--max-length", "-5"), ("--max-length -5", "from 1")),
+        (("--recompute", "1000000"), ("--recompute 1000000", "1 to 1000")),
+        (("--schedule", "gradual", "--steps", "1000000000"), ("--steps", "1 to 1000")),
+        (("--finetune-epochs", "1", "--lr", "nan"), ("--lr must be a finite number",)),
+        (("--finetune-epochs", "1", "--weight-decay", "inf"), ("--weight-decay a finite",)),
+        (("--normalize", "nan/1"), ("--normalize nan/1", "finite")),
+        (("--normalize", "0/1e-45"), ("at least 1e-6",)),
+        (("--structure", "channels", "--channel-multiple", "1000"), ("none could be removed",)),
+    ],
+    ids=[
+        "seed",
+        "num-classes",
+        "max-length",
+        "recompute",
+        "steps",
+        "lr-nan",
+        "wd-inf",
+        "normalize-nan",
+        "normalize-tiny-std",
+        "channel-multiple",
+    ],
+)
+def test_values_that_can_only_be_mistakes_are_refused(tmp_path, extra, fragments):
+    out = tmp_path / "o"
+    args = ("sample:digits-cnn", "-p", "magnitude", "-s", "0.5", "--out", str(out), *extra)
+    assert_error(prune(*args), 2, *fragments)
+    assert not out.exists()
