@@ -8,9 +8,10 @@ storage and transfer, not compute.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
@@ -101,7 +102,47 @@ def read_onnx_metadata(path: Path) -> dict[str, str]:
         ) from exc
     if not proto.graph.node:
         raise InputFileError(f"{path} holds no ONNX graph; re-export it with `prunekit export`")
-    return {p.key: p.value for p in proto.metadata_props}
+    return checked_metadata({p.key: p.value for p in proto.metadata_props}, path)
+
+
+METADATA_INTEGERS = {"num_classes": (1, 1_000_000), "image_size": (1, 16384),
+                     "max_length": (1, 1_000_000)}  # fmt: skip
+METADATA_FRACTIONS = ("accuracy_dense", "accuracy_pruned")
+
+
+def checked_metadata(meta: dict[str, str], path: Path) -> dict[str, str]:
+    """The metadata prunekit reads from an ONNX file, checked at the edge: integers in range,
+    accuracies in [0, 1] (they feed the --max-accuracy-drop gate); a one-line error naming the
+    key otherwise. (A recorded weights file is read only if it lies beside the export.)"""
+
+    def bad(key: str, what: str) -> InputFileError:
+        return InputFileError(
+            f"{path}: its metadata {key} = {meta[key][:40]!r} is not {what}; re-export it with "
+            "prunekit, or pass the value on the command line"
+        )
+
+    for key, (low, high) in METADATA_INTEGERS.items():
+        value = meta.get(key, "")
+        if value and not (value.isdigit() and len(value) <= 9 and low <= int(value) <= high):
+            raise bad(key, f"an integer from {low} to {high}")
+    for key in METADATA_FRACTIONS:
+        if key in meta:
+            try:
+                fraction = float(meta[key])
+            except ValueError:
+                fraction = math.nan
+            if not 0.0 <= fraction <= 1.0:
+                raise bad(key, "an accuracy from 0 to 1")
+    return meta
+
+
+def beside(folder: Path, recorded: str) -> Path | None:
+    """A file a metadata value names, if it lies in ``folder`` (never an absolute path or one
+    leaving the folder: a file may not make prunekit read elsewhere)."""
+    path = PurePath(recorded)
+    if not recorded or path.is_absolute() or ".." in path.parts:
+        return None
+    return folder / path
 
 
 # built without importing user code (hf: directories load without trust_remote_code)
@@ -136,6 +177,7 @@ def parity_model(
     from prunekit.errors import PrunekitError
     from prunekit.load.models import load_model
 
+    asked = weights is not None  # the user's own weights: not fitting is an error
     if spec is not None:
         return load_model(spec, weights, num_classes).model, None
     recorded = meta.get("model")
@@ -149,7 +191,12 @@ def parity_model(
     if num_classes is None and not recorded.startswith("sample:") and meta.get("num_classes"):
         num_classes = int(meta["num_classes"])
     if weights is None and meta.get("weights_file"):
-        weights = onnx_file.parent / meta["weights_file"]
+        weights = beside(onnx_file.parent, meta["weights_file"])
+        if weights is None:
+            return None, (
+                f"the recorded weights {meta['weights_file']} lie outside the export's folder, "
+                "and prunekit reads only files beside it; pass --weights FILE"
+            )
         if not weights.is_file():
             return None, f"the recorded weights {weights} are not there; pass --weights FILE"
         if meta.get("weights_sha256") and file_sha256(weights) != meta["weights_sha256"]:
@@ -159,6 +206,8 @@ def parity_model(
     try:
         return load_model(recorded, weights, num_classes).model, None
     except PrunekitError as exc:
+        if asked:
+            raise
         return None, f"the recorded model could not be built ({exc})"
 
 

@@ -123,7 +123,17 @@ def test_validate_checks_parity_of_a_prunekit_export(tmp_path, exported):
     assert invoke(*args).exit_code == 0
     result = invoke("validate", str(onnx_file), "--runs", "2", "--json")
     assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)  # the recorded weights lie in another folder: unread
+    assert "outside the export's folder" in report["parity_skipped"]
+    result = invoke("validate", str(onnx_file), "--runs", "2", "--json", "--weights", str(weights))
+    assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
+    assert report["parity"]["passed"] and "parity_skipped" not in report
+    beside = tmp_path / "w.safetensors"  # recorded beside the export: read
+    beside.write_bytes(weights.read_bytes())
+    args = ("export", "sample:digits-cnn", "--weights", str(beside), "--out", str(onnx_file))
+    assert invoke(*args, "--force").exit_code == 0
+    report = json.loads(invoke("validate", str(onnx_file), "--runs", "2", "--json").stdout)
     assert report["parity"]["passed"] and "parity_skipped" not in report
 
 
@@ -742,3 +752,36 @@ def test_values_that_can_only_be_mistakes_are_refused(tmp_path, extra, fragments
     args = ("sample:digits-cnn", "-p", "magnitude", "-s", "0.5", "--out", str(out), *extra)
     assert_error(prune(*args), 2, *fragments)
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "key, value, fragment",
+    [
+        ("accuracy_dense", "nan", "an accuracy from 0 to 1"),
+        ("accuracy_dense", "-5", "an accuracy from 0 to 1"),
+        ("num_classes", "abc", "an integer from 1"),
+        ("image_size", "99999999999", "an integer from 1"),
+        ("max_length", "-1", "an integer from 1"),
+    ],
+)
+def test_validate_checks_the_metadata_it_reads(tmp_path, exported, key, value, fragment):
+    import onnx
+
+    proto = onnx.load(str(exported / "model.onnx"))
+    onnx.helper.set_model_props(
+        proto, {**{p.key: p.value for p in proto.metadata_props}, key: value}
+    )
+    tampered = tmp_path / "model.onnx"
+    onnx.save_model(proto, str(tampered))
+    result = invoke("validate", str(tampered), "--runs", "2", "--max-accuracy-drop", "0.001")
+    assert_error(result, 2, f"metadata {key} = {value!r} is not {fragment}")
+
+
+def test_validate_with_weights_that_do_not_fit_is_an_error(tmp_path, exported):
+    from prunekit.run.exports import save_safetensors
+
+    other = tmp_path / "other.safetensors"
+    save_safetensors(load_model("sample:digits-mlp").model, other, {})
+    result = invoke("validate", str(exported / "model.onnx"), "--runs", "2", "--weights",
+                    str(other))  # fmt: skip
+    assert result.exit_code != 0 and "Traceback" not in result.output
