@@ -11,7 +11,9 @@ are set to -inf by the pipeline, so a pruner never has to care about them.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -21,7 +23,7 @@ from torch import nn
 from prunekit.contract.context import StepContext
 from prunekit.contract.quantization import QuantGrid
 from prunekit.contract.target import StatsSpec, Target, multiplies_rows
-from prunekit.errors import UnknownNameError, UsageError
+from prunekit.errors import PluginError, PrunekitError, UnknownNameError, UsageError
 
 CONTRACT_VERSION = 1  # raised when a change would break plugins written for the old one
 
@@ -236,3 +238,27 @@ NUM_SAMPLES = Param(
     "num_samples", 128, "calibration samples whose layer inputs are measured", minimum=1
 )
 """The hyperparameter that sets ``StatsSpec.num_samples`` (layer-input statistics)."""
+
+
+@contextmanager
+def guarded(pruner: Pruner, call: str, watched: torch.Tensor | None = None) -> Iterator[None]:
+    """Run one call into a pruner's code: whatever it raises (an exception, ``sys.exit``)
+    becomes a one-line PluginError naming the pruner and the call, what it prints goes to
+    stderr (stdout carries --json), and ``watched`` weights must come back unchanged."""
+    before = watched.detach().clone() if watched is not None else None
+    try:
+        with redirect_stdout(sys.stderr):
+            yield
+    except PrunekitError:
+        raise
+    except (Exception, SystemExit) as exc:  # the plugin's own failure, whatever its type
+        first = (str(exc).splitlines() or [""])[0][:160]
+        raise PluginError(
+            f"pruner '{pruner.name}' failed in {call}() ({type(exc).__name__}: {first}); fix "
+            "the plugin or use another pruner"
+        ) from exc
+    if before is not None and watched is not None and not torch.equal(before, watched.detach()):
+        raise PluginError(
+            f"pruner '{pruner.name}' changed a weight in {call}(); a pruner returns scores "
+            "or new weights and never writes them: fix the plugin"
+        )

@@ -19,11 +19,11 @@ from prunekit.calibrate.collector import Collector
 from prunekit.calibrate.layer_inputs import input_gram, ordered_targets
 from prunekit.contract.context import StepContext
 from prunekit.contract.objectives import LABELS, Objective
-from prunekit.contract.pruner import Compressed, LayerPruner, LayerRequest, Pruner
+from prunekit.contract.pruner import Compressed, LayerPruner, LayerRequest, Pruner, guarded
 from prunekit.contract.quantization import QuantGrid, QuantizedTensor
 from prunekit.contract.target import Target
 from prunekit.engine.masks import apply, parse_nm, select, sparsity_of
-from prunekit.errors import NumericalError, UsageError
+from prunekit.errors import NumericalError, PluginError, UsageError
 from prunekit.runtime import distributed
 from prunekit.runtime.timing import Timings
 from prunekit.structured.plan import ChannelPlan
@@ -127,7 +127,8 @@ def prune_step(state: Pruning, sparsity: float) -> list[str]:
     ctx.say = say
     warnings: list[str]
     try:
-        pruner.prepare(ctx, ctx.step, ctx.total_steps)
+        with guarded(pruner, "prepare"):
+            pruner.prepare(ctx, ctx.step, ctx.total_steps)
         if isinstance(pruner, LayerPruner):
             keep, warnings = compress_layers(state, sparsity), []
             state.statistics.append({"step": ctx.step})
@@ -155,11 +156,17 @@ def _score_and_select(state: Pruning, sparsity: float) -> tuple[dict[str, torch.
         with ctx.timings.phase("prune"):
             for t in group:
                 if state.structure is None:
-                    scores[t.name] = pruner.score(t, stats[t.name])
+                    with guarded(pruner, "score", t.weight):
+                        scores[t.name] = pruner.score(t, stats[t.name])
                 else:
                     state.structure.add_scores(t, pruner, stats[t.name])
         if retain:
             kept.append((group, stats if collector.passes == 1 else _to_host(stats)))
+    if state.structure is None and scores and all(v is None for v in scores.values()):
+        raise PluginError(
+            f"pruner '{pruner.name}' declined every tensor (score returned None for all "
+            f"{len(scores)}): nothing would be pruned; fix the plugin or use another pruner"
+        )
     with ctx.timings.phase("prune"):
         if state.structure is None:
             keep = select(ctx.targets, scores, sparsity, ctx.mask)
@@ -172,8 +179,10 @@ def _score_and_select(state: Pruning, sparsity: float) -> tuple[dict[str, torch.
             with ctx.timings.phase("prune"):
                 for t in group:
                     own = {k: v.to(ctx.device) for k, v in stats[t.name].items()}
-                    updated = pruner.update(t, keep[t.name], own)
+                    with guarded(pruner, "update", t.weight):
+                        updated = pruner.update(t, keep[t.name], own)
                     if updated is not None:
+                        _check_update(pruner, t, updated)
                         updates[t.name] = updated
         with torch.no_grad():
             for t in ctx.targets:
@@ -215,7 +224,9 @@ def compress_layers(state: Pruning, sparsity: float) -> dict[str, torch.Tensor]:
         grid = state.grids.get(name) if last else None
         request = LayerRequest(sparsity, parse_nm(ctx.mask), grid)
         with ctx.timings.phase("prune"):
-            result = _checked_compression(pruner, t, pruner.compress(t, gram, request))
+            with guarded(pruner, "compress", t.weight):
+                compressed = pruner.compress(t, gram, request)
+            result = _checked_compression(pruner, t, compressed)
             if grid is not None and result.scales is not None and result.weight is not None:
                 state.rounded[name] = grid.on_grid(result.weight, result.scales)
             with torch.no_grad():
@@ -224,6 +235,21 @@ def compress_layers(state: Pruning, sparsity: float) -> dict[str, torch.Tensor]:
                 keep[name] = result.keep.to(t.mask.device) & t.mask
                 t.weight.masked_fill_(~keep[name], 0.0)
     return keep
+
+
+def _check_update(pruner: Pruner, target: Target, updated: object) -> None:
+    """An update is a finite tensor of the weight's shape, or the pruner is broken."""
+    if not isinstance(updated, torch.Tensor) or updated.shape != target.weight.shape:
+        shape = tuple(updated.shape) if isinstance(updated, torch.Tensor) else type(updated)
+        raise PluginError(
+            f"pruner '{pruner.name}': update() for {target.name} returned {shape}, not a "
+            f"tensor of shape {tuple(target.weight.shape)}; fix the plugin"
+        )
+    if not torch.isfinite(updated).all():
+        raise NumericalError(
+            f"pruner '{pruner.name}': update() for {target.name} returned NaN or Inf; raise "
+            "--param damp, or fix the plugin"
+        )
 
 
 def _checked_compression(pruner: Pruner, target: Target, result: Compressed) -> Compressed:

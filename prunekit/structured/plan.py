@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from prunekit.contract.pruner import Pruner
+from prunekit.contract.pruner import Pruner, guarded
 from prunekit.contract.target import Target
 from prunekit.errors import UsageError
 from prunekit.structured.groups import Group, find_groups
@@ -92,7 +92,8 @@ class ChannelPlan:
         """Add ``target``'s share of every channel score: the pruner's score of the set of
         its weights removed with the channel (rows it makes, columns that read it)."""
         for index, sets, channels in self._sets(target, pruner.channel_sides):
-            score = pruner.set_scores(target, stats, sets.to(target.weight.device))
+            with guarded(pruner, "set_scores", target.weight):
+                score = pruner.set_scores(target, stats, sets.to(target.weight.device))
             if score is not None:
                 total = self.scores.setdefault(
                     index, torch.zeros(self.groups[index].channels, dtype=torch.float64)

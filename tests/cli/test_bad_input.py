@@ -785,3 +785,93 @@ def test_validate_with_weights_that_do_not_fit_is_an_error(tmp_path, exported):
     result = invoke("validate", str(exported / "model.onnx"), "--runs", "2", "--weights",
                     str(other))  # fmt: skip
     assert result.exit_code != 0 and "Traceback" not in result.output
+
+
+BROKEN = """
+import sys
+import torch
+from prunekit.api import Pruner
+
+class Base(Pruner):
+    \"\"\"A broken pruner.\"\"\"
+    contract = 1
+
+class Exits(Base):
+    name = "exits"
+    def score(self, target, stats):
+        sys.exit({code})
+
+class Raises(Base):
+    name = "raises"
+    def score(self, target, stats):
+        raise ValueError("bad index")
+
+class Declines(Base):
+    name = "declines"
+    def score(self, target, stats):
+        return None
+
+class Chatty(Base):
+    name = "chatty"
+    def score(self, target, stats):
+        print("debug output")
+        return target.weight.detach().abs()
+
+class Writes(Base):
+    name = "writes"
+    def score(self, target, stats):
+        with torch.no_grad():
+            target.weight.mul_(2)
+        return target.weight.detach().abs()
+
+class NanUpdate(Base):
+    name = "nan_update"
+    def score(self, target, stats):
+        return target.weight.detach().abs()
+    def update(self, target, keep, stats):
+        return target.weight.detach() * float("nan")
+"""
+
+
+@pytest.mark.parametrize(
+    "pruner, code, fragments",
+    [
+        ("exits0", 1, ("pruner 'exits' failed in score() (SystemExit: 0)",)),
+        ("exits5", 1, ("pruner 'exits' failed in score() (SystemExit: 5)",)),
+        ("raises", 1, ("failed in score() (ValueError: bad index)", "fix the plugin")),
+        ("declines", 1, ("declined every tensor",)),
+        ("writes", 1, ("changed a weight in score()",)),
+        ("nan_update", 1, ("update() for", "NaN or Inf")),
+    ],
+)
+def test_a_broken_plugin_is_one_line_naming_it_and_writes_nothing(
+    tmp_path, monkeypatch, pruner, code, fragments
+):
+    from tests.fake_plugins import install, unique
+
+    module = unique("broken")
+    exit_code = pruner.removeprefix("exits") if pruner.startswith("exits") else "0"
+    classes = {"exits0": "Exits", "exits5": "Exits", "raises": "Raises", "declines": "Declines",
+               "writes": "Writes", "nan_update": "NanUpdate"}  # fmt: skip
+    install(tmp_path / "site", monkeypatch, "broken-plugins",
+            {module: BROKEN.format(code=exit_code)},
+            {pruner.rstrip("05"): f"{module}:{classes[pruner]}"})  # fmt: skip
+    monkeypatch.setenv("PRUNEKIT_PLUGINS", "broken-plugins")
+    out = tmp_path / "o"
+    result = prune("sample:digits-mlp", "-p", pruner.rstrip("05"), "-s", "0.5", "--out", str(out))
+    assert_error(result, code, *fragments)
+    assert not out.exists()
+
+
+def test_a_plugins_prints_never_reach_the_json_on_stdout(tmp_path, monkeypatch):
+    from tests.fake_plugins import install, unique
+
+    module = unique("broken")
+    install(tmp_path / "site", monkeypatch, "broken-plugins", {module: BROKEN.format(code=0)},
+            {"chatty": f"{module}:Chatty"})  # fmt: skip
+    monkeypatch.setenv("PRUNEKIT_PLUGINS", "broken-plugins")
+    result = prune("sample:digits-mlp", "-p", "chatty", "-s", "0.5", "--json",
+                   "--out", str(tmp_path / "o"))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["pruner"] == "chatty"
+    assert "debug output" in result.stderr
