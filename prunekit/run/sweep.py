@@ -63,11 +63,20 @@ def check_sweep_folder(out: Path) -> None:
         raise UsageError(f"--out {out} is the current folder or one above it; name a new one")
     if os.path.lexists(out) and not out.is_dir():
         raise UsageError(f"--out {out} is not a folder; pick another --out")
-    if out.is_dir() and any(out.iterdir()) and not (out / "sweep.json").exists():
+    started = out.is_dir() and any(not _left_by_a_failed_start(p) for p in out.iterdir())
+    if started and not (out / "sweep.json").exists():
         raise UsageError(
             f"--out {out} holds files and no sweep.json: a sweep resumes only its own folder; "
             "pick another --out"
         )
+
+
+def _left_by_a_failed_start(path: Path) -> bool:
+    """What a sweep makes before its sweep.json (which a full disk can stop): the marker and
+    an empty cells/ folder; they do not make the folder another tool's."""
+    if path.name == MARKER:
+        return True
+    return path.name == "cells" and path.is_dir() and not any(path.iterdir())
 
 
 NUMBERS = ("sparsity", "achieved_sparsity", "seconds")
@@ -108,6 +117,13 @@ def run_sweep(
     """Run every missing cell with ``execute``; return all rows (CSV columns)."""
     if not pruners or not sparsities or not seeds:
         raise UsageError("--pruners, --sparsities and --seeds each need at least one value")
+    for flag, values in (("--pruners", pruners), ("--sparsities", sparsities), ("--seeds", seeds)):
+        repeated = sorted({str(v) for v in values if list(values).count(v) > 1})
+        if repeated:
+            raise UsageError(
+                f"{flag} lists {', '.join(repeated)} more than once; each cell runs once "
+                "(a repeated seed would count twice in the mean): drop the repeats"
+            )
     settings = _settings(base)
     marker = out / "sweep.json"
     check_sweep_folder(out)

@@ -875,3 +875,15 @@ def test_a_plugins_prints_never_reach_the_json_on_stdout(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["pruner"] == "chatty"
     assert "debug output" in result.stderr
+
+
+def test_sweep_refuses_repeated_values_and_resumes_after_a_failed_start(tmp_path):
+    out = tmp_path / "sw"
+    repeated = ("sweep", "sample:digits-mlp", "--pruners", "magnitude", "--sparsities", "0.5",
+                "--seeds", "0,0,1", "--out", str(out))  # fmt: skip
+    assert_error(invoke(*repeated), 2, "--seeds lists 0 more than once")
+    assert not out.exists()
+    (out / "cells").mkdir(parents=True)  # what a disk-full failure before sweep.json leaves
+    (out / ".prunekit-output").write_text("written by prunekit\n")
+    assert invoke(*SWEEP, "--out", str(out)).exit_code == 0
+    assert (out / "sweep.json").is_file()
