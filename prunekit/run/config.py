@@ -55,9 +55,8 @@ class PruneConfig:
     @staticmethod
     def default_out(model: str, pruner: str, sparsity: float) -> Path:
         """prunekit-out/MODEL-PRUNER-S, where OUT is not given."""
-        return (
-            Path("prunekit-out") / f"{model.split(':')[-1].replace('.', '_')}-{pruner}-{sparsity:g}"
-        )
+        name = Path(model.split(":")[-1]).name or "model"  # hf:/abs/dir -> dir
+        return Path("prunekit-out") / f"{name.replace('.', '_')}-{pruner}-{sparsity:g}"
 
     def quantization(self) -> QuantizeConfig | None:
         if self.quantize is None:

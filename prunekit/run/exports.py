@@ -36,13 +36,14 @@ def export_metadata(
     (so `prunekit validate` finds them for its parity check)."""
     import os
 
+    from prunekit.run.recipe import absolute_data, absolute_model
     from prunekit.validate.onnx_runtime import file_sha256
 
-    metadata = {"format": "pt", "prunekit_version": __version__, "model": model}
+    metadata = {"format": "pt", "prunekit_version": __version__, "model": absolute_model(model)}
     if weights is not None and weights.suffix == ".safetensors":
         metadata.update({k: v for k, v in read_metadata(weights).items() if k != "prunekit_sparse"})
     if data:
-        metadata["data"] = data
+        metadata["data"] = absolute_data(data)
     if weights is not None:
         metadata["weights_file"] = os.path.relpath(weights.absolute(), out.absolute().parent)
         metadata["weights_sha256"] = file_sha256(weights)

@@ -41,6 +41,7 @@ from prunekit.run.config import PruneConfig
 from prunekit.run.exports import EXPORT_FORMATS, metadata_for, write_exports
 from prunekit.run.fine_tuning import distills, fine_tuning
 from prunekit.run.quantized import quantize_mode, round_weights, write_quantized
+from prunekit.run.recipe import anchored
 from prunekit.run.report import accuracy_warnings, build_report, shrunk_record
 from prunekit.runtime import distributed
 from prunekit.runtime.batches import eval_mode
@@ -172,6 +173,7 @@ def execute(
 ) -> Outcome:
     """Load, prune (and train, by the schedule) and evaluate; write nothing."""
     reporter = reporter or Silent()
+    config = anchored(config)
     check(config)
     device = device or resolve_device(config.device)
     timings = Timings(device)
@@ -496,6 +498,7 @@ def _final_paths(report: dict[str, Any], stage: Path, out: Path) -> None:
 
 
 def _run(config: PruneConfig, reporter: Reporter | None, device: torch.device) -> dict[str, Any]:
+    config = anchored(config)
     reporter = reporter or Silent()
     main = distributed.is_main()  # under torchrun only rank 0 writes
     if config.quantize is not None and "onnx" not in config.exports:

@@ -47,15 +47,29 @@ def recipe_of(config: PruneConfig, resolved_params: Mapping[str, Any]) -> dict[s
         view["weights"] = str(Path(view["weights"]).absolute())
     if view.get("data"):
         view["data"] = absolute_data(view["data"])
+    view["model"] = absolute_model(view["model"])
     return view
 
 
 def absolute_data(spec: str) -> str:
     """A data spec with its paths made absolute (digits has none)."""
     kind, sep, arg = spec.partition(":")
-    if not sep or kind not in ("cifar10", "imagefolder", "tensors"):
+    if not sep or kind not in ("cifar10", "imagefolder", "tensors", "text"):
         return spec
     return f"{kind}:" + ",".join(str(Path(p).expanduser().absolute()) for p in arg.split(","))
+
+
+def absolute_model(spec: str) -> str:
+    """A model spec with its folder made absolute (``hf:DIR``); others are names."""
+    kind, sep, arg = spec.partition(":")
+    return f"hf:{Path(arg).expanduser().absolute()}" if sep and kind == "hf" else spec
+
+
+def anchored(config: PruneConfig) -> PruneConfig:
+    """The run with its model folder and data paths absolute, so that what it records
+    (report.json, file metadata) means the same files from any folder."""
+    data = absolute_data(config.data) if config.data else config.data
+    return dataclasses.replace(config, model=absolute_model(config.model), data=data)
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:

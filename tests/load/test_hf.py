@@ -301,3 +301,17 @@ def test_weights_that_do_not_cover_the_config_or_a_tokenizer_without_vocabulary(
     result = prune(f"hf:{unknown}", *args, "--out", str(tmp_path / "c"))
     assert_error(result, 2, "unknown token ([UNK])", "tokenizer files")
     assert not any((tmp_path / n).exists() for n in "abc")
+
+
+def test_relative_model_and_text_paths_are_recorded_absolute(bert, tmp_path, monkeypatch):
+    model_dir, texts = bert  # side by side in one folder
+    monkeypatch.chdir(model_dir.parent)
+    report = prune_report(f"hf:{model_dir.name}", "-p", "wanda", "-s", "0.5", "--mask", "layer",
+                          "--data", f"text:{texts.name}", "--out", str(tmp_path / "a"))  # fmt: skip
+    assert report["recipe"]["model"] == f"hf:{model_dir.absolute()}"
+    assert report["recipe"]["data"] == f"text:{texts.absolute()}"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the recipe means the same files from another folder
+    again = prune_report("--config", str(tmp_path / "a"), "--out", str(tmp_path / "b"))
+    assert again["sparsity"] == report["sparsity"]
