@@ -136,9 +136,7 @@ def input_gram(
 ) -> torch.Tensor:
     """H = X Xᵀ / n (float64, d × d) of the inputs ``module`` sees on ``samples`` of ``data``,
     through the model as it is now (so layers pruned before count: sequential propagation)."""
-    means = _layer_means(
-        model, {"": module}, data, samples, device, batch_size, lambda rows: rows.T @ rows
-    )
+    means = input_grams(model, {"": module}, data, samples, device, batch_size)
     if "" not in means:
         raise UsageError("layer-wise pruning needs calibration samples; the split is empty")
     return means[""]

@@ -145,6 +145,13 @@ def _factory(spec: str, num_classes: int | None) -> nn.Module:
 
 
 BUILT_IN_KINDS = ("sample", "cifar", "torchvision", "hf")
+# what a model and its inputs can be given as (options, recipes, file metadata): outside these
+# bounds a value can only be a mistake
+LOAD_BOUNDS = {
+    "num_classes": (1, 1_000_000),
+    "image_size": (1, 16384),
+    "max_length": (1, 1_000_000),
+}
 
 
 def names_code(spec: str) -> bool:

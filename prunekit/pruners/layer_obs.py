@@ -116,11 +116,6 @@ class LayerOBSPruner(Pruner):
                 changed = True
         if not changed:
             return None
-        if not torch.isfinite(new).all():
-            raise NumericalError(
-                f"{self.name}: the re-fitted weights of {target.name} hold NaN or Inf; "
-                "raise --param damp"
-            )
         return new.to(target.weight.dtype).reshape(target.weight.shape)
 
     def _matrix(self, target: Target) -> torch.Tensor:

@@ -35,7 +35,7 @@ from prunekit.formats.onnx_quant import (
     check_calibration,
 )
 from prunekit.load.data import Splits, load_data
-from prunekit.load.models import default_data, first_non_finite, load_model
+from prunekit.load.models import LOAD_BOUNDS, default_data, first_non_finite, load_model
 from prunekit.pruners import registry
 from prunekit.run.config import PruneConfig
 from prunekit.run.exports import EXPORT_FORMATS, metadata_for, write_exports
@@ -83,10 +83,8 @@ class Inputs:
 
 
 BOUNDS = {  # options whose values outside these can only be mistakes
+    **LOAD_BOUNDS,
     "seed": (0, 2**63 - 1),
-    "num_classes": (1, 1_000_000),
-    "max_length": (1, 1_000_000),
-    "image_size": (1, 16384),
     "min_channels": (1, 1_000_000),
     "channel_multiple": (1, 4096),
     "validate_runs": (1, 1_000_000),

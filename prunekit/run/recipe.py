@@ -39,15 +39,10 @@ NOT_RECORDED = ("out", "force", "verbose", "command", "trust_checkpoint")
 
 def recipe_of(config: PruneConfig, resolved_params: Mapping[str, Any]) -> dict[str, Any]:
     """The JSON-ready recipe of a run, with the pruner's resolved hyperparameters."""
-    view = json.loads(json.dumps(config.to_json()))
+    view = json.loads(json.dumps(anchored(config).to_json()))
     for key in NOT_RECORDED:
         view.pop(key, None)
     view["params"] = dict(resolved_params)
-    if view.get("weights"):  # a repeat must not depend on the folder it starts in
-        view["weights"] = str(Path(view["weights"]).absolute())
-    if view.get("data"):
-        view["data"] = absolute_data(view["data"])
-    view["model"] = absolute_model(view["model"])
     return view
 
 
@@ -66,10 +61,14 @@ def absolute_model(spec: str) -> str:
 
 
 def anchored(config: PruneConfig) -> PruneConfig:
-    """The run with its model folder and data paths absolute, so that what it records
-    (report.json, file metadata) means the same files from any folder."""
+    """The run with its model folder, weights and data paths absolute, so that what it
+    records (report.json and its recipe, file metadata) means the same files from any
+    folder."""
     data = absolute_data(config.data) if config.data else config.data
-    return dataclasses.replace(config, model=absolute_model(config.model), data=data)
+    weights = config.weights.absolute() if config.weights is not None else None
+    return dataclasses.replace(
+        config, model=absolute_model(config.model), data=data, weights=weights
+    )
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:

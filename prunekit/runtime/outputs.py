@@ -14,7 +14,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import json
 import os
 import re
 import shutil
@@ -117,17 +116,12 @@ def is_prunekit_output(path: Path) -> bool:
 def written_by_prunekit(path: Path) -> bool:
     """A safetensors or ONNX file whose metadata names the prunekit version that wrote it
     (every file prunekit exports carries ``prunekit_version``)."""
+    from safetensors import safe_open
+
     try:
-        with path.open("rb") as f:
-            head = f.read(8)
-            if len(head) == 8:  # safetensors: u64 header length, then the JSON header
-                size = int.from_bytes(head, "little")
-                if 0 < size <= 100_000_000:
-                    header = json.loads(f.read(size))
-                    meta = header.get("__metadata__") if isinstance(header, dict) else None
-                    if isinstance(meta, dict) and "prunekit_version" in meta:
-                        return True
-    except (OSError, ValueError, UnicodeDecodeError):
+        with safe_open(str(path), framework="pt") as f:
+            return "prunekit_version" in (f.metadata() or {})
+    except Exception:  # not a safetensors file (its reader raises several types)
         pass
     try:
         import onnx

@@ -131,10 +131,11 @@ class ChannelPlan:
         self.scores = {}
         self.warnings = []  # the last selection's: each sub-step would repeat them
         wanted = [self._kept_count(g, fraction) for g in self.groups]
+        widths = [_widths(g) for g in self.groups]
         if mode == "global":
             total = self.channels() - round(fraction * self.channels())
             wanted = self._global_counts(channel_scores, total)
-            mapped = [str(g) for g in self.groups if len(_widths(g)) > 1]
+            mapped = [str(g) for g, w in zip(self.groups, widths, strict=True) if len(w) > 1]
             if mapped:
                 self.warnings.append(
                     f"--mask global ranks the channels of {mapped[0][:60]}... (a group across "
@@ -148,11 +149,11 @@ class ChannelPlan:
                 self.warnings.append(
                     f"{g}: kept {count} of {g.channels} channels (--min-channels), not {wanted[i]}"
                 )
-            if mode == "layer" and len(_widths(g)) > 1:
-                keep = _each_width_kept(g, s, fraction, self._rounded)
+            if mode == "layer" and len(widths[i]) > 1:
+                keep = _each_width_kept(widths[i], s, fraction, self._rounded)
             else:
                 keep = torch.argsort(s, descending=True, stable=True)[:count].sort()[0]
-            keep = self._fit_members(g, keep, s)
+            keep = self._fit_members(widths[i], keep, s)
             self.kept[i] = keep
             for name, mask in group_masks(modules, g, keep).items():
                 masks[name] = masks[name] & mask if name in masks else mask
@@ -163,16 +164,18 @@ class ChannelPlan:
         rounded = min(channels, -(-wanted // self.multiple) * self.multiple)
         return max(rounded, min(self.min_channels, channels))
 
-    def _fit_members(self, g: Group, keep: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """``keep`` grown so that every width of a mapped group (a residual stream's 16, 32
-        and 64 channels) keeps a rounded count of its channels, narrowest first, each grown
-        from the best-scored channels it adds to the narrower ones (so their counts stay)."""
-        widths = _widths(g)
+    def _fit_members(
+        self, widths: list[torch.Tensor], keep: torch.Tensor, scores: torch.Tensor
+    ) -> torch.Tensor:
+        """``keep`` grown so that every width of a mapped group (``_widths``: a residual
+        stream's 16, 32 and 64 channels) keeps a rounded count of its channels, narrowest
+        first, each grown from the best-scored channels it adds to the narrower ones (so
+        their counts stay)."""
         if len(widths) == 1:
             return keep
-        kept = torch.zeros(g.channels, dtype=torch.bool)
+        kept = torch.zeros(len(widths[-1]), dtype=torch.bool)
         kept[keep] = True
-        narrower = torch.zeros(g.channels, dtype=torch.bool)
+        narrower = torch.zeros(len(widths[-1]), dtype=torch.bool)
         for held in widths:
             count = int(kept[held].sum())
             owed = self._rounded(len(held), count) - count
@@ -216,17 +219,21 @@ def _widths(g: Group) -> list[torch.Tensor]:
 
 
 def _each_width_kept(
-    g: Group, scores: torch.Tensor, fraction: float, rounded: Callable[[int, int], int]
+    widths: list[torch.Tensor],
+    scores: torch.Tensor,
+    fraction: float,
+    rounded: Callable[[int, int], int],
 ) -> torch.Tensor:
     """The kept channels of a mapped group with ``fraction`` removed from each of its widths
-    (a residual stream's 16, 32 and 64 channels; each kept count rounded by ``rounded``),
-    narrowest first: a channel removed from a narrow width is gone from the wider ones too,
-    and each wider width removes what it still owes from the channels it adds, so the kept
-    counts of the narrower ones stay as rounded. (One cut over the whole group would spare
-    the narrow widths, whose channels are read by more layers and so score higher.)"""
-    removed = torch.zeros(g.channels, dtype=torch.bool)
-    narrower = torch.zeros(g.channels, dtype=torch.bool)
-    for held in _widths(g):
+    (``_widths``: a residual stream's 16, 32 and 64 channels; each kept count rounded by
+    ``rounded``), narrowest first: a channel removed from a narrow width is gone from the
+    wider ones too, and each wider width removes what it still owes from the channels it
+    adds, so the kept counts of the narrower ones stay as rounded. (One cut over the whole
+    group would spare the narrow widths, whose channels are read by more layers and so score
+    higher.)"""
+    removed = torch.zeros(len(widths[-1]), dtype=torch.bool)
+    narrower = torch.zeros(len(widths[-1]), dtype=torch.bool)
+    for held in widths:
         wanted = len(held) - math.floor(fraction * len(held) + 1e-9)
         owed = len(held) - rounded(len(held), wanted) - int(removed[held].sum())
         open_ = held[~removed[held] & ~narrower[held]]

@@ -105,8 +105,6 @@ def read_onnx_metadata(path: Path) -> dict[str, str]:
     return checked_metadata({p.key: p.value for p in proto.metadata_props}, path)
 
 
-METADATA_INTEGERS = {"num_classes": (1, 1_000_000), "image_size": (1, 16384),
-                     "max_length": (1, 1_000_000)}  # fmt: skip
 METADATA_FRACTIONS = ("accuracy_dense", "accuracy_pruned")
 
 
@@ -121,7 +119,9 @@ def checked_metadata(meta: dict[str, str], path: Path) -> dict[str, str]:
             "prunekit, or pass the value on the command line"
         )
 
-    for key, (low, high) in METADATA_INTEGERS.items():
+    from prunekit.load.models import LOAD_BOUNDS
+
+    for key, (low, high) in LOAD_BOUNDS.items():
         value = meta.get(key, "")
         if value and not (value.isdigit() and len(value) <= 9 and low <= int(value) <= high):
             raise bad(key, f"an integer from {low} to {high}")
@@ -146,7 +146,6 @@ def beside(folder: Path, recorded: str) -> Path | None:
 
 
 # built without importing user code (hf: directories load without trust_remote_code)
-BUILTIN_SPECS = ("sample:", "cifar:", "torchvision:", "hf:")
 OWN_WEIGHTS = ("sample:", "hf:")  # specs that bring their weights: the dense model as built
 
 
@@ -175,7 +174,7 @@ def parity_model(
     recorded hash no longer matches).
     """
     from prunekit.errors import PrunekitError
-    from prunekit.load.models import load_model
+    from prunekit.load.models import load_model, names_code
 
     asked = weights is not None  # the user's own weights: not fitting is an error
     if spec is not None:
@@ -183,7 +182,7 @@ def parity_model(
     recorded = meta.get("model")
     if not recorded:
         return None, "the file records no model spec; pass --torch SPEC --weights FILE"
-    if not recorded.startswith(BUILTIN_SPECS):
+    if names_code(recorded):
         return None, (
             f"the file names model factory {recorded}, and prunekit does not import code a "
             f"file names; pass --torch {recorded} --weights FILE"
