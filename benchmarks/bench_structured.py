@@ -12,11 +12,13 @@ downloaded): its accuracy means nothing there, its speed-up, parameters and FLOP
         [--finetune-epochs 5] [--lr 0.01] [--no-recalibrate-bn] [--test-images 3000]
         [--param KEY=VALUE ...] [--distill | --no-distill] [--no-augment]
         [--channel-multiple 8] [--exclude conv1.weight] [--no-dense-reference]
-        [--recompute auto|K]
+        [--recompute auto|K] [--quantize int8]
 
 BatchNorm statistics are re-estimated after the schedule (prunekit's default for structured
 runs; --no-recalibrate-bn: not): the one-shot column includes it only when there is no
-fine-tuning.
+fine-tuning. ``--quantize int8`` also exports each model as static INT8 (ONNX Runtime's
+quantizer; the dense reference too) and prints its top-1 and speed-up against the FP32 dense
+model.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ def main() -> None:
         default=True,
         help="also fine-tune the dense model the same way (the reference row)",
     )
+    parser.add_argument("--quantize", choices=("int8",), help="also an INT8 export per run")
     args = parser.parse_args()
     dev = checked(args.dev_dir)
     cifar = args.model.startswith("cifar:")
@@ -98,9 +101,10 @@ def main() -> None:
               f"distillation {({None: 'default', True: 'on', False: 'off'})[args.distill]}, "
               f"excluded {', '.join(args.exclude) or 'none'}, augmentation "
               f"{'off' if args.augment is False else 'on'}\n")  # fmt: skip
+        int8 = " INT8 top-1 | INT8 speed-up b1 | b32 |" if args.quantize else ""
         print("| pruner | channels removed | params | FLOPs | one-shot top-1 | fine-tuned "
-              "top-1 | ORT speed-up b1 | b32 | seconds |")  # fmt: skip
-        print("|---|---|---|---|---|---|---|---|---|")
+              f"top-1 | ORT speed-up b1 | b32 | seconds |{int8}")  # fmt: skip
+        print("|---" * (12 if args.quantize else 9) + "|")
         dense_row = False
         runs = [(float(f), p) for f in args.fractions.split(",") for p in args.pruners.split(",")]
         if epochs and args.dense_reference:  # the same fine-tuning of the dense model: the
@@ -122,13 +126,20 @@ def main() -> None:
                 schedule=ScheduleConfig(
                     finetune_epochs=epochs,
                     recompute=None if args.recompute == "auto" else int(args.recompute),
-                    train=TrainConfig(lr=args.lr, distill=args.distill, augment=args.augment),
+                    train=TrainConfig(
+                        lr=args.lr,
+                        # the dense reference learns from the labels alone: distilling a
+                        # model into itself would only hold it back
+                        distill=args.distill if fraction else False,
+                        augment=args.augment,
+                    ),
                 ),
                 recalibrate_bn=args.recalibrate_bn,
                 device=args.device,
                 exports=("safetensors", "onnx"),
                 validate=True,
                 validate_runs=args.runs,
+                quantize=args.quantize,
                 out=Path(tmp) / f"{pruner}-{fraction}",
             )
             report = run(config)
@@ -138,7 +149,7 @@ def main() -> None:
                 print(f"| dense | 0 % | {s['parameters']['before']:,} | "
                       f"{s['flops_per_sample']['before'] / 1e6:.1f} M | "
                       f"{pct(report['accuracy']['dense'] if cifar else None)} | | 1.00 | "
-                      "1.00 | |")  # fmt: skip
+                      f"1.00 | |{' | | |' if args.quantize else ''}")  # fmt: skip
             one_shot = report["accuracy"]["pruned"] if not epochs else next(
                 (h["accuracy"] for h in report["history"] if "accuracy" in h
                  and h["phase"].startswith("prune")), report["accuracy"]["pruned"],
@@ -150,9 +161,17 @@ def main() -> None:
             print(f"| {label} | {s['removed']:.0%} | {s['parameters']['after']:,} | "
                   f"{s['flops_per_sample']['after'] / 1e6:.1f} M | {pct(one_shot)} | "
                   f"{pct(tuned)} | {v['speedup']['1']:.2f} | {v['speedup']['32']:.2f} | "
-                  f"{report['seconds']:.0f} |", flush=True)  # fmt: skip
+                  f"{report['seconds']:.0f} |{quantized_cells(v)}", flush=True)  # fmt: skip
             if not v["parity"]["passed"]:
                 print(f"  parity FAILED: {v['parity']}", flush=True)
+
+
+def quantized_cells(validation: dict) -> str:
+    """INT8 top-1 and speed-ups (against the FP32 dense model), when there is an INT8 export."""
+    q = validation.get("quantized")
+    if q is None:
+        return ""
+    return f" {pct(q['accuracy'])} | {q['speedup']['1']:.2f} | {q['speedup']['32']:.2f} |"
 
 
 def pct(value: float | None) -> str:

@@ -343,4 +343,5 @@ def run_recipe(recipe: str | Path | Mapping[str, Any], **overrides: Any) -> dict
     from prunekit.run.recipe import config_from, load_recipe
 
     base = dict(recipe) if isinstance(recipe, Mapping) else load_recipe(recipe)
-    return run(config_from({**base, **overrides}))
+    source = "recipe" if isinstance(recipe, Mapping) else str(recipe)
+    return run(config_from({**base, **overrides}, source))

@@ -382,7 +382,7 @@ def _value(name: str, value: Any) -> Any:
     the forms the command line and files share ("auto", "2GiB", paths)."""
     if name == "exclude":
         return list(value or ())
-    if name == "memory_budget" and not value:
+    if name == "memory_budget" and value is None:
         return None
     return value
 
@@ -390,13 +390,8 @@ def _value(name: str, value: Any) -> Any:
 def to_recipe(options: dict[str, Any], recipe: dict[str, Any] | None = None) -> dict[str, Any]:
     """The recipe of the options: all of them, or over ``recipe`` only those given."""
     given = options.get("given", set())
-    result: dict[str, Any] = dict(recipe or {})
-    for key, example in (("schedule", "[schedule] with kind = ..."), ("params", "[params]")):
-        if not isinstance(result.get(key) or {}, dict):
-            raise UsageError(f"recipe: {key} must be a table ({example})")
+    result: dict[str, Any] = dict(recipe or {})  # checked by load_recipe
     schedule = dict(result.get("schedule") or {})
-    if not isinstance(schedule.get("train") or {}, dict):
-        raise UsageError("recipe: schedule.train must be a table ([schedule.train])")
     train = dict(schedule.get("train") or {})
     for name, value in options.items():
         if name in ("given", "as_json") or (recipe is not None and name not in given):

@@ -110,7 +110,8 @@ def prune(
     recipe = to_recipe({**options, **own, "given": given}, base)
     recipe["trust_checkpoint"] = options["trust_checkpoint"]  # never from a file
     run_config = dataclasses.replace(
-        config_from(recipe), command=(Path(sys.argv[0]).name, *sys.argv[1:])
+        config_from(recipe, str(config or "the options")),
+        command=(Path(sys.argv[0]).name, *sys.argv[1:]),
     )
     report = run(run_config, RichReporter())
     if not distributed.is_main():

@@ -28,6 +28,16 @@ from prunekit.errors import PluginError, PrunekitError, UnknownNameError, UsageE
 CONTRACT_VERSION = 1  # raised when a change would break plugins written for the old one
 
 
+KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _of_kind(value: object, kind: type) -> bool:
+    """Whether a typed value (from a recipe) is of a parameter's kind; an integer is a number."""
+    if isinstance(value, bool) or kind is bool:
+        return isinstance(value, bool) and kind is bool
+    return isinstance(value, kind) or (kind is float and isinstance(value, int))
+
+
 @dataclass(frozen=True)
 class Param:
     """A pruner hyperparameter; its type is the type of ``default``."""
@@ -41,6 +51,10 @@ class Param:
 
     def parse(self, raw: str | float | int | bool) -> float | int | str | bool:
         kind = type(self.default)
+        if not isinstance(raw, str) and not _of_kind(raw, kind):  # a recipe's typed value:
+            raise UsageError(  # never coerced (true is not 1, 10.7 is not 10)
+                f"--param {self.name}={raw!r}: expected {KIND_NAMES[kind]} ({self.help})"
+            )
         try:
             if kind is bool and isinstance(raw, str):
                 if raw.lower() not in {"1", "0", "true", "false", "yes", "no"}:
@@ -50,7 +64,7 @@ class Param:
                 value = kind(raw)
         except ValueError:
             raise UsageError(
-                f"--param {self.name}={raw}: expected a {kind.__name__} ({self.help})"
+                f"--param {self.name}={raw}: expected {KIND_NAMES[kind]} ({self.help})"
             ) from None
         if isinstance(value, float) and not math.isfinite(value):
             raise UsageError(f"--param {self.name}={raw}: must be a finite number ({self.help})")

@@ -29,7 +29,7 @@ class PruneConfig:
     weights: Path | None = None
     num_classes: int | None = None
     trust_checkpoint: bool = False
-    params: dict[str, str] = field(default_factory=dict)
+    params: dict[str, str | int | float | bool] = field(default_factory=dict)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     recalibrate_bn: bool | None = None  # None: on where whole channels are removed
     memory_budget: int | None = None  # bytes; None: a safe fraction of free memory

@@ -88,6 +88,7 @@ BOUNDS = {  # options whose values outside these can only be mistakes
     "min_channels": (1, 1_000_000),
     "channel_multiple": (1, 4096),
     "validate_runs": (1, 1_000_000),
+    "memory_budget": (1, 2**62),  # bytes (0 is not "the default")
 }
 
 

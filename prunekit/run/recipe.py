@@ -24,14 +24,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel, Field, create_model
 
 from prunekit.engine.schedule import ScheduleConfig, recompute_of
 from prunekit.engine.train import TrainConfig
 from prunekit.errors import InputFileError, UsageError
 from prunekit.run.config import PruneConfig
+from prunekit.runtime.schema import Strict, parsed
 
 # where and how, not what; trust is the user's decision each time, never a file's
 NOT_RECORDED = ("out", "force", "verbose", "command", "trust_checkpoint")
@@ -96,50 +100,35 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     if not isinstance(recipe, dict):
         raise InputFileError(f"recipe {path} is not a table of options")
     recipe.pop("trust_checkpoint", None)  # only ever from the command line
-    return recipe
+    return checked_recipe(recipe, str(path))
 
 
-def _fields(cls: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls)}
+def _schema(cls: type, nested: Mapping[str, type] | None = None) -> type[Strict]:
+    """The recipe schema of a config dataclass: its fields with their annotated types (strict:
+    no ``true`` for a number, no ``10.7`` for an integer), every key optional, unknown keys an
+    error. ``nested`` replaces a field's dataclass by its own schema."""
+    hints = typing.get_type_hints(cls)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        kind = (nested or {}).get(f.name, hints[f.name])
+        # a key that is also a pydantic method (validate) is held under another name
+        name = f"{f.name}_" if hasattr(BaseModel, f.name) else f.name
+        fields[name] = (kind, Field(default=None, alias=f.name))
+    return create_model(f"{cls.__name__}Recipe", __base__=Strict, **fields)
 
 
-def _unknown(where: str, given: Mapping[str, Any], cls: type) -> None:
-    unknown = sorted(set(given) - _fields(cls))
-    if unknown:
-        raise UsageError(
-            f"recipe{where}: unknown option(s) {', '.join(unknown)}; known: "
-            f"{', '.join(sorted(_fields(cls)))}"
-        )
+TRAIN_SCHEMA = _schema(TrainConfig)
+SCHEDULE_SCHEMA = _schema(ScheduleConfig, {"train": TRAIN_SCHEMA})
+RECIPE_SCHEMA = _schema(PruneConfig, {"schedule": SCHEDULE_SCHEMA})
 
 
-NUMBER, INTEGER, TEXT, FLAG = "a number", "an integer", "a string", "true or false"
-TYPES = {  # the options' kinds, as a recipe must hold them
-    "model": TEXT, "pruner": TEXT, "sparsity": NUMBER, "mask": TEXT, "data": TEXT,
-    "normalize": TEXT, "image_size": INTEGER, "max_length": INTEGER, "weights": TEXT,
-    "num_classes": INTEGER, "objective": TEXT, "structure": TEXT, "min_channels": INTEGER,
-    "channel_multiple": INTEGER,
-    "recalibrate_bn": FLAG, "memory_budget": INTEGER, "verbose": FLAG, "device": TEXT,
-    "seed": INTEGER, "validate": FLAG, "out": TEXT, "force": FLAG,
-    "quantize": TEXT, "rounding": TEXT, "group_size": INTEGER, "max_accuracy_drop": NUMBER,
-    "min_cosine": NUMBER, "validate_runs": INTEGER, "quantize_fallback": FLAG,
-    "kind": TEXT, "steps": INTEGER, "initial_sparsity": NUMBER, "finetune_epochs": INTEGER,
-    "warmup_epochs": INTEGER, "epochs": INTEGER, "lr": NUMBER, "optimizer": TEXT,
-    "lr_schedule": TEXT, "batch_size": INTEGER, "weight_decay": NUMBER, "distill": FLAG,
-    "temperature": NUMBER, "distill_weight": NUMBER, "augment": FLAG,
-}  # fmt: skip
-CHECKS = {
-    NUMBER: lambda v: isinstance(v, int | float) and not isinstance(v, bool),
-    INTEGER: lambda v: isinstance(v, int) and not isinstance(v, bool),
-    TEXT: lambda v: isinstance(v, str),
-    FLAG: lambda v: isinstance(v, bool),
-}
-
-
-def _typed(where: str, table: Mapping[str, Any]) -> dict[str, Any]:
-    """Check each value's kind; read the forms the CLI takes (recompute "auto", "2GiB")."""
+def _spelled(table: Mapping[str, Any]) -> dict[str, Any]:
+    """The forms the CLI takes, read as values: recompute "auto", memory_budget "2GiB", a
+    single exclude or export as a string; null as unset."""
     from prunekit.calibrate.memory import parse_size
 
-    values = {k: str(v) if isinstance(v, Path) else v for k, v in table.items()}
+    # a null (JSON) or unset option (the CLI) means the default
+    values = {k: str(v) if isinstance(v, Path) else v for k, v in table.items() if v is not None}
     if isinstance(values.get("recompute"), str):
         values["recompute"] = recompute_of(values["recompute"])
     if isinstance(values.get("memory_budget"), str):
@@ -147,51 +136,49 @@ def _typed(where: str, table: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("exclude", "exports"):
         if isinstance(values.get(key), str):
             values[key] = [values[key]]
-        if key in values and not all(isinstance(v, str) for v in values[key] or ()):
-            raise UsageError(f"recipe{where}: {key} must be a list of strings")
-    for key, value in values.items():
-        kind = TYPES.get(key)
-        if value is not None and kind is not None and not CHECKS[kind](value):
-            raise UsageError(f"recipe{where}: {key} = {value!r} must be {kind}")
-    if values.get("recompute") is not None and not CHECKS[INTEGER](values["recompute"]):
-        raise UsageError(f'recipe{where}: recompute must be "auto" or an integer')
     return values
 
 
-def schedule_from(table: Any) -> ScheduleConfig:
-    if not isinstance(table, Mapping):
-        raise UsageError("recipe: schedule must be a table ([schedule] with kind = ...)")
-    _unknown(" [schedule]", table, ScheduleConfig)
-    train = table.get("train") or {}
-    if not isinstance(train, Mapping):
-        raise UsageError("recipe: schedule.train must be a table ([schedule.train])")
-    _unknown(" [schedule.train]", train, TrainConfig)
-    values = _typed(" [schedule]", {k: v for k, v in table.items() if k != "train"})
-    return ScheduleConfig(**values, train=TrainConfig(**_typed(" [schedule.train]", train)))
+def _given(model: Strict) -> dict[str, Any]:
+    """The keys a recipe set, with their validated values (nested tables as dicts)."""
+    fields = type(model).model_fields
+    return {fields[k].alias or k: getattr(model, k) for k in model.model_fields_set}
 
 
-def config_from(recipe: Mapping[str, Any]) -> PruneConfig:
-    """A PruneConfig from a recipe; unknown options, wrong kinds and missing essentials are
-    errors."""
-    _unknown("", recipe, PruneConfig)
-    missing = [k for k in ("model", "pruner", "sparsity") if recipe.get(k) is None]
+FIX = "see prunekit prune --help"
+
+
+def _checked(recipe: Mapping[str, Any], source: str) -> Strict:
+    """A recipe (the CLI's spellings read) against the schema."""
+    table = _spelled(recipe)
+    schedule = recipe.get("schedule")
+    if isinstance(schedule, Mapping):
+        table["schedule"] = _spelled(schedule)
+        if isinstance(schedule.get("train"), Mapping):
+            table["schedule"]["train"] = _spelled(schedule["train"])
+    return parsed(RECIPE_SCHEMA, table, source, FIX)
+
+
+def checked_recipe(recipe: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """A recipe read from a file, checked at the edge: the keys it sets, as JSON-like values
+    (so the command line's options can be laid over it)."""
+    return _checked(recipe, source).model_dump(mode="json", by_alias=True, exclude_unset=True)
+
+
+def config_from(recipe: Mapping[str, Any], source: str = "recipe") -> PruneConfig:
+    """A PruneConfig from a recipe, checked against the schema: unknown options, wrong kinds
+    and missing essentials are one-line errors naming the key."""
+    values = _given(_checked(recipe, source))
+    missing = [k for k in ("model", "pruner", "sparsity") if values.get(k) is None]
     if missing:
         raise UsageError(
             f"the run needs {', '.join(missing)}: give them on the command line or in --config"
         )
-    values = _typed("", {k: v for k, v in recipe.items() if k not in ("schedule", "params")})
-    values["schedule"] = schedule_from(recipe.get("schedule") or {})
-    params = recipe.get("params") or {}
-    if not isinstance(params, Mapping):
-        raise UsageError("recipe: params must be a table ([params] with key = value)")
-    values["params"] = dict(params)
-    for key in ("exclude", "exports"):
-        if key in values:
-            values[key] = tuple(values[key])
+    if "schedule" in values:
+        given = _given(values["schedule"])
+        train = TrainConfig(**_given(given.pop("train"))) if "train" in given else TrainConfig()
+        values["schedule"] = ScheduleConfig(**given, train=train)
     values.pop("command", None)  # recorded for the report only
-    for key in ("weights", "out"):
-        if values.get(key) is not None:
-            values[key] = Path(values[key])
     if values.get("out") is None:
         values["out"] = PruneConfig.default_out(
             values["model"], values["pruner"], values["sparsity"]

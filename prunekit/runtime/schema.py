@@ -1,0 +1,89 @@
+"""What prunekit reads from a file is parsed once, at the edge, against a typed schema.
+
+Recipes, report.json, the metadata of safetensors and ONNX files and the parts of a Hugging
+Face config.json that prunekit uses are each described by a pydantic model (strict: no
+``true`` for a number, no ``10.7`` for an integer, no unknown keys where the file is ours). A
+failure becomes one line naming the file, the key and what it must be.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+
+from prunekit.errors import InputFileError, did_you_mean
+
+T = TypeVar("T")
+
+MAX_JSON_BYTES = 16 << 20  # metadata and recipes are small; more can only be a mistake
+
+
+class Strict(BaseModel):
+    """A schema for a document prunekit writes: exact types, no unknown keys, frozen."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class Lenient(BaseModel):
+    """A schema for the keys prunekit reads from another tool's document (others ignored)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True, allow_inf_nan=False)
+
+
+# how pydantic tags the members of a union in an error's location
+UNION_MEMBERS = {"str": "a string", "int": "an integer", "float": "a number", "bool": "a boolean"}
+
+
+def one_line(exc: ValidationError, schema: Any = None, limit: int = 40) -> str:
+    """The first problem of a validation error as 'key.sub: what it must be (got VALUE)'; an
+    unknown key names the known ones closest to it."""
+    errors = exc.errors(include_url=False)
+    error, loc = errors[0], tuple(errors[0]["loc"])
+    message = error["msg"][0].lower() + error["msg"][1:]
+    if loc and loc[-1] in UNION_MEMBERS:  # one value that matched no member of a union
+        loc = loc[:-1]
+        kinds = [UNION_MEMBERS[str(e["loc"][-1])] for e in errors if tuple(e["loc"][:-1]) == loc]
+        message = f"input should be {' or '.join(kinds)}"
+    where = ".".join(str(part) for part in loc) or "the document"
+    more = len({tuple(e["loc"][:-1]) if e["loc"][-1:] and e["loc"][-1] in UNION_MEMBERS
+                else tuple(e["loc"]) for e in errors}) - 1  # fmt: skip
+    extra = f"; {more} more problem(s)" if more > 0 else ""
+    if error["type"] == "extra_forbidden":
+        known = _keys_at(schema, loc[:-1])
+        hint = did_you_mean(str(loc[-1]), known) if known else ""
+        return f"{where}: unknown option ({hint}known: {', '.join(known)}){extra}"
+    got = repr(error.get("input"))
+    got = got if len(got) <= limit else got[: limit - 3] + "..."
+    return f"{where}: {message} (got {got}){extra}"
+
+
+def _keys_at(schema: Any, loc: tuple[Any, ...]) -> list[str]:
+    """The keys the (nested) pydantic model at ``loc`` of ``schema`` accepts."""
+    for part in loc:
+        if not (isinstance(schema, type) and issubclass(schema, BaseModel)):
+            return []
+        field = next((f for n, f in schema.model_fields.items() if (f.alias or n) == part), None)
+        schema = field.annotation if field is not None else None
+    if isinstance(schema, type) and issubclass(schema, BaseModel):
+        return sorted(f.alias or n for n, f in schema.model_fields.items())
+    return []
+
+
+def parsed(schema: type[T], document: str | bytes | Any, source: str, fix: str) -> T:
+    """``document`` (JSON text, or already-parsed JSON-like data) checked against ``schema``;
+    an InputFileError naming ``source``, the key and ``fix`` otherwise."""
+    adapter: TypeAdapter[T] = TypeAdapter(schema)
+    try:
+        if isinstance(document, str | bytes):
+            if len(document) > MAX_JSON_BYTES:
+                raise InputFileError(f"{source}: {len(document):,} bytes of JSON; {fix}")
+            return adapter.validate_json(document, strict=True)
+        # data from TOML or json.loads: JSON's types checked the way JSON text is (NaN and
+        # infinity pass through, for the schema to refuse by name)
+        return adapter.validate_json(json.dumps(document), strict=True)
+    except ValidationError as exc:
+        raise InputFileError(f"{source}: {one_line(exc, schema)}; {fix}") from None
+    except (TypeError, ValueError, RecursionError) as exc:  # not JSON-like (a TOML date)
+        raise InputFileError(f"{source}: {str(exc)[:80]}; {fix}") from None
