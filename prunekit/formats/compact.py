@@ -30,6 +30,7 @@ import torch
 
 from prunekit.contract.quantization import QuantizedTensor
 from prunekit.errors import InputFileError
+from prunekit.formats.metadata import CompactEntry, weights_metadata
 from prunekit.formats.safetensors_file import read_metadata, write_safetensors
 from prunekit.version import __version__
 
@@ -114,16 +115,16 @@ def load_sparse(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor
     path = Path(path)
     if not path.is_file():
         raise InputFileError(f"{path} does not exist; check the path")
+    index = weights_metadata(path).prunekit_sparse or {}  # checked against its schema
     try:
         with safe_open(str(path), framework="pt") as f:
-            index_text = (f.metadata() or {}).get(FORMAT_KEY, "{}")
             raw = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iter)
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
         raise InputFileError(
             f"{path} is not a valid safetensors file ({exc}); re-export the weights"
         ) from exc
     try:
-        dense = _expand(raw, json.loads(index_text))
+        dense = _expand(raw, index)
     except (ValueError, TypeError, KeyError, RuntimeError) as exc:
         detail = f"no tensor {exc}" if isinstance(exc, KeyError) else str(exc)
         raise InputFileError(
@@ -132,44 +133,39 @@ def load_sparse(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor
     return {k: v.to(device) for k, v in dense.items()}
 
 
-def _expand(raw: dict[str, torch.Tensor], index: object) -> dict[str, torch.Tensor]:
+def _expand(
+    raw: dict[str, torch.Tensor], index: dict[str, CompactEntry]
+) -> dict[str, torch.Tensor]:
     """Dense tensors from the raw ones and the index; ValueError/KeyError where they disagree."""
-    if not isinstance(index, dict):
-        raise ValueError(f"{FORMAT_KEY} is not a JSON object")
     dense = {k: v for k, v in raw.items() if not k.endswith((MASK, VALUES, CODES, SCALES))}
     for name, info in index.items():
-        shape = info.get("shape") if isinstance(info, dict) else None
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise ValueError(f"{name}: shape {shape!r} is not a list of sizes")
-        numel = int(np.prod(shape, dtype=np.int64))
+        numel = int(np.prod(info.shape, dtype=np.int64))
         mask = raw[name + MASK]
         if mask.dtype != torch.uint8 or mask.dim() != 1 or mask.numel() * 8 < numel:
-            raise ValueError(f"{name}{MASK} is too short for shape {shape}")
+            raise ValueError(f"{name}{MASK} is too short for shape {info.shape}")
         bits = torch.from_numpy(
             np.unpackbits(mask.numpy(), count=numel, bitorder="little").astype(bool)
         )
-        if "bits" in info:
-            dense[name] = _dequantized(name, info, shape, bits, raw)
+        if info.bits is not None:
+            dense[name] = _dequantized(name, info, bits, raw)
             continue
         values = raw[name + VALUES]
         if values.dim() != 1 or int(bits.sum()) != values.numel():
             raise ValueError(f"{name}: {values.numel()} values for {int(bits.sum())} mask bits")
-        if str(values.dtype).removeprefix("torch.") != info.get("dtype"):
-            raise ValueError(f"{name}: values are {values.dtype}, index says {info.get('dtype')}")
+        if str(values.dtype).removeprefix("torch.") != info.dtype:
+            raise ValueError(f"{name}: values are {values.dtype}, index says {info.dtype}")
         flat = torch.zeros(numel, dtype=values.dtype)
         flat[bits] = values
-        dense[name] = flat.reshape(shape)
+        dense[name] = flat.reshape(info.shape)
     return dense
 
 
 def _dequantized(
-    name: str, info: dict, shape: list[int], bits: torch.Tensor, raw: dict[str, torch.Tensor]
+    name: str, info: CompactEntry, bits: torch.Tensor, raw: dict[str, torch.Tensor]
 ) -> torch.Tensor:
     """codes · scales of a quantized entry; ValueError where its pieces disagree."""
-    width, group = info.get("bits"), info.get("group_size")
-    if width not in (8, 4) or not (group is None or (isinstance(group, int) and group > 0)):
-        raise ValueError(f"{name}: bits {width!r} / group_size {group!r} are not a grid")
-    if len(shape) < 1 or info.get("dtype") != "float32":
+    width, group, shape = info.bits or 8, info.group_size, info.shape  # (bits is set here)
+    if len(shape) < 1 or info.dtype != "float32":
         raise ValueError(f"{name}: a quantized entry must be a float32 weight")
     codes, scales = raw[name + CODES], raw[name + SCALES]
     count = int(bits.sum())

@@ -20,7 +20,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
     try:
         save_file(tensors, str(path), metadata=metadata)
     except SafetensorError as exc:
-        code = re.search(r"code: (\d+)", str(exc))
+        code = re.search(r"(?:code: |os error )(\d+)", str(exc))
         number = int(code[1]) if code else errno.EIO
         raise OSError(number, f"writing safetensors failed: {exc}", str(path)) from exc
 

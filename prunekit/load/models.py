@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
-import json
 import pickle
 import sys
 import warnings
@@ -30,7 +29,10 @@ from prunekit.errors import (
     UsageError,
     did_you_mean,
 )
+from prunekit.formats.metadata import LOAD_BOUNDS, StructureRecord, weights_metadata
 from prunekit.load.sample_models import SAMPLES
+
+__all__ = ["LOAD_BOUNDS"]  # (re-exported: the bounds of what a model is given as)
 
 SPEC_FORMS = "sample:NAME, cifar:ARCH, torchvision:ARCH, hf:DIR or package.module:factory"
 _SHOWN = 5  # how many keys an error message lists
@@ -145,13 +147,6 @@ def _factory(spec: str, num_classes: int | None) -> nn.Module:
 
 
 BUILT_IN_KINDS = ("sample", "cifar", "torchvision", "hf")
-# what a model and its inputs can be given as (options, recipes, file metadata): outside these
-# bounds a value can only be a mistake
-LOAD_BOUNDS = {
-    "num_classes": (1, 1_000_000),
-    "image_size": (1, 16384),
-    "max_length": (1, 1_000_000),
-}
 
 
 def names_code(spec: str) -> bool:
@@ -286,18 +281,12 @@ def check_fit(model: nn.Module, state: dict[str, torch.Tensor], source: str, spe
         )
 
 
-def saved_structure(path: Path) -> dict | None:
-    """The channels a structured run kept, as recorded in its safetensors file."""
+def saved_structure(path: Path) -> StructureRecord | None:
+    """The channels a structured run kept, as recorded in its safetensors file (checked: a
+    file may have been edited)."""
     if path.suffix != ".safetensors":
         return None
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            text = (f.metadata() or {}).get("structure")
-    except Exception:  # not readable here; read_state_dict has said why
-        return None
-    return json.loads(text) if text else None
+    return weights_metadata(path).structure
 
 
 def load_model(
@@ -313,9 +302,9 @@ def load_model(
         if structure is not None:  # a --structure run: its channels cut out first
             from prunekit.structured.plan import reapply
 
-            example = torch.zeros(1, *structure["input_shape"])
+            example = torch.zeros(1, *structure.input_shape)
             reapply(model, example.to(getattr(model, "input_dtype", torch.float32)),
-                    structure["kept"])  # fmt: skip
+                    structure.kept, str(path))  # fmt: skip
         check_fit(model, state, str(path), spec)
         check_finite(state, f"weights {path}")
         model.load_state_dict(state, strict=False)

@@ -79,10 +79,10 @@ def parsed(schema: type[T], document: str | bytes | Any, source: str, fix: str) 
         if isinstance(document, str | bytes):
             if len(document) > MAX_JSON_BYTES:
                 raise InputFileError(f"{source}: {len(document):,} bytes of JSON; {fix}")
-            return adapter.validate_json(document, strict=True)
+            return adapter.validate_json(document)
         # data from TOML or json.loads: JSON's types checked the way JSON text is (NaN and
         # infinity pass through, for the schema to refuse by name)
-        return adapter.validate_json(json.dumps(document), strict=True)
+        return adapter.validate_json(json.dumps(document))
     except ValidationError as exc:
         raise InputFileError(f"{source}: {one_line(exc, schema)}; {fix}") from None
     except (TypeError, ValueError, RecursionError) as exc:  # not JSON-like (a TOML date)

@@ -19,7 +19,7 @@ from torch import nn
 
 from prunekit.contract.pruner import Pruner, guarded
 from prunekit.contract.target import Target
-from prunekit.errors import UsageError
+from prunekit.errors import InputFileError, UsageError
 from prunekit.structured.groups import Group, find_groups
 from prunekit.structured.surgery import group_masks, shrink
 
@@ -259,17 +259,27 @@ def channel_sets(shape: torch.Size, channels: int, role: str, block: int) -> tor
     return torch.arange(channels)[:, None] * (block * rest) + within
 
 
-def reapply(model: nn.Module, example: torch.Tensor, record: Mapping[str, list[int]]) -> None:
+def reapply(
+    model: nn.Module, example: torch.Tensor, record: Mapping[str, list[int]], source: str
+) -> None:
     """Shrink a freshly built model as a saved structured run was shrunk (before its state
-    dict is loaded)."""
+    dict is loaded); a record that does not fit the model's groups is refused."""
     groups, _ = find_groups(model, example)
     by_name = {str(g): g for g in groups}
     missing = sorted(set(record) - set(by_name))
     if missing:
         raise UsageError(
-            f"the file removes channels of {', '.join(missing[:3])}, which this model does not "
+            f"{source} removes channels of {', '.join(missing[:3])}, which this model does not "
             "have as a channel group; load it with the architecture it was pruned from"
         )
+    for name, keep in record.items():
+        channels = by_name[name].channels
+        if keep[-1] >= channels:  # (kept channels are strictly increasing)
+            raise InputFileError(
+                f"{source}: its structure record keeps channel {keep[-1]} of {name}, which has "
+                f"{channels}; re-export the weights (or load them with the architecture they "
+                "were pruned from)"
+            )
     modules = dict(model.named_modules())
     for name, keep in record.items():
         shrink(modules, by_name[name], torch.tensor(keep, dtype=torch.long))

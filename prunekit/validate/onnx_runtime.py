@@ -8,7 +8,6 @@ storage and transfer, not compute.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePath
@@ -20,6 +19,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from prunekit.errors import InputFileError, ModelMismatchError, UsageError
+from prunekit.formats.metadata import ExportMetadata, export_metadata
 from prunekit.load.data import UNLABELED
 from prunekit.runtime.batches import loader
 from prunekit.validate.metrics import cosine_fidelity, cosines
@@ -87,8 +87,9 @@ def open_session(path: Path, options: ValidateOptions):
         ) from exc
 
 
-def read_onnx_metadata(path: Path) -> dict[str, str]:
-    """The file's metadata_props; a clear error for a missing or non-ONNX file."""
+def read_onnx_metadata(path: Path) -> ExportMetadata:
+    """What prunekit reads from the file's metadata_props, checked against its schema; a clear
+    error for a missing or non-ONNX file."""
     import onnx
 
     if not path.is_file():
@@ -102,38 +103,7 @@ def read_onnx_metadata(path: Path) -> dict[str, str]:
         ) from exc
     if not proto.graph.node:
         raise InputFileError(f"{path} holds no ONNX graph; re-export it with `prunekit export`")
-    return checked_metadata({p.key: p.value for p in proto.metadata_props}, path)
-
-
-METADATA_FRACTIONS = ("accuracy_dense", "accuracy_pruned")
-
-
-def checked_metadata(meta: dict[str, str], path: Path) -> dict[str, str]:
-    """The metadata prunekit reads from an ONNX file, checked at the edge: integers in range,
-    accuracies in [0, 1] (they feed the --max-accuracy-drop gate); a one-line error naming the
-    key otherwise. (A recorded weights file is read only if it lies beside the export.)"""
-
-    def bad(key: str, what: str) -> InputFileError:
-        return InputFileError(
-            f"{path}: its metadata {key} = {meta[key][:40]!r} is not {what}; re-export it with "
-            "prunekit, or pass the value on the command line"
-        )
-
-    from prunekit.load.models import LOAD_BOUNDS
-
-    for key, (low, high) in LOAD_BOUNDS.items():
-        value = meta.get(key, "")
-        if value and not (value.isdigit() and len(value) <= 9 and low <= int(value) <= high):
-            raise bad(key, f"an integer from {low} to {high}")
-    for key in METADATA_FRACTIONS:
-        if key in meta:
-            try:
-                fraction = float(meta[key])
-            except ValueError:
-                fraction = math.nan
-            if not 0.0 <= fraction <= 1.0:
-                raise bad(key, "an accuracy from 0 to 1")
-    return meta
+    return export_metadata({p.key: p.value for p in proto.metadata_props}, path)
 
 
 def beside(folder: Path, recorded: str) -> Path | None:
@@ -161,7 +131,7 @@ def file_sha256(path: Path) -> str:
 
 def parity_model(
     onnx_file: Path,
-    meta: dict[str, str],
+    meta: ExportMetadata,
     spec: str | None = None,
     weights: Path | None = None,
     num_classes: int | None = None,
@@ -179,7 +149,7 @@ def parity_model(
     asked = weights is not None  # the user's own weights: not fitting is an error
     if spec is not None:
         return load_model(spec, weights, num_classes).model, None
-    recorded = meta.get("model")
+    recorded = meta.model
     if not recorded:
         return None, "the file records no model spec; pass --torch SPEC --weights FILE"
     if names_code(recorded):
@@ -187,18 +157,18 @@ def parity_model(
             f"the file names model factory {recorded}, and prunekit does not import code a "
             f"file names; pass --torch {recorded} --weights FILE"
         )
-    if num_classes is None and not recorded.startswith("sample:") and meta.get("num_classes"):
-        num_classes = int(meta["num_classes"])
-    if weights is None and meta.get("weights_file"):
-        weights = beside(onnx_file.parent, meta["weights_file"])
+    if num_classes is None and not recorded.startswith("sample:"):
+        num_classes = meta.num_classes
+    if weights is None and meta.weights_file:
+        weights = beside(onnx_file.parent, meta.weights_file)
         if weights is None:
             return None, (
-                f"the recorded weights {meta['weights_file']} lie outside the export's folder, "
+                f"the recorded weights {meta.weights_file} lie outside the export's folder, "
                 "and prunekit reads only files beside it; pass --weights FILE"
             )
         if not weights.is_file():
             return None, f"the recorded weights {weights} are not there; pass --weights FILE"
-        if meta.get("weights_sha256") and file_sha256(weights) != meta["weights_sha256"]:
+        if meta.weights_sha256 and file_sha256(weights) != meta.weights_sha256:
             return None, f"the recorded weights {weights} changed since the export"
     elif weights is None and not recorded.startswith(OWN_WEIGHTS):
         return None, f"the file records no weights for {recorded}; pass --weights FILE"
@@ -211,13 +181,13 @@ def parity_model(
 
 
 def dense_model(
-    meta: dict[str, str], spec: str | None = None, num_classes: int | None = None
+    meta: ExportMetadata, spec: str | None = None, num_classes: int | None = None
 ) -> nn.Module | None:
     """The unpruned model, where its spec brings its own weights (hf: directories, sample
     models): the reference for the fidelity of unlabeled data. None otherwise."""
     from prunekit.load.models import load_model
 
-    recorded = spec or meta.get("model") or ""
+    recorded = spec or meta.model or ""
     if not recorded.startswith(OWN_WEIGHTS):
         return None
     return load_model(recorded, None, num_classes).model
@@ -518,16 +488,15 @@ def validate_file(
 
     options.check()
     meta = read_onnx_metadata(onnx_file)
-    spec = data or meta.get("data")
+    spec = data or meta.data
     if spec is None:
         raise UsageError(f"{onnx_file} records no dataset; pass --data SPEC")
     if data is None:  # the recorded data comes with its recorded preprocessing
-        normalize = normalize or meta.get("normalize")
-        image_size = image_size or (int(meta["image_size"]) if meta.get("image_size") else None)
-    length = int(meta["max_length"]) if meta.get("max_length") else None
-    splits = load_data(spec, Preprocess(normalize, image_size), meta.get("model"), length)
+        normalize = normalize or meta.normalize
+        image_size = image_size or meta.image_size
+    splits = load_data(spec, Preprocess(normalize, image_size), meta.model, meta.max_length)
     model, skipped = parity_model(onnx_file, meta, torch_model, weights, num_classes)
-    reference = float(meta["accuracy_dense"]) if "accuracy_dense" in meta else None
+    reference = meta.accuracy_dense
     dense = None
     if not splits.labeled and baseline is None:  # the dense model, for the fidelity
         dense = dense_model(meta, torch_model, num_classes)

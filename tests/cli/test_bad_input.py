@@ -757,11 +757,12 @@ def test_values_that_can_only_be_mistakes_are_refused(tmp_path, extra, fragments
 @pytest.mark.parametrize(
     "key, value, fragment",
     [
-        ("accuracy_dense", "nan", "an accuracy from 0 to 1"),
-        ("accuracy_dense", "-5", "an accuracy from 0 to 1"),
-        ("num_classes", "abc", "an integer from 1"),
-        ("image_size", "99999999999", "an integer from 1"),
-        ("max_length", "-1", "an integer from 1"),
+        ("accuracy_dense", "nan", "should be a finite number"),
+        ("accuracy_dense", "-5", "should be greater than or equal to 0"),
+        ("accuracy_pruned", "1.5", "should be less than or equal to 1"),
+        ("num_classes", "abc", "should be a valid integer, unable to parse"),
+        ("image_size", "99999999999", "should be less than or equal to 16384"),
+        ("max_length", "-1", "should be greater than or equal to 1"),
     ],
 )
 def test_validate_checks_the_metadata_it_reads(tmp_path, exported, key, value, fragment):
@@ -774,7 +775,7 @@ def test_validate_checks_the_metadata_it_reads(tmp_path, exported, key, value, f
     tampered = tmp_path / "model.onnx"
     onnx.save_model(proto, str(tampered))
     result = invoke("validate", str(tampered), "--runs", "2", "--max-accuracy-drop", "0.001")
-    assert_error(result, 2, f"metadata {key} = {value!r} is not {fragment}")
+    assert_error(result, 2, f"its metadata: {key}: input {fragment} (got {value!r})", "re-export")
 
 
 def test_validate_with_weights_that_do_not_fit_is_an_error(tmp_path, exported):

@@ -235,7 +235,7 @@ def test_groups_are_safe_where_a_layer_reads_another_axis_or_a_weight_is_reused(
         groups, left = find_groups(build(), x)
         assert groups == [] and left == left_whole
     model = _Noisy()  # built in training mode, as on load: traced in eval mode regardless
-    reapply(model, torch.zeros(1, 3, 4, 4), {"a": [0, 1, 2, 3]})
+    reapply(model, torch.zeros(1, 3, 4, 4), {"a": [0, 1, 2, 3]}, "f.safetensors")
     assert model.a.out_channels == 4 and model.training
 
 
