@@ -45,6 +45,7 @@ class LoadedModel:
     weights: str | None
     warnings: list[str] = field(default_factory=list)
     trusted_checkpoint: str | None = None  # a pickle loaded with --trust-checkpoint
+    structure: StructureRecord | None = None  # the channels an earlier structured run kept
 
 
 def _sample(name: str, num_classes: int | None) -> tuple[nn.Module, Path]:
@@ -300,6 +301,7 @@ def load_model(
         state = read_state_dict(path, trust)
         structure = saved_structure(path)
         if structure is not None:  # a --structure run: its channels cut out first
+            loaded.structure = structure
             from prunekit.structured.plan import reapply
 
             example = torch.zeros(1, *structure.input_shape)

@@ -68,11 +68,9 @@ def metadata_for(report: dict[str, Any], config: dict[str, Any]) -> dict[str, st
         "num_classes": str(report["num_classes"]),
         "config": json.dumps(config, sort_keys=True),
     }
-    structure = report.get("structure")
-    if structure:  # re-applied to the architecture on load (prunekit.structured.plan.reapply)
-        meta["structure"] = json.dumps(
-            {"kept": structure["kept"], "input_shape": structure["input_shape"]}
-        )
+    kept = report.get("channels_kept")
+    if kept:  # re-applied to the architecture on load (prunekit.structured.plan.reapply)
+        meta["structure"] = json.dumps({"kept": kept["kept"], "input_shape": kept["input_shape"]})
     for key in ("dense", "pruned"):
         if report["accuracy"][key] is not None:
             meta[f"accuracy_{key}"] = repr(report["accuracy"][key])

@@ -31,6 +31,7 @@ from prunekit.engine.quantize import Quantized, joint_grids
 from prunekit.engine.schedule import run_schedule
 from prunekit.engine.step import Pruning
 from prunekit.errors import GateError, ModelMismatchError, NumericalError, UsageError
+from prunekit.formats.metadata import StructureRecord
 from prunekit.formats.onnx_quant import (
     check_calibration,
 )
@@ -50,7 +51,7 @@ from prunekit.runtime.outputs import prepare_output, staged_dir
 from prunekit.runtime.progress import Reporter, Silent
 from prunekit.runtime.timing import Timings
 from prunekit.structured.groups import UntraceableError
-from prunekit.structured.plan import STRUCTURES, ChannelPlan
+from prunekit.structured.plan import STRUCTURES, ChannelPlan, composed
 from prunekit.validate.metrics import accuracy, cosine_fidelity, outputs_on
 from prunekit.validate.onnx_runtime import validate
 
@@ -80,6 +81,7 @@ class Inputs:
     data: Splits
     source: dict[str, Any]  # model, weights, trusted_checkpoint, data: for the report
     notes: list[str] = field(default_factory=list)  # warnings from loading
+    structure: StructureRecord | None = None  # channels an earlier structured run removed
 
 
 BOUNDS = {  # options whose values outside these can only be mistakes
@@ -198,7 +200,8 @@ def load_inputs(config: PruneConfig) -> Inputs:
         "trusted_checkpoint": loaded.trusted_checkpoint,
         "data": data_spec,
     }
-    return Inputs(loaded.model, data, source, [*data.notes, *loaded.warnings])
+    notes = [*data.notes, *loaded.warnings]
+    return Inputs(loaded.model, data, source, notes, loaded.structure)
 
 
 def prune_model(
@@ -281,6 +284,13 @@ def prune_model(
         warnings += plan.warnings
         with reporter.stage("removing the pruned channels"), timings.phase("prune"):
             structure = shrunk_record(plan, data)
+    channels_kept = None  # of the architecture, through every structured run so far
+    if structure is not None or inputs.structure is not None:
+        earlier = inputs.structure.kept if inputs.structure is not None else None
+        channels_kept = {
+            "kept": composed(earlier, structure["kept"] if structure else None),
+            "input_shape": list(data.input_shape),
+        }
 
     quantized, rounding = None, None
     if quantization is not None:
@@ -300,6 +310,7 @@ def prune_model(
         "recalibrate_bn": recalibrate,
         "sparsity": {"target": config.sparsity, "achieved": achieved, "per_tensor": per_tensor},
         "structure": structure,
+        "channels_kept": channels_kept,
         "accuracy": {"dense": dense_accuracy, "pruned": pruned_accuracy},
         "fidelity": fidelity,
         "history": history,

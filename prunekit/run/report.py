@@ -60,6 +60,9 @@ def build_report(
         "seed": config.seed,
         "sparsity": results["sparsity"],
         "structure": results["structure"],
+        # the channels of the architecture kept so far (this run's and the start's cuts):
+        # what loading the weights re-applies
+        "channels_kept": results.get("channels_kept"),
         "parameters": parameter_counts(ctx.model),
         "accuracy": results["accuracy"],
         "fidelity": results["fidelity"],

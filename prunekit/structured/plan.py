@@ -283,3 +283,15 @@ def reapply(
     modules = dict(model.named_modules())
     for name, keep in record.items():
         shrink(modules, by_name[name], torch.tensor(keep, dtype=torch.long))
+
+
+def composed(
+    before: Mapping[str, list[int]] | None, now: Mapping[str, list[int]] | None
+) -> dict[str, list[int]]:
+    """The channels of the original architecture that two structured cuts kept: ``now``
+    numbers the channels that ``before`` kept (a group cut only once keeps its record)."""
+    kept = {name: list(channels) for name, channels in (before or {}).items()}
+    for name, channels in (now or {}).items():
+        base = kept.get(name)
+        kept[name] = [base[i] for i in channels] if base is not None else list(channels)
+    return kept

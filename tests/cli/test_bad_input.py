@@ -775,7 +775,8 @@ def test_validate_checks_the_metadata_it_reads(tmp_path, exported, key, value, f
     tampered = tmp_path / "model.onnx"
     onnx.save_model(proto, str(tampered))
     result = invoke("validate", str(tampered), "--runs", "2", "--max-accuracy-drop", "0.001")
-    assert_error(result, 2, f"its metadata: {key}: input {fragment}", f"(got {value!r})", "re-export")
+    expected = (f"its metadata: {key}: input {fragment}", f"(got {value!r})", "re-export")
+    assert_error(result, 2, *expected)
 
 
 def test_validate_with_weights_that_do_not_fit_is_an_error(tmp_path, exported):
@@ -888,3 +889,83 @@ def test_sweep_refuses_repeated_values_and_resumes_after_a_failed_start(tmp_path
     (out / ".prunekit-output").write_text("written by prunekit\n")
     assert invoke(*SWEEP, "--out", str(out)).exit_code == 0
     assert (out / "sweep.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def channel_pruned(tmp_path_factory) -> Path:
+    """A run folder of the digits CNN with 30 % of its channels removed."""
+    out = tmp_path_factory.mktemp("structured") / "run"
+    prune_report("sample:digits-cnn", "-p", "magnitude", "-s", "0.3", "--structure", "channels",
+                 "--out", str(out))  # fmt: skip
+    return out
+
+
+def test_repruning_a_channel_pruned_model_keeps_its_record(tmp_path, channel_pruned):
+    """M1: a run that starts from channel-pruned weights writes weights that load again, with
+    or without --structure (then the two cuts compose)."""
+    start = ("sample:digits-cnn", "--weights", str(channel_pruned / "model.safetensors"))
+    first = json.loads((channel_pruned / "report.json").read_text())["channels_kept"]["kept"]
+    for extra, name in (((), "plain"), (("--structure", "channels"), "again")):
+        out = tmp_path / name
+        report = prune_report(*start, "-p", "magnitude", "-s", "0.3", *extra, "--out", str(out),
+                              "--export", "onnx", "--validate")  # fmt: skip
+        assert report["validation"]["parity"]["passed"]
+        kept = report["channels_kept"]["kept"]
+        assert set(kept) == set(first)
+        for group, channels in kept.items():  # a subset of what the first cut kept
+            assert set(channels) <= set(first[group])
+        if not extra:
+            assert kept == first
+        else:
+            assert sum(map(len, kept.values())) < sum(map(len, first.values()))
+        result = invoke("validate", str(out / "model.onnx"), "--runs", "2", "--json")
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["parity"]["passed"]
+        weights = str(out / "model.safetensors")
+        again = prune_report(start[0], "--weights", weights, "-p", "magnitude", "-s", "0.0",
+                             "--out", str(tmp_path / f"{name}-2"))  # fmt: skip
+        assert again["channels_kept"]["kept"] == kept
+
+
+def _with_structure(source: Path, target: Path, structure: str) -> Path:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(source), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        meta = dict(f.metadata())
+    save_file(tensors, str(target), {**meta, "structure": structure})
+    return target
+
+
+GOOD_SHAPE = '"input_shape": [1, 8, 8]'
+
+
+@pytest.mark.parametrize(
+    "structure, fragment",
+    [
+        ('{"kept": {"features.0": [-1, 2]}, ' + GOOD_SHAPE + "}", "greater than or equal to 0"),
+        ('{"kept": {"features.0": [2, 999999]}, ' + GOOD_SHAPE + "}", "keeps channel 999999"),
+        ('{"kept": {"features.0": ["a"]}, ' + GOOD_SHAPE + "}", "valid integer"),
+        ('{"kept": {"features.0": [[1]]}, ' + GOOD_SHAPE + "}", "valid integer"),
+        ('{"kept": {"features.0": [3, 2]}, ' + GOOD_SHAPE + "}", "not strictly increasing"),
+        ('{"kept": {"features.0": []}, ' + GOOD_SHAPE + "}", "at least 1 item"),
+        ('{"kept": {"nowhere": [1]}, ' + GOOD_SHAPE + "}", "does not have as a channel group"),
+        ("{" + GOOD_SHAPE + "}", "structure.kept: field required"),
+        ('{"kept": {}}', "structure.input_shape: field required"),
+        ("{not json", "invalid JSON"),
+        ("[" * 100_000 + "]" * 100_000, "recursion limit"),
+        ('{"kept": {"features.0": [' + ",".join(map(str, range(1_100_000))) + "]}}", "at most"),
+        ('{"kept": {}, "input_shape": [1, 3000, 3000]}', "at most 4,194,304"),
+        ('{"kept": {}, "input_shape": [100000, 100000, 1000]}', "10,000,000,000,000 elements"),
+        ('{"kept": {}, "input_shape": [1, 8, 8], "run": 1}', "structure.run: unknown option"),
+    ],
+)
+def test_a_tampered_structure_record_is_refused(tmp_path, channel_pruned, structure, fragment):
+    """M2: every way of editing the kept-channel record is a one-line error naming it."""
+    weights = _with_structure(channel_pruned / "model.safetensors", tmp_path / "w.safetensors",
+                              structure)  # fmt: skip
+    result = invoke("export", "sample:digits-cnn", "--weights", str(weights), "--out",
+                    str(tmp_path / "m.onnx"))  # fmt: skip
+    assert_error(result, 2, fragment)
+    assert not (tmp_path / "m.onnx").exists()
