@@ -26,6 +26,7 @@ _API = {
     "PruneConfig": "prunekit.run.config",
     "load_recipe": "prunekit.run.recipe",
     "run_recipe": "prunekit.library",
+    "PrunekitError": "prunekit.errors",  # every error prunekit raises (see .exit_code)
 }
 __all__ = ["__version__", *_API]
 

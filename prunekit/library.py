@@ -17,7 +17,14 @@ from prunekit.contract.pruner import Pruner
 from prunekit.contract.quantization import QuantizedTensor
 from prunekit.engine.schedule import ScheduleConfig
 from prunekit.errors import UsageError
-from prunekit.load.data import Splits, calibration_of, check_pair
+from prunekit.load.data import (
+    MIN_TEST,
+    MIN_TRAIN,
+    CheckedDataset,
+    Splits,
+    calibration_of,
+    check_pair,
+)
 from prunekit.pruners import registry
 from prunekit.run.config import PruneConfig
 from prunekit.run.pipeline import Inputs, check, prune_model
@@ -60,8 +67,12 @@ def _dataset(data: DataLike, what: str) -> tuple[Dataset, bool, int]:
         y = check_pair(what, x, y)
         labeled = not bool((y == -1).all())
         return TensorDataset(x, y), labeled, int(y.max()) + 1 if labeled else 0
-    if isinstance(data, Dataset):
-        return data, True, 0
+    if isinstance(data, Dataset):  # checked sample by sample as it is read
+        checked = CheckedDataset(data, what)
+        if len(checked) == 0:
+            raise UsageError(f"{what} is empty; give at least {MIN_TRAIN + MIN_TEST} samples")
+        checked[0]
+        return checked, bool(checked.labeled), 0
     raise UsageError(f"{what}: give (x, y) tensors, a Dataset or a DataLoader")
 
 

@@ -344,3 +344,55 @@ def test_a_recipe_never_names_code_nor_replaces_an_output_by_itself(tmp_path):
     assert_error(invoke("prune", "--config", str(forced)), 2, "already exists", "--force")
     assert (out / "report.json").read_text() == before
     assert prune_report("--config", str(forced), "--force")["sparsity"]["target"] == 0.7
+
+
+class _Pairs(torch.utils.data.Dataset):
+    """A user's Dataset: ``item(i)`` is what sample i reads as."""
+
+    def __init__(self, item, n: int = 16) -> None:
+        self.item, self.n = item, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return self.item(i)
+
+
+@pytest.mark.parametrize(
+    "item, error, fragment",
+    [
+        (lambda i: (torch.randn(4), torch.tensor([i % 3])), "UsageError", "shape (1,)"),
+        (lambda i: (torch.randn(4), i % 3 + 50), "ModelMismatchError", "label 50, but the model"),
+        (lambda i: (torch.randn(4), float(i % 3)), "UsageError", "(float) is not one class"),
+        (lambda i: (torch.full((4,), float("nan")), i % 3), "UsageError", "NaN or Inf"),
+        (lambda i: {"x": torch.randn(4), "y": i % 3}, "UsageError", "sample 0 is dict"),
+        (lambda i: (torch.randn(4), -5), "UsageError", "label -5"),
+        (lambda i: (torch.randn(4), -1 if i else 1), "UsageError", "label -1"),
+        (lambda i: (torch.randn(4), True), "UsageError", "(bool) is not one class"),
+        (lambda i: ([0.0] * 4, 1), "UsageError", "x is a list"),
+    ],
+)
+def test_api_datasets_and_loaders_go_through_the_data_gate(item, error, fragment):
+    """M4: a Dataset or DataLoader is checked as it is read, like a tensors file."""
+    from torch.utils.data import DataLoader
+
+    from prunekit import errors
+
+    for data in (_Pairs(item), DataLoader(_Pairs(item), batch_size=4)):
+        with pytest.raises(prunekit.PrunekitError) as caught:
+            prunekit.prune(nn.Sequential(nn.Linear(4, 3)), "magnitude", 0.5, data)
+        assert isinstance(caught.value, getattr(errors, error)), caught.value
+        assert fragment in str(caught.value)
+
+
+def test_api_empty_data_and_half_precision_are_refused():
+    model = nn.Sequential(nn.Linear(4, 3))
+    with pytest.raises(prunekit.PrunekitError, match="data is empty"):
+        prunekit.prune(model, "magnitude", 0.5, _Pairs(lambda i: (torch.randn(4), 0), n=0))
+    x, y = torch.randn(16, 4), torch.arange(16) % 3
+    with pytest.raises(prunekit.PrunekitError, match=r"float16 weights \(0.weight\).*float\(\)"):
+        prunekit.prune(model.half(), "woodfisher", 0.5, (x.half(), y))
+    # a well-formed Dataset of (x, int label) prunes, with accuracy measured on it
+    result = prunekit.prune(model.float(), "magnitude", 0.5, _Pairs(lambda i: (x[i], int(y[i]))))
+    assert 0.0 <= result.report["accuracy"]["pruned"] <= 1.0

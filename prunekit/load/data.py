@@ -18,7 +18,7 @@ from typing import cast
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from prunekit.errors import InputFileError, UnknownNameError, UsageError
+from prunekit.errors import InputFileError, ModelMismatchError, UnknownNameError, UsageError
 from prunekit.load.preprocess import PRESETS, Normalization, Preprocess
 
 SPLIT_SEED = 0
@@ -157,6 +157,69 @@ def check_pair(spec: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         i = int(torch.nonzero(~torch.isfinite(x.reshape(len(x), -1)).all(1))[0])
         raise InputFileError(f"{spec}: x holds NaN or Inf (first at sample {i}); clean the data")
     return y
+
+
+class CheckedDataset(Dataset):
+    """A Dataset read through the data gate (the Python API's Datasets and DataLoaders, the
+    image folders): each sample is checked as it is read, as tensors files are on load: an
+    (x, y) pair, x finite, y one integer class index (or UNLABELED for all), below the
+    model's number of outputs once that is known (``classes``)."""
+
+    def __init__(self, dataset: Dataset, spec: str) -> None:
+        self.dataset, self.spec = dataset, spec
+        self.classes: int | None = None
+        self.labeled: bool | None = None  # from the first sample read
+
+    def __len__(self) -> int:
+        return len(cast(Sized, self.dataset))
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        item = self.dataset[index]
+        where = f"{self.spec}: sample {index}"
+        if not isinstance(item, tuple | list) or len(item) != 2:
+            kind = f"{len(item)} items" if isinstance(item, tuple | list) else type(item).__name__
+            raise InputFileError(
+                f"{where} is {kind}; a dataset gives (x, y) pairs (y = {UNLABELED} for "
+                "unlabeled data): wrap a dataset of dicts to return (inputs, label)"
+            )
+        x, y = item
+        if not isinstance(x, torch.Tensor):
+            raise InputFileError(f"{where}: x is a {type(x).__name__}; give a tensor")
+        label = self._label(where, y)
+        if x.dtype.is_floating_point and not torch.isfinite(x).all():
+            raise InputFileError(f"{where}: x holds NaN or Inf; clean the data")
+        return x, torch.tensor(label)
+
+    def _label(self, where: str, y: object) -> int:
+        if isinstance(y, torch.Tensor) and y.dim() == 0 and not y.dtype.is_floating_point:
+            y = int(y)
+        if isinstance(y, bool) or not isinstance(y, int):
+            shape = f" of shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else ""
+            raise InputFileError(
+                f"{where}: label {str(y)[:40]}{shape} ({type(y).__name__}) is not one class "
+                "index; give an integer (a 0-dim integer tensor), not one-hot or float labels"
+            )
+        labeled = y != UNLABELED
+        if self.labeled is None:
+            self.labeled = labeled
+        if labeled != self.labeled or (labeled and y < 0):
+            raise InputFileError(
+                f"{where}: label {y}; labels are class indices 0..C-1 (all {UNLABELED} for "
+                "unlabeled data)"
+            )
+        if labeled and self.classes is not None and y >= self.classes:
+            raise ModelMismatchError(
+                f"{where}: label {y}, but the model has {self.classes} outputs; check the "
+                "labels (0..C-1) or the model's number of classes"
+            )
+        return y
+
+
+def limit_labels(data: Splits, outputs: int) -> None:
+    """Labels read from here on must be below the model's number of outputs."""
+    for split in (data.train, data.test):
+        if isinstance(split, CheckedDataset):
+            split.classes = outputs
 
 
 def digits(prep: Preprocess) -> Splits:

@@ -35,7 +35,7 @@ from prunekit.formats.metadata import StructureRecord
 from prunekit.formats.onnx_quant import (
     check_calibration,
 )
-from prunekit.load.data import Splits, load_data
+from prunekit.load.data import Splits, limit_labels, load_data
 from prunekit.load.models import LOAD_BOUNDS, default_data, first_non_finite, load_model
 from prunekit.pruners import registry
 from prunekit.run.config import PruneConfig
@@ -219,7 +219,9 @@ def prune_model(
     warnings = list(inputs.notes)
     with reporter.stage("checking model and data"), timings.phase("load"):
         model = model.to(device)
+        check_precision(model)
         outputs = check_outputs(model, data, device)
+        limit_labels(data, outputs)
         targets = select_targets(config, model, warnings)
     plan = None
     if config.structure is not None:
@@ -433,6 +435,18 @@ def check_outputs(model: nn.Module, data: Splits, device: torch.device) -> int:
             "outputs; check --data, or --num-classes for torchvision and factory models"
         )
     return outputs
+
+
+def check_precision(model: nn.Module) -> None:
+    """Statistics and compensations are computed in the weights' precision: float32 or
+    float64 (half precision cannot factor a Fisher or a Hessian)."""
+    low = next(((n, p.dtype) for n, p in model.named_parameters() if p.is_floating_point()
+                and p.dtype not in (torch.float32, torch.float64)), None)  # fmt: skip
+    if low is not None:
+        raise UsageError(
+            f"the model holds {str(low[1]).removeprefix('torch.')} weights ({low[0]}); prune "
+            "a float32 copy (model.float()) and cast the result back"
+        )
 
 
 def check_finite_model(model: nn.Module) -> None:
