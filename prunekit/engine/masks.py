@@ -157,8 +157,16 @@ def apply(targets: Sequence[Target], keep: Mapping[str, torch.Tensor]) -> None:
         t.weight.masked_fill_(~t.mask, 0.0)
 
 
+def zeros_of(targets: Sequence[Target]) -> tuple[float, dict[str, float]]:
+    """Overall and per-tensor fraction of zero weights, pruned or zero already: what the
+    written files hold."""
+    zero = {t.name: int(((~t.mask) | (t.weight.detach() == 0)).sum()) for t in targets}
+    total = sum(t.numel for t in targets)
+    return sum(zero.values()) / max(total, 1), {t.name: zero[t.name] / t.numel for t in targets}
+
+
 def sparsity_of(targets: Sequence[Target]) -> tuple[float, dict[str, float]]:
-    """Overall and per-tensor fraction of pruned weights."""
+    """Overall and per-tensor fraction of pruned (masked) weights."""
     pruned = {t.name: t.numel - int(t.mask.sum()) for t in targets}
     total = sum(t.numel for t in targets)
     return sum(pruned.values()) / total, {t.name: pruned[t.name] / t.numel for t in targets}

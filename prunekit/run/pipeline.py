@@ -26,6 +26,7 @@ from prunekit.engine.masks import (
     nm_misfits,
     parse_nm,
     sparsity_of,
+    zeros_of,
 )
 from prunekit.engine.quantize import Quantized, joint_grids
 from prunekit.engine.schedule import run_schedule
@@ -223,6 +224,7 @@ def prune_model(
         outputs = check_outputs(model, data, device)
         limit_labels(data, outputs)
         targets = select_targets(config, model, warnings)
+        zero_before, _ = zeros_of(targets)  # an earlier run's zeros, say
     plan = None
     if config.structure is not None:
         with reporter.stage("finding channel groups"), timings.phase("load"):
@@ -280,7 +282,14 @@ def prune_model(
         with reporter.stage("re-estimating BatchNorm statistics"), timings.phase("batchnorm"):
             recalibrate_batchnorm(model, data.calibration, device)
     check_finite_model(model)
-    achieved, per_tensor = sparsity_of(targets)
+    pruned, _ = sparsity_of(targets)
+    achieved, per_tensor = zeros_of(targets)  # what the files hold: every zero
+    if zero_before >= 0.001:
+        warnings.append(
+            f"{zero_before:.1%} of the pruned tensors' weights were zero before this run; the "
+            f"reported sparsity counts every zero ({achieved:.1%}), this run's masks cover "
+            f"{pruned:.1%} (report.json: sparsity.zero_before, sparsity.pruned)"
+        )
     structure = None
     if plan is not None:
         warnings += plan.warnings
@@ -310,7 +319,13 @@ def prune_model(
     results = {
         "num_classes": outputs,
         "recalibrate_bn": recalibrate,
-        "sparsity": {"target": config.sparsity, "achieved": achieved, "per_tensor": per_tensor},
+        "sparsity": {
+            "target": config.sparsity,
+            "achieved": achieved,  # zero weights of the targets, pruned or zero before
+            "per_tensor": per_tensor,
+            "pruned": pruned,  # masked by this run
+            "zero_before": zero_before,
+        },
         "structure": structure,
         "channels_kept": channels_kept,
         "accuracy": {"dense": dense_accuracy, "pruned": pruned_accuracy},

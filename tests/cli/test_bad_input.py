@@ -969,3 +969,23 @@ def test_a_tampered_structure_record_is_refused(tmp_path, channel_pruned, struct
                     str(tmp_path / "m.onnx"))  # fmt: skip
     assert_error(result, 2, fragment)
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_reported_sparsity_counts_the_zeros_already_there(tmp_path):
+    """M7: starting from 50 %-sparse weights and asking 30 %, the report says what the file
+    holds (50 % zeros), what this run masked and what was zero before, with a warning."""
+    prune_report("sample:digits-cnn", "-p", "magnitude", "-s", "0.5", "--out", str(tmp_path / "a"))
+    weights = tmp_path / "a" / "model.safetensors"
+    report = prune_report("sample:digits-cnn", "--weights", str(weights), "-p", "magnitude",
+                          "-s", "0.3", "--out", str(tmp_path / "b"))  # fmt: skip
+    sparsity = report["sparsity"]
+    assert sparsity["achieved"] == pytest.approx(0.5, abs=1e-3)
+    assert sparsity["zero_before"] == pytest.approx(0.5, abs=1e-3)
+    assert sparsity["pruned"] == pytest.approx(0.3, abs=1e-3)
+    assert any("were zero before this run" in w for w in report["warnings"])
+    from safetensors.torch import load_file
+
+    state = load_file(tmp_path / "b" / "model.safetensors")
+    zeros = sum(int((state[name] == 0).sum()) for name in sparsity["per_tensor"])
+    total = sum(state[name].numel() for name in sparsity["per_tensor"])
+    assert zeros / total == pytest.approx(sparsity["achieved"])
