@@ -9,17 +9,20 @@ and export.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, cast
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from prunekit.errors import InputFileError, UsageError
+from prunekit.runtime.schema import Lenient, parsed
 from prunekit.structured.groups import Group, Member
 
 INSTALL = "install the extra: pip install 'prunekit[hf]'"
@@ -118,13 +121,112 @@ def check_dir(root: Path) -> None:
             f"hf:{root} has no weights ({' or '.join(WEIGHT_FILES[:2])}); save the model with "
             "save_pretrained"
         )
+    if not any((root / name).is_file() for name in (WEIGHT_FILES[0], WEIGHT_FILES[2])):
+        raise InputFileError(
+            f"hf:{root} holds its weights as a pickle (pytorch_model.bin), which can run code "
+            "when read, and prunekit reads safetensors only: re-save the model with "
+            "save_pretrained(DIR, safe_serialization=True)"
+        )
+
+
+class ShardIndex(Lenient):
+    """model.safetensors.index.json: which file holds each tensor."""
+
+    weight_map: dict[str, str]
+
+
+def weight_files(root: Path) -> list[Path]:
+    """The safetensors files of a model folder (one, or the shards its index names, each a
+    plain file name in the folder)."""
+    if (root / WEIGHT_FILES[0]).is_file():
+        return [root / WEIGHT_FILES[0]]
+    index = parsed(
+        ShardIndex, (root / WEIGHT_FILES[2]).read_bytes(), f"hf:{root}/{WEIGHT_FILES[2]}",
+        "save the model with save_pretrained",
+    )  # fmt: skip
+    names = sorted(set(index.weight_map.values()))
+    outside = [n for n in names if Path(n).name != n or not n.endswith(".safetensors")]
+    if outside or not names:
+        raise InputFileError(
+            f"hf:{root}/{WEIGHT_FILES[2]} names {outside[0] if outside else 'no file'}; an index "
+            "names safetensors files in its own folder: save the model with save_pretrained"
+        )
+    return [root / n for n in names]
+
+
+Dimension = Annotated[int, Field(ge=1, le=1 << 20)]
+
+
+class HFConfig(Lenient):
+    """The keys of a config.json that prunekit relies on, typed and bounded before
+    transformers allocates anything from them (other keys are transformers' business)."""
+
+    model_type: str
+    architectures: list[str] | None = None
+    auto_map: dict[str, Any] | None = None  # code in the folder: refused
+    vocab_size: Annotated[int, Field(ge=1, le=10_000_000)] | None = None
+    hidden_size: Dimension | None = None
+    intermediate_size: Dimension | None = None
+    num_hidden_layers: Annotated[int, Field(ge=1, le=10_000)] | None = None
+    max_position_embeddings: Dimension | None = None
+
+
+WEIGHTS_SLACK = 4  # the config may describe at most this many times the file's parameters
+
+
+def checked_config(root: Path) -> HFConfig:
+    """config.json against its schema, and against the weights file: a config describing a
+    model far larger than its weights (raised layer counts, sizes) is refused before anything
+    is allocated."""
+    from safetensors import safe_open
+
+    config = parsed(
+        HFConfig, (root / "config.json").read_bytes(), f"hf:{root}/config.json",
+        "save the model with save_pretrained",
+    )  # fmt: skip
+    if config.auto_map:
+        raise InputFileError(
+            f"hf:{root}/config.json names code in the folder (auto_map: "
+            f"{', '.join(config.auto_map)}), and prunekit never runs a model folder's code; "
+            "use a model that transformers provides"
+        )
+    stored = 0
+    for path in weight_files(root):
+        try:
+            with safe_open(str(path), "pt") as f:
+                stored += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
+        except Exception as exc:  # truncated or not safetensors (SafetensorError, OSError...)
+            raise InputFileError(
+                f"hf:{path} is not a readable safetensors file "
+                f"({(str(exc).splitlines() or [''])[0][:80]}); save the model again"
+            ) from None
+    sizes = (config.num_hidden_layers, config.hidden_size, config.vocab_size)
+    if all(v is not None for v in sizes):
+        layers, hidden, vocab = cast(tuple[int, int, int], sizes)
+        inner = config.intermediate_size or 4 * hidden
+        described = layers * (4 * hidden * hidden + 2 * hidden * inner) + vocab * hidden
+        if described > WEIGHTS_SLACK * max(stored, 1):
+            raise InputFileError(
+                f"hf:{root}/config.json describes about {described:,} parameters "
+                f"({layers} layers of width {hidden}) but its weights hold {stored:,}: "
+                "the weights do not belong to this config; save the weights and config.json of "
+                "one model together (save_pretrained)"
+            )
+    return config
 
 
 def _config_and_tokenizer(root: Path):
     """The directory's config and its tokenizer, which must fit the model's vocabulary."""
     transformers = _transformers()
     check_dir(root)
-    config = transformers.AutoConfig.from_pretrained(root, trust_remote_code=False)
+    checked_config(root)
+    try:
+        config = transformers.AutoConfig.from_pretrained(root, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as exc:  # an unknown model_type, say
+        raise InputFileError(
+            f"hf:{root}/config.json: transformers cannot read it "
+            f"({str(exc).splitlines()[0][:120]}); save the model with save_pretrained"
+        ) from None
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(root, trust_remote_code=False)
     except (OSError, ValueError) as exc:

@@ -315,3 +315,47 @@ def test_relative_model_and_text_paths_are_recorded_absolute(bert, tmp_path, mon
     monkeypatch.chdir(elsewhere)  # the recipe means the same files from another folder
     again = prune_report("--config", str(tmp_path / "a"), "--out", str(tmp_path / "b"))
     assert again["sparsity"] == report["sparsity"]
+
+
+def _edited(model_dir: Path, target: Path, config: object = None, drop: str = "") -> Path:
+    """A copy of the model folder with config.json replaced (when given) and a file removed."""
+    import shutil
+
+    shutil.copytree(model_dir, target)
+    if config is not None:
+        (target / "config.json").write_text(json.dumps(config))
+    if drop:
+        (target / drop).unlink()
+    return target
+
+
+def test_config_json_and_weight_files_are_checked_before_anything_is_built(bert, tmp_path):
+    """Low findings of the second trial: hf configs and weight files that used to end in a
+    traceback or a 281 s, 2 GB load are one-line errors, before any allocation."""
+    model_dir, texts = bert
+    config = json.loads((model_dir / "config.json").read_text())
+    args = ("-p", "wanda", "-s", "0.5", "--mask", "layer", "--data", f"text:{texts}")
+    cases = [
+        ([config], "config.json: the document: input should be an object"),
+        ({k: v for k, v in config.items() if k != "model_type"}, "model_type: field required"),
+        ({**config, "model_type": "no-such-model"}, "transformers cannot read it"),
+        ({**config, "auto_map": {"AutoModel": "x.Y"}}, "auto_map: AutoModel"),
+        ({**config, "num_hidden_layers": 3000}, "describes about"),
+        ({**config, "hidden_size": 4096}, "describes about"),
+        ({**config, "num_hidden_layers": 1.5}, "num_hidden_layers: input should be"),
+        ({**config, "vocab_size": "many"}, "vocab_size: input should be"),
+    ]
+    for i, (edited, fragment) in enumerate(cases):
+        folder = _edited(model_dir, tmp_path / f"m{i}", edited)
+        assert_error(prune(f"hf:{folder}", *args, "--out", str(tmp_path / f"o{i}")), 2, fragment)
+    truncated = _edited(model_dir, tmp_path / "truncated")
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    result = prune(f"hf:{truncated}", *args, "--out", str(tmp_path / "t"))
+    assert_error(result, 2, "model.safetensors is not a readable safetensors file")
+    pickled = _edited(model_dir, tmp_path / "pickled", drop="model.safetensors")
+    torch.save({"w": torch.zeros(1)}, pickled / "pytorch_model.bin")
+    result = prune(f"hf:{pickled}", *args, "--out", str(tmp_path / "p"))
+    assert_error(result, 2, "as a pickle (pytorch_model.bin)", "safe_serialization=True")
+    assert not any(p.name.startswith(("o", "t", "p")) and p.is_dir() and p.name != "pickled"
+                   and (p / "report.json").exists() for p in tmp_path.iterdir())  # fmt: skip
