@@ -9,6 +9,8 @@ on the same data.
 
 from __future__ import annotations
 
+import pickle
+import re
 import warnings
 from collections.abc import Sized
 from dataclasses import dataclass, field
@@ -253,9 +255,18 @@ def _read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
             raise InputFileError(f"{path} must hold a dict of tensors with keys x and y")
     except InputFileError:
         raise
-    except Exception as exc:
+    except pickle.UnpicklingError as exc:  # torch's advice (weights_only=False) runs code
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         raise InputFileError(
-            f"cannot read data file {path} ({type(exc).__name__}: {exc}); "
+            f"data file {path} holds pickled Python objects"
+            f"{f' ({found[1]})' if found else ''}, which prunekit does not load (unpickling "
+            "can run code); save x and y as plain tensors with safetensors, numpy.savez or "
+            "torch.save({'x': x, 'y': y})"
+        ) from None
+    except Exception as exc:
+        first = (str(exc).splitlines() or [""])[0][:120]
+        raise InputFileError(
+            f"cannot read data file {path} ({type(exc).__name__}: {first}); "
             "save x and y with safetensors, numpy.savez or torch.save"
         ) from exc
     raise InputFileError(f"{path}: use a .safetensors, .npz or .pt file for tensors:FILE")

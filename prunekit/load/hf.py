@@ -277,9 +277,26 @@ def load_tokenizer(root: Path) -> tuple[Callable[..., Any], int]:
     return tokenizer, getattr(config, "max_position_embeddings", DEFAULT_MAX_LENGTH)
 
 
+MAX_TEXT_BYTES = 1 << 30
+# a token spans at most this many characters (BERT's tokenizers make one [UNK] of a longer
+# word): a text longer than this many characters per token of --max-length is cut anyway,
+# so it is cut before tokenising (a 10 MB line would otherwise be tokenised in full)
+CHARS_PER_TOKEN = 100
+
+
 def read_texts(path: Path) -> list[str]:
-    if not path.is_file():
+    if not path.exists():
         raise InputFileError(f"text file {path} does not exist; check --data text:FILE")
+    if not path.is_file():
+        raise InputFileError(
+            f"{path} is not a regular file (a folder, pipe or device); give a text file, one "
+            "text per line, to --data text:FILE"
+        )
+    if path.stat().st_size > MAX_TEXT_BYTES:
+        raise InputFileError(
+            f"text file {path} holds {path.stat().st_size:,} bytes; prunekit calibrates on at "
+            f"most {MAX_TEXT_BYTES:,}: give a sample of the texts"
+        )
     texts = [line.strip() for line in path.read_text(errors="replace").splitlines()]
     texts = [t for t in texts if t]
     if not texts:
@@ -315,7 +332,10 @@ def tokenize(
     """(N, 2, L) int64 ids + attention masks, padded to the longest; and how many texts were
     cut to ``max_length`` (at most the model's limit)."""
     length = min(max_length, model_limit)
-    full = tokenizer(texts, truncation=False)["input_ids"]
+    chars = (length + 1) * CHARS_PER_TOKEN
+    texts = [t[:chars] for t in texts]  # longer ones are cut by the tokenizer in any case
+    # one token past the limit says whether a text is cut, without tokenising all of it
+    full = tokenizer(texts, truncation=True, max_length=length + 1)["input_ids"]
     _check_known_words(full, tokenizer)
     cut = sum(len(ids) > length for ids in full)
     encoded = tokenizer(

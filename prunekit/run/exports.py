@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from torch import nn
 
 from prunekit.contract.quantization import QuantizedTensor
 from prunekit.engine.quantize import Quantized
+from prunekit.formats.metadata import MAX_INPUT_ELEMENTS
 from prunekit.formats.safetensors_file import read_metadata, write_safetensors
 from prunekit.version import __version__
 
@@ -152,6 +154,13 @@ def export_file(
     if format not in {"onnx", "safetensors"}:
         raise UsageError(f"--format {format}: use onnx or safetensors")
     data_spec = data or default_data(model)
+    if input_shape is not None and (
+        not input_shape or min(input_shape) < 1 or math.prod(input_shape) > MAX_INPUT_ELEMENTS
+    ):
+        raise UsageError(
+            f"--input-shape {','.join(map(str, input_shape))}: give the sizes of one sample, "
+            f"each at least 1 and at most {MAX_INPUT_ELEMENTS:,} elements in all (e.g. 3,32,32)"
+        )
     if input_shape is None and format == "onnx":
         if data_spec is None:
             raise UsageError(f"{model} has no dataset: pass --data SPEC or --input-shape C,H,W")

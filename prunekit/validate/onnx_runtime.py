@@ -69,8 +69,7 @@ def open_session(path: Path, options: ValidateOptions):
             f"ONNX Runtime provider {provider} is not available here (available: "
             f"{', '.join(available)}); use --provider cpu or install onnxruntime-gpu"
         )
-    if not path.is_file():
-        raise InputFileError(f"{path} does not exist; check the path")
+    check_onnx_path(path)
     so = ort.SessionOptions()
     so.intra_op_num_threads = options.threads
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -87,13 +86,21 @@ def open_session(path: Path, options: ValidateOptions):
         ) from exc
 
 
+def check_onnx_path(path: Path) -> None:
+    if not path.is_file():
+        raise InputFileError(
+            f"{path} is a folder; give the .onnx file in it"
+            if path.is_dir()
+            else f"{path} does not exist; check the path"
+        )
+
+
 def read_onnx_metadata(path: Path) -> ExportMetadata:
     """What prunekit reads from the file's metadata_props, checked against its schema; a clear
     error for a missing or non-ONNX file."""
     import onnx
 
-    if not path.is_file():
-        raise InputFileError(f"{path} does not exist; check the path")
+    check_onnx_path(path)
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError and friends

@@ -989,3 +989,41 @@ def test_reported_sparsity_counts_the_zeros_already_there(tmp_path):
     zeros = sum(int((state[name] == 0).sum()) for name in sparsity["per_tensor"])
     total = sum(state[name].numel() for name in sparsity["per_tensor"])
     assert zeros / total == pytest.approx(sparsity["achieved"])
+
+
+class _Custom:
+    """Not a tensor: a pickled instance of it needs unpickling code to load."""
+
+
+def test_low_findings_are_one_line_errors(tmp_path):
+    """Low findings of the second trial: a pickled tensors file, an empty input shape for
+    export, a folder given to validate, --max-length 0."""
+    torch.save({"x": torch.randn(10, 1, 8, 8), "y": torch.arange(10), "c": _Custom()},
+               tmp_path / "pickled.pt")  # fmt: skip
+    result = prune("sample:digits-cnn", "-p", "magnitude", "-s", "0.5", "--data",
+                   f"tensors:{tmp_path / 'pickled.pt'}", "--out", str(tmp_path / "a"))  # fmt: skip
+    assert_error(result, 2, "holds pickled Python objects", "_Custom", "does not load")
+    assert "weights_only" not in result.output
+    for shape in ("0,0", "-1,8,8", "100000,100000,10"):
+        result = invoke("export", "sample:digits-cnn", "--input-shape", shape, "--out",
+                        str(tmp_path / "m.onnx"))  # fmt: skip
+        assert_error(result, 2, f"--input-shape {shape}: give the sizes of one sample")
+        assert "\x1b[" not in result.output and not (tmp_path / "m.onnx").exists()
+    (tmp_path / "folder").mkdir()
+    assert_error(invoke("validate", str(tmp_path / "folder")), 2, "is a folder; give the .onnx")
+    result = prune("sample:digits-cnn", "-p", "magnitude", "-s", "0.5", "--max-length", "0")
+    assert_error(result, 2, "--max-length 0: give an integer from 1")
+
+
+def test_the_safetensors_writer_names_a_full_disk(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    from prunekit.formats import safetensors_file
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error No space left (os error 28)")
+
+    monkeypatch.setattr("safetensors.torch.save_file", full)
+    with pytest.raises(OSError) as caught:
+        safetensors_file.write_safetensors({"w": torch.zeros(1)}, tmp_path / "w.st", {})
+    assert caught.value.errno == 28

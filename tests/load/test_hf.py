@@ -359,3 +359,22 @@ def test_config_json_and_weight_files_are_checked_before_anything_is_built(bert,
     assert_error(result, 2, "as a pickle (pytorch_model.bin)", "safe_serialization=True")
     assert not any(p.name.startswith(("o", "t", "p")) and p.is_dir() and p.name != "pickled"
                    and (p / "report.json").exists() for p in tmp_path.iterdir())  # fmt: skip
+
+
+def test_a_fifo_and_a_huge_line_of_text(bert, tmp_path):
+    """A pipe is named as such; a 10 MB line is cut before tokenising, and counted as cut."""
+    import os
+
+    from prunekit.load.data import load_data
+
+    model_dir, texts = bert
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    result = prune(f"hf:{model_dir}", "-p", "wanda", "-s", "0.5", "--data", f"text:{fifo}")
+    assert_error(result, 2, "is not a regular file (a folder, pipe or device)")
+    long = tmp_path / "long.txt"
+    lines = texts.read_text().splitlines()
+    long.write_text("\n".join([*lines[:8], " ".join(["word"] * 2_000_000)]) + "\n")
+    splits = load_data(f"text:{long}", model_spec=f"hf:{model_dir}", max_length=16)
+    assert any("cut to" in note or "longer than" in note for note in splits.notes), splits.notes
+    assert splits.train[0][0].shape[-1] <= 16
