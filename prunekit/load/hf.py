@@ -222,7 +222,7 @@ def _config_and_tokenizer(root: Path):
     checked_config(root)
     try:
         config = transformers.AutoConfig.from_pretrained(root, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as exc:  # an unknown model_type, say
+    except Exception as exc:  # an unknown model_type, a value of the wrong type (no code ran)
         raise InputFileError(
             f"hf:{root}/config.json: transformers cannot read it "
             f"({str(exc).splitlines()[0][:120]}); save the model with save_pretrained"
@@ -249,8 +249,11 @@ def load_hf(root: Path) -> HFModel:
     auto = transformers.AutoModelForSequenceClassification if classifier else transformers.AutoModel
     try:
         model, info = auto.from_pretrained(root, trust_remote_code=False, output_loading_info=True)
-    except (OSError, ValueError) as exc:
-        raise InputFileError(f"hf:{root}: cannot load it ({str(exc).splitlines()[0]})") from exc
+    except Exception as exc:  # sizes that do not fit together, say (no code of the folder ran)
+        raise InputFileError(
+            f"hf:{root}: cannot load it ({(str(exc).splitlines() or [''])[0][:160]}); save the "
+            "model with save_pretrained"
+        ) from exc
     missing = sorted(info.get("missing_keys") or []) + sorted(
         str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or []
     )

@@ -378,3 +378,37 @@ def test_a_fifo_and_a_huge_line_of_text(bert, tmp_path):
     splits = load_data(f"text:{long}", model_spec=f"hf:{model_dir}", max_length=16)
     assert any("cut to" in note or "longer than" in note for note in splits.notes), splits.notes
     assert splits.train[0][0].shape[-1] <= 16
+
+
+def test_fuzzed_config_json_loads_or_is_a_clean_error(bert, tmp_path):
+    """Mutated config.json files (random values for the keys prunekit and transformers read)
+    load or give a prunekit error, never a traceback nor random weights."""
+    import contextlib
+    import shutil
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from prunekit.errors import PrunekitError
+    from prunekit.load.hf import load_hf
+
+    model_dir, _ = bert
+    folder = tmp_path / "m"
+    shutil.copytree(model_dir, folder)
+    config = json.loads((model_dir / "config.json").read_text())
+    value = (st.none() | st.booleans() | st.integers(-5, 10**7) | st.floats()
+             | st.text(max_size=10) | st.lists(st.integers(0, 5), max_size=3))  # fmt: skip
+
+    @settings(max_examples=25, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+    @given(changes=st.dictionaries(st.sampled_from(sorted(config)), value, min_size=1, max_size=3))
+    def run(changes):
+        (folder / "config.json").write_text(json.dumps({**config, **changes}))
+        with contextlib.suppress(PrunekitError):
+            loaded = load_hf(folder)
+            # what loaded holds the folder's own weights (nothing was filled in at random)
+            state = loaded.module.model.state_dict()
+            reference = load_hf(model_dir).module.model.state_dict()
+            assert all(torch.equal(state[k], reference[k]) for k in reference if k in state)
+
+    run()
