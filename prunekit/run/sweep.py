@@ -16,11 +16,14 @@ import statistics
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field
 
 from prunekit.errors import InputFileError, UsageError
 from prunekit.run.config import PruneConfig
 from prunekit.runtime.outputs import MARKER, inside_cwd_chain, staged_file
+from prunekit.runtime.schema import Lenient, parsed
 
 COLUMNS = (
     "model",
@@ -35,7 +38,6 @@ COLUMNS = (
     "latency_ms",
     "speedup",
 )
-OPTIONAL = ("latency_ms", "speedup")  # --structure / --quantize; absent from older cells
 
 
 def cell_name(pruner: str, sparsity: float, seed: int) -> str:
@@ -79,20 +81,28 @@ def _left_by_a_failed_start(path: Path) -> bool:
     return path.name == "cells" and path.is_dir() and not any(path.iterdir())
 
 
-NUMBERS = ("sparsity", "achieved_sparsity", "seconds")
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class SweepCell(Lenient):
+    """One cell's result as a sweep reads it back (a file that may have been edited)."""
+
+    model: str
+    schedule: str
+    pruner: str
+    sparsity: Fraction
+    seed: Annotated[int, Field(ge=0)]
+    achieved_sparsity: Fraction
+    accuracy_dense: Fraction | None
+    accuracy: Fraction | None
+    seconds: Annotated[float, Field(ge=0.0)]
+    latency_ms: Annotated[float, Field(gt=0.0)] | None = None  # --structure, --quantize
+    speedup: Annotated[float, Field(gt=0.0)] | None = None
 
 
 def _read_cell(path: Path) -> dict[str, Any]:
     fix = f"delete {path.name} and rerun the sweep to recompute that cell"
-    row = _read_json(path, fix)
-    if not isinstance(row, dict) or not set(COLUMNS) - set(OPTIONAL) <= row.keys():
-        raise InputFileError(f"{path} is not a sweep cell (fields missing); {fix}")
-    numeric = [row[k] for k in NUMBERS] + [
-        row[k] for k in ("accuracy", "accuracy_dense") if row[k] is not None
-    ]
-    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in numeric):
-        raise InputFileError(f"{path} holds a non-numeric result; {fix}")
-    return row
+    return parsed(SweepCell, path.read_bytes(), str(path), fix).model_dump()
 
 
 def finished_cells(out: Path) -> int:

@@ -278,12 +278,22 @@ def test_inconsistent_compact_index(tmp_path):
 SWEEP = ("sweep", *MLP_HALF[:1], "--pruners", "magnitude", "--sparsities", "0.5,0.6")
 
 
-@pytest.mark.parametrize("victim", ["cells/magnitude_s0.5_seed0.json", "sweep.json"])
-def test_corrupt_sweep_files(tmp_path, victim):
+@pytest.mark.parametrize(
+    "victim, text, fragment",
+    [
+        ("cells/magnitude_s0.5_seed0.json", "{not json", "the document: invalid JSON"),
+        ("cells/magnitude_s0.5_seed0.json", '{"accuracy": 21.3}', "accuracy: input should be"),
+        ("sweep.json", "{not json", "is corrupt"),
+    ],
+)
+def test_corrupt_sweep_files(tmp_path, victim, text, fragment):
     out = tmp_path / "sw"
     assert invoke(*SWEEP, "--out", str(out)).exit_code == 0
-    (out / victim).write_text("{not json")
-    assert_error(invoke(*SWEEP, "--out", str(out)), 2, "is corrupt", "delete")
+    cell = json.loads((out / "cells/magnitude_s0.5_seed0.json").read_text())
+    if text.startswith('{"'):  # one edited value of a real cell
+        text = json.dumps({**cell, **json.loads(text)})
+    (out / victim).write_text(text)
+    assert_error(invoke(*SWEEP, "--out", str(out)), 2, fragment, "delete")
 
 
 def test_interrupted_sweep_says_how_many_cells_are_kept(tmp_path, monkeypatch):
