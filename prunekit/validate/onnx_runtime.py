@@ -477,6 +477,21 @@ def validate(
     return report
 
 
+def gate_baseline(onnx_file: Path) -> Path:
+    """The dense model whose accuracy --max-accuracy-drop compares with, measured now: the
+    dense.onnx prunekit wrote beside the export (an accuracy recorded in a file's metadata
+    is reported, never trusted for a gate)."""
+    from prunekit.runtime.outputs import written_by_prunekit
+
+    dense = onnx_file.parent / "dense.onnx"
+    if dense.resolve() != onnx_file.resolve() and dense.is_file() and written_by_prunekit(dense):
+        return dense
+    raise UsageError(
+        f"--max-accuracy-drop compares with the dense model's accuracy measured now, and there "
+        f"is no dense.onnx beside {onnx_file}: pass --baseline DENSE.onnx"
+    )
+
+
 def validate_file(
     onnx_file: Path,
     options: ValidateOptions,
@@ -503,12 +518,13 @@ def validate_file(
         image_size = image_size or meta.image_size
     splits = load_data(spec, Preprocess(normalize, image_size), meta.model, meta.max_length)
     model, skipped = parity_model(onnx_file, meta, torch_model, weights, num_classes)
-    reference = meta.accuracy_dense
+    if options.max_accuracy_drop is not None and baseline is None:
+        baseline = gate_baseline(onnx_file)
     dense = None
     if not splits.labeled and baseline is None:  # the dense model, for the fidelity
         dense = dense_model(meta, torch_model, num_classes)
     result = validate(
-        onnx_file, splits.test, splits.input_shape, options, baseline, model, reference, skipped,
+        onnx_file, splits.test, splits.input_shape, options, baseline, model, None, skipped,
         dense,
     )  # fmt: skip
     return result, [f"parity with PyTorch not checked: {skipped}"] if skipped else []

@@ -236,3 +236,29 @@ def test_validate_bad_inputs(pruned_run, tmp_path):
     assert_error(
         runner.invoke(app, ["validate", model, "--batch-sizes", "0,32"]), 2, "must be >= 1"
     )
+
+
+def test_the_accuracy_gate_never_trusts_recorded_numbers(pruned_run, tmp_path):
+    """The dense accuracy a gate compares with is measured now (dense.onnx beside the export),
+    so an edited accuracy_dense in the metadata changes nothing; without a dense model the
+    gate asks for --baseline."""
+    import shutil
+
+    import onnx
+
+    out, report = pruned_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    proto = onnx.load(str(copy / "model.onnx"))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    onnx.helper.set_model_props(proto, {**meta, "accuracy_dense": "0.0"})  # "no drop possible"
+    onnx.save_model(proto, str(copy / "model.onnx"))
+    args = ["validate", str(copy / "model.onnx"), "--runs", "2", "--json"]
+    failing = runner.invoke(app, [*args, "--max-accuracy-drop", "0.005"])
+    assert failing.exit_code == 1 and "accuracy dropped by" in failing.stderr
+    result = json.loads(failing.stdout)
+    assert result["baseline"] == str(copy / "dense.onnx")
+    assert result["baseline_accuracy"] == pytest.approx(report["accuracy"]["dense"])
+    (copy / "dense.onnx").unlink()
+    missing = runner.invoke(app, [*args, "--max-accuracy-drop", "0.005"])
+    assert missing.exit_code == 2 and "pass --baseline DENSE.onnx" in missing.stderr
