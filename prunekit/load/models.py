@@ -158,6 +158,9 @@ def names_code(spec: str) -> bool:
 def build(spec: str, num_classes: int | None = None) -> tuple[nn.Module, Path | None]:
     """Build the architecture named by ``spec``; return it and its default weights."""
     default_data(spec)  # validates the spec
+    low, high = LOAD_BOUNDS["num_classes"]
+    if num_classes is not None and not low <= num_classes <= high:
+        raise UsageError(f"--num-classes {num_classes}: give an integer from {low} to {high}")
     kind, _, rest = spec.partition(":")
     if kind == "sample":
         return _sample(rest, num_classes)

@@ -40,8 +40,11 @@ class ValidateOptions:
     runs: int = 500  # timed runs per model and batch size
 
     def check(self) -> None:
-        if not self.batch_sizes or min(self.batch_sizes) < 1:
-            raise UsageError(f"--batch-sizes {self.batch_sizes}: every batch size must be >= 1")
+        if not self.batch_sizes or not all(1 <= b <= MAX_BATCH for b in self.batch_sizes):
+            raise UsageError(
+                f"--batch-sizes {','.join(map(str, self.batch_sizes))}: every batch size must "
+                f"be from 1 to {MAX_BATCH:,}"
+            )
         if self.threads < 0:
             raise UsageError(f"--threads {self.threads}: give 0 (default) or more")
         if self.runs < 1:
@@ -54,6 +57,9 @@ class ValidateOptions:
         cosine = self.min_cosine
         if cosine is not None and not -1.0 <= cosine <= 1.0:
             raise UsageError(f"--min-cosine {cosine}: give a cosine in [-1, 1], e.g. 0.95")
+
+
+MAX_BATCH = 65536  # timed batches: more can only be a mistake
 
 
 def open_session(path: Path, options: ValidateOptions):

@@ -1037,3 +1037,11 @@ def test_the_safetensors_writer_names_a_full_disk(tmp_path, monkeypatch):
     with pytest.raises(OSError) as caught:
         safetensors_file.write_safetensors({"w": torch.zeros(1)}, tmp_path / "w.st", {})
     assert caught.value.errno == 28
+
+
+def test_export_num_classes_and_validate_batch_sizes_are_bounded(tmp_path, exported):
+    result = invoke("export", "torchvision:resnet18", "--num-classes", "-1", "--input-shape",
+                    "3,32,32", "--out", str(tmp_path / "r.onnx"))  # fmt: skip
+    assert_error(result, 2, "--num-classes -1: give an integer from 1")
+    result = invoke("validate", str(exported / "model.onnx"), "--batch-sizes", "1000000000000")
+    assert_error(result, 2, "--batch-sizes 1000000000000: every batch size must be from 1")
