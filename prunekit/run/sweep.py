@@ -22,7 +22,7 @@ from pydantic import Field
 
 from prunekit.errors import InputFileError, UsageError
 from prunekit.run.config import PruneConfig
-from prunekit.runtime.outputs import MARKER, inside_cwd_chain, staged_file
+from prunekit.runtime.outputs import MARKER, inside_cwd_chain, staged_file, write_marker
 from prunekit.runtime.schema import Lenient, parsed
 
 COLUMNS = (
@@ -149,7 +149,7 @@ def run_sweep(
             )
     out.mkdir(parents=True, exist_ok=True)
     (out / "cells").mkdir(exist_ok=True)
-    (out / MARKER).write_text("written by prunekit\n")  # --force may replace it later
+    write_marker(out, "sweep")  # a run's --force never replaces a sweep
     _write_json(marker, settings)
     rows = []
     for pruner in pruners:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -22,8 +24,12 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field
 
 from prunekit.errors import OutputExistsError, UsageError
+from prunekit.runtime.schema import Lenient, parsed
 
 MARKER = ".prunekit-output"
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
@@ -113,6 +119,52 @@ def is_prunekit_output(path: Path) -> bool:
     return path.is_dir() and (path / MARKER).is_file()
 
 
+class Manifest(Lenient):
+    """A run folder's marker: what prunekit wrote into it (path -> size, sha256)."""
+
+    kind: Literal["run", "sweep"]
+    files: dict[str, tuple[Annotated[int, Field(ge=0)], str]] = Field(default_factory=dict)
+
+
+def _digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _contents(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if not p.is_dir() and p.name != MARKER)
+
+
+def write_marker(folder: Path, kind: str) -> None:
+    """The marker of a run folder lists every file in it with its size and hash; a sweep's
+    names it a sweep (its cells come and go)."""
+    files = {} if kind == "sweep" else {
+        str(p.relative_to(folder)): (p.stat().st_size, _digest(p)) for p in _contents(folder)
+    }  # fmt: skip
+    (folder / MARKER).write_text(json.dumps({"kind": kind, "files": files}, indent=1) + "\n")
+
+
+def foreign_files(out: Path) -> str | None:
+    """Why --force may not replace the prunekit output ``out``, or None: a file prunekit did
+    not write there (added or changed since), or a sweep folder."""
+    manifest = parsed(
+        Manifest, (out / MARKER).read_bytes(), f"{out / MARKER}", "pick another --out"
+    )
+    if manifest.kind == "sweep":
+        return "it is a sweep's folder"
+    for path in _contents(out):
+        name = str(path.relative_to(out))
+        known = manifest.files.get(name)
+        if path.is_symlink() or known is None or known[0] != path.stat().st_size:
+            return f"{name} was not written by prunekit"
+        if known[1] != _digest(path):
+            return f"{name} changed since prunekit wrote it"
+    return None
+
+
 def written_by_prunekit(path: Path) -> bool:
     """A safetensors or ONNX file whose metadata names the prunekit version that wrote it
     (every file prunekit exports carries ``prunekit_version``)."""
@@ -156,6 +208,12 @@ def check_writable(out: Path, force: bool, kind: str = "folder") -> None:
             raise UsageError(
                 f"{out} exists and is not a prunekit output (no {MARKER} in it); prunekit "
                 "replaces only its own outputs: pick another --out"
+            )
+        foreign = foreign_files(out) if kind == "folder" and force else None
+        if foreign is not None:
+            raise UsageError(
+                f"{out} is a prunekit output, but {foreign}; --force replaces only what "
+                "prunekit wrote: move it out or pick another --out"
             )
         if kind == "export" and not written_by_prunekit(out):
             raise UsageError(
@@ -250,7 +308,7 @@ def staged_dir(out: Path, force: bool) -> Iterator[Path]:
         staging.mkdir(mode=0o755)
         try:
             yield staging
-            (staging / MARKER).write_text("written by prunekit\n")
+            write_marker(staging, "run")
             _readable(staging)
             _move_into_place(staging, out, force, token)
         finally:

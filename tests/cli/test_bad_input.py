@@ -516,10 +516,12 @@ with outputs.staged_dir(Path(sys.argv[1]), force=True) as stage:
 
 @pytest.mark.parametrize("when", ["writing", "fallback"])
 def test_a_kill_never_loses_the_old_output(tmp_path, when):
+    from prunekit.runtime.outputs import write_marker
+
     out = tmp_path / "o"
     out.mkdir()
-    (out / ".prunekit-output").write_text("")
     (out / "report.json").write_text("old")
+    write_marker(out, "run")  # as a run that wrote report.json leaves it
     script = [sys.executable, "-c", KILLED_MID_WRITE, str(out), when]
     assert subprocess.run(script, check=False).returncode == -9
     if when == "writing":
@@ -1045,3 +1047,26 @@ def test_export_num_classes_and_validate_batch_sizes_are_bounded(tmp_path, expor
     assert_error(result, 2, "--num-classes -1: give an integer from 1")
     result = invoke("validate", str(exported / "model.onnx"), "--batch-sizes", "1000000000000")
     assert_error(result, 2, "--batch-sizes 1000000000000: every batch size must be from 1")
+
+
+def test_force_replaces_a_run_folder_only_as_prunekit_wrote_it(tmp_path):
+    """The marker lists what a run wrote (size, sha256): a file added or changed since, or a
+    sweep's folder, is never replaced by --force."""
+    out = tmp_path / "run"
+    args = ("sample:digits-mlp", "-p", "magnitude", "-s", "0.5", "--out", str(out), "--force")
+    assert prune(*args).exit_code == 0
+    (out / "notes.txt").write_text("mine")
+    assert_error(prune(*args), 2, "notes.txt was not written by prunekit", "move it out")
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    report = (out / "report.json").read_text()
+    (out / "report.json").write_text(report.replace('"magnitude"', '"edited!!!"', 1))
+    assert_error(prune(*args), 2, "report.json changed since prunekit wrote it")
+    (out / "report.json").write_text(report)
+    assert prune(*args).exit_code == 0
+    sweep = tmp_path / "sw"
+    assert invoke(*SWEEP, "--out", str(sweep)).exit_code == 0
+    result = prune("sample:digits-mlp", "-p", "magnitude", "-s", "0.5", "--out", str(sweep),
+                   "--force")  # fmt: skip
+    assert_error(result, 2, "it is a sweep's folder")
+    assert (sweep / "sweep.json").is_file()
