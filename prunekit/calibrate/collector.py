@@ -162,7 +162,7 @@ class Collector:
                     x,
                     y,
                     lambda xs, ys: per_sample_gradients(
-                        self.model, first, xs, ys, objective=self.objective
+                        self.model, first, xs, ys, 1, self.objective, self.spec.grad_engine
                     ),
                     target_cost(first[0], self.spec, frozenset()).per_grad,
                 ),
@@ -326,7 +326,9 @@ class Collector:
         out-of-memory error, halve the chunk and retry the rest in pieces."""
         b = self.spec.grad_batch
         try:
-            grads = per_sample_gradients(self.model, group, x, y, b, self.objective)
+            grads = per_sample_gradients(
+                self.model, group, x, y, b, self.objective, self.spec.grad_engine
+            )
             for t in group:
                 if t.name not in done:
                     acc.add(t, grads[t.name])

@@ -1,11 +1,20 @@
-"""Per-sample (or per-mini-batch) loss gradients of the target tensors, from ``torch.func``
-(vmap over grad), and the calibration batches they are taken on."""
+"""Per-sample (or per-mini-batch) loss gradients of the target tensors, and the calibration
+batches they are taken on.
+
+Two engines give the same rows. ``hooks`` (the default) runs one batched forward and backward
+and forms each sample's weight gradient of a Linear or Conv2d layer from what hooks capture:
+its input and the loss gradient at its output (for a Conv2d, the unfolded input patches), the
+outer product summed over positions — the batched weight gradient's arithmetic, kept per
+sample. Layers without such a rule (grouped convolutions, a weight used outside its module's
+forward) and any layer whose rows do not add up to the batch gradient autograd computes in the
+same pass fall back to ``vmap`` (torch.func: vmap over grad), which re-runs the graph per
+sample."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -38,12 +47,33 @@ def per_sample_gradients(
     y: torch.Tensor,
     grad_batch: int = 1,
     objective: Objective = LABELS,
+    engine: str = "hooks",
 ) -> dict[str, torch.Tensor]:
     """Gradients of the mean loss of each mini-batch of ``grad_batch`` samples; ``y`` holds
     the objective's targets (labels, or targets drawn by ``Objective.targets``).
 
     Returns, per target, a (len(x) // grad_batch, numel) matrix with pruned entries zeroed.
+    ``engine`` "hooks" takes the layers it has a rule for from one batched backward and the
+    rest from vmap; "vmap" takes them all from vmap.
     """
+    grads: dict[str, torch.Tensor] = {}
+    if engine == "hooks":
+        grads = hook_gradients(model, targets, x, y, grad_batch, objective)
+    rest = [t for t in targets if t.name not in grads]
+    if rest:
+        grads.update(vmap_gradients(model, rest, x, y, grad_batch, objective))
+    return {t.name: grads[t.name] * t.mask.reshape(1, -1) for t in targets}
+
+
+def vmap_gradients(
+    model: nn.Module,
+    targets: Sequence[Target],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    grad_batch: int,
+    objective: Objective,
+) -> dict[str, torch.Tensor]:
+    """Per-mini-batch gradients by vmap over grad (every layer type; re-runs the graph)."""
     frozen = {k: v.detach() for k, v in model.named_parameters()}
     frozen.update(dict(model.named_buffers()))
     params = {t.name: frozen[t.name] for t in targets}
@@ -53,7 +83,107 @@ def per_sample_gradients(
     loss = _loss_of_batch(model, frozen, objective)
     with _vmap_ready(model):
         grads = vmap(grad(loss), in_dims=(None, 0, 0))(params, xs, ys)
-    return {t.name: grads[t.name].reshape(n, -1) * t.mask.reshape(1, -1) for t in targets}
+    return {t.name: grads[t.name].reshape(n, -1) for t in targets}
+
+
+def has_hook_rule(target: Target) -> bool:
+    """Whether a target's per-sample gradient can be formed from its module's input and
+    output gradient: the ``weight`` of a Linear, or of an ungrouped, zero-padded Conv2d."""
+    module = target.module
+    if getattr(module, "weight", None) is not target.weight:
+        return False
+    if isinstance(module, nn.Linear):
+        return True
+    return (
+        isinstance(module, nn.Conv2d)
+        and module.groups == 1
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
+    )
+
+
+def hook_gradients(
+    model: nn.Module,
+    targets: Sequence[Target],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    grad_batch: int,
+    objective: Objective,
+) -> dict[str, torch.Tensor]:
+    """Per-mini-batch gradients of the targets that have a hook rule, from one batched
+    forward and backward (unmasked rows). A target whose rows do not sum to the batch weight
+    gradient of the same pass (its weight also used outside its module's forward, say) is
+    left out, for vmap to take."""
+    ruled = [t for t in targets if has_hook_rule(t)]
+    if not ruled:
+        return {}
+    n = len(x) // grad_batch
+    x, y = x[: n * grad_batch], y[: n * grad_batch]
+    calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {t.name: [] for t in ruled}
+
+    def recorder(name: str):
+        def record(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+            calls[name].append((inputs[0].detach(), output))
+
+        return record
+
+    handles = [t.module.register_forward_hook(recorder(t.name)) for t in ruled]
+    wanted = [t.weight.requires_grad for t in ruled]
+    try:
+        for t in ruled:
+            t.weight.requires_grad_(True)
+        with torch.enable_grad():
+            # the sum over mini-batches of each one's mean loss: per-sample terms stay apart
+            loss = objective.loss(model(x), y) * n
+            outputs = [out for t in ruled for _, out in calls[t.name]]
+            found = torch.autograd.grad(
+                loss, [*outputs, *(t.weight for t in ruled)], allow_unused=True
+            )
+    finally:
+        for handle in handles:
+            handle.remove()
+        for t, flag in zip(ruled, wanted, strict=True):
+            t.weight.requires_grad_(flag)
+    output_grads = iter(found[: len(outputs)])
+    batch_grads = dict(zip((t.name for t in ruled), found[len(outputs) :], strict=True))
+    rows: dict[str, torch.Tensor] = {}
+    for t in ruled:
+        total = None
+        for activation, _ in calls[t.name]:
+            g = next(output_grads)
+            if g is None:
+                continue
+            part = _layer_rows(t.module, activation, g)
+            total = part if total is None else total + part
+        batch = batch_grads[t.name]
+        if total is None or batch is None:
+            continue
+        grouped = total.reshape(n, grad_batch, -1).sum(1)
+        if _adds_up(grouped.sum(0), batch.reshape(-1)):
+            rows[t.name] = grouped
+    return rows
+
+
+def _layer_rows(module: nn.Module, activation: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """(N, numel) weight gradients of each sample of a Linear or Conv2d call."""
+    samples = len(activation)
+    if isinstance(module, nn.Conv2d):
+        padding = cast(tuple[int, ...], module.padding)  # (has_hook_rule: not a string)
+        patches = nn.functional.unfold(
+            activation, module.kernel_size, module.dilation, padding, module.stride
+        )  # (N, C·kh·kw, positions), the weight's (C, kh, kw) order
+        per = torch.bmm(g.reshape(samples, g.shape[1], -1), patches.transpose(1, 2))
+    else:  # Linear over any leading dimensions (a sequence, say)
+        a = activation.reshape(samples, -1, activation.shape[-1])
+        per = torch.bmm(g.reshape(samples, -1, g.shape[-1]).transpose(1, 2), a)
+    return per.reshape(samples, -1)
+
+
+def _adds_up(summed: torch.Tensor, batch: torch.Tensor) -> bool:
+    """The rows' sum equals autograd's batch gradient up to float rounding."""
+    scale = batch.abs().max().clamp_min(torch.finfo(batch.dtype).tiny)
+    tolerance = 1e-2 if batch.dtype in (torch.float16, torch.bfloat16) else 1e-3
+    return bool(((summed - batch).abs().max() / scale) <= tolerance)
 
 
 def calibration_batches(

@@ -142,14 +142,20 @@ def reset_peak_rss() -> int | None:
 
 
 def estimate_activation_bytes(model: nn.Module, sample: torch.Tensor) -> int:
-    """Bytes of every module's output for one sample, times the backward/vmap workspace."""
-    total = 0
+    """Bytes of every module's output for one sample, times the backward/vmap workspace,
+    plus the largest Conv2d's unfolded input patches (the hook engine forms them one layer at
+    a time; a copy for the product)."""
+    total, patches = 0, 0
 
-    def count(_module: nn.Module, _inputs: Any, output: Any) -> None:
-        nonlocal total
+    def count(module: nn.Module, _inputs: Any, output: Any) -> None:
+        nonlocal total, patches
         for t in output if isinstance(output, tuple | list) else (output,):
             if isinstance(t, torch.Tensor):
                 total += t.numel() * t.element_size()
+        if isinstance(module, nn.Conv2d) and isinstance(output, torch.Tensor):
+            kernel = module.kernel_size[0] * module.kernel_size[1]
+            size = module.in_channels // module.groups * kernel * output[0, 0].numel()
+            patches = max(patches, 2 * size * output.element_size())
 
     handles = [m.register_forward_hook(count) for m in model.modules()]
     try:
@@ -158,7 +164,7 @@ def estimate_activation_bytes(model: nn.Module, sample: torch.Tensor) -> int:
     finally:
         for h in handles:
             h.remove()
-    return total * ACTIVATION_WORKSPACE
+    return total * ACTIVATION_WORKSPACE + patches
 
 
 def measure_activation_bytes(

@@ -237,7 +237,7 @@ class LayerPruner(Pruner):
         raise UsageError(f"{self.name} compresses layer by layer and has no per-weight score")
 
 
-SAMPLING_NAMES = ("num_grads", "grad_batch", "fisher")
+SAMPLING_NAMES = ("num_grads", "grad_batch", "fisher", "grad_engine")
 SAMPLING_PARAMS = (
     Param("num_grads", 1000, "number m of gradients averaged into the statistics", minimum=1),
     Param("grad_batch", 1, "samples per gradient (1: per-sample gradients)", minimum=1),
@@ -246,6 +246,13 @@ SAMPLING_PARAMS = (
         "empirical",
         "labels: empirical (true labels) or true (sampled)",
         choices=("empirical", "true"),
+    ),
+    Param(
+        "grad_engine",
+        "hooks",
+        "per-sample gradients: hooks (one batched backward; vmap for layers without a rule) "
+        "or vmap",
+        choices=("hooks", "vmap"),
     ),
 )
 NUM_SAMPLES = Param(

@@ -34,6 +34,7 @@ class StatsSpec:
     damp_mode: str = "relative"
     temperature: float = 200.0  # logits are divided by it for the Hessian-gradient product
     num_samples: int = 128  # calibration samples whose layer inputs are measured
+    grad_engine: str = "hooks"  # per-sample gradients: hooks (vmap where no rule) or vmap
 
     def block_for(self, target: Target) -> int:
         return min(self.block_size or target.numel, target.numel)

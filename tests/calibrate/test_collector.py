@@ -313,11 +313,11 @@ def test_out_of_memory_halves_the_chunk_and_gives_the_same_result(monkeypatch):
     real = stats_module.per_sample_gradients
     sizes = []
 
-    def limited(model, targets, x, y, grad_batch=1, objective=LABELS):
+    def limited(model, targets, x, y, grad_batch=1, objective=LABELS, engine="hooks"):
         sizes.append(len(x))
         if len(x) > 5:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
-        return real(model, targets, x, y, grad_batch, objective)
+        return real(model, targets, x, y, grad_batch, objective, engine)
 
     monkeypatch.setattr(stats_module, "per_sample_gradients", limited)
     weights, warnings, record = _woodfisher_weights()

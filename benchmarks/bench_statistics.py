@@ -1,0 +1,158 @@
+"""Statistics at the speed limit: milliseconds per per-sample gradient, hook engine vs vmap vs
+a plain batched forward + backward over the same samples, in one process; then the statistics
+phase and the masks of a real woodfisher run with either engine.
+
+Needs the CIFAR-10 development set for cifar: models (resnet32/44/56.safetensors,
+calibration.npz, test.npz; pass --dev-dir). ``torchvision:resnet50`` runs at 224 x 224 on the
+calibration images upsampled, with random weights (speed only; meant for a GPU).
+
+    python benchmarks/bench_statistics.py [--dev-dir DIR] [--models cifar:resnet56]
+        [--samples 256] [--chunk 64] [--repeats 3] [--device auto]
+        [--woodfisher-grads 256] [--sparsity 0.9]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from devset import DEFAULT_DEV, checked
+
+import prunekit
+from prunekit.calibrate.gradients import has_hook_rule, per_sample_gradients
+from prunekit.contract.objectives import LABELS
+from prunekit.engine.masks import find_targets
+from prunekit.load.models import load_model
+from prunekit.runtime.device import resolve_device
+
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+def images(dev, count: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    data = np.load(dev / "calibration.npz")
+    x = torch.from_numpy(data["x"][:count]).float() / 255.0
+    if size != x.shape[-1]:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear")
+    return (x - MEAN) / STD, torch.from_numpy(data["y"][:count]).long()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def plain_backward(model, targets, x, y) -> None:
+    """The floor: one batched forward + backward, weight gradients of the targets only."""
+    loss = LABELS.loss(model(x), y)
+    torch.autograd.grad(loss, [t.weight for t in targets])
+
+
+def timed(call, device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    call()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def per_gradient_ms(spec: str, dev, args, device: torch.device) -> None:
+    cifar = spec.startswith("cifar:")
+    weights = dev / f"{spec.split(':', 1)[1]}.safetensors" if cifar else None
+    model = load_model(spec, weights, None if cifar else 10).model.to(device).eval()
+    targets, _ = find_targets(model)
+    for t in targets:
+        t.mask = t.mask.to(device)
+    x, y = images(dev, args.samples, 32 if cifar else 224)
+    x, y = x.to(device), y.to(device)
+    ruled = sum(has_hook_rule(t) for t in targets)
+    runs: dict[str, list[float]] = {"plain": [], "hooks": [], "vmap": []}
+    calls = {
+        "plain": lambda xs, ys: plain_backward(model, targets, xs, ys),
+        "hooks": lambda xs, ys: per_sample_gradients(model, targets, xs, ys, engine="hooks"),
+        "vmap": lambda xs, ys: per_sample_gradients(model, targets, xs, ys, engine="vmap"),
+    }
+    for repeat in range(args.repeats + 1):  # the first round warms up
+        order = list(calls) if repeat % 2 else list(reversed(calls))
+        for name in order:
+            call, seconds = calls[name], 0.0
+            for s in range(0, len(x), args.chunk):
+                xs, ys = x[s : s + args.chunk], y[s : s + args.chunk]
+                seconds += timed(lambda: call(xs, ys), device)  # noqa: B023 (called at once)
+            if repeat:
+                runs[name].append(seconds)
+    ms = {k: 1000 * statistics.median(v) / len(x) for k, v in runs.items()}
+    plain, hooks, vmap = ms["plain"], ms["hooks"], ms["vmap"]
+    print(f"| {spec} | {len(targets)} ({ruled} by hooks) | {plain:.2f} | {hooks:.2f} | "
+          f"{vmap:.2f} | {hooks / plain:.2f}x | {vmap / plain:.2f}x | {vmap / hooks:.2f}x |",
+          flush=True)  # fmt: skip
+
+
+def woodfisher_runs(spec: str, dev, args, device: torch.device) -> None:
+    """A real woodfisher run per engine: statistics phase, whole run, masks, accuracy."""
+    from prunekit.engine.schedule import ScheduleConfig
+
+    arch = spec.split(":", 1)[1]
+    x, y = images(dev, 1000, 32)
+    test = np.load(dev / "test.npz")
+    tx = (torch.from_numpy(test["x"][:1000]).float() / 255.0 - MEAN) / STD
+    ty = torch.from_numpy(test["y"][:1000]).long()
+    results = {}
+    for engine in ("vmap", "hooks"):
+        model = load_model(spec, dev / f"{arch}.safetensors").model
+        start = time.perf_counter()
+        result = prunekit.prune(
+            model, "woodfisher", args.sparsity, (x, y), test_data=(tx, ty),
+            params={"num_grads": args.woodfisher_grads, "grad_engine": engine},
+            schedule=ScheduleConfig(recompute=1), device=str(device),
+        )  # fmt: skip
+        results[engine] = (result, time.perf_counter() - start)
+    (vm, vm_s), (hk, hk_s) = results["vmap"], results["hooks"]
+    same = sum(int((vm.masks[k] == hk.masks[k]).sum()) for k in vm.masks)
+    total = sum(m.numel() for m in vm.masks.values())
+    for engine, (result, seconds) in results.items():
+        phases = result.report["phases"]
+        print(f"| {spec} woodfisher {args.sparsity:g}, {args.woodfisher_grads} gradients, one "
+              f"step | {engine} | {phases.get('statistics', 0):.1f} | {seconds:.1f} | "
+              f"{100 * result.report['accuracy']['pruned']:.2f} % |")  # fmt: skip
+    ratio = vm.report["phases"]["statistics"] / hk.report["phases"]["statistics"]
+    print(f"\nstatistics phase, vmap / hooks: {ratio:.2f}x; whole run {vm_s / hk_s:.2f}x; "
+          f"masks agree on {same / total:.4%} of {total:,} weights")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dev-dir", type=Path, default=DEFAULT_DEV)
+    parser.add_argument("--models", default="cifar:resnet56")
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--chunk", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--woodfisher-grads", type=int, default=256, help="0: skip that run")
+    parser.add_argument("--sparsity", type=float, default=0.9)
+    args = parser.parse_args()
+    dev = checked(args.dev_dir)
+    device = resolve_device(args.device)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    print(f"device {device}, {args.samples} samples in chunks of {args.chunk}, median of "
+          f"{args.repeats} interleaved rounds\n")  # fmt: skip
+    print("| model | targets | plain backward ms/sample | hooks ms/grad | vmap ms/grad | "
+          "hooks / plain | vmap / plain | vmap / hooks |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    specs = [m.strip() for m in args.models.split(",") if m.strip()]
+    for spec in specs:
+        per_gradient_ms(spec, dev, args, device)
+    if args.woodfisher_grads:
+        print("\n| run | engine | statistics s | whole run s | top-1 (1,000 test images) |")
+        print("|---|---|---|---|---|")
+        for spec in specs:
+            if spec.startswith("cifar:"):
+                woodfisher_runs(spec, dev, args, device)
+
+
+if __name__ == "__main__":
+    main()
