@@ -3,15 +3,17 @@ loop, export and validate it. The CLI runs the same code (``prunekit.run.pipelin
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from prunekit.contract.pruner import Pruner
 from prunekit.contract.quantization import QuantizedTensor
@@ -32,6 +34,7 @@ from prunekit.runtime import distributed
 from prunekit.runtime.device import resolve_device
 from prunekit.runtime.progress import Reporter, Silent
 from prunekit.runtime.timing import Timings
+from prunekit.version import __version__
 
 DataLike = DataLoader | Dataset | tuple[torch.Tensor, torch.Tensor] | torch.Tensor
 
@@ -56,6 +59,19 @@ def _dataset(data: DataLike, what: str) -> tuple[Dataset, bool, int]:
     """(dataset, labeled, num_classes or 0 when unknown) of tensors, a Dataset or a loader."""
     if isinstance(data, DataLoader):
         data = data.dataset
+    if isinstance(data, IterableDataset) or (
+        isinstance(data, Dataset) and not hasattr(data, "__len__")
+    ):
+        raise UsageError(
+            f"{what}: an IterableDataset (or a Dataset without len) cannot be split or sampled; "
+            "give a map-style Dataset, or tensors"
+        )
+    if isinstance(data, tuple):  # numpy arrays are tensors
+        data = cast(
+            Any, tuple(torch.as_tensor(a) if isinstance(a, np.ndarray) else a for a in data)
+        )
+    elif isinstance(data, np.ndarray):
+        data = torch.as_tensor(data)
     if isinstance(data, TensorDataset) and len(data.tensors) == 2:
         data = (data.tensors[0], data.tensors[1])
     if isinstance(data, torch.Tensor):
@@ -140,6 +156,17 @@ def prune(
     """
     if isinstance(exclude, str):
         exclude = (exclude,)
+    # numpy scalars are the numbers they hold (other types meet the schema's check)
+    if isinstance(sparsity, numbers.Real) and not isinstance(sparsity, bool | str):
+        sparsity = float(sparsity)
+    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
+        seed = int(seed)
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"model is a {type(model).__name__}; give a torch.nn.Module")
+    if not isinstance(pruner, str | Pruner):
+        raise UsageError(f"pruner is a {type(pruner).__name__}; give a name or a Pruner instance")
+    if schedule is not None and not isinstance(schedule, ScheduleConfig):
+        raise UsageError(f"schedule is a {type(schedule).__name__}; give a prunekit.ScheduleConfig")
     if isinstance(pruner, Pruner):
         if params:
             raise UsageError("params go to a pruner given by name; set them on the instance")
@@ -284,31 +311,39 @@ def export_onnx(
     sparse: bool = True,
     quantized: Mapping[str, QuantizedTensor] | None = None,
     calibration: torch.Tensor | None = None,
+    force: bool = False,
 ) -> dict[str, object]:
     """Export ``model`` (CPU copy, eval mode) to a self-contained ONNX file; pruned
     initializers are stored as sparse tensors where that is smaller (``sparse``).
 
     With ``quantized`` (``PruneResult.quantized``) the file is the quantized model instead:
     static INT8 with activation ranges from ``calibration`` inputs (at least 32 samples), or,
-    without calibration, dynamic INT8; the 4-bit Linear layers as MatMulNBits."""
+    without calibration, dynamic INT8; the 4-bit Linear layers as MatMulNBits.
+
+    An existing ``path`` is replaced only with ``force`` and only if prunekit wrote it; the
+    file appears whole or not at all."""
     import copy
 
+    from prunekit.formats.onnx_file import check_exportable
     from prunekit.formats.onnx_file import export_onnx as write
     from prunekit.formats.onnx_quant import check_calibration, export_quantized, input_batches
+    from prunekit.runtime.outputs import staged_file
 
+    check_exportable(model, input_shape)
     exported = copy.deepcopy(model).cpu().eval()
-    target = Path(path)
-    if quantized is None:
-        return write(exported, tuple(input_shape), target, dict(metadata or {}), sparse=sparse)
-    batches = None
-    if calibration is not None:
-        check_calibration(len(calibration))
-        batches = input_batches(calibration.detach().cpu().numpy())
-    mode = "static" if batches is not None else "dynamic"
-    info = export_quantized(
-        exported, tuple(input_shape), target, dict(metadata or {}), mode, quantized, batches
-    )
-    return {"path": str(target), "bytes": target.stat().st_size, **info}
+    target, shape = Path(path), tuple(input_shape)
+    meta = {**dict(metadata or {}), "prunekit_version": __version__}  # what --force checks
+    with staged_file(target, force, kind="export") as tmp:
+        if quantized is None:
+            info = write(exported, shape, tmp, meta, sparse=sparse, final_name=target.name)
+        else:
+            batches = None
+            if calibration is not None:
+                check_calibration(len(calibration))
+                batches = input_batches(calibration.detach().cpu().numpy())
+            mode = "static" if batches is not None else "dynamic"
+            info = export_quantized(exported, shape, tmp, meta, mode, quantized, batches)
+    return {**info, "path": str(target), "bytes": target.stat().st_size}
 
 
 def validate_onnx(
@@ -351,8 +386,12 @@ def run_recipe(recipe: str | Path | Mapping[str, Any], **overrides: Any) -> dict
     ``prunekit prune --config``: ``overrides`` (recipe keys, e.g. ``out=...``, ``seed=1``)
     replace its own values. Writes OUT and returns the report."""
     from prunekit.run.pipeline import run
-    from prunekit.run.recipe import config_from, load_recipe
+    from prunekit.run.recipe import config_from, load_recipe, refuse_code_and_overwrite
 
-    base = dict(recipe) if isinstance(recipe, Mapping) else load_recipe(recipe)
+    if isinstance(recipe, Mapping):  # the caller's own values: as trusted as its code
+        base = dict(recipe)
+    else:  # a file is data: it names no code and replaces nothing by itself
+        base = load_recipe(recipe)
+        refuse_code_and_overwrite(base, recipe, "model" in overrides, "force" in overrides)
     source = "recipe" if isinstance(recipe, Mapping) else str(recipe)
     return run(config_from({**base, **overrides}, source))

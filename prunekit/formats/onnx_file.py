@@ -29,6 +29,43 @@ SINGLE_FILE_LIMIT = 2**31 - 2**20  # protobuf's 2 GiB limit, with some headroom
 INDEX_BYTES = 8  # ONNX sparse indices are int64
 
 
+def check_exportable(model: object, input_shape: object, option: str = "input_shape") -> None:
+    """What an export needs, before torch.onnx runs: a module with float32/float64 finite
+    weights off the meta device, and a sample shape it can take (one forward on zeros)."""
+    from prunekit.errors import ModelMismatchError, UsageError
+    from prunekit.formats.metadata import MAX_INPUT_ELEMENTS
+
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"the model is a {type(model).__name__}; give a torch.nn.Module")
+    shape = tuple(input_shape) if isinstance(input_shape, tuple | list) else ()
+    sizes_ok = all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)
+    if not shape or not sizes_ok or np.prod(shape, dtype=np.float64) > MAX_INPUT_ELEMENTS:
+        raise UsageError(
+            f"{option} {input_shape!r}: give the sizes of one sample, each at least 1 and at "
+            f"most {MAX_INPUT_ELEMENTS:,} elements in all (e.g. 3,32,32)"
+        )
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_meta:
+            raise UsageError(f"{name} is on the meta device (no values); load the weights first")
+        if tensor.is_floating_point() and tensor.dtype not in (torch.float32, torch.float64):
+            raise UsageError(
+                f"{name} is {str(tensor.dtype).removeprefix('torch.')}; export a float32 copy "
+                "(model.float())"
+            )
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UsageError(f"{name} holds NaN or Inf; an export would compute nothing useful")
+    example = torch.zeros(1, *shape, dtype=getattr(model, "input_dtype", torch.float32))
+    try:
+        with torch.no_grad():
+            model.cpu().eval()(example)
+    except Exception as exc:  # shape errors come as RuntimeError, ValueError...
+        first = (str(exc).splitlines() or [""])[0][:160]
+        raise ModelMismatchError(
+            f"the model cannot take one sample of shape {shape} ({type(exc).__name__}: "
+            f"{first}); give the shape of one input sample"
+        ) from None
+
+
 def to_proto(model: nn.Module, input_shape: tuple[int, ...]):
     """Export ``model`` (CPU, eval) to an ONNX ModelProto with a dynamic batch dimension."""
     import onnx

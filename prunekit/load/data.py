@@ -9,6 +9,7 @@ on the same data.
 
 from __future__ import annotations
 
+import numbers
 import pickle
 import re
 import warnings
@@ -176,8 +177,15 @@ class CheckedDataset(Dataset):
         return len(cast(Sized, self.dataset))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        item = self.dataset[index]
         where = f"{self.spec}: sample {index}"
+        try:
+            item = self.dataset[index]
+        except Exception as exc:  # the caller's own __getitem__ (or a __len__ that lies)
+            first = (str(exc).splitlines() or [""])[0][:120]
+            raise InputFileError(
+                f"{where} of {len(self)} could not be read ({type(exc).__name__}: {first}); "
+                "check the dataset's __getitem__ and __len__"
+            ) from None
         if not isinstance(item, tuple | list) or len(item) != 2:
             kind = f"{len(item)} items" if isinstance(item, tuple | list) else type(item).__name__
             raise InputFileError(
@@ -193,8 +201,9 @@ class CheckedDataset(Dataset):
         return x, torch.tensor(label)
 
     def _label(self, where: str, y: object) -> int:
-        if isinstance(y, torch.Tensor) and y.dim() == 0 and not y.dtype.is_floating_point:
-            y = int(y)
+        integer_tensor = isinstance(y, torch.Tensor) and y.dim() == 0 and not y.is_floating_point()
+        if integer_tensor or (isinstance(y, numbers.Integral) and not isinstance(y, bool)):
+            y = int(cast(int, y))  # a 0-dim integer tensor, numpy's int64...
         if isinstance(y, bool) or not isinstance(y, int):
             shape = f" of shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else ""
             raise InputFileError(

@@ -43,7 +43,7 @@ from prunekit.run.config import PruneConfig
 from prunekit.run.exports import EXPORT_FORMATS, metadata_for, write_exports
 from prunekit.run.fine_tuning import distills, fine_tuning
 from prunekit.run.quantized import quantize_mode, round_weights, write_quantized
-from prunekit.run.recipe import anchored
+from prunekit.run.recipe import anchored, check_types
 from prunekit.run.report import accuracy_warnings, build_report, shrunk_record
 from prunekit.runtime import distributed
 from prunekit.runtime.batches import eval_mode
@@ -109,6 +109,7 @@ def check_bounds(config: PruneConfig) -> None:
 
 def check(config: PruneConfig) -> None:
     """Validate everything cheap before any work is done."""
+    check_types(config)  # a configuration built in Python gets the recipe's schema too
     check_bounds(config)
     check_sparsity(config.sparsity)
     config.preprocess().check()
@@ -453,15 +454,23 @@ def check_outputs(model: nn.Module, data: Splits, device: torch.device) -> int:
 
 
 def check_precision(model: nn.Module) -> None:
-    """Statistics and compensations are computed in the weights' precision: float32 or
-    float64 (half precision cannot factor a Fisher or a Hessian)."""
-    low = next(((n, p.dtype) for n, p in model.named_parameters() if p.is_floating_point()
-                and p.dtype not in (torch.float32, torch.float64)), None)  # fmt: skip
-    if low is not None:
-        raise UsageError(
-            f"the model holds {str(low[1]).removeprefix('torch.')} weights ({low[0]}); prune "
-            "a float32 copy (model.float()) and cast the result back"
-        )
+    """Weights that can be pruned: with values (not on the meta device), finite, and in a
+    precision that can factor a Fisher or a Hessian (float32 or float64)."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_meta:
+            raise UsageError(f"{name} is on the meta device (no values); load the weights first")
+        if not tensor.is_floating_point():
+            continue
+        if tensor.dtype not in (torch.float32, torch.float64):
+            raise UsageError(
+                f"the model holds {str(tensor.dtype).removeprefix('torch.')} weights ({name}); "
+                "prune a float32 copy (model.float()) and cast the result back"
+            )
+        if not torch.isfinite(tensor).all():
+            raise ModelMismatchError(
+                f"{name} holds {int((~torch.isfinite(tensor)).sum())} NaN or Inf value(s) "
+                "before pruning; fix the weights"
+            )
 
 
 def check_finite_model(model: nn.Module) -> None:

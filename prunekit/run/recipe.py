@@ -165,6 +165,13 @@ def checked_recipe(recipe: Mapping[str, Any], source: str) -> dict[str, Any]:
     return _checked(recipe, source).model_dump(mode="json", by_alias=True, exclude_unset=True)
 
 
+def check_types(config: PruneConfig) -> None:
+    """A configuration built in Python (the API) against the recipe schema: the same types
+    a recipe or the command line must give (no "no" for a flag, no string for a number)."""
+    view = {k: v for k, v in config.to_json().items() if k not in ("command",)}
+    _checked(view, "the options")
+
+
 def config_from(recipe: Mapping[str, Any], source: str = "recipe") -> PruneConfig:
     """A PruneConfig from a recipe, checked against the schema: unknown options, wrong kinds
     and missing essentials are one-line errors naming the key."""

@@ -82,8 +82,21 @@ def parsed(schema: type[T], document: str | bytes | Any, source: str, fix: str) 
             return adapter.validate_json(document)
         # data from TOML or json.loads: JSON's types checked the way JSON text is (NaN and
         # infinity pass through, for the schema to refuse by name)
-        return adapter.validate_json(json.dumps(document))
+        return adapter.validate_json(json.dumps(document, default=_plain))
     except ValidationError as exc:
         raise InputFileError(f"{source}: {one_line(exc, schema)}; {fix}") from None
-    except (TypeError, ValueError, RecursionError) as exc:  # not JSON-like (a TOML date)
-        raise InputFileError(f"{source}: {str(exc)[:80]}; {fix}") from None
+    except TypeError as exc:  # not JSON-like (a TOML date, an object)
+        raise InputFileError(f"{source}: {exc}; {fix}") from None
+    except (ValueError, RecursionError):
+        raise InputFileError(f"{source}: nested too deeply; {fix}") from None
+
+
+def _plain(value: object) -> object:
+    """A numpy scalar as the Python number it holds; anything else not JSON is refused."""
+    item = getattr(value, "item", None)
+    if type(value).__module__ == "numpy" and callable(item) and getattr(value, "ndim", 1) == 0:
+        return item()
+    raise TypeError(
+        f"a value of type {type(value).__name__} ({str(value)[:30]!r}) is not a number, "
+        "string, boolean, list or table"
+    )
