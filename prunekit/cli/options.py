@@ -366,6 +366,8 @@ def parse_params(items: list[str] | None) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UsageError(f"--param expects key=value, got '{item}'")
+        if key.strip() in params:
+            raise UsageError(f"--param {key.strip()} is given twice; give each parameter once")
         params[key.strip()] = value.strip()
     return params
 

@@ -138,6 +138,10 @@ def _expand(
 ) -> dict[str, torch.Tensor]:
     """Dense tensors from the raw ones and the index; ValueError/KeyError where they disagree."""
     dense = {k: v for k, v in raw.items() if not k.endswith((MASK, VALUES, CODES, SCALES))}
+    pieces = {k.rsplit("::", 1)[0] for k in raw if k.endswith((MASK, VALUES, CODES, SCALES))}
+    orphans = sorted(pieces - set(index))
+    if orphans:
+        raise ValueError(f"{orphans[0]} is stored compact but {FORMAT_KEY} does not describe it")
     for name, info in index.items():
         numel = int(np.prod(info.shape, dtype=np.int64))
         mask = raw[name + MASK]
@@ -153,7 +157,8 @@ def _expand(
         if values.dim() != 1 or int(bits.sum()) != values.numel():
             raise ValueError(f"{name}: {values.numel()} values for {int(bits.sum())} mask bits")
         if str(values.dtype).removeprefix("torch.") != info.dtype:
-            raise ValueError(f"{name}: values are {values.dtype}, index says {info.dtype}")
+            stored = str(values.dtype).removeprefix("torch.")
+            raise ValueError(f"{name}: the values are {stored}, the index says {info.dtype!r}")
         flat = torch.zeros(numel, dtype=values.dtype)
         flat[bits] = values
         dense[name] = flat.reshape(info.shape)

@@ -90,13 +90,17 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
                 import tomli as tomllib
             recipe = tomllib.loads(path.read_text())
         elif path.suffix == ".json":
-            recipe = json.loads(path.read_text())
+            recipe = json.loads(path.read_text(), object_pairs_hook=_no_repeated_keys)
         else:
             raise InputFileError(f"recipe {path}: use a .toml or .json file (or a report.json)")
     except (ValueError, UnicodeDecodeError) as exc:
-        raise InputFileError(f"recipe {path} cannot be parsed ({exc}); fix the file") from exc
-    if isinstance(recipe, dict) and isinstance(recipe.get("recipe"), dict):
+        raise InputFileError(f"recipe {path} cannot be parsed ({exc}); fix the file") from None
+    except RecursionError:
+        raise InputFileError(f"recipe {path} is nested too deeply; fix the file") from None
+    if isinstance(recipe, dict) and "recipe" in recipe and "pruner" not in recipe:
         recipe = recipe["recipe"]  # a run's report.json
+        if not isinstance(recipe, dict):
+            raise InputFileError(f"{path}: its recipe is not a table of options; fix the file")
     if not isinstance(recipe, dict):
         raise InputFileError(f"recipe {path} is not a table of options")
     recipe.pop("trust_checkpoint", None)  # only ever from the command line
@@ -120,6 +124,27 @@ def _schema(cls: type, nested: Mapping[str, type] | None = None) -> type[Strict]
 TRAIN_SCHEMA = _schema(TrainConfig)
 SCHEDULE_SCHEMA = _schema(ScheduleConfig, {"train": TRAIN_SCHEMA})
 RECIPE_SCHEMA = _schema(PruneConfig, {"schedule": SCHEDULE_SCHEMA})
+
+
+def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise ValueError(f"{repeated[0]} is given more than once")
+    return dict(pairs)
+
+
+def _no_nul(value: Any, where: str = "") -> None:
+    """No NUL characters in any text (no path or name holds one)."""
+    if isinstance(value, str) and "\0" in value:
+        raise InputFileError(f"recipe: {where or 'a value'} holds a NUL character; fix it")
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _no_nul(k, where)
+            _no_nul(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(value, list | tuple):
+        for v in value:
+            _no_nul(v, where)
 
 
 def _spelled(table: Mapping[str, Any]) -> dict[str, Any]:
@@ -150,6 +175,7 @@ FIX = "see prunekit prune --help"
 
 def _checked(recipe: Mapping[str, Any], source: str) -> Strict:
     """A recipe (the CLI's spellings read) against the schema."""
+    _no_nul(recipe)
     table = _spelled(recipe)
     schedule = recipe.get("schedule")
     if isinstance(schedule, Mapping):

@@ -22,6 +22,7 @@ from pydantic import Field
 
 from prunekit.errors import InputFileError, UsageError
 from prunekit.run.config import PruneConfig
+from prunekit.run.recipe import absolute_model
 from prunekit.runtime.outputs import MARKER, inside_cwd_chain, staged_file, write_marker
 from prunekit.runtime.schema import Lenient, parsed
 
@@ -66,10 +67,10 @@ def check_sweep_folder(out: Path) -> None:
     if os.path.lexists(out) and not out.is_dir():
         raise UsageError(f"--out {out} is not a folder; pick another --out")
     started = out.is_dir() and any(not _left_by_a_failed_start(p) for p in out.iterdir())
-    if started and not (out / "sweep.json").exists():
+    if started and not ((out / "sweep.json").exists() and (out / MARKER).is_file()):
         raise UsageError(
-            f"--out {out} holds files and no sweep.json: a sweep resumes only its own folder; "
-            "pick another --out"
+            f"--out {out} holds files and is not a prunekit sweep (no sweep.json and "
+            f"{MARKER}): a sweep resumes only its own folder; pick another --out"
         )
 
 
@@ -100,9 +101,19 @@ class SweepCell(Lenient):
     speedup: Annotated[float, Field(gt=0.0)] | None = None
 
 
-def _read_cell(path: Path) -> dict[str, Any]:
+def _read_cell(path: Path, expected: dict[str, Any]) -> dict[str, Any]:
+    """A cell's result, checked against its schema and against the cell it is named for."""
     fix = f"delete {path.name} and rerun the sweep to recompute that cell"
-    return parsed(SweepCell, path.read_bytes(), str(path), fix).model_dump()
+    if path.is_symlink() or not path.is_file():
+        raise InputFileError(f"{path} is not a plain file; {fix}")
+    row = parsed(SweepCell, path.read_bytes(), str(path), fix).model_dump()
+    other = sorted(k for k, v in expected.items() if row[k] != v)
+    if other:
+        raise InputFileError(
+            f"{path} holds the result of another cell "
+            f"({', '.join(f'{k} {row[k]!r}' for k in other)}); {fix}"
+        )
+    return row
 
 
 def finished_cells(out: Path) -> int:
@@ -180,7 +191,10 @@ def run_sweep(
                     )
                 if on_cell is not None:
                     on_cell(name, cached)
-                rows.append(_read_cell(path))
+                expected = {"model": absolute_model(base.model),
+                            "schedule": base.schedule.kind,
+                            "pruner": pruner, "sparsity": sparsity, "seed": seed}  # fmt: skip
+                rows.append(_read_cell(path, expected))
     write_results(rows, out, pruners, sparsities)
     return rows
 

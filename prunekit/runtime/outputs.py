@@ -150,9 +150,11 @@ def write_marker(folder: Path, kind: str) -> None:
 def foreign_files(out: Path) -> str | None:
     """Why --force may not replace the prunekit output ``out``, or None: a file prunekit did
     not write there (added or changed since), or a sweep folder."""
-    manifest = parsed(
-        Manifest, (out / MARKER).read_bytes(), f"{out / MARKER}", "pick another --out"
-    )
+    marker = out / MARKER
+    text = marker.read_bytes()
+    if not text.startswith(b"{"):  # an older prunekit's marker lists no files
+        return "it was written by an older prunekit, whose marker lists no files"
+    manifest = parsed(Manifest, text, str(marker), "pick another --out")
     if manifest.kind == "sweep":
         return "it is a sweep's folder"
     for path in _contents(out):

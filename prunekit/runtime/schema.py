@@ -9,7 +9,7 @@ failure becomes one line naming the file, the key and what it must be.
 from __future__ import annotations
 
 import json
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
@@ -54,21 +54,34 @@ def one_line(exc: ValidationError, schema: Any = None, limit: int = 40) -> str:
         known = _keys_at(schema, loc[:-1])
         hint = did_you_mean(str(loc[-1]), known) if known else ""
         return f"{where}: unknown option ({hint}known: {', '.join(known)}){extra}"
+    if error["type"] == "json_invalid":  # the text itself is not echoed back
+        return f"{where}: {message}{extra}"
     got = repr(error.get("input"))
     got = got if len(got) <= limit else got[: limit - 3] + "..."
     return f"{where}: {message} (got {got}){extra}"
 
 
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model an annotation holds (directly, in Optional, in Json[...])."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for inner in get_args(annotation):
+        found = _model_in(inner)
+        if found is not None:
+            return found
+    return None
+
+
 def _keys_at(schema: Any, loc: tuple[Any, ...]) -> list[str]:
     """The keys the (nested) pydantic model at ``loc`` of ``schema`` accepts."""
+    model = _model_in(schema)
     for part in loc:
-        if not (isinstance(schema, type) and issubclass(schema, BaseModel)):
+        if model is None:
             return []
-        field = next((f for n, f in schema.model_fields.items() if (f.alias or n) == part), None)
-        schema = field.annotation if field is not None else None
-    if isinstance(schema, type) and issubclass(schema, BaseModel):
-        return sorted(f.alias or n for n, f in schema.model_fields.items())
-    return []
+        fields = model.model_fields.items()
+        field = next((f for n, f in fields if (f.alias or n) == part), None)
+        model = _model_in(field.annotation) if field is not None else None
+    return sorted(f.alias or n for n, f in model.model_fields.items()) if model else []
 
 
 def parsed(schema: type[T], document: str | bytes | Any, source: str, fix: str) -> T:

@@ -10,6 +10,8 @@ fine-tuning work as for unstructured masks; at the end the model is shrunk to ne
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -264,7 +266,16 @@ def reapply(
 ) -> None:
     """Shrink a freshly built model as a saved structured run was shrunk (before its state
     dict is loaded); a record that does not fit the model's groups is refused."""
-    groups, _ = find_groups(model, example)
+    try:  # (torch.fx's shape propagation prints a traceback of its own before raising)
+        with contextlib.redirect_stderr(io.StringIO()):
+            groups, _ = find_groups(model, example)
+    except Exception as exc:  # the recorded input shape does not fit the model (fx, shapes)
+        first = (str(exc).splitlines() or [""])[0][:100]
+        raise InputFileError(
+            f"{source}: the model cannot be traced with its structure record's input shape "
+            f"{list(example.shape[1:])} ({type(exc).__name__}: {first}); re-export the weights "
+            "(or load them with the architecture they were pruned from)"
+        ) from None
     by_name = {str(g): g for g in groups}
     missing = sorted(set(record) - set(by_name))
     if missing:

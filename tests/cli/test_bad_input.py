@@ -673,9 +673,28 @@ def test_sweep_never_writes_into_a_foreign_folder(tmp_path):
     out = tmp_path / "proj"
     out.mkdir()
     (out / "results.csv").write_text("my,data\n")
-    assert_error(invoke(*SWEEP, "--out", str(out)), 2, "holds files and no sweep.json")
+    assert_error(invoke(*SWEEP, "--out", str(out)), 2, "holds files and is not a prunekit sweep")
     assert (out / "results.csv").read_text() == "my,data\n"
     assert_error(invoke(*SWEEP, "--out", "."), 2, "current folder")
+    # a sweep.json copied into a folder of yours does not make it a sweep's
+    (out / "sweep.json").write_text("{}")
+    assert_error(invoke(*SWEEP, "--out", str(out)), 2, "is not a prunekit sweep")
+    assert (out / "results.csv").read_text() == "my,data\n"
+
+
+def test_sweep_cells_must_be_the_cell_they_are_named_for(tmp_path):
+    out = tmp_path / "sw"
+    assert invoke(*SWEEP, "--out", str(out)).exit_code == 0
+    cell = out / "cells" / "magnitude_s0.5_seed0.json"
+    row = json.loads(cell.read_text())
+    for key, value in (("seed", 42), ("sparsity", 0.6), ("model", "evil:fn"),
+                       ("schedule", "gradual"), ("pruner", "random")):  # fmt: skip
+        cell.write_text(json.dumps({**row, key: value}))
+        assert_error(invoke(*SWEEP, "--out", str(out)), 2, "holds the result of another cell",
+                     f"{key} {value!r}")  # fmt: skip
+    cell.unlink()
+    cell.symlink_to(out / "sweep.json")
+    assert_error(invoke(*SWEEP, "--out", str(out)), 2, "is not a plain file")
 
 
 def test_sweep_json_that_is_not_an_object(tmp_path):
@@ -1070,3 +1089,50 @@ def test_force_replaces_a_run_folder_only_as_prunekit_wrote_it(tmp_path):
                    "--force")  # fmt: skip
     assert_error(result, 2, "it is a sweep's folder")
     assert (sweep / "sweep.json").is_file()
+
+
+def test_second_trial_file_findings(tmp_path, channel_pruned):
+    """Findings of the re-run trial: a compact file without its index, a structure record
+    whose input shape the model cannot take, duplicate keys and deep nesting in a recipe, a
+    NUL in a path, a report.json whose recipe is not a table, a repeated --param, an older
+    marker."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    prune_report(*MLP_HALF, "--out", str(tmp_path / "u"))
+    compact = tmp_path / "u" / "model.compact.safetensors"
+    with safe_open(str(compact), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        meta = {k: v for k, v in f.metadata().items() if k != "prunekit_sparse"}
+    save_file(tensors, str(tmp_path / "c.safetensors"), meta)
+    result = invoke("densify", str(tmp_path / "c.safetensors"), str(tmp_path / "d.safetensors"))
+    assert_error(result, 2, "is stored compact but prunekit_sparse does not describe it")
+    assert not (tmp_path / "d.safetensors").exists()
+    with safe_open(str(channel_pruned / "model.safetensors"), "pt") as f:
+        record = json.loads(f.metadata()["structure"])
+    weights = _with_structure(channel_pruned / "model.safetensors", tmp_path / "w.safetensors",
+                              json.dumps({**record, "input_shape": [1, 16, 16]}))  # fmt: skip
+    result = invoke("export", "sample:digits-cnn", "--weights", str(weights), "--out",
+                    str(tmp_path / "m.onnx"))  # fmt: skip
+    assert_error(result, 2, "cannot be traced with its structure record's input shape [1, 16, 16]")
+    recipes = {
+        "dup.json": '{"model": "sample:digits-mlp", "pruner": "magnitude", "sparsity": 0.5, '
+        '"sparsity": 0.9}',
+        "deep.json": '{"params": ' + "[" * 100_000 + "]" * 100_000 + "}",
+        "nul.toml": 'model = "sample:digits-mlp"\npruner = "magnitude"\nsparsity = 0.5\n'
+        'out = "a\\u0000b"\n',
+        "report.json": '{"recipe": [1, 2], "model": "x"}',
+    }
+    fragments = {"dup.json": "sparsity is given more than once",
+                 "deep.json": "nested too deeply", "nul.toml": "out holds a NUL character",
+                 "report.json": "recipe is not a table"}  # fmt: skip
+    for name, text in recipes.items():
+        (tmp_path / name).write_text(text)
+        assert_error(invoke("prune", "--config", str(tmp_path / name)), 2, fragments[name])
+    result = prune(*MLP_HALF, "--param", "a=1", "--param", "a=2")
+    assert_error(result, 2, "--param a is given twice")
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / ".prunekit-output").write_text("written by prunekit\n")
+    result = prune(*MLP_HALF, "--out", str(old), "--force")
+    assert_error(result, 2, "written by an older prunekit, whose marker lists no files")
