@@ -361,6 +361,8 @@ def validate_onnx(
     latency (against ``baseline``); ``passed`` is false when a gate fails."""
     from prunekit.validate.onnx_runtime import ValidateOptions, validate
 
+    if torch_model is not None and not isinstance(torch_model, nn.Module):
+        raise UsageError(f"torch_model is a {type(torch_model).__name__}; give a torch.nn.Module")
     splits = splits_of(data)
     options = ValidateOptions(
         batch_sizes=tuple(batch_sizes),

@@ -396,3 +396,94 @@ def test_api_empty_data_and_half_precision_are_refused():
     # a well-formed Dataset of (x, int label) prunes, with accuracy measured on it
     result = prunekit.prune(model.float(), "magnitude", 0.5, _Pairs(lambda i: (x[i], int(y[i]))))
     assert 0.0 <= result.report["accuracy"]["pruned"] <= 1.0
+
+
+def test_api_export_onnx_gets_the_clis_checks(tmp_path):
+    """Re-run trial: export_onnx never overwrites a file of yours, and refuses what the CLI
+    refuses (shapes, precisions, NaN weights, non-modules) with a PrunekitError."""
+    import copy
+
+    import onnx
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+    mine = tmp_path / "mine.onnx"
+    mine.write_text("precious")
+    for force in (False, True):
+        with pytest.raises(prunekit.PrunekitError, match=r"not written by prunekit|already exists"):
+            prunekit.export_onnx(model, mine, (1, 8, 8), force=force)
+    assert mine.read_text() == "precious"
+    out = tmp_path / "m.onnx"
+    prunekit.export_onnx(model, out, (1, 8, 8))
+    assert onnx.load(str(out)).graph.node
+    with pytest.raises(prunekit.PrunekitError, match="already exists"):
+        prunekit.export_onnx(model, out, (1, 8, 8))
+    prunekit.export_onnx(model, out, (1, 8, 8), force=True)  # its own file: replaced
+    bad = [
+        ((model, tmp_path / "a.onnx", (-1, 8, 8)), "give the sizes of one sample"),
+        ((model, tmp_path / "a.onnx", (1, 100000, 100000)), "at most"),
+        ((model, tmp_path / "a.onnx", (1, 16, 16)), "cannot take one sample of shape"),
+        ((copy.deepcopy(model).half(), tmp_path / "a.onnx", (1, 8, 8)), "float16; export a"),
+        (("model", tmp_path / "a.onnx", (1, 8, 8)), "give a torch.nn.Module"),
+        ((model, tmp_path, (1, 8, 8)), "is a folder"),
+    ]
+    for args, fragment in bad:
+        with pytest.raises(prunekit.PrunekitError, match=re.escape(fragment)):
+            prunekit.export_onnx(*args)
+    model[1].weight.data[0, 0] = float("nan")
+    with pytest.raises(prunekit.PrunekitError, match="holds NaN or Inf"):
+        prunekit.export_onnx(model, tmp_path / "a.onnx", (1, 8, 8))
+    assert not (tmp_path / "a.onnx").exists()
+
+
+def test_api_run_recipe_file_names_no_code_and_replaces_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "evil.py").write_text(
+        "import pathlib\ndef fn():\n    pathlib.Path('PWNED').touch()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('model = "evil:fn"\npruner = "magnitude"\nsparsity = 0.5\ndata = "digits"\n')
+    with pytest.raises(prunekit.PrunekitError, match="never runs code"):
+        prunekit.run_recipe(recipe, out=str(tmp_path / "a"))
+    assert not (tmp_path / "PWNED").exists()
+    recipe.write_text('model = "sample:digits-mlp"\npruner = "magnitude"\nsparsity = 0.3\n'
+                      "force = true\n")  # fmt: skip
+    prunekit.run_recipe(recipe, out=str(tmp_path / "b"))
+    with pytest.raises(prunekit.PrunekitError, match="already exists"):
+        prunekit.run_recipe(recipe, out=str(tmp_path / "b"))
+    assert prunekit.run_recipe(recipe, out=str(tmp_path / "b"), force=True)["sparsity"]
+
+
+def test_api_refuses_odd_data_and_arguments():
+    from torch.utils.data import IterableDataset
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            yield torch.randn(4), 0
+
+    model = nn.Sequential(nn.Linear(4, 3))
+    x, y = np.random.default_rng(0).random((16, 4), dtype=np.float32), np.arange(16) % 3
+    result = prunekit.prune(model, "magnitude", 0.5, (x, y))  # numpy arrays are tensors
+    assert result.report["sparsity"]["achieved"] == pytest.approx(0.5)
+    for kwargs, fragment in [
+        ({"data": Stream()}, "IterableDataset"),
+        ({"data": _LyingLength()}, "could not be read (IndexError"),
+        ({"data": (x, y), "recalibrate_bn": "no"}, "recalibrate_bn: input should be a valid bool"),
+        ({"data": (x, y), "schedule": "gradual"}, "give a prunekit.ScheduleConfig"),
+        ({"data": (x, y), "pruner": None}, "give a name or a Pruner instance"),
+    ]:
+        args = {"model": model, "pruner": "magnitude", "sparsity": 0.5, **kwargs}
+        with pytest.raises(prunekit.PrunekitError, match=re.escape(fragment)):
+            prunekit.prune(**args)
+    with pytest.raises(prunekit.PrunekitError, match=r"give a torch\.nn\.Module"):
+        prunekit.validate_onnx("m.onnx", (x, y), torch_model="evil:fn")
+
+
+class _LyingLength(torch.utils.data.Dataset):
+    """Says it has 32 samples and has 8."""
+
+    def __len__(self) -> int:
+        return 32
+
+    def __getitem__(self, i: int):
+        return [(torch.randn(4), j % 3) for j in range(8)][i]

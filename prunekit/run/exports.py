@@ -172,9 +172,10 @@ def export_file(
     metadata = export_metadata(model, weights, out, data_spec, num_classes)
     with staged_file(out, force, kind="export") as tmp:
         if format == "onnx":
-            from prunekit.formats.onnx_file import export_onnx
+            from prunekit.formats.onnx_file import check_exportable, export_onnx
 
             assert input_shape is not None
+            check_exportable(loaded.model, input_shape, "--input-shape")
             export_onnx(loaded.model, input_shape, tmp, metadata, sparse=not dense,
                         final_name=out.name)  # fmt: skip
         elif dense:

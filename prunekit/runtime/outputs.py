@@ -193,6 +193,8 @@ def check_writable(out: Path, force: bool, kind: str = "folder") -> None:
     a folder of its own, e.g. a sweep's) or "export" (a file the user named: replaced only
     if prunekit wrote it).
     """
+    if "\0" in str(out):
+        raise UsageError(f"--out {str(out)!r} holds a NUL character; name a path without one")
     if inside_cwd_chain(out):
         raise UsageError(
             f"--out {out} is the current folder or one above it; prunekit writes a folder of "
