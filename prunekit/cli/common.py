@@ -41,7 +41,9 @@ def _fail(message: str, code: int, lost_contact: bool = False) -> typer.Exit:
     where = ""
     if distributed.launched():
         where = f" on rank {distributed.rank()} of {distributed.world_size()}"
-        if distributed.rank() > 0 or lost_contact:
+        if lost_contact:  # the failed rank prints first (after its own grace) and exits
+            time.sleep(3 * RANK_GRACE_SECONDS)
+        elif distributed.rank() > 0:
             time.sleep(RANK_GRACE_SECONDS)
     err.print(f"[red]error{where}:[/red] {escape(message)}", markup=True, highlight=False)
     return typer.Exit(code)

@@ -97,8 +97,8 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
         raise InputFileError(f"recipe {path} cannot be parsed ({exc}); fix the file") from None
     except RecursionError:
         raise InputFileError(f"recipe {path} is nested too deeply; fix the file") from None
-    if isinstance(recipe, dict) and "recipe" in recipe and "pruner" not in recipe:
-        recipe = recipe["recipe"]  # a run's report.json
+    if isinstance(recipe, dict) and "recipe" in recipe:  # a run's report.json
+        recipe = recipe["recipe"]
         if not isinstance(recipe, dict):
             raise InputFileError(f"{path}: its recipe is not a table of options; fix the file")
     if not isinstance(recipe, dict):

@@ -380,6 +380,7 @@ def test_pruners_show_lists_hyperparameters():
         "num_grads": 1000,
         "grad_batch": 1,
         "fisher": "empirical",
+        "grad_engine": "hooks",
         "exact": True,
     }
     assert info["needs"] == ["fisher_inv"]
