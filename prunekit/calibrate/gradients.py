@@ -3,15 +3,17 @@ batches they are taken on.
 
 Two engines give the same rows. ``hooks`` (the default) runs one batched forward and backward
 and forms each sample's weight gradient of a Linear or Conv2d layer from what hooks capture:
-its input and the loss gradient at its output (for a Conv2d, the unfolded input patches), the
-outer product summed over positions — the batched weight gradient's arithmetic, kept per
-sample. Layers without such a rule (grouped convolutions, a weight used outside its module's
-forward) and any layer whose rows do not add up to the batch gradient autograd computes in the
-same pass fall back to ``vmap`` (torch.func: vmap over grad), which re-runs the graph per
+its input and the loss gradient at its output, the outer product summed over positions (for
+a Conv2d, one grouped weight-gradient convolution with the samples as groups): the batched
+weight gradient's arithmetic, kept per sample. Layers without such a rule (grouped
+convolutions) and any layer whose rows do not add up to the batch gradient autograd computes
+in the same pass (a weight also used outside its module's forward; checked on a model's first
+chunk) fall back to ``vmap`` (torch.func: vmap over grad), which re-runs the graph per
 sample."""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, cast
@@ -19,6 +21,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.grad import conv2d_weight
 from torch.utils.data import Dataset
 
 from prunekit.contract.objectives import LABELS, Objective
@@ -127,6 +130,8 @@ def hook_gradients(
 
         return record
 
+    checked = _CHECKED.setdefault(model, {})
+    unchecked = [t for t in ruled if t.name not in checked]  # rows vs autograd, once a model
     handles = [t.module.register_forward_hook(recorder(t.name)) for t in ruled]
     wanted = [t.weight.requires_grad for t in ruled]
     try:
@@ -137,7 +142,7 @@ def hook_gradients(
             loss = objective.loss(model(x), y) * n
             outputs = [out for t in ruled for _, out in calls[t.name]]
             found = torch.autograd.grad(
-                loss, [*outputs, *(t.weight for t in ruled)], allow_unused=True
+                loss, [*outputs, *(t.weight for t in unchecked)], allow_unused=True
             )
     finally:
         for handle in handles:
@@ -145,7 +150,7 @@ def hook_gradients(
         for t, flag in zip(ruled, wanted, strict=True):
             t.weight.requires_grad_(flag)
     output_grads = iter(found[: len(outputs)])
-    batch_grads = dict(zip((t.name for t in ruled), found[len(outputs) :], strict=True))
+    batch_grads = dict(zip((t.name for t in unchecked), found[len(outputs) :], strict=True))
     rows: dict[str, torch.Tensor] = {}
     for t in ruled:
         total = None
@@ -155,24 +160,35 @@ def hook_gradients(
                 continue
             part = _layer_rows(t.module, activation, g)
             total = part if total is None else total + part
-        batch = batch_grads[t.name]
-        if total is None or batch is None:
+        if total is None:
             continue
         grouped = total.reshape(n, grad_batch, -1).sum(1)
-        if _adds_up(grouped.sum(0), batch.reshape(-1)):
+        if t.name in batch_grads:
+            batch = batch_grads[t.name]
+            checked[t.name] = batch is not None and _adds_up(grouped.sum(0), batch.reshape(-1))
+        if checked[t.name]:
             rows[t.name] = grouped
     return rows
+
+
+# per model: whether each target's hook rows add up to autograd's batch gradient (checked on
+# the first chunk a model is seen with; a weight's uses do not change between chunks)
+_CHECKED: weakref.WeakKeyDictionary[nn.Module, dict[str, bool]] = weakref.WeakKeyDictionary()
 
 
 def _layer_rows(module: nn.Module, activation: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """(N, numel) weight gradients of each sample of a Linear or Conv2d call."""
     samples = len(activation)
     if isinstance(module, nn.Conv2d):
+        # the samples as groups of one convolution's weight gradient: input (1, N·C, H, W),
+        # output gradient (1, N·O, H', W') -> (N·O, C, kh, kw), one weight per sample
         padding = cast(tuple[int, ...], module.padding)  # (has_hook_rule: not a string)
-        patches = nn.functional.unfold(
-            activation, module.kernel_size, module.dilation, padding, module.stride
-        )  # (N, C·kh·kw, positions), the weight's (C, kh, kw) order
-        per = torch.bmm(g.reshape(samples, g.shape[1], -1), patches.transpose(1, 2))
+        per = conv2d_weight(
+            activation.reshape(1, -1, *activation.shape[2:]),
+            (samples * module.out_channels, module.in_channels, *module.kernel_size),
+            g.reshape(1, -1, *g.shape[2:]),
+            module.stride, padding, module.dilation, groups=samples,
+        )  # fmt: skip
     else:  # Linear over any leading dimensions (a sequence, say)
         a = activation.reshape(samples, -1, activation.shape[-1])
         per = torch.bmm(g.reshape(samples, -1, g.shape[-1]).transpose(1, 2), a)

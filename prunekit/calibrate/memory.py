@@ -143,8 +143,8 @@ def reset_peak_rss() -> int | None:
 
 def estimate_activation_bytes(model: nn.Module, sample: torch.Tensor) -> int:
     """Bytes of every module's output for one sample, times the backward/vmap workspace,
-    plus the largest Conv2d's unfolded input patches (the hook engine forms them one layer at
-    a time; a copy for the product)."""
+    plus a margin for the largest Conv2d's per-sample weight-gradient workspace (the hook
+    engine forms one layer's at a time): twice its unfolded input patches."""
     total, patches = 0, 0
 
     def count(module: nn.Module, _inputs: Any, output: Any) -> None:
