@@ -285,6 +285,7 @@ def test_parse_size():
         parse_size("lots")
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_gives_the_same_masks_as_cpu():
     masks = []

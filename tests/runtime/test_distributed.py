@@ -124,6 +124,7 @@ def test_collectives_against_their_single_process_meaning(tmp_path):
     assert (r0["shard"], r1["shard"]) == ((0, 1, 2), (3, 4, 5, 6))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nccl)")
 def test_nccl_world_size_one_masks_equal_a_plain_run(tmp_path):
     args = (*RUNS["woodfisher"], "--device", "cuda")
