@@ -487,3 +487,9 @@ class _LyingLength(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         return [(torch.randn(4), j % 3) for j in range(8)][i]
+
+
+def test_a_model_in_another_precision_than_the_data_is_named():
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    with pytest.raises(prunekit.PrunekitError, match=r"weights are float64 and the data float32"):
+        prunekit.prune(model, "magnitude", 0.5, (torch.randn(16, 4), torch.arange(16) % 3))

@@ -93,8 +93,8 @@ def handle_errors(command: F) -> F:
 _OS_FIXES = {
     errno.ENOSPC: "the disk is full: free space or write elsewhere",
     errno.EDQUOT: "the disk quota is used up: free space or write elsewhere",
-    errno.EACCES: "permission denied: pick a path you may write",
-    errno.EPERM: "not permitted: pick a path you may write",
+    errno.EACCES: "permission denied: pick a path you may read or write",
+    errno.EPERM: "not permitted: pick a path you may read or write",
     errno.EROFS: "the file system is read-only: write elsewhere",
     errno.ENOENT: "no such file or folder: check the path",
     errno.ENOTDIR: "a part of the path is a file, not a folder: check the path",

@@ -434,6 +434,13 @@ def check_outputs(model: nn.Module, data: Splits, device: torch.device) -> int:
     except Exception as exc:  # shape errors come as RuntimeError, ValueError, AssertionError...
         if isinstance(exc, RuntimeError) and is_out_of_memory(exc):
             raise
+        weights = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        if x.is_floating_point() and weights is not None and weights != x.dtype:
+            raise ModelMismatchError(
+                f"the model's weights are {str(weights).removeprefix('torch.')} and the data "
+                f"{str(x.dtype).removeprefix('torch.')}: give the model in the data's precision "
+                "(model.float())"
+            ) from None
         raise ModelMismatchError(
             f"the model cannot take inputs of shape {tuple(x.shape[1:])} from {data.spec} "
             f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}); pick --data that "
