@@ -278,6 +278,7 @@ def test_recipe_values_are_checked_and_read_like_the_cli(tmp_path):
         ("sparsity = 0.5\nmax_length = 0\n", "--max-length 0: give an integer"),
         ("sparsity = 0.5\n[schedule.train]\nbatch_size = 10.7\n", "batch_size: input should"),
         ("sparsity = 0.5\nstarted = 2024-01-01\n", "r.toml"),
+        ("sparsity = 0.5\nint = 1\nfoo = 2\n", "int: unknown option"),  # not a union's tag
     ]:
         assert_error(run(text), 2, fragment)
     for value in ("true", "10.7"):

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 
 from prunekit.contract.objectives import LABELS, Objective
 from prunekit.contract.target import Target
-from prunekit.runtime.batches import loader
+from prunekit.runtime.batches import eval_mode, loader
 
 
 def _loss_of_batch(model: nn.Module, frozen: dict[str, torch.Tensor], objective: Objective):
@@ -59,6 +59,9 @@ def per_sample_gradients(
     ``engine`` "hooks" takes the layers it has a rule for from one batched backward and the
     rest from vmap; "vmap" takes them all from vmap.
     """
+    n = len(x) // grad_batch
+    if n == 0:  # fewer samples than one mini-batch: no rows
+        return {t.name: t.weight.new_zeros(0, t.numel) for t in targets}
     grads: dict[str, torch.Tensor] = {}
     if engine == "hooks":
         grads = hook_gradients(model, targets, x, y, grad_batch, objective)
@@ -114,33 +117,46 @@ def hook_gradients(
     objective: Objective,
 ) -> dict[str, torch.Tensor]:
     """Per-mini-batch gradients of the targets that have a hook rule, from one batched
-    forward and backward (unmasked rows). A target whose rows do not sum to the batch weight
-    gradient of the same pass (its weight also used outside its module's forward, say) is
-    left out, for vmap to take."""
+    forward and backward in eval mode (unmasked rows). A target is left to vmap when a call
+    does not take the batch along its first dimension (a sequence-first layer, flattened
+    tokens, an input given by keyword), or when, on the first chunk a model is seen with, its
+    rows do not sum to autograd's batch gradient or its first row differs from vmap's (a weight
+    also used outside its module's forward, say)."""
     ruled = [t for t in targets if has_hook_rule(t)]
-    if not ruled:
-        return {}
     n = len(x) // grad_batch
+    if not ruled or n == 0:
+        return {}
     x, y = x[: n * grad_batch], y[: n * grad_batch]
     calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {t.name: [] for t in ruled}
+    unusable: set[str] = set()
 
     def recorder(name: str):
-        def record(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-            calls[name].append((inputs[0].detach(), output))
+        def record(_module: nn.Module, args: tuple[Any, ...], kwargs: dict, output: Any) -> None:
+            first = args[0] if args else kwargs.get("input")
+            if (
+                not isinstance(first, torch.Tensor)
+                or not isinstance(output, torch.Tensor)
+                or first.shape[0] != len(x)
+                or output.shape[0] != len(x)
+            ):
+                unusable.add(name)
+                return
+            calls[name].append((first.detach(), output))
 
         return record
 
     checked = _CHECKED.setdefault(model, {})
-    unchecked = [t for t in ruled if t.name not in checked]  # rows vs autograd, once a model
-    handles = [t.module.register_forward_hook(recorder(t.name)) for t in ruled]
+    unchecked = [t for t in ruled if _key(t) not in checked]  # verified once per model
+    handles = [t.module.register_forward_hook(recorder(t.name), with_kwargs=True) for t in ruled]
     wanted = [t.weight.requires_grad for t in ruled]
     try:
         for t in ruled:
             t.weight.requires_grad_(True)
-        with torch.enable_grad():
+        with torch.enable_grad(), eval_mode(model):
             # the sum over mini-batches of each one's mean loss: per-sample terms stay apart
             loss = objective.loss(model(x), y) * n
-            outputs = [out for t in ruled for _, out in calls[t.name]]
+            kept = [t for t in ruled if t.name not in unusable and calls[t.name]]
+            outputs = [out for t in kept for _, out in calls[t.name]]
             found = torch.autograd.grad(
                 loss, [*outputs, *(t.weight for t in unchecked)], allow_unused=True
             )
@@ -152,33 +168,59 @@ def hook_gradients(
     output_grads = iter(found[: len(outputs)])
     batch_grads = dict(zip((t.name for t in unchecked), found[len(outputs) :], strict=True))
     rows: dict[str, torch.Tensor] = {}
-    for t in ruled:
+    for t in kept:
         total = None
         for activation, _ in calls[t.name]:
             g = next(output_grads)
-            if g is None:
-                continue
-            part = _layer_rows(t.module, activation, g)
-            total = part if total is None else total + part
-        if total is None:
-            continue
-        grouped = total.reshape(n, grad_batch, -1).sum(1)
-        if t.name in batch_grads:
-            batch = batch_grads[t.name]
-            checked[t.name] = batch is not None and _adds_up(grouped.sum(0), batch.reshape(-1))
-        if checked[t.name]:
-            rows[t.name] = grouped
+            if g is not None:
+                part = _layer_rows(t.module, activation, g, grad_batch)
+                total = part if total is None else total + part
+        if total is not None and t.name in batch_grads:
+            checked[_key(t)] = _verified(model, t, total, batch_grads[t.name], x, y, grad_batch,
+                                         objective)  # fmt: skip
+        if total is not None and checked.get(_key(t)):
+            rows[t.name] = total
     return rows
 
 
-# per model: whether each target's hook rows add up to autograd's batch gradient (checked on
-# the first chunk a model is seen with; a weight's uses do not change between chunks)
-_CHECKED: weakref.WeakKeyDictionary[nn.Module, dict[str, bool]] = weakref.WeakKeyDictionary()
+def _key(target: Target) -> tuple[Any, ...]:
+    """What a verdict holds for: the target's module and weight as they are now."""
+    return target.name, id(target.module), id(target.weight), tuple(target.weight.shape)
 
 
-def _layer_rows(module: nn.Module, activation: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """(N, numel) weight gradients of each sample of a Linear or Conv2d call."""
+def _verified(
+    model: nn.Module,
+    target: Target,
+    rows: torch.Tensor,
+    batch: torch.Tensor | None,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    grad_batch: int,
+    objective: Objective,
+) -> bool:
+    """The rows sum to autograd's batch gradient and the first equals vmap's first row."""
+    if batch is None or not _adds_up(rows.sum(0), batch.reshape(-1)):
+        return False
+    with eval_mode(model):
+        first = vmap_gradients(model, [target], x[:grad_batch], y[:grad_batch], grad_batch,
+                               objective)  # fmt: skip
+    return _adds_up(rows[0], first[target.name][0])
+
+
+# per model: whether each target's hook rows are right (checked on the first chunk a model is
+# seen with, and again when the target's module or weight is replaced)
+_CHECKED: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], bool]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _layer_rows(
+    module: nn.Module, activation: torch.Tensor, g: torch.Tensor, grad_batch: int
+) -> torch.Tensor:
+    """(n, numel) weight gradients of each mini-batch of ``grad_batch`` samples of a Linear or
+    Conv2d call."""
     samples = len(activation)
+    n = samples // grad_batch
     if isinstance(module, nn.Conv2d):
         # the samples as groups of one convolution's weight gradient: input (1, N·C, H, W),
         # output gradient (1, N·O, H', W') -> (N·O, C, kh, kw), one weight per sample
@@ -189,10 +231,10 @@ def _layer_rows(module: nn.Module, activation: torch.Tensor, g: torch.Tensor) ->
             g.reshape(1, -1, *g.shape[2:]),
             module.stride, padding, module.dilation, groups=samples,
         )  # fmt: skip
-    else:  # Linear over any leading dimensions (a sequence, say)
-        a = activation.reshape(samples, -1, activation.shape[-1])
-        per = torch.bmm(g.reshape(samples, -1, g.shape[-1]).transpose(1, 2), a)
-    return per.reshape(samples, -1)
+        return per.reshape(n, grad_batch, -1).sum(1)
+    # Linear over any leading dimensions, a mini-batch's samples summed in the same product
+    a = activation.reshape(n, -1, activation.shape[-1])
+    return torch.bmm(g.reshape(n, -1, g.shape[-1]).transpose(1, 2), a).reshape(n, -1)
 
 
 def _adds_up(summed: torch.Tensor, batch: torch.Tensor) -> bool:

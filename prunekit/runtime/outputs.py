@@ -151,7 +151,10 @@ def foreign_files(out: Path) -> str | None:
     """Why --force may not replace the prunekit output ``out``, or None: a file prunekit did
     not write there (added or changed since), or a sweep folder."""
     marker = out / MARKER
-    text = marker.read_bytes()
+    try:
+        text = marker.read_bytes()
+    except OSError as exc:
+        return f"its marker cannot be read ({exc.strerror})"
     if not text.startswith(b"{"):  # an older prunekit's marker lists no files
         return "it was written by an older prunekit, whose marker lists no files"
     manifest = parsed(Manifest, text, str(marker), "pick another --out")

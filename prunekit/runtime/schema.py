@@ -42,13 +42,17 @@ def one_line(exc: ValidationError, schema: Any = None, limit: int = 40) -> str:
     errors = exc.errors(include_url=False)
     error, loc = errors[0], tuple(errors[0]["loc"])
     message = error["msg"][0].lower() + error["msg"][1:]
-    if loc and loc[-1] in UNION_MEMBERS:  # one value that matched no member of a union
+    # one value that matched no member of a union: pydantic reports each member, its
+    # location ending in the member's tag
+    members = [e for e in errors if tuple(e["loc"][:-1]) == loc[:-1]
+               and str(e["loc"][-1:][0] if e["loc"] else "") in UNION_MEMBERS]  # fmt: skip
+    union = error["type"] != "extra_forbidden" and len(members) >= 2 and error in members
+    if union:
         loc = loc[:-1]
-        kinds = [UNION_MEMBERS[str(e["loc"][-1])] for e in errors if tuple(e["loc"][:-1]) == loc]
+        kinds = [UNION_MEMBERS[str(e["loc"][-1])] for e in members]
         message = f"input should be {' or '.join(kinds)}"
     where = ".".join(str(part) for part in loc) or "the document"
-    more = len({tuple(e["loc"][:-1]) if e["loc"][-1:] and e["loc"][-1] in UNION_MEMBERS
-                else tuple(e["loc"]) for e in errors}) - 1  # fmt: skip
+    more = len(errors) - (len(members) if union else 1)
     extra = f"; {more} more problem(s)" if more > 0 else ""
     if error["type"] == "extra_forbidden":
         known = _keys_at(schema, loc[:-1])
@@ -100,8 +104,10 @@ def parsed(schema: type[T], document: str | bytes | Any, source: str, fix: str) 
         raise InputFileError(f"{source}: {one_line(exc, schema)}; {fix}") from None
     except TypeError as exc:  # not JSON-like (a TOML date, an object)
         raise InputFileError(f"{source}: {exc}; {fix}") from None
-    except (ValueError, RecursionError):
+    except RecursionError:
         raise InputFileError(f"{source}: nested too deeply; {fix}") from None
+    except ValueError as exc:  # an integer of thousands of digits, a circular reference
+        raise InputFileError(f"{source}: {str(exc)[:100]}; {fix}") from None
 
 
 def _plain(value: object) -> object:

@@ -121,3 +121,42 @@ def test_masks_are_applied_and_requires_grad_is_restored():
     grads = per_sample_gradients(model, targets, torch.randn(4, 3, 9, 9), torch.arange(4))
     assert (grads["a.weight"].reshape(4, *model.a.weight.shape)[:, 0] == 0).all()
     assert not model.a.weight.requires_grad and model.b.weight.requires_grad
+
+
+class _SequenceFirst(nn.Module):
+    """Linear layers fed (T, N, D) and flattened (N·T, D) tensors, and one called by keyword
+    (``input=``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.flat, self.keyword = nn.Linear(5, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x):  # x: (N, T, 5)
+        t = torch.tanh(self.first(x.transpose(0, 1))).transpose(0, 1)  # sequence-first
+        t = torch.tanh(self.flat(t.reshape(-1, 5))).reshape(t.shape)  # flattened tokens
+        return self.keyword(input=t.mean(1))
+
+
+@pytest.mark.parametrize("length", [4, 6])  # 6: as many positions as samples
+def test_layers_not_batched_along_their_first_dimension_fall_back(length):
+    torch.manual_seed(0)
+    model = _SequenceFirst().double().eval()
+    targets = _targets(model)
+    x, y = torch.randn(6, length, 5, dtype=torch.float64), torch.arange(6) % 3
+    # sequence-first and flattened: left to vmap; the keyword call is read from its kwargs
+    assert sorted(hook_gradients(model, targets, x, y, 1, LABELS)) == ["keyword.weight"]
+    hooks = per_sample_gradients(model, targets, x, y, 1, LABELS, "hooks")
+    loop = _loop(model, targets, x, y, 1)
+    for t in targets:
+        torch.testing.assert_close(hooks[t.name], loop[t.name], rtol=1e-6, atol=1e-9)
+
+
+def test_fewer_samples_than_a_mini_batch_and_training_mode():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
+    targets = _targets(model)
+    rows = per_sample_gradients(model, targets, torch.randn(2, 4), torch.arange(2), 3)
+    assert all(r.shape == (0, t.numel) for t, r in zip(targets, rows.values(), strict=True))
+    model.train()
+    before = model[1].running_mean.clone()
+    hook_gradients(model, targets, torch.randn(8, 4), torch.arange(8) % 3, 1, LABELS)
+    assert torch.equal(model[1].running_mean, before) and model.training  # eval inside
