@@ -29,21 +29,31 @@ SINGLE_FILE_LIMIT = 2**31 - 2**20  # protobuf's 2 GiB limit, with some headroom
 INDEX_BYTES = 8  # ONNX sparse indices are int64
 
 
+def check_input_shape(input_shape: object, option: str) -> tuple[int, ...]:
+    """The sizes of one sample: integers of at least 1, at most MAX_INPUT_ELEMENTS in all."""
+    from prunekit.errors import UsageError
+    from prunekit.formats.metadata import MAX_INPUT_ELEMENTS
+
+    shape = tuple(input_shape) if isinstance(input_shape, tuple | list) else ()
+    sizes_ok = all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)
+    if not shape or not sizes_ok or np.prod(shape, dtype=np.float64) > MAX_INPUT_ELEMENTS:
+        ints = shape and all(isinstance(d, int) for d in shape)
+        given = ",".join(map(str, shape)) if ints else repr(input_shape)
+        raise UsageError(
+            f"{option} {given}: give the sizes of one sample, each at least 1 and at most "
+            f"{MAX_INPUT_ELEMENTS:,} elements in all (e.g. 3,32,32)"
+        )
+    return cast(tuple[int, ...], shape)
+
+
 def check_exportable(model: object, input_shape: object, option: str = "input_shape") -> None:
     """What an export needs, before torch.onnx runs: a module with float32/float64 finite
     weights off the meta device, and a sample shape it can take (one forward on zeros)."""
     from prunekit.errors import ModelMismatchError, UsageError
-    from prunekit.formats.metadata import MAX_INPUT_ELEMENTS
 
     if not isinstance(model, nn.Module):
         raise UsageError(f"the model is a {type(model).__name__}; give a torch.nn.Module")
-    shape = tuple(input_shape) if isinstance(input_shape, tuple | list) else ()
-    sizes_ok = all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)
-    if not shape or not sizes_ok or np.prod(shape, dtype=np.float64) > MAX_INPUT_ELEMENTS:
-        raise UsageError(
-            f"{option} {input_shape!r}: give the sizes of one sample, each at least 1 and at "
-            f"most {MAX_INPUT_ELEMENTS:,} elements in all (e.g. 3,32,32)"
-        )
+    shape = check_input_shape(input_shape, option)
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.is_meta:
             raise UsageError(f"{name} is on the meta device (no values); load the weights first")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,6 @@ from torch import nn
 
 from prunekit.contract.quantization import QuantizedTensor
 from prunekit.engine.quantize import Quantized
-from prunekit.formats.metadata import MAX_INPUT_ELEMENTS
 from prunekit.formats.safetensors_file import read_metadata, write_safetensors
 from prunekit.version import __version__
 
@@ -39,7 +37,7 @@ def export_metadata(
     import os
 
     from prunekit.run.recipe import absolute_data, absolute_model
-    from prunekit.validate.onnx_runtime import file_sha256
+    from prunekit.runtime.outputs import file_sha256
 
     metadata = {"format": "pt", "prunekit_version": __version__, "model": absolute_model(model)}
     if weights is not None and weights.suffix == ".safetensors":
@@ -109,7 +107,7 @@ def write_exports(
         files.append("model.compact.safetensors")
     if "onnx" in formats:
         from prunekit.formats.onnx_file import export_onnx
-        from prunekit.validate.onnx_runtime import file_sha256
+        from prunekit.runtime.outputs import file_sha256
 
         export_onnx(
             model,
@@ -154,13 +152,10 @@ def export_file(
     if format not in {"onnx", "safetensors"}:
         raise UsageError(f"--format {format}: use onnx or safetensors")
     data_spec = data or default_data(model)
-    if input_shape is not None and (
-        not input_shape or min(input_shape) < 1 or math.prod(input_shape) > MAX_INPUT_ELEMENTS
-    ):
-        raise UsageError(
-            f"--input-shape {','.join(map(str, input_shape))}: give the sizes of one sample, "
-            f"each at least 1 and at most {MAX_INPUT_ELEMENTS:,} elements in all (e.g. 3,32,32)"
-        )
+    if input_shape is not None:
+        from prunekit.formats.onnx_file import check_input_shape
+
+        check_input_shape(input_shape, "--input-shape")
     if input_shape is None and format == "onnx":
         if data_spec is None:
             raise UsageError(f"{model} has no dataset: pass --data SPEC or --input-shape C,H,W")

@@ -221,7 +221,7 @@ def prune_model(
     warnings = list(inputs.notes)
     with reporter.stage("checking model and data"), timings.phase("load"):
         model = model.to(device)
-        check_precision(model)
+        check_usable_weights(model)
         outputs = check_outputs(model, data, device)
         limit_labels(data, outputs)
         targets = select_targets(config, model, warnings)
@@ -460,7 +460,7 @@ def check_outputs(model: nn.Module, data: Splits, device: torch.device) -> int:
     return outputs
 
 
-def check_precision(model: nn.Module) -> None:
+def check_usable_weights(model: nn.Module) -> None:
     """Weights that can be pruned: with values (not on the meta device), finite, and in a
     precision that can factor a Fisher or a Hessian (float32 or float64)."""
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:

@@ -126,7 +126,7 @@ class Manifest(Lenient):
     files: dict[str, tuple[Annotated[int, Field(ge=0)], str]] = Field(default_factory=dict)
 
 
-def _digest(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -142,7 +142,7 @@ def write_marker(folder: Path, kind: str) -> None:
     """The marker of a run folder lists every file in it with its size and hash; a sweep's
     names it a sweep (its cells come and go)."""
     files = {} if kind == "sweep" else {
-        str(p.relative_to(folder)): (p.stat().st_size, _digest(p)) for p in _contents(folder)
+        str(p.relative_to(folder)): (p.stat().st_size, file_sha256(p)) for p in _contents(folder)
     }  # fmt: skip
     (folder / MARKER).write_text(json.dumps({"kind": kind, "files": files}, indent=1) + "\n")
 
@@ -165,7 +165,7 @@ def foreign_files(out: Path) -> str | None:
         known = manifest.files.get(name)
         if path.is_symlink() or known is None or known[0] != path.stat().st_size:
             return f"{name} was not written by prunekit"
-        if known[1] != _digest(path):
+        if known[1] != file_sha256(path):
             return f"{name} changed since prunekit wrote it"
     return None
 

@@ -22,6 +22,7 @@ from prunekit.errors import InputFileError, ModelMismatchError, UsageError
 from prunekit.formats.metadata import ExportMetadata, export_metadata
 from prunekit.load.data import UNLABELED
 from prunekit.runtime.batches import loader
+from prunekit.runtime.outputs import file_sha256
 from prunekit.validate.metrics import cosine_fidelity, cosines
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -130,16 +131,6 @@ def beside(folder: Path, recorded: str) -> Path | None:
 
 # built without importing user code (hf: directories load without trust_remote_code)
 OWN_WEIGHTS = ("sample:", "hf:")  # specs that bring their weights: the dense model as built
-
-
-def file_sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def parity_model(
