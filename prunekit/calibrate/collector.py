@@ -19,7 +19,12 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from prunekit.calibrate import fisher
-from prunekit.calibrate.gradients import calibration_batches, per_sample_gradients
+from prunekit.calibrate.gradients import (
+    calibration_batches,
+    fallbacks,
+    no_hook_rule,
+    per_sample_gradients,
+)
 from prunekit.calibrate.layer_inputs import input_grams, input_square_norms
 from prunekit.calibrate.memory import (
     MemoryPlan,
@@ -129,6 +134,8 @@ class Collector:
                 "chunk_used": self.chunk,
                 "measured_peak_bytes": self.measured_peak,
             }
+        if self.plan is not None and self.needs & PER_SAMPLE:
+            out["gradient_engine"] = self.engine_report()
         if distributed.active():
             now = distributed.bytes_sent()
             out["exchanged_bytes"] = {k: now[k] - self.sent_before[k] for k in now}
@@ -140,6 +147,14 @@ class Collector:
                 "per_target": dict(self.damping),
             }
         return out
+
+    def engine_report(self) -> dict[str, Any]:
+        """Which targets took their per-sample gradients from vmap, and why (the others:
+        from hooks, unless grad_engine=vmap)."""
+        if self.spec.grad_engine == "vmap":
+            return {"engine": "vmap", "vmap": {t.name: "grad_engine=vmap" for t in self.targets}}
+        left = {t.name: why for t in self.targets if (why := no_hook_rule(t))}
+        return {"engine": "hooks", "vmap": {**left, **fallbacks(self.model)}}
 
     def _activation_bytes(self) -> tuple[int, str]:
         trial = calibration_batches(

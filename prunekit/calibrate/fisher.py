@@ -37,8 +37,9 @@ def to_blocks(rows: torch.Tensor, block_size: int) -> torch.Tensor:
     """(m, d) -> (nb, m, B), zero-padding the last block."""
     m, d = rows.shape
     nb = num_blocks(d, block_size)
-    padded = torch.nn.functional.pad(rows, (0, nb * block_size - d))
-    return padded.reshape(m, nb, block_size).transpose(0, 1)
+    if nb * block_size != d:  # no copy when the blocks tile the rows
+        rows = torch.nn.functional.pad(rows, (0, nb * block_size - d))
+    return rows.reshape(m, nb, block_size).transpose(0, 1)
 
 
 def gram_blocks(rows: torch.Tensor, block_size: int) -> torch.Tensor:

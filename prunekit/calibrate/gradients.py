@@ -14,7 +14,7 @@ sample."""
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, cast
 
@@ -68,7 +68,7 @@ def per_sample_gradients(
     rest = [t for t in targets if t.name not in grads]
     if rest:
         grads.update(vmap_gradients(model, rest, x, y, grad_batch, objective))
-    return {t.name: grads[t.name] * t.mask.reshape(1, -1) for t in targets}
+    return {t.name: grads[t.name].mul_(t.mask.reshape(1, -1)) for t in targets}
 
 
 def vmap_gradients(
@@ -95,17 +95,39 @@ def vmap_gradients(
 def has_hook_rule(target: Target) -> bool:
     """Whether a target's per-sample gradient can be formed from its module's input and
     output gradient: the ``weight`` of a Linear, or of an ungrouped, zero-padded Conv2d."""
+    return no_hook_rule(target) is None
+
+
+def no_hook_rule(target: Target) -> str | None:
+    """Why a target has no hook rule (its gradients come from vmap), or None."""
     module = target.module
     if getattr(module, "weight", None) is not target.weight:
-        return False
+        return "not its layer's weight"
     if isinstance(module, nn.Linear):
-        return True
-    return (
-        isinstance(module, nn.Conv2d)
-        and module.groups == 1
-        and module.padding_mode == "zeros"
-        and not isinstance(module.padding, str)
-    )
+        return None
+    if not isinstance(module, nn.Conv2d):
+        return f"no rule for {type(module).__name__}"
+    if module.groups != 1:
+        return "grouped convolution"
+    if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        return f"padding {module.padding_mode}={module.padding!r}"
+    return None
+
+
+def engine_note(targets: Sequence[Target], engine: str) -> str:
+    """One line for --verbose: which targets take their per-sample gradients from hooks and
+    which from vmap, and why."""
+    if engine == "vmap":
+        return f"per-sample gradients: vmap for all {len(targets)} targets (grad_engine=vmap)"
+    reasons = {t.name: no_hook_rule(t) for t in targets}
+    left = [f"{name} ({why})" for name, why in reasons.items() if why]
+    line = f"per-sample gradients: hooks for {len(targets) - len(left)} of {len(targets)} targets"
+    return f"{line}; vmap for {', '.join(left)}" if left else line
+
+
+def fallbacks(model: nn.Module) -> dict[str, str]:
+    """The targets with a hook rule that the hooks left to vmap in ``model``, and why."""
+    return dict(_FALLBACKS.get(model, {}))
 
 
 def hook_gradients(
@@ -123,6 +145,7 @@ def hook_gradients(
     rows do not sum to autograd's batch gradient or its first row differs from vmap's (a weight
     also used outside its module's forward, say)."""
     ruled = [t for t in targets if has_hook_rule(t)]
+    by_name = {t.name: t for t in ruled}
     n = len(x) // grad_batch
     if not ruled or n == 0:
         return {}
@@ -140,12 +163,14 @@ def hook_gradients(
                 or output.shape[0] != len(x)
             ):
                 unusable.add(name)
+                left[name] = "not batched along its first dimension"
                 return
             calls[name].append((first.detach(), output))
 
         return record
 
     checked = _CHECKED.setdefault(model, {})
+    left = _FALLBACKS.setdefault(model, {})
     unchecked = [t for t in ruled if _key(t) not in checked]  # verified once per model
     handles = [t.module.register_forward_hook(recorder(t.name), with_kwargs=True) for t in ruled]
     wanted = [t.weight.requires_grad for t in ruled]
@@ -175,12 +200,14 @@ def hook_gradients(
             if g is not None:
                 part = _layer_rows(t.module, activation, g, grad_batch)
                 total = part if total is None else total + part
-        if total is not None and t.name in batch_grads:
-            checked[_key(t)] = _verified(model, t, total, batch_grads[t.name], x, y, grad_batch,
-                                         objective)  # fmt: skip
-        if total is not None and checked.get(_key(t)):
+        if total is not None:
             rows[t.name] = total
-    return rows
+    fresh = [t for t in unchecked if t.name in rows]
+    checked.update(_verdicts(model, fresh, rows, batch_grads, x, y, grad_batch, objective))
+    for t in fresh:
+        if not checked[_key(t)]:
+            left[t.name] = "rows differ from autograd's (its weight used outside its forward?)"
+    return {name: r for name, r in rows.items() if checked.get(_key(by_name[name]))}
 
 
 def _key(target: Target) -> tuple[Any, ...]:
@@ -188,23 +215,27 @@ def _key(target: Target) -> tuple[Any, ...]:
     return target.name, id(target.module), id(target.weight), tuple(target.weight.shape)
 
 
-def _verified(
+def _verdicts(
     model: nn.Module,
-    target: Target,
-    rows: torch.Tensor,
-    batch: torch.Tensor | None,
+    targets: Sequence[Target],
+    rows: dict[str, torch.Tensor],
+    batch_grads: Mapping[str, torch.Tensor | None],
     x: torch.Tensor,
     y: torch.Tensor,
     grad_batch: int,
     objective: Objective,
-) -> bool:
-    """The rows sum to autograd's batch gradient and the first equals vmap's first row."""
-    if batch is None or not _adds_up(rows.sum(0), batch.reshape(-1)):
-        return False
-    with eval_mode(model):
-        first = vmap_gradients(model, [target], x[:grad_batch], y[:grad_batch], grad_batch,
-                               objective)  # fmt: skip
-    return _adds_up(rows[0], first[target.name][0])
+) -> dict[tuple[Any, ...], bool]:
+    """Per target: its rows sum to autograd's batch gradient and the first equals vmap's
+    first row (one vmap over the first mini-batch for all the targets)."""
+    verdicts = {_key(t): False for t in targets}
+    summed = [t for t in targets if _adds_up(rows[t.name].sum(0), batch_grads[t.name])]
+    if summed:
+        with eval_mode(model):
+            first = vmap_gradients(model, summed, x[:grad_batch], y[:grad_batch], grad_batch,
+                                   objective)  # fmt: skip
+        for t in summed:
+            verdicts[_key(t)] = _adds_up(rows[t.name][0], first[t.name][0])
+    return verdicts
 
 
 # per model: whether each target's hook rows are right (checked on the first chunk a model is
@@ -212,6 +243,8 @@ def _verified(
 _CHECKED: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], bool]] = (
     weakref.WeakKeyDictionary()
 )
+# per model: the targets with a hook rule left to vmap, and why
+_FALLBACKS: weakref.WeakKeyDictionary[nn.Module, dict[str, str]] = weakref.WeakKeyDictionary()
 
 
 def _layer_rows(
@@ -231,14 +264,18 @@ def _layer_rows(
             g.reshape(1, -1, *g.shape[2:]),
             module.stride, padding, module.dilation, groups=samples,
         )  # fmt: skip
-        return per.reshape(n, grad_batch, -1).sum(1)
+        per = per.reshape(n, grad_batch, -1)
+        return per[:, 0] if grad_batch == 1 else per.sum(1)
     # Linear over any leading dimensions, a mini-batch's samples summed in the same product
     a = activation.reshape(n, -1, activation.shape[-1])
     return torch.bmm(g.reshape(n, -1, g.shape[-1]).transpose(1, 2), a).reshape(n, -1)
 
 
-def _adds_up(summed: torch.Tensor, batch: torch.Tensor) -> bool:
+def _adds_up(summed: torch.Tensor, batch: torch.Tensor | None) -> bool:
     """The rows' sum equals autograd's batch gradient up to float rounding."""
+    if batch is None:
+        return False
+    batch = batch.reshape(-1)
     scale = batch.abs().max().clamp_min(torch.finfo(batch.dtype).tiny)
     tolerance = 1e-2 if batch.dtype in (torch.float16, torch.bfloat16) else 1e-3
     return bool(((summed - batch).abs().max() / scale) <= tolerance)

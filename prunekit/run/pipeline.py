@@ -13,10 +13,11 @@ import torch
 from torch import nn
 
 from prunekit.calibrate.collector import check_spec
+from prunekit.calibrate.gradients import engine_note
 from prunekit.calibrate.memory import MemoryPlan, is_out_of_memory
 from prunekit.contract.objectives import Objective, resolve_objective, returns_embeddings
 from prunekit.contract.pruner import LayerPruner, Pruner
-from prunekit.contract.statistics import LABEL_FREE, LAYER_INPUTS
+from prunekit.contract.statistics import LABEL_FREE, LAYER_INPUTS, PER_SAMPLE
 from prunekit.contract.target import Target
 from prunekit.engine.batchnorm import recalibrate_batchnorm
 from prunekit.engine.masks import (
@@ -263,6 +264,8 @@ def prune_model(
         state.grids = joint_grids(state, quantization)
     if config.verbose and pruner.needs - LAYER_INPUTS:
         reporter.note(memory_plan_of(state).describe())
+        if pruner.needs & PER_SAMPLE:
+            reporter.note(engine_note(state.context.targets, pruner.stats_spec().grad_engine))
     with reporter.stage(f"{config.schedule.kind} pruning with {config.pruner}") as status:
         step_warnings, history = run_schedule(
             state,

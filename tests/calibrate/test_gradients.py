@@ -6,10 +6,18 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
-from prunekit.calibrate.gradients import has_hook_rule, hook_gradients, per_sample_gradients
+from prunekit.calibrate.collector import Collector
+from prunekit.calibrate.gradients import (
+    engine_note,
+    has_hook_rule,
+    hook_gradients,
+    per_sample_gradients,
+)
 from prunekit.contract.objectives import LABELS
-from prunekit.contract.target import Target
+from prunekit.contract.statistics import FISHER_DIAG
+from prunekit.contract.target import StatsSpec, Target
 
 
 def _targets(model: nn.Module) -> list[Target]:
@@ -160,3 +168,23 @@ def test_fewer_samples_than_a_mini_batch_and_training_mode():
     before = model[1].running_mean.clone()
     hook_gradients(model, targets, torch.randn(8, 4), torch.arange(8) % 3, 1, LABELS)
     assert torch.equal(model[1].running_mean, before) and model.training  # eval inside
+
+
+def test_fallbacks_are_named_with_their_reason_in_verbose_and_the_report():
+    torch.manual_seed(0)
+    convs = _Convs().eval()
+    note = engine_note(_targets(convs), "hooks")
+    assert note == (
+        "per-sample gradients: hooks for 3 of 4 targets; vmap for c.weight (grouped convolution)"
+    )
+    assert engine_note(_targets(convs), "vmap").endswith("all 4 targets (grad_engine=vmap)")
+    reused = _Reused().eval()
+    data = TensorDataset(torch.randn(8, 6), torch.arange(8) % 6)
+    collector = Collector(reused, _targets(reused), data, StatsSpec(num_grads=8), frozenset(
+        {FISHER_DIAG}), torch.device("cpu"))  # fmt: skip
+    for _ in collector.collect():
+        pass
+    engine = collector.report()["gradient_engine"]
+    assert engine["engine"] == "hooks"
+    assert list(engine["vmap"]) == ["tied.weight"]  # used outside its forward: rows differ
+    assert "rows differ" in engine["vmap"]["tied.weight"]

@@ -33,7 +33,7 @@ from prunekit.api import (
 from prunekit_fishleg.qmatrix import (
     FitOracle,
     KroneckerQ,
-    fit_q,
+    fit_qs,
     gaussian_probes,
     restricted_quadratic,
     solve_restricted,
@@ -94,6 +94,7 @@ class FishLegPruner(Pruner):
             "auxiliary probes u: gradient rows or gaussian",
             choices=("gradient", "gaussian"),
         ),
+        Param("probes", 16, "probe directions u per auxiliary iteration", minimum=1),
         Param("num_grads", 1000, "gradients (sampled labels) in the Fisher pool", minimum=1),
         Param("aux_batch", 64, "gradient rows per Fisher-vector product", minimum=1),
         Param(
@@ -180,9 +181,12 @@ class FishLegPruner(Pruner):
         for group, stats in collector.collect():
             if self.gamma is None:  # known from the first pass (or a squares-only round)
                 self.gamma = collector.base_damping()
-            for t in group:
-                rows = stats[t.name].pop(GRAD_ROWS)
-                poor += self._fit(context, t, rows, step, iterations, generator)
+            shapes: dict[tuple[int, ...], list[Target]] = {}
+            for t in group:  # layers of one shape are fitted together
+                shapes.setdefault((t.weight.shape[0], t.weight[0].numel()), []).append(t)
+            for same in shapes.values():
+                rows = [stats[t.name].pop(GRAD_ROWS) for t in same]
+                poor += self._fit(context, same, rows, step, iterations, generator)
                 del rows
         self.memory = collector.report().get("memory")
         self.warnings.extend(collector.warnings)
@@ -199,50 +203,56 @@ class FishLegPruner(Pruner):
     def _fit(
         self,
         context: StepContext,
-        t: Target,
-        rows: torch.Tensor,
+        targets: list[Target],
+        rows: list[torch.Tensor],
         step: int,
         iterations: int,
         generator: torch.Generator,
     ) -> list[str]:
-        """Start Q of one layer (first step, or every step with restart) and train it on its
-        gradient rows; record the fit."""
-        q = self._q(t, rows)
-        mask = t.mask.reshape(q.shape)  # a Conv2d kernel is flattened to (out, in·kh·kw)
-        probes = gaussian_probes(q.shape, context.seed, rows.device)
-        oracle = FitOracle(rows, q.gamma, mask, probes)
-        before = oracle.quality(q)
+        """Start Q of layers of one shape (first step, or every step with restart) and
+        train them together, each on its own gradient rows; record each fit."""
+        qs = [self._q(t, r) for t, r in zip(targets, rows, strict=True)]
+        masks = [t.mask.reshape(q.shape) for t, q in zip(targets, qs, strict=True)]  # a Conv2d
+        # kernel is flattened to (out, in·kh·kw)
+        oracles = [
+            FitOracle(r, q.gamma, m, gaussian_probes(q.shape, context.seed, r.device))
+            for r, q, m in zip(rows, qs, masks, strict=True)
+        ]
+        before = [oracle.quality(q) for oracle, q in zip(oracles, qs, strict=True)]
 
-        def log(it: int, loss: float) -> None:
-            context.say(f"fishleg {t.name}: auxiliary iteration {it}/{iterations}, loss {loss:.4g}")
+        def log(name: str, it: int, loss: float) -> None:
+            context.say(f"fishleg {name}: auxiliary iteration {it}/{iterations}, loss {loss:.4g}")
 
-        trace = fit_q(
-            q,
+        traces = fit_qs(
+            qs,
             rows,
-            mask,
+            masks,
+            [t.name for t in targets],
             iterations,
             self.hparams["aux_lr"],
             self.hparams["probe"],
             self.hparams["aux_batch"],
+            self.hparams["probes"],
             generator=generator,
             log_every=self.hparams["log_every"],
             on_log=log,
-            name=t.name,
         )
-        after = oracle.quality(q)
-        self.trace.append(
-            {
-                "step": step,
-                "target": t.name,
-                "iterations": iterations,
-                "loss": trace,
-                "fit_before": before,
-                "fit_after": after,
-            }
-        )
-        if after["ratio"] <= 0 or after["ratio"] < before["ratio"] - FIT_SLACK:
-            return [f"{t.name} ({before['ratio']:.0%} -> {after['ratio']:.0%})"]
-        return []
+        poor = []
+        for t, q, oracle, was, trace in zip(targets, qs, oracles, before, traces, strict=True):
+            after = oracle.quality(q)
+            self.trace.append(
+                {
+                    "step": step,
+                    "target": t.name,
+                    "iterations": iterations,
+                    "loss": trace,
+                    "fit_before": was,
+                    "fit_after": after,
+                }
+            )
+            if after["ratio"] <= 0 or after["ratio"] < was["ratio"] - FIT_SLACK:
+                poor.append(f"{t.name} ({was['ratio']:.0%} -> {after['ratio']:.0%})")
+        return poor
 
     def diagnostics(self) -> dict[str, Any]:
         return {

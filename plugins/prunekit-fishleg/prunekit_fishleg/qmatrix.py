@@ -19,7 +19,7 @@ rows g with labels sampled from the model, F v ≈ mean_i g_i (g_iᵀ v).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -57,10 +57,13 @@ class KroneckerQ(nn.Module):
     def shape(self) -> tuple[int, int]:
         return self.A.shape  # type: ignore[return-value]
 
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(A ⊙ a₀, RᵀR, LLᵀ): Q u = a ⊙ (RᵀR · (a ⊙ u) · LLᵀ)."""
+        return self.A * self.scale, self.R.T @ self.R, self.L @ self.L.T
+
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """Q u for u of shape (..., out, inp): two small matrix products."""
-        a = self.A * self.scale
-        return a * (self.R.T @ (self.R @ (a * u)) @ self.L @ self.L.T)
+        return apply_q(self.factors(), u)
 
     def diagonal(self) -> torch.Tensor:
         """diag(Q) in closed form, shaped (out, inp)."""
@@ -111,6 +114,14 @@ class KroneckerQ(nn.Module):
         return self(eye).reshape(self.A.numel(), -1)
 
 
+def apply_q(
+    factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor], u: torch.Tensor
+) -> torch.Tensor:
+    """Q u from Q's factors (a, RᵀR, LLᵀ), each possibly with leading batch dimensions."""
+    a, left, right = factors
+    return a * (left @ (a * u) @ right)
+
+
 def auxiliary_loss(
     q: KroneckerQ, u: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
@@ -148,11 +159,15 @@ def gaussian_probes(
     return torch.randn(count, *shape, generator=generator, device=device)
 
 
+DIAGNOSTIC_ROWS = 256  # gradient rows of the Fisher a fit is judged on
+
+
 class FitOracle:
     """The closed-form optimum of the auxiliary loss on fixed probes, for judging a Q.
 
     For probes u (k, out, inp) over the kept weights, the optimum is −½ uᵀ(F + γI)⁻¹u (by
-    Woodbury, once); ``quality(q)`` is Q's loss on the same probes with the whole pool as F,
+    Woodbury, once); ``quality(q)`` is Q's loss on the same probes with the same F: the first
+    ``DIAGNOSTIC_ROWS`` rows of the pool (all of it when smaller),
     and ``ratio`` = loss / optimum (1: exact on these probes; 0: no better than Q = 0; below 0:
     worse).
     """
@@ -160,6 +175,7 @@ class FitOracle:
     def __init__(
         self, rows: torch.Tensor, gamma: float, mask: torch.Tensor, probes: torch.Tensor
     ) -> None:
+        rows = rows[:DIAGNOSTIC_ROWS]  # the closed form costs rows² · d
         self.rows, self.mask, self.probes = rows, mask, probes
         keep = mask.reshape(-1)
         with torch.no_grad():
@@ -199,39 +215,101 @@ def fit_q(
 
     Returns (iteration, mean loss over the last ``log_every`` iterations) pairs.
     """
-    if iterations <= 0:
-        return []
-    opt = torch.optim.Adam(q.parameters(), lr=lr)
+    report = None if on_log is None else (lambda _name, it, loss: on_log(it, loss))
+    return fit_qs([q], [rows], [mask], [name], iterations, lr, probe, batch, probes, generator,
+                  log_every, report)[0]  # fmt: skip
+
+
+def fit_qs(
+    qs: Sequence[KroneckerQ],
+    rows: Sequence[torch.Tensor],
+    masks: Sequence[torch.Tensor],
+    names: Sequence[str],
+    iterations: int,
+    lr: float,
+    probe: str = "gradient",
+    batch: int = 64,
+    probes: int = 16,
+    generator: torch.Generator | None = None,
+    log_every: int = 50,
+    on_log: Callable[[str, int, float], None] | None = None,
+) -> list[list[tuple[int, float]]]:
+    """Fit several Q's of one shape together: each is trained on its own auxiliary loss
+    (their sum is minimised; the layers share no parameter, and Adam's steps are per entry),
+    with its products batched over the layers. Returns each one's loss trace."""
+    if iterations <= 0 or not qs:
+        return [[] for _ in qs]
+    shape = qs[0].shape
+    if any(q.shape != shape for q in qs):
+        raise ValueError("fit_qs fits Q's of one shape together")
+    k, n = len(qs), min(len(r) for r in rows)
+    device = rows[0].device
+    params = [p for q in qs for p in q.parameters()]
+    opt = torch.optim.Adam(params, lr=lr)
     # cosine decay: large steps first, then the probe noise averages out
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iterations)
-    n = len(rows)
-    trace = []
-    window: list[float] = []
+    mask = torch.stack([m.reshape(shape) for m in masks]).unsqueeze(1)  # (k, 1, out, inp)
+    gamma = torch.tensor([q.gamma for q in qs], device=device)
+    traces: list[list[tuple[int, float]]] = [[] for _ in qs]
+    window = torch.zeros(k, dtype=torch.float64)
+    count = 0
     for it in range(1, iterations + 1):
-        pick = torch.randint(0, n, (min(batch, n),), generator=generator, device=rows.device)
+        pick = torch.randint(0, n, (k, min(batch, n)), generator=generator, device=device)
+        picked = torch.stack([r[i] for r, i in zip(rows, pick, strict=True)])  # (k, b, d)
         if probe == "gradient":
-            chosen = torch.randint(0, n, (probes,), generator=generator, device=rows.device)
-            u = rows[chosen].reshape(probes, *q.shape)
+            chosen = torch.randint(0, n, (k, probes), generator=generator, device=device)
+            u = torch.stack([r[i] for r, i in zip(rows, chosen, strict=True)])
+            u = u.reshape(k, probes, *shape)
         else:
-            u = torch.randn(probes, *q.shape, generator=generator, device=rows.device)
-        loss = auxiliary_loss(q, u, rows[pick], mask)
-        if not torch.isfinite(loss):
+            u = torch.randn(k, probes, *shape, generator=generator, device=device)
+        losses = _batched_loss(qs, u, picked, mask, gamma)
+        if not torch.isfinite(losses).all():
+            bad = int((~torch.isfinite(losses)).nonzero()[0])
             raise NumericalError(
-                f"the FishLeg auxiliary loss of {name} diverged to {loss.item()} at iteration "
-                f"{it}; lower --param aux_lr (now {lr:g}) or raise --param damping"
+                f"the FishLeg auxiliary loss of {names[bad]} diverged to "
+                f"{float(losses[bad])} at iteration {it}; lower --param aux_lr (now {lr:g}) "
+                "or raise --param damping"
             )
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        losses.sum().backward()
         opt.step()
         schedule.step()
-        window.append(loss.item())
+        window += losses.detach().double().cpu()
+        count += 1
         if it % log_every == 0 or it == iterations:
-            mean = sum(window) / len(window)  # one probe draw is noisy: report the window mean
-            trace.append((it, mean))
-            window.clear()
-            if on_log is not None:
-                on_log(it, mean)
-    return trace
+            means = (window / count).tolist()  # one probe draw is noisy: the window mean
+            for trace, name, mean in zip(traces, names, means, strict=True):
+                trace.append((it, mean))
+                if on_log is not None:
+                    on_log(name, it, mean)
+            window.zero_()
+            count = 0
+    return traces
+
+
+def _batched_loss(
+    qs: Sequence[KroneckerQ],
+    u: torch.Tensor,
+    rows: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: torch.Tensor,
+) -> torch.Tensor:
+    """``auxiliary_loss`` of k Q's of one shape at once: u (k, probes, out, inp), rows
+    (k, b, out·inp), mask (k, 1, out, inp), γ (k,) -> (k,) losses."""
+    a = (torch.stack([q.A for q in qs]) * torch.stack([q.scale for q in qs])).unsqueeze(1)
+    r, ell = torch.stack([q.R for q in qs]), torch.stack([q.L for q in qs])
+    k, probes, out, inp = u.shape
+    u = u * mask
+    x = r.transpose(1, 2).unsqueeze(1) @ (r.unsqueeze(1) @ (a * u))  # RᵀR · (a ⊙ u)
+    x = x.reshape(k, probes * out, inp)  # then · LLᵀ, the probes' rows stacked
+    # forming LLᵀ (inp³) costs less than a second product when inp < probes · out
+    precompute = inp < probes * out
+    x = x @ (ell @ ell.transpose(1, 2)) if precompute else (x @ ell) @ ell.transpose(1, 2)
+    v = a * x.reshape(u.shape) * mask
+    flat_v = v.flatten(2)  # (k, probes, d)
+    fisher_term = (flat_v @ rows.transpose(1, 2)).square().mean(2)  # vᵀ F v, F = mean g gᵀ
+    quad = 0.5 * (fisher_term + gamma[:, None] * flat_v.square().sum(2))
+    return (quad - (u.flatten(2) * flat_v).sum(2)).mean(1)
 
 
 def solve_restricted(
@@ -246,8 +324,11 @@ def solve_restricted(
     ``subset`` (bool, like rhs) is P. Used for the joint OBS update δθ = −Q[:, P] x.
     """
 
+    with torch.no_grad():
+        factors = q.factors()
+
     def matvec(v: torch.Tensor) -> torch.Tensor:
-        return q(v * subset) * subset
+        return apply_q(factors, v * subset) * subset
 
     b = rhs * subset
     x = torch.zeros_like(b)

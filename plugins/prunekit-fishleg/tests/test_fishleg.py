@@ -4,7 +4,13 @@ OBS pruning with Q, progressive refinement, and bad inputs."""
 import pytest
 import torch
 from prunekit_fishleg import KroneckerQ, fit_q
-from prunekit_fishleg.qmatrix import exact_inverse_product, fit_quality
+from prunekit_fishleg.qmatrix import (
+    _batched_loss,
+    auxiliary_loss,
+    exact_inverse_product,
+    fit_qs,
+    fit_quality,
+)
 from torch import nn
 
 from prunekit.engine.masks import find_targets, sparsity_of
@@ -358,3 +364,32 @@ def test_structured_channels_use_the_group_score(digits, monkeypatch):
     first = model.features[0]
     assert first.out_channels == first.weight.shape[0] < 16
     assert result.report["structure"]["removed"] == pytest.approx(0.5, abs=0.05)
+
+
+@pytest.mark.parametrize(("shape", "probes"), [((3, 6), 4), ((2, 9), 2)])  # LLᵀ formed or not
+def test_layers_of_one_shape_fitted_together_each_get_their_own_loss(shape, probes):
+    gen = torch.Generator().manual_seed(0)
+    qs = [KroneckerQ(*shape, gamma, fisher_diag=torch.rand(shape, generator=gen).reshape(-1))
+          for gamma in (0.1, 0.3)]  # fmt: skip
+    with torch.no_grad():
+        for q in qs:
+            q.L.add_(0.1 * torch.randn(q.L.shape, generator=gen))
+            q.R.add_(0.1 * torch.randn(q.R.shape, generator=gen))
+    u = torch.randn(2, probes, *shape, generator=gen)
+    rows = torch.randn(2, 5, shape[0] * shape[1], generator=gen)
+    masks = torch.rand(2, 1, *shape, generator=gen) > 0.3
+    together = _batched_loss(qs, u, rows, masks, torch.tensor([0.1, 0.3]))
+    for i, q in enumerate(qs):
+        alone = auxiliary_loss(q, u[i], rows[i], masks[i, 0])
+        torch.testing.assert_close(together[i], alone, rtol=1e-5, atol=1e-6)
+    # and the fit of two layers together converges each to its own optimum
+    fisher_rows = [_fisher_rows()[0], 0.5 * _fisher_rows()[0].flip(0)]
+    gamma = 1e-2 * float(fisher_rows[0].square().mean())
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    pair = [KroneckerQ(3, 6, gamma, fisher_diag=r.square().mean(0)) for r in fisher_rows]
+    for q, r in zip(pair, fisher_rows, strict=True):
+        q.start_kronecker(r)
+    fit_qs(pair, fisher_rows, [mask, mask], ["a", "b"], 300, 1e-2, batch=512, probes=32,
+           generator=torch.Generator().manual_seed(0))  # fmt: skip
+    for q, r in zip(pair, fisher_rows, strict=True):
+        assert fit_quality(q, r, mask, r[:16].reshape(-1, 3, 6))["ratio"] > 0.8
