@@ -440,7 +440,9 @@ def text(arg: str, model_spec: str | None, max_length: int | None) -> Splits:
         raise UsageError(
             "text:FILE data is tokenised by the model's tokenizer: use an hf:DIR model"
         )
-    tokenizer, limit = load_tokenizer(Path(model_spec[3:]).expanduser())
+    from prunekit.load.hub import hf_root
+
+    tokenizer, limit = load_tokenizer(hf_root(model_spec[3:]))
     texts = read_texts(Path(arg).expanduser())
     x, cut = tokenize(texts, tokenizer, max_length or DEFAULT_MAX_LENGTH, limit)
     splits = _split_tensors(f"text:{arg}", x, torch.full((len(x),), UNLABELED), Preprocess())

@@ -2,7 +2,9 @@
 
 Specs: ``sample:NAME`` (shipped, with weights and a dataset), ``cifar:ARCH`` (the CIFAR
 ResNets 20/32/44/56, built in; give ``--weights``), ``torchvision:ARCH`` (built untrained;
-give ``--weights``) and ``package.module:factory`` (any callable returning an
+give ``--weights``) or ``torchvision:ARCH:WEIGHTS`` (torchvision's published weights),
+``hf:DIR`` or ``hf:ORG/NAME[@REVISION]`` (a Hugging Face folder or hub id; see
+``prunekit.load.hub``) and ``package.module:factory`` (any callable returning an
 ``nn.Module``). Weights are a state dict in .safetensors, .pt or .pth, always read with
 ``weights_only=True`` unless the user trusts the file explicitly.
 """
@@ -34,7 +36,10 @@ from prunekit.load.sample_models import SAMPLES
 
 __all__ = ["LOAD_BOUNDS"]  # (re-exported: the bounds of what a model is given as)
 
-SPEC_FORMS = "sample:NAME, cifar:ARCH, torchvision:ARCH, hf:DIR or package.module:factory"
+SPEC_FORMS = (
+    "sample:NAME, cifar:ARCH, torchvision:ARCH[:WEIGHTS], hf:DIR, hf:ORG/NAME[@REVISION] or "
+    "package.module:factory"
+)
 _SHOWN = 5  # how many keys an error message lists
 
 
@@ -54,16 +59,32 @@ def _sample(name: str, num_classes: int | None) -> tuple[nn.Module, Path]:
     return sample.factory(**kwargs), sample.weights
 
 
-def _torchvision(arch: str, num_classes: int | None) -> nn.Module:
+def _torchvision(rest: str, num_classes: int | None) -> tuple[nn.Module, Path | None]:
+    """``torchvision:ARCH`` (untrained) or ``torchvision:ARCH:WEIGHTS`` (published weights,
+    from torch's hub cache)."""
     from torchvision import models
 
+    arch, _, weights = rest.partition(":")
+    if weights:
+        from prunekit.load.hub import torchvision_weights
+
+        published = torchvision_weights(arch, weights)
+        if num_classes is not None and num_classes != published.num_classes:
+            raise UsageError(
+                f"torchvision:{rest} was trained for {published.num_classes} classes, not "
+                f"--num-classes {num_classes}: drop --num-classes, or use torchvision:{arch} "
+                "with --weights of your own"
+            )
+        return models.get_model(arch, weights=None, num_classes=published.num_classes), (
+            published.path
+        )
     available = models.list_models(module=models)
     if arch not in available:
         raise UnknownNameError(
             f"unknown torchvision architecture '{arch}': {did_you_mean(arch, available)}"
             "see torchvision.models.list_models()"
         )
-    return models.get_model(arch, weights=None, num_classes=num_classes or 1000)
+    return models.get_model(arch, weights=None, num_classes=num_classes or 1000), None
 
 
 def _cifar(arch: str, num_classes: int | None) -> nn.Module:
@@ -165,13 +186,14 @@ def build(spec: str, num_classes: int | None = None) -> tuple[nn.Module, Path | 
     if kind == "sample":
         return _sample(rest, num_classes)
     if kind == "torchvision":
-        return _torchvision(rest, num_classes), None
+        return _torchvision(rest, num_classes)
     if kind == "cifar":
         return _cifar(rest, num_classes), None
     if kind == "hf":
         from prunekit.load.hf import load_hf
+        from prunekit.load.hub import hf_root
 
-        return load_hf(Path(rest).expanduser()).module, None
+        return load_hf(hf_root(rest)).module, None
     return _factory(spec, num_classes), None
 
 
@@ -326,6 +348,12 @@ def load_model(
         )
     model.eval()
     return loaded
+
+
+def brings_weights(spec: str) -> bool:
+    """Whether ``spec`` comes with its weights (the dense model is the one it builds)."""
+    kind, _, rest = spec.partition(":")
+    return kind in {"sample", "hf"} or (kind == "torchvision" and ":" in rest)
 
 
 def default_data(spec: str) -> str | None:

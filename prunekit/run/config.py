@@ -71,7 +71,18 @@ class PruneConfig:
         )
 
     def preprocess(self) -> Preprocess:
-        return Preprocess(self.normalize, self.image_size)
+        """--normalize and --image-size; for torchvision's published weights, by default the
+        normalisation and image side they were evaluated with."""
+        normalize, size = self.normalize, self.image_size
+        kind, _, rest = self.model.partition(":")
+        if kind == "torchvision" and ":" in rest and (normalize is None or size is None):
+            from prunekit.load.hub import published_preprocessing
+
+            mean, std, crop = published_preprocessing(*rest.split(":", 1))
+            if normalize is None and mean and std:
+                normalize = f"{','.join(map(str, mean))}/{','.join(map(str, std))}"
+            size = crop if size is None else size
+        return Preprocess(normalize, size)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready view (paths as strings)."""

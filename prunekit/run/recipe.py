@@ -34,6 +34,7 @@ from pydantic import BaseModel, Field, create_model
 from prunekit.engine.schedule import ScheduleConfig, recompute_of
 from prunekit.engine.train import TrainConfig
 from prunekit.errors import InputFileError, UsageError
+from prunekit.load.hub import is_hub_id
 from prunekit.run.config import PruneConfig
 from prunekit.runtime.schema import Strict, parsed
 
@@ -59,9 +60,12 @@ def absolute_data(spec: str) -> str:
 
 
 def absolute_model(spec: str) -> str:
-    """A model spec with its folder made absolute (``hf:DIR``); others are names."""
+    """A model spec with its folder made absolute (``hf:DIR``); others (hub ids too) are
+    names."""
     kind, sep, arg = spec.partition(":")
-    return f"hf:{Path(arg).expanduser().absolute()}" if sep and kind == "hf" else spec
+    if not sep or kind != "hf" or is_hub_id(arg):
+        return spec
+    return f"hf:{Path(arg).expanduser().absolute()}"
 
 
 def anchored(config: PruneConfig) -> PruneConfig:

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 from prunekit.errors import InputFileError, ModelMismatchError, UsageError
 from prunekit.formats.metadata import ExportMetadata, export_metadata
 from prunekit.load.data import UNLABELED
+from prunekit.load.models import brings_weights
 from prunekit.runtime.batches import loader
 from prunekit.runtime.outputs import file_sha256
 from prunekit.validate.metrics import cosine_fidelity, cosines
@@ -129,10 +130,6 @@ def beside(folder: Path, recorded: str) -> Path | None:
     return folder / path
 
 
-# built without importing user code (hf: directories load without trust_remote_code)
-OWN_WEIGHTS = ("sample:", "hf:")  # specs that bring their weights: the dense model as built
-
-
 def parity_model(
     onnx_file: Path,
     meta: ExportMetadata,
@@ -174,7 +171,7 @@ def parity_model(
             return None, f"the recorded weights {weights} are not there; pass --weights FILE"
         if meta.weights_sha256 and file_sha256(weights) != meta.weights_sha256:
             return None, f"the recorded weights {weights} changed since the export"
-    elif weights is None and not recorded.startswith(OWN_WEIGHTS):
+    elif weights is None and not brings_weights(recorded):
         return None, f"the file records no weights for {recorded}; pass --weights FILE"
     try:
         return load_model(recorded, weights, num_classes).model, None
@@ -192,7 +189,7 @@ def dense_model(
     from prunekit.load.models import load_model
 
     recorded = spec or meta.model or ""
-    if not recorded.startswith(OWN_WEIGHTS):
+    if not brings_weights(recorded):  # (built without importing user code)
         return None
     return load_model(recorded, None, num_classes).model
 

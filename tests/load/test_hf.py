@@ -13,64 +13,14 @@ import pytest
 import torch
 
 from tests.cli_helpers import assert_error, invoke, prune, prune_report
+from tests.load.conftest import WORDS
 
 transformers = pytest.importorskip("transformers")
 
-WORDS = [
-    "the",
-    "cat",
-    "dog",
-    "sat",
-    "on",
-    "a",
-    "mat",
-    "red",
-    "blue",
-    "green",
-    "quick",
-    "brown",
-    "fox",
-    "jumps",
-    "over",
-    "lazy",
-    "river",
-    "tree",
-    "house",
-    "car",
-    "runs",
-    "fast",
-    "slow",
-    "big",
-    "small",
-    "old",
-    "new",
-    "sun",
-    "moon",
-    "star",
-]
-
 
 @pytest.fixture(scope="module")
-def bert(tmp_path_factory) -> tuple[Path, Path]:
-    """A 2-layer BERT (hidden 32) with its WordPiece tokenizer, and 60 sentences."""
-    root = tmp_path_factory.mktemp("hf")
-    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    tokenizer = transformers.BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)})
-    assert tokenizer("the cat")["input_ids"] == [2, 5, 6, 3]  # words, not [UNK]
-    config = transformers.BertConfig(
-        vocab_size=5 + len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=32,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model_dir = root / "bert"
-    transformers.BertModel(config).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    rng = np.random.default_rng(0)
-    lines = [" ".join(rng.choice(WORDS, size=rng.integers(3, 12))) for _ in range(60)]
-    lines[5] = " ".join(WORDS * 3)  # longer than --max-length: cut, with a note
-    texts = root / "texts.txt"
-    texts.write_text("\n".join(lines) + "\n")
-    return model_dir, texts
+def bert(bert_folder) -> tuple[Path, Path]:
+    return bert_folder
 
 
 def _run(bert, tmp_path, pruner: str, *extra: str) -> dict:
