@@ -3,9 +3,8 @@
 --config OUT/report.json`) and the in-memory Python API (`prunekit.prune`). Prints each
 one's time, its ratio to the pipeline run, and whether its masks equal the pipeline's.
 
-Needs the CIFAR-10 development set (resnet32.safetensors, calibration.npz, test.npz); in a
-prunekit checkout it is at ../shared/data/cifar10-dev, elsewhere ask the maintainers for a
-copy and pass --dev-dir.
+Needs the CIFAR-10 development set (resnet32.safetensors, calibration.npz, test.npz): build
+it with benchmarks/get_data.py and pass --dev-dir.
 
     python benchmarks/bench_api.py [--dev-dir DIR] [--pruner woodfisher] [--sparsity 0.8]
         [--num-grads 500] [--test-images 2000] [--device auto]

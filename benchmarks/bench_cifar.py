@@ -1,8 +1,8 @@
 """Accuracy and time of one-shot pruning on the pretrained CIFAR-10 ResNets (no fine-tuning).
 
 Needs the development set: a folder with resnet32/44/56.safetensors, calibration.npz and
-test.npz (uint8 images, ImageNet normalisation). In a prunekit checkout it is at
-../shared/data/cifar10-dev; elsewhere ask the maintainers for a copy and pass --dev-dir.
+test.npz (uint8 images, ImageNet normalisation), built by benchmarks/get_data.py; pass
+--dev-dir.
 
     python benchmarks/bench_cifar.py [--dev-dir DIR] [--device cuda] [--models resnet32,resnet56]
         [--sparsities 0.5,0.7,0.8,0.9] [--test-images 3000]

@@ -1,11 +1,11 @@
 """Structured (channel) pruning: ONNX Runtime speed-up, parameters and FLOPs removed, and
 accuracy one-shot and after fine-tuning, per pruner and fraction of channels.
 
-Needs the CIFAR-10 development set (resnet56.safetensors, calibration.npz, test.npz; in a
-prunekit checkout at ../shared/data/cifar10-dev; elsewhere ask the maintainers for a copy and
-pass --dev-dir). ``--model torchvision:resnet18`` measures speed at 224 x 224 on the
-calibration images upsampled, with randomly initialised weights (no pretrained weights are
-downloaded): its accuracy means nothing there, its speed-up, parameters and FLOPs do.
+Needs the CIFAR-10 development set (resnet56.safetensors, calibration.npz, test.npz; built
+by benchmarks/get_data.py; pass --dev-dir). ``--model torchvision:resnet18`` measures speed
+at 224 x 224 on the calibration images upsampled, with randomly initialised weights (no
+pretrained weights are downloaded): its accuracy means nothing there, its speed-up,
+parameters and FLOPs do.
 
     python benchmarks/bench_structured.py [--dev-dir DIR] [--model cifar:resnet56]
         [--pruners magnitude,woodfisher] [--fractions 0.3,0.5] [--mask layer]
