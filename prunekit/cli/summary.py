@@ -19,9 +19,20 @@ def print_report(report: dict[str, Any]) -> None:
     table.add_section()
     table.add_row("all targets", f"{sparsity['achieved']:.1%} (asked {sparsity['target']:.1%})")
     console.print(table)
-    if acc["dense"] is None:
+    perplexity, fidelity = report.get("perplexity"), report.get("fidelity")
+    if perplexity:
+        console.print(
+            f"held-out perplexity: dense {perplexity['dense']:.3f} -> pruned "
+            f"{perplexity['pruned']:.3f}"
+        )
+    if fidelity:
+        console.print(
+            f"cosine to the dense model's outputs on the held-out split: mean "
+            f"{fidelity['cosine_mean']:.4f}, 5th percentile {fidelity['cosine_p5']:.4f}"
+        )
+    if acc["dense"] is None and not fidelity:
         console.print("test accuracy: not measured (the data has no labels)")
-    else:
+    elif acc["dense"] is not None:
         console.print(f"test accuracy: dense {acc['dense']:.2%} -> pruned {acc['pruned']:.2%}")
     if "validation" in report:
         print_validation(report["validation"])

@@ -41,17 +41,18 @@ class Objective:
         if not self.sampled:
             return labels
         assert outputs is not None
-        if self.name == "kl":
-            probs = torch.softmax(outputs.float(), dim=1)
-            return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        if self.name == "kl":  # a class per sample, or a next token per position (N, L, V)
+            probs = torch.softmax(outputs.float(), dim=-1).reshape(-1, outputs.shape[-1])
+            drawn = torch.multinomial(probs, 1, generator=generator)
+            return drawn.reshape(outputs.shape[:-1])
         base = _unit(outputs) if self.name == "cosine" else outputs
         noise = torch.randn(base.shape, generator=generator, device=base.device)
         return base + noise.to(base.dtype)
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean loss over the batch."""
-        if self.name in {"labels", "kl"}:
-            return nn.functional.cross_entropy(outputs, targets)
+        if self.name in {"labels", "kl"}:  # (N, L, V) logits: the mean over the tokens
+            return nn.functional.cross_entropy(outputs.flatten(0, -2), targets.flatten())
         base = _unit(outputs) if self.name == "cosine" else outputs
         return 0.5 * (base - targets).square().sum(-1).mean()
 

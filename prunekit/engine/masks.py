@@ -21,8 +21,11 @@ def find_targets(model: nn.Module, exclude: Sequence[str] = ()) -> tuple[list[Ta
     Returns the targets and the globs that matched nothing (worth a warning).
     """
     targets, used, seen = [], set(), set()
+    kept_whole = set(getattr(model, "kept_whole", ()))  # a model's own never-pruned weights
     for module_name, module in model.named_modules():
         if not isinstance(module, PRUNABLE) or module.weight is None:
+            continue
+        if f"{module_name}.weight" in kept_whole:
             continue
         if id(module.weight) in seen:  # a tied weight is one tensor: prune it once
             continue

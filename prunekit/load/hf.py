@@ -43,7 +43,9 @@ def _transformers():
 
 
 class PackedInputs(nn.Module):
-    """A transformers model taking (N, 2, L) = ids and attention mask, returning (N, K)."""
+    """A transformers model taking (N, 2, L) = ids and attention mask, returning (N, K): a
+    classifier's logits or an encoder's mean-pooled embedding; a decoder (causal language
+    model) returns its next-token logits (N, L, V), without a KV cache."""
 
     input_dtype = torch.long  # read by the ONNX export: integer inputs
     sequence_axis = 2  # exported as a dynamic axis, like the batch
@@ -54,6 +56,9 @@ class PackedInputs(nn.Module):
         self.model, self.kind = model, kind
         self.token_mask: torch.Tensor | None = None
         self.vmapped = False
+        # a decoder's output projection (tied to its token embeddings in most families) is
+        # never pruned, as in SparseGPT and Wanda
+        self.kept_whole = ("model.lm_head.weight",) if kind == "decoder" else ()
 
     @contextmanager
     def per_sample_mode(self) -> Iterator[None]:
@@ -91,10 +96,17 @@ class PackedInputs(nn.Module):
         ids, mask = x[:, 0], x[:, 1]
         attention: torch.Tensor = mask
         if self.vmapped:
-            blocked = (1 - mask[:, None, None, :]).to(self.model.dtype)
+            allowed = mask[:, None, None, :].bool()
+            if self.kind == "decoder":  # a ready 4-D mask is taken as is: causal here too
+                length = ids.shape[-1]
+                causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()
+                allowed = allowed & causal
+            blocked = (~allowed).to(self.model.dtype)
             attention = blocked * torch.finfo(self.model.dtype).min
         elif not torch.compiler.is_compiling():  # (an export traces it; nothing to record)
             self.token_mask = mask  # read by layer-input statistics: padding rows left out
+        if self.kind == "decoder":
+            return self.model(input_ids=ids, attention_mask=attention, use_cache=False).logits
         out = self.model(input_ids=ids, attention_mask=attention)
         if self.kind == "classifier":
             return out.logits
@@ -107,7 +119,7 @@ class PackedInputs(nn.Module):
 class HFModel:
     module: PackedInputs
     tokenizer: object
-    kind: str  # "encoder" or "classifier"
+    kind: str  # "encoder", "classifier" or "decoder"
     max_length: int
 
 
@@ -233,6 +245,9 @@ def _config_and_tokenizer(root: Path):
         raise InputFileError(
             f"hf:{root}: no usable tokenizer ({str(exc).splitlines()[0]})"
         ) from exc
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # decoders (GPT-2) pad with it: masked out
+    tokenizer.padding_side = "right"  # (some decoders' tokenizers pad on the left)
     if tokenizer.vocab_size > config.vocab_size:
         raise InputFileError(
             f"hf:{root}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
@@ -245,8 +260,16 @@ def load_hf(root: Path) -> HFModel:
     """The model in ``root`` (config + weights + tokenizer), wrapped; in eval mode, on CPU."""
     transformers = _transformers()
     config, tokenizer = _config_and_tokenizer(root)
-    classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
-    auto = transformers.AutoModelForSequenceClassification if classifier else transformers.AutoModel
+    architectures = config.architectures or []
+    classifier = any(a.endswith("ForSequenceClassification") for a in architectures)
+    decoder = not classifier and any(a.endswith(DECODER_HEADS) for a in architectures)
+    auto = (
+        transformers.AutoModelForSequenceClassification
+        if classifier
+        else transformers.AutoModelForCausalLM
+        if decoder
+        else transformers.AutoModel
+    )
     try:
         model, info = auto.from_pretrained(root, trust_remote_code=False, output_loading_info=True)
     except Exception as exc:  # sizes that do not fit together, say (no code of the folder ran)
@@ -257,7 +280,7 @@ def load_hf(root: Path) -> HFModel:
     missing = sorted(info.get("missing_keys") or []) + sorted(
         str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or []
     )
-    if not classifier:  # an encoder's pooler is dropped below: its weights do not matter
+    if not classifier and not decoder:  # an encoder's pooler is dropped: its weights unused
         missing = [k for k in missing if not k.split(".", 1)[-1].startswith("pooler.")
                    and not k.startswith("pooler.")]  # fmt: skip
     if missing:  # transformers would fill them with random values
@@ -269,15 +292,49 @@ def load_hf(root: Path) -> HFModel:
         )
     if not classifier and getattr(model, "pooler", None) is not None:
         model.pooler = None  # unused by mean pooling: neither pruned nor exported
-    limit = getattr(config, "max_position_embeddings", DEFAULT_MAX_LENGTH)
-    wrapped = PackedInputs(model.eval(), "classifier" if classifier else "encoder")
+    limit = token_limit(config)
+    if decoder:
+        as_linear(model)
+    kind = "classifier" if classifier else "decoder" if decoder else "encoder"
+    wrapped = PackedInputs(model.eval(), kind)
     return HFModel(wrapped.eval(), tokenizer, wrapped.kind, limit)
+
+
+DECODER_HEADS = ("ForCausalLM", "LMHeadModel")  # GPT2LMHeadModel, LlamaForCausalLM...
+
+
+def as_linear(model: nn.Module) -> None:
+    """Replace transformers' Conv1D layers (GPT-2's projections: y = x W + b, W stored
+    (in, out)) by the equal nn.Linear (W stored (out, in)), which every pruner, statistic and
+    export knows."""
+    from transformers.pytorch_utils import Conv1D
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Conv1D):
+                fan_in, fan_out = child.weight.shape
+                linear = nn.Linear(fan_in, fan_out, bias=child.bias is not None)
+                linear = linear.to(child.weight.dtype)
+                with torch.no_grad():
+                    linear.weight.copy_(child.weight.t())
+                    if child.bias is not None:
+                        linear.bias.copy_(child.bias)
+                setattr(parent, name, linear)
 
 
 def load_tokenizer(root: Path) -> tuple[Callable[..., Any], int]:
     """The tokenizer of the model in ``root`` and the model's token limit (no weights read)."""
     config, tokenizer = _config_and_tokenizer(root)
-    return tokenizer, getattr(config, "max_position_embeddings", DEFAULT_MAX_LENGTH)
+    return tokenizer, token_limit(config)
+
+
+def token_limit(config: Any) -> int:
+    """The longest sequence the model's position embeddings cover (GPT-2: n_positions)."""
+    return int(
+        getattr(config, "max_position_embeddings", None)
+        or getattr(config, "n_positions", None)
+        or DEFAULT_MAX_LENGTH
+    )
 
 
 MAX_TEXT_BYTES = 1 << 30

@@ -32,6 +32,7 @@ from prunekit.errors import (
     did_you_mean,
 )
 from prunekit.formats.metadata import LOAD_BOUNDS, StructureRecord, weights_metadata
+from prunekit.formats.safetensors_file import tied_aliases
 from prunekit.load.sample_models import SAMPLES
 
 __all__ = ["LOAD_BOUNDS"]  # (re-exported: the bounds of what a model is given as)
@@ -283,6 +284,8 @@ def check_fit(model: nn.Module, state: dict[str, torch.Tensor], source: str, spe
     """Raise one error listing the first missing/unexpected keys and shape mismatches."""
     expected = model.state_dict()
     optional = {k for k in expected if k.endswith("num_batches_tracked")}
+    tied = tied_aliases(expected)  # stored once, under the first name
+    optional |= {k for k, first in tied.items() if first in state}
     missing = [k for k in expected if k not in state and k not in optional]
     unexpected = [k for k in state if k not in expected]
     shapes = [

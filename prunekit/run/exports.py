@@ -11,7 +11,7 @@ from torch import nn
 
 from prunekit.contract.quantization import QuantizedTensor
 from prunekit.engine.quantize import Quantized
-from prunekit.formats.safetensors_file import read_metadata, write_safetensors
+from prunekit.formats.safetensors_file import read_metadata, untied, write_safetensors
 from prunekit.version import __version__
 
 __all__ = ["read_metadata", "save_safetensors", "write_exports"]
@@ -79,7 +79,8 @@ def metadata_for(report: dict[str, Any], config: dict[str, Any]) -> dict[str, st
 
 def save_safetensors(model: nn.Module, path: Path, metadata: dict[str, str]) -> None:
     """Save the model's state dict (dense tensors, pruned entries exactly zero)."""
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to("cpu").contiguous().clone()
+             for k, v in untied(model.state_dict()).items()}  # fmt: skip
     write_safetensors(state, path, metadata)
 
 
@@ -103,7 +104,8 @@ def write_exports(
     save_safetensors(model, folder / "model.safetensors", metadata)
     files = ["model.safetensors"]
     if "safetensors" in formats:
-        save_compact(model.state_dict(), folder / "model.compact.safetensors", metadata, quantized)
+        save_compact(untied(model.state_dict()), folder / "model.compact.safetensors", metadata,
+                     quantized)  # fmt: skip
         files.append("model.compact.safetensors")
     if "onnx" in formats:
         from prunekit.formats.onnx_file import export_onnx
@@ -176,7 +178,7 @@ def export_file(
         elif dense:
             save_safetensors(loaded.model, tmp, metadata)
         else:
-            save_compact(loaded.model.state_dict(), tmp, metadata)
+            save_compact(untied(loaded.model.state_dict()), tmp, metadata)
     summary = {"model": model, "format": format, "out": str(out), "bytes": out.stat().st_size}
     return summary, [*notes, *loaded.warnings]
 

@@ -54,7 +54,7 @@ from prunekit.runtime.progress import Reporter, Silent
 from prunekit.runtime.timing import Timings
 from prunekit.structured.groups import UntraceableError
 from prunekit.structured.plan import STRUCTURES, ChannelPlan, composed
-from prunekit.validate.metrics import accuracy, cosine_fidelity, outputs_on
+from prunekit.validate.metrics import accuracy, cosine_fidelity, outputs_on, perplexity
 from prunekit.validate.onnx_runtime import validate
 
 
@@ -239,9 +239,11 @@ def prune_model(
     def evaluate(m: nn.Module) -> float | None:
         return accuracy(m, data.test, device) if data.labeled else None
 
+    decoder = getattr(model, "kind", None) == "decoder"
     with reporter.stage("evaluating the dense model"), timings.phase("evaluation"):
         dense_accuracy = evaluate(model)
         dense_outputs = None if data.labeled else outputs_on(model, data.test, device)
+        dense_perplexity = perplexity(model, data.test, device) if decoder else None
     dense_model = copy.deepcopy(model).cpu() if "onnx" in config.exports else None
     distillation, augment, tuning = fine_tuning(config, model, data)
 
@@ -319,6 +321,7 @@ def prune_model(
             if dense_outputs is None
             else cosine_fidelity(dense_outputs, outputs_on(model, data.test, device))
         )
+        pruned_perplexity = perplexity(model, data.test, device) if decoder else None
     warnings += accuracy_warnings(config, pruner, recalibrate, dense_accuracy, pruned_accuracy)
     results = {
         "num_classes": outputs,
@@ -334,6 +337,9 @@ def prune_model(
         "channels_kept": channels_kept,
         "accuracy": {"dense": dense_accuracy, "pruned": pruned_accuracy},
         "fidelity": fidelity,
+        "perplexity": None
+        if dense_perplexity is None
+        else {"dense": dense_perplexity, "pruned": pruned_perplexity},
         "history": history,
         "fine_tuning": tuning,
         "warnings": warnings,
@@ -449,12 +455,13 @@ def check_outputs(model: nn.Module, data: Splits, device: torch.device) -> int:
             f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}); pick --data that "
             "matches the architecture"
         ) from exc
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+    decoder = getattr(model, "kind", None) == "decoder"  # (N, L, V) next-token logits
+    if not isinstance(logits, torch.Tensor) or logits.dim() != (3 if decoder else 2):
         raise ModelMismatchError(
             f"the model returns {getattr(logits, 'shape', type(logits).__name__)} for one "
             "input; prunekit prunes classifiers that return (batch, classes) logits"
         )
-    outputs = logits.shape[1]
+    outputs = logits.shape[-1]
     if data.labeled and data.num_classes > outputs:
         raise ModelMismatchError(
             f"{data.spec} has labels up to {data.num_classes - 1} but the model has {outputs} "

@@ -66,6 +66,7 @@ def build_report(
         "parameters": parameter_counts(ctx.model),
         "accuracy": results["accuracy"],
         "fidelity": results["fidelity"],
+        "perplexity": results.get("perplexity"),  # decoders, on the held-out text
         "quantize": results.get("quantize"),
         "history": results["history"],
         "fine_tuning": results.get("fine_tuning"),
