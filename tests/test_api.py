@@ -15,13 +15,13 @@ from torch import nn
 import prunekit
 from tests.cli_helpers import assert_error, invoke, prune_report
 
-README = Path(__file__).parents[1] / "README.md"
+GUIDE = Path(__file__).parents[1] / "docs" / "guides" / "python-api.md"
 
 
 def _readme_block(marker: str) -> str:
-    text = README.read_text()
+    text = GUIDE.read_text()
     match = re.search(rf"<!-- {marker} -->\n```python\n(.*?)```", text, re.S)
-    assert match, f"README has no python block after <!-- {marker} -->"
+    assert match, f"{GUIDE.name} has no python block after <!-- {marker} -->"
     return match[1]
 
 
@@ -31,7 +31,7 @@ def test_readme_api_example_runs(tmp_path, monkeypatch, capsys):
 
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(_readme_block("api-example"), "README api-example", "exec"), namespace)
+    exec(compile(_readme_block("api-example"), "python-api.md api-example", "exec"), namespace)
     printed = capsys.readouterr().out.split("\n")
     assert printed[0].startswith("0.5 ") and printed[1] == "True"
     model, masks = namespace["model"], namespace["result"].masks
