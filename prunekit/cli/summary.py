@@ -48,6 +48,12 @@ def print_validation(v: dict[str, Any]) -> None:
         f"{session['intra_op_threads']}, {session['graph_optimization']}): accuracy "
         f"{accuracy}" + (f", baseline {baseline:.2%}" if baseline is not None else "")
     )
+    if v.get("perplexity") is not None:
+        base = v.get("baseline_perplexity")
+        console.print(
+            f"held-out perplexity (ONNX Runtime): {v['perplexity']:.3f}"
+            + (f", baseline {base:.3f}" if base is not None else "")
+        )
     if "parity" in v:
         p = v["parity"]
         console.print(

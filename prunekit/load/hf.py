@@ -199,8 +199,8 @@ def checked_config(root: Path) -> HFConfig:
     if config.auto_map:
         raise InputFileError(
             f"hf:{root}/config.json names code in the folder (auto_map: "
-            f"{', '.join(config.auto_map)}), and prunekit never runs a model folder's code; "
-            "use a model that transformers provides"
+            f"{', '.join(config.auto_map)}), and prunekit never runs a model folder's code "
+            "(it never sets trust_remote_code); use a model that transformers provides"
         )
     stored = 0
     for path in weight_files(root):

@@ -63,6 +63,12 @@ def perplexity(
         for x, _ in loader(dataset, batch_size):
             x = x.to(device)
             logits = model(x)
+            if logits.dim() != 3 or x.dim() != 3:
+                raise UsageError(
+                    f"perplexity needs a causal language model's (batch, length, vocabulary) "
+                    f"logits on token ids; this model returns {tuple(logits.shape)}: measure "
+                    "accuracy or the cosine to the dense outputs instead"
+                )
             total += float(token_nll(logits, x).sum())
             count += int(x[:, 1, 1:].bool().sum())
     if count == 0:

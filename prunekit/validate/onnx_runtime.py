@@ -8,6 +8,7 @@ storage and transfer, not compute.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePath
@@ -24,7 +25,7 @@ from prunekit.load.data import UNLABELED
 from prunekit.load.models import brings_weights
 from prunekit.runtime.batches import loader
 from prunekit.runtime.outputs import file_sha256
-from prunekit.validate.metrics import cosine_fidelity, cosines
+from prunekit.validate.metrics import cosine_fidelity, cosines, final_token, token_nll
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 PARITY_AGREEMENT = 0.999
@@ -221,14 +222,39 @@ def input_dtype(session) -> type:
     return np.int64 if "int64" in session.get_inputs()[0].type else np.float32
 
 
-def run_logits(session, dataset: Dataset, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def run_logits(
+    session, dataset: Dataset, batch_size: int = 256, language: dict[str, float] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The outputs and labels on a split. A decoder's (N, L, V) logits are reduced to the
+    next-token logits after each text's last token; their negative log-likelihood over the
+    real tokens is summed into ``language`` (``nll``, ``tokens``) when given."""
     name = session.get_inputs()[0].name
     dtype = input_dtype(session)
+    if dtype == np.int64:
+        batch_size = min(batch_size, 16)  # (batch, length, vocabulary) logits can be large
     logits, labels = [], []
     for x, y in loader(dataset, batch_size):
-        logits.append(session.run(None, {name: x.numpy().astype(dtype)})[0])
+        out = session.run(None, {name: x.numpy().astype(dtype)})[0]
+        if out.ndim == 3:
+            decoded = torch.from_numpy(out)
+            if language is not None:
+                language["nll"] = language.get("nll", 0.0) + float(token_nll(decoded, x).sum())
+                language["tokens"] = language.get("tokens", 0) + int(x[:, 1, 1:].bool().sum())
+            out = final_token(decoded, x).numpy()
+        logits.append(out)
         labels.append(y.numpy())
     return np.concatenate(logits), np.concatenate(labels)
+
+
+def perplexity_of(language: dict[str, float]) -> float | None:
+    """exp(mean next-token NLL) of what ``run_logits`` summed; None for other models."""
+    if not language:
+        return None
+    if not language["tokens"]:
+        raise UsageError(
+            "perplexity needs texts of at least two tokens; the data has none: give longer texts"
+        )
+    return math.exp(language["nll"] / language["tokens"])
 
 
 @torch.no_grad()
@@ -266,7 +292,7 @@ def check_pair(onnx_path: Path, model: nn.Module) -> None:
     shapes.update({s.values.name: tuple(s.dims) for s in proto.graph.sparse_initializer})
     wanted = {
         n: tuple(p.shape)
-        for n, p in model.named_parameters()
+        for n, p in model.named_parameters(remove_duplicate=False)  # a tied weight: any name
         if n.endswith("weight") and p.dim() > 1
     }
     # The exporter may fold a Linear's weight into a transposed constant of another name:
@@ -384,7 +410,9 @@ def validate(
         "session": session_settings(session, options),
         "failures": [],
     }
-    logits, labels = run_logits(session, dataset)
+    language: dict[str, float] = {}
+    logits, labels = run_logits(session, dataset, language=language)
+    report["perplexity"] = perplexity_of(language)  # decoders: of the held-out text
     labeled = bool((labels != UNLABELED).any())
     if labeled and labels.max() >= logits.shape[1]:
         raise ModelMismatchError(
@@ -398,7 +426,9 @@ def validate(
     report["accuracy"] = float((logits.argmax(1) == labels).mean()) if labeled else None
     reference: tuple[np.ndarray, str] | None = None
     if baseline is not None:
-        base_logits, _ = run_logits(sessions["baseline"], dataset)
+        base_language: dict[str, float] = {}
+        base_logits, _ = run_logits(sessions["baseline"], dataset, language=base_language)
+        report["baseline_perplexity"] = perplexity_of(base_language)
         report["baseline_accuracy"] = reference_accuracy = (
             float((base_logits.argmax(1) == labels).mean()) if labeled else None
         )

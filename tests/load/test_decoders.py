@@ -155,6 +155,35 @@ def test_onnx_export_takes_any_batch_and_length_and_matches_pytorch(decoder, tmp
         np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4)
 
 
+def test_validate_reports_the_onnx_perplexity_and_the_dense_baseline(decoder, tmp_path):
+    import json
+
+    _, texts, _ = decoder
+    report = _prune(decoder, tmp_path, "sparsegpt", "--mask", "layer", "--export",
+                    "safetensors,onnx")  # fmt: skip
+    out = tmp_path / "sparsegpt"
+    result = invoke("validate", str(out / "model.onnx"), "--data", f"text:{texts}",
+                    "--baseline", str(out / "dense.onnx"), "--runs", "2", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    validation = json.loads(result.stdout)
+    assert validation["perplexity"] == pytest.approx(report["perplexity"]["pruned"], rel=1e-3)
+    assert validation["baseline_perplexity"] == pytest.approx(
+        report["perplexity"]["dense"], rel=1e-3
+    )
+    assert validation["parity"]["passed"]
+
+
+def test_perplexity_of_a_model_that_is_not_a_decoder_is_a_usage_error():
+    from torch.utils.data import TensorDataset
+
+    from prunekit.errors import UsageError
+    from prunekit.validate.metrics import perplexity
+
+    data = TensorDataset(torch.randn(4, 3), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(UsageError, match="needs a causal language model"):
+        perplexity(torch.nn.Linear(3, 2), data, torch.device("cpu"))
+
+
 def test_text_too_short_for_perplexity(decoder, tmp_path):
     model_dir, _, _ = decoder
     short = tmp_path / "short.txt"
