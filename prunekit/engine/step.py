@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from prunekit.calibrate.blocks import BlockInputs, on_device, repeated_blocks
 from prunekit.calibrate.collector import Collector
 from prunekit.calibrate.layer_inputs import input_gram, ordered_targets
 from prunekit.contract.context import StepContext
@@ -216,11 +217,9 @@ def compress_layers(state: Pruning, sparsity: float) -> dict[str, torch.Tensor]:
         )
     keep = {t.name: t.mask.clone() for t in ctx.targets}
     samples = pruner.stats_spec().num_samples
-    for name in ordered_targets(ctx.model, list(supported)):
+
+    def compress(name: str, gram: torch.Tensor) -> None:
         t = supported[name]
-        ctx.say(f"{pruner.name}: {name}")
-        with ctx.timings.phase("statistics"):
-            gram = input_gram(ctx.model, t.module, ctx.calibration, samples, ctx.device)
         grid = state.grids.get(name) if last else None
         request = LayerRequest(sparsity, parse_nm(ctx.mask), grid)
         with ctx.timings.phase("prune"):
@@ -234,6 +233,31 @@ def compress_layers(state: Pruning, sparsity: float) -> dict[str, torch.Tensor]:
                     t.weight.copy_(result.weight)
                 keep[name] = result.keep.to(t.mask.device) & t.mask
                 t.weight.masked_fill_(~keep[name], 0.0)
+
+    order = ordered_targets(ctx.model, list(supported))
+    done: set[str] = set()
+    stack = repeated_blocks(ctx.model) if getattr(ctx.model, "kind", None) == "decoder" else None
+    if stack is not None:  # a decoder: one block at a time, measured through that block only
+        prefix, blocks = stack
+        with ctx.timings.phase("statistics"):
+            inputs = BlockInputs(ctx.model, blocks[0], ctx.calibration, samples, ctx.device)
+        for index, block in enumerate(blocks):
+            inside = [n for n in order if n.startswith(f"{prefix}.{index}.")]
+            with on_device(block, ctx.device):
+                for name in inside:
+                    ctx.say(f"{pruner.name}: {name}")
+                    with ctx.timings.phase("statistics"):
+                        gram = inputs.gram(block, supported[name].module)
+                    compress(name, gram)
+                    done.add(name)
+                with ctx.timings.phase("statistics"):
+                    inputs.advance(block)
+    for name in (n for n in order if n not in done):
+        ctx.say(f"{pruner.name}: {name}")
+        with ctx.timings.phase("statistics"):
+            gram = input_gram(ctx.model, supported[name].module, ctx.calibration, samples,
+                              ctx.device)  # fmt: skip
+        compress(name, gram)
     return keep
 
 

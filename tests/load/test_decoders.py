@@ -192,3 +192,27 @@ def test_text_too_short_for_perplexity(decoder, tmp_path):
                     f"text:{short}", "--out", str(tmp_path / "o"))  # fmt: skip
     assert_error(result, 2, "perplexity needs texts of at least two tokens")
     assert not (tmp_path / "o").exists()
+
+
+def test_block_by_block_pruning_equals_the_whole_model_path(decoder, monkeypatch):
+    """A decoder is pruned one block at a time (each layer measured through its block only);
+    the weights equal those of the path that runs the whole model for every layer."""
+    import prunekit
+    from prunekit.engine import step
+    from prunekit.load.data import load_data
+    from prunekit.load.models import load_model
+
+    model_dir, texts, _ = decoder
+    data = load_data(f"text:{texts}", model_spec=f"hf:{model_dir}")
+    weights, captured = {}, []
+    real = step.BlockInputs
+    monkeypatch.setattr(step, "BlockInputs", lambda *a, **k: captured.append(1) or real(*a, **k))
+    for path in ("blocks", "whole"):
+        if path == "whole":
+            monkeypatch.setattr(step, "repeated_blocks", lambda model: None)
+        model = load_model(f"hf:{model_dir}").model
+        prunekit.prune(model, "sparsegpt", 0.5, data.calibration, mask="layer")
+        weights[path] = {k: v.clone() for k, v in model.state_dict().items()}
+    assert captured == [1]  # the first run went block by block, the second did not
+    for name, tensor in weights["whole"].items():
+        torch.testing.assert_close(weights["blocks"][name], tensor, rtol=1e-4, atol=1e-5)
