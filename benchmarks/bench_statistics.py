@@ -172,7 +172,9 @@ def main() -> None:
     parser.add_argument("--text", type=Path, help="one sentence per line, for hf: models")
     parser.add_argument("--max-length", type=int, default=64, help="tokens, for hf: models")
     args = parser.parse_args()
-    dev = checked(args.dev_dir)
+    specs = [m.strip() for m in args.models.split(",") if m.strip()]
+    images_needed = any(not spec.startswith("hf:") for spec in specs)
+    dev = checked(args.dev_dir) if images_needed else args.dev_dir  # hf: rows read --text
     device = resolve_device(args.device)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     print(f"device {device}, {args.samples} samples in chunks of {args.chunk}, median of "
@@ -180,7 +182,6 @@ def main() -> None:
     print("| model | targets | plain backward ms/sample | hooks ms/grad | vmap ms/grad | "
           "hooks / plain | vmap / plain | vmap / hooks |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")
-    specs = [m.strip() for m in args.models.split(",") if m.strip()]
     for spec in specs:
         per_gradient_ms(spec, dev, args, device)
     runs = ([False] if args.woodfisher_grads else []) + ([True] if args.woodfisher_default else [])

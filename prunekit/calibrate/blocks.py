@@ -4,8 +4,9 @@ measurement runs through one block only, which is the only part of the model tha
 on the device (SparseGPT's way of pruning models larger than the device's memory).
 
 ``BlockInputs`` holds, per calibration chunk, what the first block was called with (hidden
-states, the other arguments, keyword arguments) and the chunk's token mask; ``advance``
-replaces the hidden states by a block's outputs, so they become the next block's inputs.
+states, the other arguments, keyword arguments; captured where the model is, kept on the
+device) and the chunk's token mask; ``advance`` replaces the hidden states by a block's
+outputs, so they become the next block's inputs.
 """
 
 from __future__ import annotations
@@ -69,19 +70,21 @@ class BlockInputs:
             raise _Captured
 
         data, samples = distributed.shard_samples(data, samples)
+        home = next((p.device for p in model.parameters()), device)  # the model's own device
         handle = first.register_forward_pre_hook(record, with_kwargs=True)
         try:
             with eval_mode(model), torch.no_grad():
                 seen = 0
                 for x, _ in loader(data, batch_size):
-                    x = x[: samples - seen].to(device)
+                    x = x[: samples - seen].to(home)
                     try:
                         model(x)
                     except _Captured:
                         pass
                     else:
                         raise UsageError("the model's forward pass never reached its blocks")
-                    args, kwargs = recorded["args"], dict(recorded["kwargs"])
+                    args = moved(recorded["args"], device)
+                    kwargs = dict(moved(recorded["kwargs"], device))
                     hidden = args[0] if args else kwargs.pop("hidden_states")
                     mask = x[:, 1] if x.dim() == 3 and not x.is_floating_point() else None
                     self.chunks.append(_Chunk(hidden, tuple(args[1:]), kwargs, mask))
@@ -143,6 +146,17 @@ class BlockInputs:
             outputs = list(self.run(block))
         for chunk, hidden in zip(self.chunks, outputs, strict=True):
             chunk.hidden = hidden
+
+
+def moved(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor in it (through tuples, lists and dicts) on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple | list):
+        return type(value)(moved(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: moved(v, device) for k, v in value.items()}
+    return value
 
 
 @contextmanager

@@ -252,11 +252,11 @@ def compress_layers(state: Pruning, sparsity: float) -> dict[str, torch.Tensor]:
                     done.add(name)
                 with ctx.timings.phase("statistics"):
                     inputs.advance(block)
+    home = next((p.device for p in ctx.model.parameters()), ctx.device)  # (host: offloaded)
     for name in (n for n in order if n not in done):
         ctx.say(f"{pruner.name}: {name}")
         with ctx.timings.phase("statistics"):
-            gram = input_gram(ctx.model, supported[name].module, ctx.calibration, samples,
-                              ctx.device)  # fmt: skip
+            gram = input_gram(ctx.model, supported[name].module, ctx.calibration, samples, home)
         compress(name, gram)
     return keep
 

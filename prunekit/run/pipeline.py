@@ -220,10 +220,16 @@ def prune_model(
     torch.manual_seed(config.seed)
     model, data = inputs.model, inputs.data
     warnings = list(inputs.notes)
+    home = host_of(model, pruner, config, device)  # where the model lives during the run
+    if home != device:
+        reporter.note(
+            f"the decoder's weights stay in host memory: {pruner.name} takes one block at a "
+            f"time to {device}; evaluation runs on the host"
+        )
     with reporter.stage("checking model and data"), timings.phase("load"):
-        model = model.to(device)
+        model = model.to(home)
         check_usable_weights(model)
-        outputs = check_outputs(model, data, device)
+        outputs = check_outputs(model, data, home)
         limit_labels(data, outputs)
         targets = select_targets(config, model, warnings)
         zero_before, _ = zeros_of(targets)  # an earlier run's zeros, say
@@ -237,13 +243,13 @@ def prune_model(
     warnings += check_fit(config, pruner, data, objective)
 
     def evaluate(m: nn.Module) -> float | None:
-        return accuracy(m, data.test, device) if data.labeled else None
+        return accuracy(m, data.test, home) if data.labeled else None
 
     decoder = getattr(model, "kind", None) == "decoder"
     with reporter.stage("evaluating the dense model"), timings.phase("evaluation"):
         dense_accuracy = evaluate(model)
-        dense_outputs = None if data.labeled else outputs_on(model, data.test, device)
-        dense_perplexity = perplexity(model, data.test, device) if decoder else None
+        dense_outputs = None if data.labeled else outputs_on(model, data.test, home)
+        dense_perplexity = perplexity(model, data.test, home) if decoder else None
     dense_model = copy.deepcopy(model).cpu() if "onnx" in config.exports else None
     distillation, augment, tuning = fine_tuning(config, model, data)
 
@@ -319,9 +325,9 @@ def prune_model(
         fidelity = (
             None
             if dense_outputs is None
-            else cosine_fidelity(dense_outputs, outputs_on(model, data.test, device))
+            else cosine_fidelity(dense_outputs, outputs_on(model, data.test, home))
         )
-        pruned_perplexity = perplexity(model, data.test, device) if decoder else None
+        pruned_perplexity = perplexity(model, data.test, home) if decoder else None
     warnings += accuracy_warnings(config, pruner, recalibrate, dense_accuracy, pruned_accuracy)
     results = {
         "num_classes": outputs,
@@ -431,6 +437,30 @@ def channel_plan(
             f"{', '.join(left[:5])}{more} (report.json: structure.left_whole)"
         )
     return plan
+
+
+HOST_SHARE = 0.5  # a decoder over this share of the free GPU memory stays in host memory
+
+
+def host_of(
+    model: nn.Module,
+    pruner: Pruner,
+    config: PruneConfig,
+    device: torch.device,
+    free: int | None = None,
+) -> torch.device:
+    """Where the model is kept: ``device``, except for a decoder pruned layer-wise (one-shot,
+    no training) on a GPU whose free memory (``free``, measured when None) is less than
+    twice its weights: then the host, and the pruner takes one block at a time to the GPU."""
+    decoder = getattr(model, "kind", None) == "decoder"
+    if device.type != "cuda" or not decoder or not isinstance(pruner, LayerPruner):
+        return device
+    if config.schedule.trains() or config.quantize is not None:
+        return device
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    if free is None:
+        free, _ = torch.cuda.mem_get_info(device)
+    return torch.device("cpu") if weights > HOST_SHARE * free else device
 
 
 @torch.no_grad()

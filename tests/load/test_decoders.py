@@ -216,3 +216,41 @@ def test_block_by_block_pruning_equals_the_whole_model_path(decoder, monkeypatch
     assert captured == [1]  # the first run went block by block, the second did not
     for name, tensor in weights["whole"].items():
         torch.testing.assert_close(weights["blocks"][name], tensor, rtol=1e-4, atol=1e-5)
+
+
+def test_a_decoder_larger_than_the_free_gpu_memory_stays_on_the_host(decoder):
+    from prunekit.engine.schedule import ScheduleConfig
+    from prunekit.load.models import load_model
+    from prunekit.pruners import registry
+    from prunekit.run.config import PruneConfig
+    from prunekit.run.pipeline import host_of
+
+    model_dir, _, _ = decoder
+    model = load_model(f"hf:{model_dir}").model
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    layerwise, config = registry.create("sparsegpt"), PruneConfig("hf:x", "sparsegpt", 0.5)
+    assert host_of(model, layerwise, config, gpu, free=weights) == cpu  # over half the memory
+    assert host_of(model, layerwise, config, gpu, free=4 * weights) == gpu
+    assert host_of(model, layerwise, config, cpu, free=0) == cpu
+    assert host_of(model, registry.create("woodfisher"), config, gpu, free=0) == gpu
+    trains = PruneConfig("hf:x", "sparsegpt", 0.5, schedule=ScheduleConfig(finetune_epochs=1))
+    assert host_of(model, layerwise, trains, gpu, free=0) == gpu  # training needs the device
+
+
+def test_block_inputs_are_captured_where_the_model_is_and_moved_to_the_device(decoder):
+    from prunekit.calibrate.blocks import BlockInputs, moved, repeated_blocks
+    from prunekit.load.data import load_data
+    from prunekit.load.models import load_model
+
+    model_dir, texts, family = decoder
+    model = load_model(f"hf:{model_dir}").model
+    data = load_data(f"text:{texts}", model_spec=f"hf:{model_dir}")
+    name, blocks = repeated_blocks(model)
+    assert name == ("model.transformer.h" if family == "gpt2" else "model.model.layers")
+    inputs = BlockInputs(model, blocks[0], data.calibration, 20, torch.device("cpu"), 8)
+    assert [len(c.hidden) for c in inputs.chunks] == [8, 8, 4]
+    assert all(c.token_mask is not None for c in inputs.chunks)
+    nested = moved({"a": (torch.ones(1), [torch.zeros(2)]), "b": None}, torch.device("cpu"))
+    assert nested["b"] is None and isinstance(nested["a"], tuple)
+    assert isinstance(nested["a"][1], list) and torch.equal(nested["a"][1][0], torch.zeros(2))
