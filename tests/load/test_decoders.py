@@ -254,3 +254,20 @@ def test_block_inputs_are_captured_where_the_model_is_and_moved_to_the_device(de
     nested = moved({"a": (torch.ones(1), [torch.zeros(2)]), "b": None}, torch.device("cpu"))
     assert nested["b"] is None and isinstance(nested["a"], tuple)
     assert isinstance(nested["a"][1], list) and torch.equal(nested["a"][1][0], torch.zeros(2))
+
+
+def test_a_decoder_whose_config_names_code_is_refused(decoder, tmp_path):
+    import json
+    import shutil
+
+    from prunekit.errors import InputFileError
+    from prunekit.load.models import load_model
+
+    model_dir, _, _ = decoder
+    copy = tmp_path / "remote"
+    shutil.copytree(model_dir, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputFileError, match="never sets trust_remote_code"):
+        load_model(f"hf:{copy}")
