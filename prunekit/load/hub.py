@@ -18,6 +18,9 @@ import os
 import re
 import tempfile
 import urllib.error
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,8 +65,23 @@ def hub_cache() -> Path:
     return Path(home).expanduser() / "hub"
 
 
+_CACHE_ONLY: ContextVar[bool] = ContextVar("cache_only", default=False)
+
+
 def offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").upper() in TRUE_WORDS
+    """HF_HUB_OFFLINE is set, or the model was named by a file (``cache_only``)."""
+    return _CACHE_ONLY.get() or os.environ.get("HF_HUB_OFFLINE", "").upper() in TRUE_WORDS
+
+
+@contextmanager
+def cache_only() -> Iterator[None]:
+    """Hub ids resolve from the cache alone: for a model named in a file's metadata, which
+    never makes prunekit download anything."""
+    token = _CACHE_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _CACHE_ONLY.reset(token)
 
 
 def hub_snapshot(rest: str) -> Path:
@@ -95,7 +113,13 @@ def hub_snapshot(rest: str) -> Path:
             )
         )
     except LocalEntryNotFoundError:
-        why = "HF_HUB_OFFLINE is set" if offline() else "the hub cannot be reached"
+        why = (
+            "a model named in a file is read from the cache only"
+            if _CACHE_ONLY.get()
+            else "HF_HUB_OFFLINE is set"
+            if offline()
+            else "the hub cannot be reached"
+        )
         raise InputFileError(
             f"hf:{rest} is not in the Hugging Face cache ({cache}) and {why}: run the same "
             f"command once on a machine with network access (it downloads {name} into that "

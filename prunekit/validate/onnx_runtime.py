@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
@@ -22,6 +23,7 @@ from torch.utils.data import Dataset
 from prunekit.errors import InputFileError, ModelMismatchError, UsageError
 from prunekit.formats.metadata import ExportMetadata, export_metadata
 from prunekit.load.data import UNLABELED
+from prunekit.load.hub import cache_only
 from prunekit.load.models import brings_weights
 from prunekit.runtime.batches import loader
 from prunekit.runtime.outputs import file_sha256
@@ -175,7 +177,8 @@ def parity_model(
     elif weights is None and not brings_weights(recorded):
         return None, f"the file records no weights for {recorded}; pass --weights FILE"
     try:
-        return load_model(recorded, weights, num_classes).model, None
+        with cache_only():  # a spec read from the file never makes prunekit download
+            return load_model(recorded, weights, num_classes).model, None
     except PrunekitError as exc:
         if asked:
             raise
@@ -192,7 +195,8 @@ def dense_model(
     recorded = spec or meta.model or ""
     if not brings_weights(recorded):  # (built without importing user code)
         return None
-    return load_model(recorded, None, num_classes).model
+    with cache_only() if spec is None else nullcontext():  # a file's spec: no download
+        return load_model(recorded, None, num_classes).model
 
 
 def session_settings(session, options: ValidateOptions) -> dict[str, Any]:
@@ -540,7 +544,8 @@ def validate_file(
     if data is None:  # the recorded data comes with its recorded preprocessing
         normalize = normalize or meta.normalize
         image_size = image_size or meta.image_size
-    splits = load_data(spec, Preprocess(normalize, image_size), meta.model, meta.max_length)
+    with cache_only():  # the tokenizer of the model the file names: never downloaded
+        splits = load_data(spec, Preprocess(normalize, image_size), meta.model, meta.max_length)
     model, skipped = parity_model(onnx_file, meta, torch_model, weights, num_classes)
     if options.max_accuracy_drop is not None and baseline is None:
         baseline = gate_baseline(onnx_file)

@@ -73,6 +73,16 @@ def test_not_in_the_cache_offline_says_what_to_download_and_where(hub_cache, ber
     assert not (tmp_path / "o").exists()
 
 
+def test_a_hub_id_named_by_a_file_is_read_from_the_cache_only(hub_cache, monkeypatch):
+    from prunekit.load.hub import cache_only
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")  # online as far as the user said
+    with cache_only(), pytest.raises(InputFileError, match="read from the cache only"):
+        hf_root("org/not-cached")  # no download attempted
+    with cache_only():
+        assert hf_root("org/tiny-bert").is_dir()
+
+
 def test_a_cached_snapshot_without_safetensors_weights_is_refused(hub_cache):
     snapshot = hub_cache / "models--org--tiny-bert" / "snapshots" / COMMIT
     for weights in snapshot.glob("*.safetensors"):
