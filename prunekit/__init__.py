@@ -1,6 +1,7 @@
 """prunekit: prune PyTorch models with first- and second-order criteria, export and validate.
 
-The stable Python API (see the README): ``prune`` an ``nn.Module`` in memory, ``hold_masks``
+The stable Python API (see the docs): ``prune`` an ``nn.Module`` in memory, ``load_model`` a
+spec with a run's weights, ``hold_masks``
 in your own training loop, ``export_onnx``, ``validate_onnx``; ``ScheduleConfig`` and
 ``TrainConfig`` for schedules that train; ``run_recipe`` / ``load_recipe`` / ``PruneConfig``
 for run recipes. Plugin authors: ``prunekit.api``. Names are imported on first use, so that
@@ -18,6 +19,7 @@ _API = {
     "prune": "prunekit.library",
     "PruneResult": "prunekit.library",
     "hold_masks": "prunekit.library",
+    "load_model": "prunekit.library",
     "MaskHandle": "prunekit.library",
     "export_onnx": "prunekit.library",
     "validate_onnx": "prunekit.library",

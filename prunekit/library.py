@@ -259,6 +259,23 @@ class MaskHandle:
         self.remove()
 
 
+def load_model(
+    spec: str,
+    weights: str | Path | None = None,
+    *,
+    num_classes: int | None = None,
+    trust_checkpoint: bool = False,
+) -> nn.Module:
+    """The model ``spec`` names (``sample:NAME``, ``cifar:ARCH``, ``torchvision:ARCH[:WEIGHTS]``,
+    ``hf:DIR`` or ``hf:ORG/NAME``, ``package.module:factory``) with ``weights`` loaded, e.g.
+    a run's ``model.safetensors`` (a structured run's channels are cut out first), in eval
+    mode on the CPU. Pickled checkpoints are refused unless ``trust_checkpoint``."""
+    from prunekit.load.models import load_model as build_and_load
+
+    path = Path(weights).expanduser() if weights is not None else None
+    return build_and_load(spec, path, num_classes, trust_checkpoint).model.eval()
+
+
 def hold_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> MaskHandle:
     """Hold ``masks`` (weight name -> keep, True = kept) on ``model`` with parametrizations.
 

@@ -494,3 +494,21 @@ def test_a_model_in_another_precision_than_the_data_is_named():
     model = nn.Sequential(nn.Linear(4, 3)).double()
     with pytest.raises(prunekit.PrunekitError, match=r"weights are float64 and the data float32"):
         prunekit.prune(model, "magnitude", 0.5, (torch.randn(16, 4), torch.arange(16) % 3))
+
+
+def test_load_model_is_public_and_takes_a_path_given_as_text(tmp_path):
+    """Item 10 of the new-user trial: a pruned model is loaded back in Python by its spec and
+    the run's weights file, given as a str."""
+    from safetensors.torch import load_file
+
+    from tests.cli_helpers import MLP_HALF, prune_report
+
+    report = prune_report(*MLP_HALF, "--out", str(tmp_path / "run"))
+    weights = str(tmp_path / "run" / "model.safetensors")
+    model = prunekit.load_model("sample:digits-mlp", weights)
+    saved = load_file(weights)
+    assert not model.training
+    assert all(torch.equal(model.state_dict()[k], saved[k]) for k in saved)
+    assert report["sparsity"]["achieved"] == pytest.approx(0.5, abs=1e-3)
+    with pytest.raises(prunekit.PrunekitError, match="does not exist"):
+        prunekit.load_model("sample:digits-mlp", str(tmp_path / "missing.safetensors"))

@@ -65,7 +65,8 @@ def prune(
     ] = False,
     out: Annotated[
         Path | None, typer.Option("--out", help="Output folder (default "
-                                  "prunekit-out/MODEL-PRUNER-S).", rich_help_panel=OUTPUT)
+                                  "prunekit-out/MODEL-PRUNER-S[-MASK][-STRUCTURE][-QUANTIZE]).",
+                                  rich_help_panel=OUTPUT)
     ] = None,
     options: dict[str, Any] | None = None,
 ) -> None:  # fmt: skip

@@ -53,10 +53,21 @@ class PruneConfig:
     command: tuple[str, ...] = ()  # the command line that asked for the run, if any
 
     @staticmethod
-    def default_out(model: str, pruner: str, sparsity: float) -> Path:
-        """prunekit-out/MODEL-PRUNER-S, where OUT is not given."""
+    def default_out(
+        model: str,
+        pruner: str,
+        sparsity: float,
+        mask: str = "global",
+        structure: str | None = None,
+        quantize: str | None = None,
+    ) -> Path:
+        """prunekit-out/MODEL-PRUNER-S[-MASK][-STRUCTURE][-QUANTIZE], where OUT is not given:
+        runs that differ in any of these do not collide."""
         name = Path(model.split(":")[-1]).name or "model"  # hf:/abs/dir -> dir
-        return Path("prunekit-out") / f"{name.replace('.', '_')}-{pruner}-{sparsity:g}"
+        parts = [name.replace(".", "_"), pruner, f"{sparsity:g}"]
+        parts += [mask.replace(":", "of")] if mask != "global" else []
+        parts += [p for p in (structure, quantize) if p]
+        return Path("prunekit-out") / "-".join(parts)
 
     def quantization(self) -> QuantizeConfig | None:
         if self.quantize is None:

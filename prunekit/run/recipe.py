@@ -218,8 +218,9 @@ def config_from(recipe: Mapping[str, Any], source: str = "recipe") -> PruneConfi
     values.pop("command", None)  # recorded for the report only
     if values.get("out") is None:
         values["out"] = PruneConfig.default_out(
-            values["model"], values["pruner"], values["sparsity"]
-        )
+            values["model"], values["pruner"], values["sparsity"], values.get("mask") or "global",
+            values.get("structure"), values.get("quantize"),
+        )  # fmt: skip
     return PruneConfig(**values)
 
 

@@ -1,6 +1,7 @@
 """The command line: exit codes and one-line messages for every bad input of `prune`."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from prunekit import __version__
 from prunekit.cli import app
 from prunekit.load.sample_models import SAMPLES
-from tests.cli_helpers import CNN_HALF, MLP_HALF, assert_error, prune, runner
+from tests.cli_helpers import CNN_HALF, MLP_HALF, assert_error, prune, prune_report, runner
 from tests.fake_plugins import install, unique
 
 
@@ -420,3 +421,20 @@ def test_sweep_and_budget_bad_values(tmp_path):
         str(tmp_path / "o"),
     )
     assert_error(result, 2, "must be a positive, finite size")
+
+
+def test_default_output_folders_of_runs_that_differ_in_mask_or_structure_do_not_collide(
+    tmp_path, monkeypatch
+):
+    """Item 7 of the new-user trial: a 2:4 (or channel) rerun of the same pruner and
+    sparsity gets its own default folder."""
+    from prunekit.run.config import PruneConfig
+
+    monkeypatch.chdir(tmp_path)
+    plain = prune_report(*MLP_HALF)
+    nm = prune_report(*MLP_HALF, "--mask", "2:4")
+    assert Path(plain["outputs"][0]).parent.name == "digits-mlp-magnitude-0.5"
+    assert Path(nm["outputs"][0]).parent.name == "digits-mlp-magnitude-0.5-2of4"
+    out = PruneConfig.default_out("sample:digits-cnn", "woodfisher", 0.5, "layer", "channels",
+                                  "int8")  # fmt: skip
+    assert out.name == "digits-cnn-woodfisher-0.5-layer-channels-int8"
