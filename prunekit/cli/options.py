@@ -101,6 +101,25 @@ GATES = (
         EXPORT,
     ),
 )
+VALIDATE_TIMING = (
+    _opt(
+        "validate_runs",
+        int,
+        100,
+        "--runs",
+        "--validate: timed ONNX Runtime runs per model and batch size.",
+        EXPORT,
+    ),
+    _opt(
+        "validate_threads",
+        int | None,
+        None,
+        "--threads",
+        "--validate: ONNX Runtime intra-op threads (default: ONNX Runtime's own; on a busy "
+        "machine fewer threads time more steadily).",
+        EXPORT,
+    ),
+)
 TRUST = (
     _opt(
         "trust_checkpoint",

@@ -20,6 +20,7 @@ from prunekit.cli.options import (
     STATISTICS,
     TARGETS,
     TRAINING,
+    VALIDATE_TIMING,
     to_recipe,
     with_options,
 )
@@ -29,7 +30,7 @@ MODEL_HELP = "sample:NAME, cifar:ARCH, torchvision:ARCH or pkg.module:factory"
 
 
 @handle_errors
-@with_options(RUN, TRAINING, GATES, FORCE, JSON)
+@with_options(RUN, TRAINING, GATES, VALIDATE_TIMING, FORCE, JSON)
 def prune(
     model: Annotated[str | None, typer.Argument(help=MODEL_HELP, show_default=False)] = None,
     pruner: Annotated[

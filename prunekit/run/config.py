@@ -47,7 +47,8 @@ class PruneConfig:
     validate: bool = False
     max_accuracy_drop: float | None = None  # --validate gates: nothing is written when one
     min_cosine: float | None = None  # fails
-    validate_runs: int = 500  # --validate: timed ONNX Runtime runs per model and batch size
+    validate_runs: int = 100  # --validate: timed ONNX Runtime runs per model and batch size
+    validate_threads: int | None = None  # --validate: intra-op threads (None: ORT's default)
     out: Path = Path("prunekit-out")
     force: bool = False
     command: tuple[str, ...] = ()  # the command line that asked for the run, if any
@@ -79,6 +80,7 @@ class PruneConfig:
             max_accuracy_drop=self.max_accuracy_drop,
             min_cosine=self.min_cosine,
             runs=self.validate_runs,
+            threads=self.validate_threads or 0,
         )
 
     def preprocess(self) -> Preprocess:

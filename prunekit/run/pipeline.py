@@ -92,8 +92,10 @@ BOUNDS = {  # options whose values outside these can only be mistakes
     "min_channels": (1, 1_000_000),
     "channel_multiple": (1, 4096),
     "validate_runs": (1, 1_000_000),
+    "validate_threads": (1, 1024),  # (left out: ONNX Runtime's default)
     "memory_budget": (1, 2**62),  # bytes (0 is not "the default")
 }
+FLAGS = {"validate_runs": "--runs", "validate_threads": "--threads"}  # where not --NAME
 
 
 def check_bounds(config: PruneConfig) -> None:
@@ -103,9 +105,8 @@ def check_bounds(config: PruneConfig) -> None:
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise UsageError(
-                f"--{name.replace('_', '-')} {value!r}: give an integer from {low} to {high}"
-            )
+            flag = FLAGS.get(name, f"--{name.replace('_', '-')}")
+            raise UsageError(f"{flag} {value!r}: give an integer from {low} to {high}")
 
 
 def check(config: PruneConfig) -> None:

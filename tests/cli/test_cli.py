@@ -438,3 +438,19 @@ def test_default_output_folders_of_runs_that_differ_in_mask_or_structure_do_not_
     out = PruneConfig.default_out("sample:digits-cnn", "woodfisher", 0.5, "layer", "channels",
                                   "int8")  # fmt: skip
     assert out.name == "digits-cnn-woodfisher-0.5-layer-channels-int8"
+
+
+def test_prune_validate_takes_runs_and_threads(tmp_path):
+    """Item 3 of the new-user trial: --validate's timing is set from prune itself (100 runs
+    by default, not 500), and bad values are one-line errors."""
+    report = prune_report(*MLP_HALF, "--validate", "--runs", "3", "--threads", "1",
+                          "--out", str(tmp_path / "run"))  # fmt: skip
+    assert report["validation"]["session"]["intra_op_threads"] == 1
+    assert report["recipe"]["validate_runs"] == 3
+    from prunekit.run.config import PruneConfig
+
+    assert PruneConfig("sample:digits-mlp", "magnitude", 0.5).validate_runs == 100
+    for flag, value in (("--runs", "0"), ("--threads", "0")):
+        result = prune(*MLP_HALF, "--validate", flag, value, "--out", str(tmp_path / flag))
+        assert_error(result, 2, f"{flag} 0: give an integer from 1")
+        assert not (tmp_path / flag).exists()
