@@ -117,7 +117,7 @@ def prune(
     data: DataLike,
     *,
     test_data: DataLike | None = None,
-    mask: str = "global",
+    mask: str | None = None,
     exclude: Sequence[str] = (),
     params: Mapping[str, Any] | None = None,
     schedule: ScheduleConfig | None = None,
@@ -141,9 +141,10 @@ def prune(
     ``data`` is the calibration (and, for schedules that train, training) data: ``(x, y)``
     tensors, a Dataset of ``(x, y)`` or a DataLoader; x alone is unlabeled data.
     ``test_data`` (same forms) is where accuracy is measured; without it, on ``data``.
-    ``mask`` is global, layer or N:M; ``schedule`` a ScheduleConfig (default: one-shot with
-    automatic recomputation); ``objective`` the loss of the gradient statistics (labels, kl,
-    mse, cosine; default: labels, or kl on unlabeled data). ``structure="channels"`` removes
+    ``mask`` is global, layer or N:M (default: global; layer with ``structure``);
+    ``schedule`` a ScheduleConfig (default: one-shot with automatic recomputation);
+    ``objective`` the loss of the gradient statistics (labels, kl, mse, cosine; default:
+    labels, or kl on unlabeled data). ``structure="channels"`` removes
     whole channels (``sparsity`` is then the fraction of channels) and shrinks ``model`` in
     place to its new shapes; the result then has no masks. ``quantize`` ("int8" or "int4",
     with ``rounding`` "gptq" or "rtn" and ``group_size`` for the 4-bit Linear layers) rounds
@@ -177,7 +178,7 @@ def prune(
         model=f"in-memory:{type(model).__name__}",
         pruner=name,
         sparsity=sparsity,
-        mask=mask,
+        mask=mask if mask is not None else "layer" if structure else "global",
         exclude=tuple(exclude),
         params={k: str(v) for k, v in (params or {}).items()},
         schedule=_with_fine_tuning(schedule or ScheduleConfig(), distill, augment),

@@ -144,10 +144,11 @@ NUM_CLASSES = (
 RUN = (
     _opt(
         "mask",
-        str,
-        "global",
+        str | None,
+        None,
         "--mask",
-        "global: one threshold; layer: each tensor to S; N:M (e.g. 2:4).",
+        "global: one threshold; layer: each tensor (each channel group with --structure) "
+        "to S; N:M (e.g. 2:4). Default: global, or layer with --structure.",
         TARGETS,
     ),
     _opt(

@@ -16,9 +16,22 @@ def print_report(report: dict[str, Any]) -> None:
     for name, fraction in report["sparsity"]["per_tensor"].items():
         table.add_row(name, f"{fraction:.1%}")
     sparsity, acc = report["sparsity"], report["accuracy"]
+    structure = report.get("structure")
     table.add_section()
-    table.add_row("all targets", f"{sparsity['achieved']:.1%} (asked {sparsity['target']:.1%})")
+    if structure:  # --structure: the request is a fraction of channels, not of weights
+        table.add_row("channels removed", f"{structure['removed']:.1%} (asked "
+                      f"{sparsity['target']:.1%})")  # fmt: skip
+    else:
+        table.add_row("all targets", f"{sparsity['achieved']:.1%} (asked {sparsity['target']:.1%})")
     console.print(table)
+    if structure:
+        params, flops = structure["parameters"], structure["flops_per_sample"]
+        console.print(
+            f"parameters {params['before']:,} -> {params['after']:,} "
+            f"({1 - params['after'] / max(params['before'], 1):.1%} fewer); FLOPs per sample "
+            f"{flops['before']:,} -> {flops['after']:,} "
+            f"({1 - flops['after'] / max(flops['before'], 1):.1%} fewer)"
+        )
     perplexity, fidelity = report.get("perplexity"), report.get("fidelity")
     if perplexity:
         console.print(

@@ -216,6 +216,10 @@ def config_from(recipe: Mapping[str, Any], source: str = "recipe") -> PruneConfi
         train = TrainConfig(**_given(given.pop("train"))) if "train" in given else TrainConfig()
         values["schedule"] = ScheduleConfig(**given, train=train)
     values.pop("command", None)  # recorded for the report only
+    if values.get("structure") and values.get("mask") is None:
+        # channels: every group loses the same fraction (a global threshold over groups of
+        # different scales cut some to one channel: 98.9 -> 18.4 % on sample:digits-resnet)
+        values["mask"] = "layer"
     if values.get("out") is None:
         values["out"] = PruneConfig.default_out(
             values["model"], values["pruner"], values["sparsity"], values.get("mask") or "global",

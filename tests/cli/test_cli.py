@@ -454,3 +454,18 @@ def test_prune_validate_takes_runs_and_threads(tmp_path):
         result = prune(*MLP_HALF, "--validate", flag, value, "--out", str(tmp_path / flag))
         assert_error(result, 2, f"{flag} 0: give an integer from 1")
         assert not (tmp_path / flag).exists()
+
+
+def test_structure_defaults_to_a_per_group_fraction_and_the_summary_speaks_of_channels(tmp_path):
+    """Item 1 of the new-user trial: --structure channels without --mask removes the same
+    fraction from every group (global cut groups to one channel: 98.9 -> 18.4 %), and the
+    summary compares the channels removed with the request, with parameters and FLOPs."""
+    result = prune("sample:digits-resnet", "-p", "magnitude", "-s", "0.5", "--structure",
+                   "channels", "--out", str(tmp_path / "run"))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["mask"] == "layer"
+    assert report["structure"]["removed"] == pytest.approx(0.5, abs=0.05)
+    assert report["accuracy"]["pruned"] > 0.5
+    assert "channels removed" in result.stdout and "(asked 50.0%)" in result.stdout
+    assert "FLOPs per sample" in result.stdout and "fewer" in result.stdout
