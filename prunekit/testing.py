@@ -20,7 +20,7 @@ from torch.utils.data import TensorDataset
 from prunekit.contract.context import StepContext
 from prunekit.contract.pruner import CONTRACT_VERSION, Compressed, LayerPruner, LayerRequest, Pruner
 from prunekit.contract.statistics import STATISTICS
-from prunekit.contract.target import StatsSpec, Target
+from prunekit.contract.target import StatsSpec, Target, nm_columns, nm_fits
 from prunekit.engine.masks import find_targets, select
 from prunekit.errors import UsageError
 
@@ -132,12 +132,14 @@ def check_compression(pruner: LayerPruner, model: nn.Module, targets: list[Targe
     weights left untouched."""
     from prunekit.calibrate.layer_inputs import input_gram
 
-    for request in (LayerRequest(0.5), LayerRequest(0.5, (2, 4))):
+    for plain in (LayerRequest(0.5), LayerRequest(0.5, (2, 4))):
         for t in targets:
             if not pruner.supports(t.module):
                 continue
-            if request.pattern and (t.numel // t.weight.shape[0]) % request.pattern[1]:
+            if plain.pattern and not nm_fits(t.weight.shape, plain.pattern[1]):
                 continue  # prunekit leaves layers an N:M pattern does not fit dense
+            columns = nm_columns(t.weight.shape) if plain.pattern else None
+            request = dataclasses.replace(plain, columns=columns)
             gram = input_gram(model, t.module, tiny_data(), TINY_SAMPLES, torch.device("cpu"))
             before = t.weight.detach().clone()
             try:
@@ -154,7 +156,8 @@ def check_compression(pruner: LayerPruner, model: nn.Module, targets: list[Targe
                 pruned = t.numel - int(result.keep.sum())
                 assert pruned == round(0.5 * t.numel), f"{t.name}: {pruned} pruned, asked half"
             else:
-                rows = result.keep.reshape(t.weight.shape[0], -1, 4)
+                rows = result.keep.reshape(t.weight.shape[0], -1)
+                rows = (rows if columns is None else rows[:, columns]).reshape(len(rows), -1, 4)
                 assert bool((rows.sum(-1) == 2).all()), f"{t.name}: not 2 of every 4 kept"
             if result.weight is not None:
                 assert result.weight.shape == t.weight.shape, f"weight for {t.name}: wrong shape"

@@ -43,5 +43,5 @@ class StepContext:
 
     def pattern(self) -> tuple[int, int] | None:
         """(n, m) when the mask is N:M, else None."""
-        n, sep, m = self.mask.partition(":")
-        return (int(n), int(m)) if sep else None
+        n, sep, rest = self.mask.partition(":")
+        return (int(n), int(rest.partition(":")[0])) if sep else None

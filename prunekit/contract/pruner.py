@@ -190,13 +190,18 @@ class Pruner:
 class LayerRequest:
     """What one layer is compressed to: the fraction of its weights pruned after this step
     (already pruned ones included), or an N:M pattern (``pattern`` = (n, m): n kept of every m
-    consecutive inputs of an output); with ``grid`` (the last step of a ``--quantize`` run)
-    the kept weights are also rounded to it in the same pass, and ``Compressed.scales`` holds
-    its scales. A pruner that cannot round returns no scales; prunekit rounds afterwards."""
+    consecutive inputs of an output, taken in the order ``columns``); with ``grid`` (the last
+    step of a ``--quantize`` run) the kept weights are also rounded to it in the same pass,
+    and ``Compressed.scales`` holds its scales. A pruner that cannot round returns no
+    scales; prunekit rounds afterwards."""
 
     sparsity: float
     pattern: tuple[int, int] | None = None
     grid: QuantGrid | None = None  # --quantize: also round the kept weights to this grid
+    # with a pattern: the order of a row's columns in which each m consecutive ones are a
+    # group (contract.target.nm_columns: input channels at each kernel position of a
+    # convolution); None: the columns as stored
+    columns: torch.Tensor | None = None
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -47,3 +48,27 @@ def multiplies_rows(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (
         isinstance(module, nn.Conv2d) and module.groups == 1 and not isinstance(module.padding, str)
     )
+
+
+NM_LAYOUTS = ("channels", "flat")
+
+
+def nm_columns(
+    shape: torch.Size | tuple[int, ...], layout: str = "channels"
+) -> torch.Tensor | None:
+    """The order of a weight row's columns (the flattened in·kh·kw inputs of one output) in
+    which every M consecutive columns are one N:M group, or None where that is the natural
+    order. ``channels``: a convolution's groups run along its input channels at each kernel
+    position, the layout sparse tensor cores (cuSPARSELt, TensorRT) use for convolutions;
+    ``flat``: along the flattened row as stored."""
+    positions = math.prod(shape[2:])
+    if layout == "flat" or positions == 1:
+        return None
+    return torch.arange(shape[1] * positions).reshape(shape[1], positions).t().reshape(-1)
+
+
+def nm_fits(shape: torch.Size | tuple[int, ...], m: int, layout: str = "channels") -> bool:
+    """Whether an N:M pattern of groups of ``m`` covers a weight of ``shape``."""
+    if layout == "flat" or len(shape) < 3:
+        return math.prod(shape[1:]) % m == 0
+    return shape[1] % m == 0

@@ -9,7 +9,7 @@ from typing import cast
 import torch
 from torch import nn
 
-from prunekit.contract.target import Target
+from prunekit.contract.target import Target, nm_columns, nm_fits
 from prunekit.errors import NumericalError, UsageError
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -75,13 +75,24 @@ def _lowest(flat: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def parse_nm(mode: str) -> tuple[int, int] | None:
-    """(n, m) for an 'n:m' mask mode, None for global/layer; a usage error otherwise."""
+    """(n, m) for an 'N:M' (or 'N:M:flat') mask mode, None for global/layer; a usage error
+    otherwise."""
     if mode in ("global", "layer"):
         return None
-    n, sep, m = mode.partition(":")
-    if sep and n.isdigit() and m.isdigit() and 0 < int(n) < int(m):
+    n, sep, rest = mode.partition(":")
+    m, _, layout = rest.partition(":")
+    if sep and n.isdigit() and m.isdigit() and 0 < int(n) < int(m) and layout in ("", "flat"):
         return int(n), int(m)
-    raise UsageError(f"unknown mask mode '{mode}': use global, layer or N:M such as 2:4")
+    raise UsageError(
+        f"unknown mask mode '{mode}': use global, layer or N:M such as 2:4 (N:M:flat groups "
+        "a convolution's flattened rows instead of its input channels)"
+    )
+
+
+def nm_layout(mode: str) -> str:
+    """Where the groups of an N:M mode run in a convolution: ``channels`` (input channels at
+    each kernel position, as sparse kernels read them) unless the mode ends in ``:flat``."""
+    return "flat" if mode.endswith(":flat") else "channels"
 
 
 def check_mask(mode: str, sparsity: float) -> None:
@@ -94,24 +105,32 @@ def check_mask(mode: str, sparsity: float) -> None:
 
 
 def nm_misfits(targets: Sequence[Target], mode: str) -> list[Target]:
-    """Targets an N:M mask cannot cover: inputs per output not a multiple of M."""
+    """Targets an N:M mask cannot cover: inputs per output (input channels of a convolution
+    in the channels layout) not a multiple of M."""
     nm = parse_nm(mode)
     if nm is None:
         return []
-    return [t for t in targets if (t.numel // t.weight.shape[0]) % nm[1]]
+    return [t for t in targets if not nm_fits(t.weight.shape, nm[1], nm_layout(mode))]
 
 
-def _n_of_m(score: torch.Tensor, target: Target, n: int, m: int) -> torch.Tensor:
-    rows = score.reshape(target.weight.shape[0], -1)
-    if rows.shape[1] % m:
+def _n_of_m(score: torch.Tensor, target: Target, n: int, m: int, layout: str) -> torch.Tensor:
+    shape = target.weight.shape
+    if not nm_fits(shape, m, layout):
         raise UsageError(
-            f"{target.name} has {rows.shape[1]} inputs per output, not a multiple of {m}; "
+            f"{target.name} has {shape[1]} inputs per output, not a multiple of {m}; "
             f"exclude it (--exclude '{target.name}') or use another mask"
         )
+    rows = score.reshape(shape[0], -1)
+    columns = nm_columns(shape, layout)
+    if columns is not None:
+        rows = rows[:, columns.to(rows.device)]
     groups = rows.reshape(rows.shape[0], -1, m)
     best = torch.zeros_like(groups, dtype=torch.bool)
     best.scatter_(-1, groups.topk(n, dim=-1).indices, True)
-    return (best & torch.isfinite(groups)).reshape(target.weight.shape)  # pruned stay pruned
+    best = (best & torch.isfinite(groups)).reshape(rows.shape)  # pruned stay pruned
+    if columns is not None:
+        best = best[:, torch.argsort(columns).to(best.device)]
+    return best.reshape(shape)
 
 
 def select(
@@ -135,7 +154,10 @@ def select(
     checked = [_checked(t.name, cast(torch.Tensor, scores[t.name]), t) for t in ranked]
     nm = parse_nm(mode)
     if nm is not None:
-        keep.update({t.name: _n_of_m(s, t, *nm) for t, s in zip(ranked, checked, strict=True)})
+        layout = nm_layout(mode)
+        keep.update(
+            {t.name: _n_of_m(s, t, *nm, layout) for t, s in zip(ranked, checked, strict=True)}
+        )
     elif mode == "layer":
         keep.update(
             {

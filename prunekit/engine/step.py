@@ -22,8 +22,8 @@ from prunekit.contract.context import StepContext
 from prunekit.contract.objectives import LABELS, Objective
 from prunekit.contract.pruner import Compressed, LayerPruner, LayerRequest, Pruner, guarded
 from prunekit.contract.quantization import QuantGrid, QuantizedTensor
-from prunekit.contract.target import Target
-from prunekit.engine.masks import apply, parse_nm, select, sparsity_of
+from prunekit.contract.target import Target, nm_columns
+from prunekit.engine.masks import apply, nm_layout, parse_nm, select, sparsity_of
 from prunekit.errors import NumericalError, PluginError, UsageError
 from prunekit.runtime import distributed
 from prunekit.runtime.timing import Timings
@@ -221,7 +221,9 @@ def compress_layers(state: Pruning, sparsity: float) -> dict[str, torch.Tensor]:
     def compress(name: str, gram: torch.Tensor) -> None:
         t = supported[name]
         grid = state.grids.get(name) if last else None
-        request = LayerRequest(sparsity, parse_nm(ctx.mask), grid)
+        pattern = parse_nm(ctx.mask)
+        columns = nm_columns(t.weight.shape, nm_layout(ctx.mask)) if pattern else None
+        request = LayerRequest(sparsity, pattern, grid, columns)
         with ctx.timings.phase("prune"):
             with guarded(pruner, "compress", t.weight):
                 compressed = pruner.compress(t, gram, request)

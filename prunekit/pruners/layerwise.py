@@ -62,10 +62,19 @@ class SparseGPTPruner(LayerPruner):
 
     def compress(self, target: Target, gram: torch.Tensor, request: LayerRequest) -> Compressed:
         matrix = target.weight.detach().reshape(target.weight.shape[0], -1)
+        pruned = ~target.mask.reshape(matrix.shape)
+        columns = request.columns
+        if columns is not None:  # N:M groups along another order of the columns
+            columns = columns.to(matrix.device)
+            matrix, pruned = matrix[:, columns], pruned[:, columns]
+            gram = gram[columns.to(gram.device)][:, columns.to(gram.device)]
         new, keep, scales = obs_columns(
             matrix, gram, request.sparsity, request.pattern, self.hparams["block_size"],
-            self.hparams["damp"], pruned=~target.mask.reshape(matrix.shape), grid=request.grid,
+            self.hparams["damp"], pruned=pruned, grid=request.grid,
         )  # fmt: skip
+        if columns is not None:
+            back = torch.argsort(columns)
+            new, keep = new[:, back], keep[:, back]
         shape = target.weight.shape
         return Compressed(keep.reshape(shape), new.reshape(shape), scales)
 

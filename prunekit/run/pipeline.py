@@ -367,14 +367,14 @@ def select_targets(config: PruneConfig, model: nn.Module, warnings: list[str]) -
     if misfits:
         names = ", ".join(t.name for t in misfits)
         warnings.append(
-            f"--mask {config.mask}: left dense {names} (inputs per output not "
-            f"a multiple of {config.mask.split(':')[1]})"
+            f"--mask {config.mask}: left dense {names} (input channels, or inputs per output "
+            f"of a Linear, not a multiple of {config.mask.split(':')[1]})"
         )
         targets = [t for t in targets if t not in misfits]
         if not targets:
             raise UsageError(
-                f"--mask {config.mask} fits none of the prunable weights (inputs per "
-                "output not a multiple of M); use another mask"
+                f"--mask {config.mask} fits none of the prunable weights (input channels "
+                "not a multiple of M); use another mask"
             )
     return targets
 

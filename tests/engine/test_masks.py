@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from prunekit.engine.masks import apply, find_targets, select, sparsity_of
+from prunekit.engine.masks import apply, find_targets, nm_misfits, select, sparsity_of
 from prunekit.errors import NumericalError, UsageError
 from prunekit.pruners.magnitude import MagnitudePruner
 
@@ -113,3 +113,70 @@ def test_declined_targets_keep_their_mask(hand_model):
         keep = select(targets, scores, 0.5, mode)
         assert keep["0.weight"].all()
         assert keep["2.weight"].tolist() == [[False, True]]
+
+
+def _kept_in_channel_groups(keep: torch.Tensor, m: int) -> torch.Tensor:
+    """Kept weights per group of m input channels at each kernel position (out, kh, kw, g)."""
+    out, inputs, kh, kw = keep.shape
+    return keep.permute(0, 2, 3, 1).reshape(out, kh, kw, inputs // m, m).sum(-1)
+
+
+def test_n_of_m_on_a_convolution_runs_along_input_channels_at_each_kernel_position():
+    """Item 2 of the new-user trial: 2:4 on a Conv2d is checked in the layout sparse kernels
+    use (input channels at each kernel position); the flattened-row layout only if asked."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 4, 3, bias=False)
+    _, keep, _ = magnitude_masks(conv, 0.5, "2:4")
+    assert bool((_kept_in_channel_groups(keep["weight"], 4) == 2).all())
+    # the oracle: in every group the two largest magnitudes, found by a plain loop
+    w = conv.weight.detach().abs()
+    for o in range(4):
+        for y in range(3):
+            for x in range(3):
+                for g in range(2):
+                    values = w[o, 4 * g : 4 * g + 4, y, x]
+                    best = set(values.topk(2).indices.tolist())
+                    kept = set(
+                        keep["weight"][o, 4 * g : 4 * g + 4, y, x].nonzero().flatten().tolist()
+                    )
+                    assert kept == best
+    flat = magnitude_masks(conv, 0.5, "2:4:flat")[1]["weight"]
+    assert bool((flat.reshape(4, -1, 4).sum(-1) == 2).all())
+    broken = float((_kept_in_channel_groups(flat, 4) != 2).float().mean())
+    assert broken > 0.2  # the old layout breaks the channel pattern (31 % on the trial's model)
+    with pytest.raises(UsageError, match="use global, layer or N:M"):
+        magnitude_masks(conv, 0.5, "2:4:rows")
+
+
+def test_n_of_m_misfits_follow_the_layout():
+    # 2 input channels x 2x2 kernel: a row of 8 divides into 4s, the channels do not
+    conv = torch.nn.Conv2d(2, 4, 2)
+    targets, _ = find_targets(torch.nn.Sequential(conv))
+    assert nm_misfits(targets, "2:4") == targets
+    assert nm_misfits(targets, "2:4:flat") == []
+    assert nm_misfits(find_targets(torch.nn.Linear(8, 2))[0], "2:4") == []
+
+
+def test_sparsegpt_2_of_4_on_a_convolution_follows_the_channel_layout():
+    from prunekit.contract.pruner import LayerRequest
+    from prunekit.contract.target import nm_columns
+    from prunekit.pruners.layerwise import SparseGPTPruner, sparsegpt
+
+    torch.manual_seed(1)
+    conv = torch.nn.Conv2d(8, 3, 3, bias=False)
+    (target,), _ = find_targets(torch.nn.Sequential(conv))
+    x = torch.randn(64, 72, dtype=torch.float64)
+    gram = x.T @ x
+    columns = nm_columns(conv.weight.shape)
+    assert columns is not None
+    pruner = SparseGPTPruner()
+    pruner.hparams = {"block_size": 128, "damp": 0.01}
+    result = pruner.compress(target, gram, LayerRequest(0.5, (2, 4), None, columns))
+    assert bool((_kept_in_channel_groups(result.keep, 4) == 2).all())
+    # the oracle: SparseGPT on the columns reordered by hand, then put back
+    matrix = conv.weight.detach().reshape(3, -1)
+    new, keep = sparsegpt(matrix[:, columns], gram[columns][:, columns], 0.5, (2, 4), 128, 0.01)
+    back = torch.argsort(columns)
+    assert torch.equal(result.keep.reshape(3, -1), keep[:, back])
+    assert result.weight is not None
+    torch.testing.assert_close(result.weight.reshape(3, -1), new[:, back])
