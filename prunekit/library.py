@@ -3,11 +3,13 @@ loop, export and validate it. The CLI runs the same code (``prunekit.run.pipelin
 
 from __future__ import annotations
 
+import functools
 import numbers
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, ParamSpec, TypeVar, cast
 
 import numpy as np
 import torch
@@ -18,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 from prunekit.contract.pruner import Pruner
 from prunekit.contract.quantization import QuantizedTensor
 from prunekit.engine.schedule import ScheduleConfig
-from prunekit.errors import UsageError
+from prunekit.errors import PrunekitError, UsageError
 from prunekit.load.data import (
     MIN_TEST,
     MIN_TRAIN,
@@ -37,6 +39,40 @@ from prunekit.runtime.timing import Timings
 from prunekit.version import __version__
 
 DataLike = DataLoader | Dataset | tuple[torch.Tensor, torch.Tensor] | torch.Tensor
+
+_FLAG = re.compile(r"--([a-z][a-z0-9-]*)(/--no-[a-z0-9-]+)?( (?=[\w.'\"]))?")
+_KEYWORDS = {"param": "params", "recompute": "schedule.recompute"}
+_Args = ParamSpec("_Args")
+_Result = TypeVar("_Result")
+
+
+def in_python_words(message: str) -> str:
+    """An error message with its command-line flags named as the keywords of the Python API:
+    ``--mask 2:4`` reads ``mask=2:4``, ``--param damp`` reads ``params damp``."""
+
+    def keyword(match: re.Match[str]) -> str:
+        name = match.group(1).replace("-", "_")
+        name, valued = _KEYWORDS.get(name, name), match.group(3) and not match.group(2)
+        if not valued:  # (a --flag/--no-flag pair is one keyword)
+            return name + (match.group(3) or "")
+        return f"{name} " if name == "params" else f"{name}="
+
+    return _FLAG.sub(keyword, message)
+
+
+def speaks_python(function: Callable[_Args, _Result]) -> Callable[_Args, _Result]:
+    """Errors raised from ``function`` name the API's keywords, not the CLI's flags."""
+
+    @functools.wraps(function)
+    def wrapper(*args: _Args.args, **kwargs: _Args.kwargs) -> _Result:
+        try:
+            return function(*args, **kwargs)
+        except PrunekitError as exc:
+            if exc.args and isinstance(exc.args[0], str):
+                exc.args = (in_python_words(exc.args[0]), *exc.args[1:])
+            raise
+
+    return wrapper
 
 
 @dataclass
@@ -110,6 +146,7 @@ def splits_of(data: DataLike, test_data: DataLike | None = None) -> Splits:
     )
 
 
+@speaks_python
 def prune(
     model: nn.Module,
     pruner: str | Pruner,
@@ -260,6 +297,7 @@ class MaskHandle:
         self.remove()
 
 
+@speaks_python
 def load_model(
     spec: str,
     weights: str | Path | None = None,
@@ -277,6 +315,7 @@ def load_model(
     return build_and_load(spec, path, num_classes, trust_checkpoint).model.eval()
 
 
+@speaks_python
 def hold_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> MaskHandle:
     """Hold ``masks`` (weight name -> keep, True = kept) on ``model`` with parametrizations.
 
@@ -321,6 +360,7 @@ def hold_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> MaskHandl
     return MaskHandle(held)
 
 
+@speaks_python
 def export_onnx(
     model: nn.Module,
     path: str | Path,
@@ -364,6 +404,7 @@ def export_onnx(
     return {**info, "path": str(target), "bytes": target.stat().st_size}
 
 
+@speaks_python
 def validate_onnx(
     path: str | Path,
     data: DataLike,
@@ -401,6 +442,7 @@ def validate_onnx(
     )
 
 
+@speaks_python
 def run_recipe(recipe: str | Path | Mapping[str, Any], **overrides: Any) -> dict[str, Any]:
     """Run a recipe — a .toml/.json file, a run's report.json, or a dict — like
     ``prunekit prune --config``: ``overrides`` (recipe keys, e.g. ``out=...``, ``seed=1``)

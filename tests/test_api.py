@@ -512,3 +512,18 @@ def test_load_model_is_public_and_takes_a_path_given_as_text(tmp_path):
     assert report["sparsity"]["achieved"] == pytest.approx(0.5, abs=1e-3)
     with pytest.raises(prunekit.PrunekitError, match="does not exist"):
         prunekit.load_model("sample:digits-mlp", str(tmp_path / "missing.safetensors"))
+
+
+def test_api_errors_name_the_keywords_not_the_cli_flags():
+    """Item 11 of the new-user trial: the Python API said --mask and --sparsity."""
+    from prunekit.errors import UsageError
+
+    model = nn.Sequential(nn.Linear(4, 3))
+    x, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
+    with pytest.raises(UsageError) as caught:
+        prunekit.prune(model, "magnitude", 0.9, (x, y), mask="2:4")
+    assert str(caught.value) == (
+        "mask=2:4 keeps 2 of every 4 weights, a sparsity of 0.5; pass sparsity=0.5"
+    )
+    with pytest.raises(UsageError, match=r"^params num_grads=x: expected an integer"):
+        prunekit.prune(model, "woodfisher", 0.5, (x, y), params={"num_grads": "x"})

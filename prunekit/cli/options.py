@@ -201,7 +201,9 @@ RUN = (
         str | None,
         None,
         "--data",
-        "digits, cifar10:DIR, imagefolder:DIR or tensors:FILE (sample models bring their own).",
+        "digits, cifar10:DIR, imagefolder:DIR, tensors:FILE, tensors:TRAIN,TEST or text:FILE "
+        "(hf: models; one text per line, or an integer label, a tab and the text). Sample "
+        "models bring their own.",
         MODEL_DATA,
     ),
     *PREPROCESS,
@@ -315,7 +317,14 @@ TRAINING = (
     ),
     _opt("epochs", int, 0, "--epochs", "pbt: epochs trained with the mask.", SCHEDULE),
     _opt("lr", float, 0.05, "--lr", "Learning rate.", SCHEDULE),
-    _opt("optimizer", str, "sgd", "--optimizer", "sgd or adam.", SCHEDULE),
+    _opt(
+        "optimizer",
+        str,
+        "sgd",
+        "--optimizer",
+        "sgd (Nesterov momentum 0.9) or adamw (decoupled weight decay).",
+        SCHEDULE,
+    ),
     _opt("lr_schedule", str, "cosine", "--lr-schedule", "cosine, multistep, constant.", SCHEDULE),
     _opt("batch_size", int, 64, "--batch-size", "Training batch size.", SCHEDULE),
     _opt("weight_decay", float, 5e-4, "--weight-decay", "Weight decay.", SCHEDULE),

@@ -26,7 +26,10 @@ from prunekit.cli.options import (
 )
 from prunekit.cli.summary import print_report
 
-MODEL_HELP = "sample:NAME, cifar:ARCH, torchvision:ARCH or pkg.module:factory"
+MODEL_HELP = (
+    "sample:NAME, cifar:ARCH, torchvision:ARCH[:WEIGHTS], hf:DIR, hf:ORG/NAME[@REVISION] or "
+    "pkg.module:factory"
+)
 
 
 @handle_errors

@@ -17,7 +17,7 @@ from prunekit.engine.distill import Distillation, augment_images
 from prunekit.errors import UsageError
 from prunekit.runtime import distributed
 
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adamw", "adam")  # adam: the earlier name of adamw, still read
 LR_SCHEDULES = ("cosine", "multistep", "constant")
 
 
@@ -36,7 +36,7 @@ class TrainConfig:
     def check(self, train_size: int | None = None) -> None:
         """Options always; the split size when it is known."""
         if self.optimizer not in OPTIMIZERS:
-            raise UsageError(f"--optimizer {self.optimizer}: use one of {', '.join(OPTIMIZERS)}")
+            raise UsageError(f"--optimizer {self.optimizer}: use sgd or adamw")
         if self.lr_schedule not in LR_SCHEDULES:
             raise UsageError(
                 f"--lr-schedule {self.lr_schedule}: use one of {', '.join(LR_SCHEDULES)}"

@@ -432,9 +432,10 @@ def imagefolder(root: Path, prep: Preprocess) -> Splits:
 
 
 def text(arg: str, model_spec: str | None, max_length: int | None) -> Splits:
-    """``text:FILE``: one text per line, tokenised with the ``hf:DIR`` model's tokenizer
-    (unlabeled), split 80/20 with the fixed split seed."""
-    from prunekit.load.hf import DEFAULT_MAX_LENGTH, load_tokenizer, read_texts, tokenize
+    """``text:FILE``: one text per line (or ``LABEL<TAB>TEXT`` on every line, for hf
+    classifiers), tokenised with the ``hf:DIR`` model's tokenizer, split 80/20 with the fixed
+    split seed."""
+    from prunekit.load.hf import DEFAULT_MAX_LENGTH, labelled, load_tokenizer, read_texts, tokenize
 
     if not model_spec or not model_spec.startswith("hf:"):
         raise UsageError(
@@ -444,8 +445,12 @@ def text(arg: str, model_spec: str | None, max_length: int | None) -> Splits:
 
     tokenizer, limit = load_tokenizer(hf_root(model_spec[3:]))
     texts = read_texts(Path(arg).expanduser())
+    labels = torch.full((len(texts),), UNLABELED)
+    pairs = labelled(texts, Path(arg))
+    if pairs is not None:
+        texts, labels = pairs[0], torch.tensor(pairs[1])
     x, cut = tokenize(texts, tokenizer, max_length or DEFAULT_MAX_LENGTH, limit)
-    splits = _split_tensors(f"text:{arg}", x, torch.full((len(x),), UNLABELED), Preprocess())
+    splits = _split_tensors(f"text:{arg}", x, labels, Preprocess())
     splits.notes = [f"{cut} of {len(texts)} texts cut to {x.shape[-1]} tokens"] if cut else []
     return splits
 

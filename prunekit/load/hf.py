@@ -364,6 +364,24 @@ def read_texts(path: Path) -> list[str]:
     return texts
 
 
+def labelled(texts: list[str], path: Path) -> tuple[list[str], list[int]] | None:
+    """The texts and labels of a file whose every line is ``LABEL<TAB>TEXT`` (LABEL a
+    non-negative integer), None for plain texts; a file where only some lines are labelled
+    is refused, naming the first line without a label."""
+    parts = [t.partition("\t") for t in texts]
+    marked = [
+        label.isdigit() and len(label) <= 6 and bool(rest.strip()) for label, _, rest in parts
+    ]
+    if not marked[0]:
+        return None
+    if not all(marked):
+        raise InputFileError(
+            f"text file {path}: its first line is LABEL<TAB>TEXT but text "
+            f"{marked.index(False) + 1} has no label; label every line, or none"
+        )
+    return [rest.strip() for _, _, rest in parts], [int(label) for label, _, _ in parts]
+
+
 UNKNOWN_LIMIT = 0.5  # the most of a text's tokens that may be the unknown token
 
 

@@ -38,7 +38,13 @@ from prunekit.formats.onnx_quant import (
     check_calibration,
 )
 from prunekit.load.data import Splits, limit_labels, load_data
-from prunekit.load.models import LOAD_BOUNDS, default_data, first_non_finite, load_model
+from prunekit.load.models import (
+    LOAD_BOUNDS,
+    default_data,
+    first_non_finite,
+    load_model,
+    sized_by_data,
+)
 from prunekit.pruners import registry
 from prunekit.run.config import PruneConfig
 from prunekit.run.exports import EXPORT_FORMATS, metadata_for, write_exports
@@ -195,7 +201,7 @@ def load_inputs(config: PruneConfig) -> Inputs:
         raise UsageError(f"{config.model} comes with no dataset; pass --data SPEC")
     data = load_data(data_spec, config.preprocess(), config.model, config.max_length)
     num_classes = config.num_classes
-    if num_classes is None and config.model.startswith(("torchvision:", "cifar:")):
+    if num_classes is None and data.num_classes and sized_by_data(config.model):
         num_classes = data.num_classes
     loaded = load_model(config.model, config.weights, num_classes, config.trust_checkpoint)
     source = {
@@ -232,6 +238,12 @@ def prune_model(
         check_usable_weights(model)
         outputs = check_outputs(model, data, home)
         limit_labels(data, outputs)
+        if data.labeled and 0 < data.num_classes < outputs and config.weights is None:
+            warnings.append(
+                f"the model has {outputs} outputs but {data.spec} has {data.num_classes} "
+                "classes: predictions of classes the data never holds count as errors; "
+                "give --num-classes or a factory that takes num_classes"
+            )
         targets = select_targets(config, model, warnings)
         zero_before, _ = zeros_of(targets)  # an earlier run's zeros, say
     plan = None

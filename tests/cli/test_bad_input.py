@@ -1136,3 +1136,34 @@ def test_second_trial_file_findings(tmp_path, channel_pruned):
     (old / ".prunekit-output").write_text("written by prunekit\n")
     result = prune(*MLP_HALF, "--out", str(old), "--force")
     assert_error(result, 2, "written by an older prunekit, whose marker lists no files")
+
+
+SIZED_FACTORY = """
+from torch import nn
+
+def net(num_classes=10):
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, num_classes))
+
+def fixed():
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 10))
+"""
+
+
+def test_a_factory_takes_its_class_count_from_the_data(tmp_path, monkeypatch):
+    """Item 5 of the new-user trial: a 3-class tensors: file built a 10-output head (0 %
+    accuracy, no warning). A factory that takes num_classes now gets the data's count; one
+    that does not is warned about."""
+    from safetensors.torch import save_file
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "sizedmodels", raising=False)
+    (tmp_path / "sizedmodels.py").write_text(SIZED_FACTORY)
+    torch.manual_seed(0)
+    save_file({"x": torch.randn(60, 16), "y": torch.arange(60) % 3}, tmp_path / "three.safetensors")
+    args = ("-p", "magnitude", "-s", "0.5", "--data", "tensors:three.safetensors")
+    sized = prune_report("sizedmodels:net", *args, "--out", "sized")
+    assert sized["num_classes"] == 3
+    assert not any("outputs but" in w for w in sized["warnings"])
+    fixed = prune_report("sizedmodels:fixed", *args, "--out", "fixed")
+    assert fixed["num_classes"] == 10
+    assert any("10 outputs but" in w and "3 classes" in w for w in fixed["warnings"])

@@ -482,3 +482,14 @@ def test_two_of_four_on_convolutions_runs_along_input_channels_end_to_end(tmp_pa
         groups = (weight != 0).permute(0, 2, 3, 1).reshape(-1, weight.shape[1] // 4, 4)
         assert bool((groups.sum(-1) <= 2).all()), pruner
         assert report["sparsity"]["per_tensor"]["features.2.weight"] == 0.5
+
+
+def test_help_names_every_model_and_data_form_and_the_real_optimizer():
+    """Item 11 of the new-user trial: --help omitted hf:, text: and tensors:TRAIN,TEST, and
+    said adam where the optimizer is AdamW."""
+    result = runner.invoke(app, ["prune", "--help"], env={"COLUMNS": "400", "NO_COLOR": "1"})
+    text = " ".join(result.stdout.split())
+    for form in ("hf:ORG/NAME[@REVISION]", "torchvision:ARCH[:WEIGHTS]", "text:FILE",
+                 "tensors:TRAIN,TEST", "an integer label, a tab and the text", "adamw"):  # fmt: skip
+        assert form in text, form
+    assert "sgd or adam." not in text

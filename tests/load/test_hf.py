@@ -362,3 +362,32 @@ def test_fuzzed_config_json_loads_or_is_a_clean_error(bert, tmp_path):
             assert all(torch.equal(state[k], reference[k]) for k in reference if k in state)
 
     run()
+
+
+def test_labelled_text_evaluates_and_fine_tunes_an_hf_classifier(bert, tmp_path):
+    """Item 6 of the new-user trial: text: data could not carry labels, so an hf classifier
+    could neither be evaluated nor fine-tuned on text from the CLI. LABEL<TAB>TEXT lines can."""
+    model_dir, texts = bert
+    classifier_dir = tmp_path / "classifier"
+    config = transformers.BertConfig.from_pretrained(model_dir, num_labels=3)
+    config.architectures = ["BertForSequenceClassification"]
+    transformers.BertForSequenceClassification(config).save_pretrained(classifier_dir)
+    transformers.AutoTokenizer.from_pretrained(model_dir).save_pretrained(classifier_dir)
+    lines = [line for line in texts.read_text().splitlines() if line.strip()]
+    labelled = tmp_path / "labelled.txt"
+    labelled.write_text("".join(f"{i % 3}\t{line}\n" for i, line in enumerate(lines)))
+    report = prune_report(
+        f"hf:{classifier_dir}", "-p", "magnitude", "-s", "0.5", "--data", f"text:{labelled}",
+        "--max-length", "16", "--finetune-epochs", "1", "--batch-size", "16",
+        "--out", str(tmp_path / "cls"),
+    )  # fmt: skip
+    assert report["objective"] == "labels" and report["num_classes"] == 3
+    assert 0.0 <= report["accuracy"]["dense"] <= 1.0 and report["accuracy"]["pruned"] is not None
+    # fine-tuned from the labels (distillation is the default only on unlabelled data)
+    assert report["fine_tuning"] == {"distill": False, "temperature": None,
+                                     "distill_weight": None, "augment": False}  # fmt: skip
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_text(f"1\t{lines[0]}\n{lines[1]}\n")
+    result = prune(f"hf:{classifier_dir}", "-p", "magnitude", "-s", "0.5", "--data",
+                   f"text:{mixed}", "--out", str(tmp_path / "mixed"))  # fmt: skip
+    assert_error(result, 2, "text 2 has no label", "label every line, or none")
