@@ -15,7 +15,16 @@ from prunekit.cli.common import (
     print_json,
     warn,
 )
-from prunekit.cli.options import FORCE, GATES, JSON, NUM_CLASSES, PREPROCESS, TRUST, with_options
+from prunekit.cli.options import (
+    FORCE,
+    GATES,
+    JSON,
+    NUM_CLASSES,
+    PREPROCESS,
+    TRUST,
+    VALIDATE_TIMING,
+    with_options,
+)
 from prunekit.cli.prune import MODEL_HELP
 from prunekit.cli.summary import print_validation
 
@@ -81,7 +90,7 @@ def densify(
 
 
 @handle_errors
-@with_options(PREPROCESS, NUM_CLASSES, GATES, JSON)
+@with_options(PREPROCESS, NUM_CLASSES, GATES, VALIDATE_TIMING, JSON)
 def validate(
     onnx_file: Annotated[Path, typer.Argument(help="The ONNX model to validate.")],
     baseline: Annotated[Path | None, typer.Option(help="Dense ONNX model timed alongside.")] = None,
@@ -96,9 +105,7 @@ def validate(
         typer.Option(help="Weights for the parity check (of --torch, or of the recorded spec)."),
     ] = None,
     batch_sizes: Annotated[str, typer.Option(help="Batch sizes to time, e.g. 1,32.")] = "1,32",
-    threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads (0: default).")] = 0,
     provider: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    runs: Annotated[int, typer.Option(help="Timed runs per model and batch size.")] = 500,
     options: dict | None = None,
 ) -> None:
     """Check an ONNX export in ONNX Runtime: accuracy, parity with PyTorch, latency.
@@ -115,9 +122,9 @@ def validate(
     assert options is not None
     settings = ValidateOptions(
         batch_sizes=number_list(batch_sizes, "--batch-sizes"),
-        threads=threads,
+        threads=options["validate_threads"] or 0,
         provider=provider,
-        runs=runs,
+        runs=options["validate_runs"],
         max_accuracy_drop=options["max_accuracy_drop"],
         min_cosine=options["min_cosine"],
     )

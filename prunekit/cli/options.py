@@ -107,7 +107,7 @@ VALIDATE_TIMING = (
         int,
         100,
         "--runs",
-        "--validate: timed ONNX Runtime runs per model and batch size.",
+        "Timed ONNX Runtime runs per model and batch size (prune: with --validate).",
         EXPORT,
     ),
     _opt(
@@ -115,8 +115,8 @@ VALIDATE_TIMING = (
         int | None,
         None,
         "--threads",
-        "--validate: ONNX Runtime intra-op threads (default: ONNX Runtime's own; on a busy "
-        "machine fewer threads time more steadily).",
+        "ONNX Runtime intra-op threads (default: ONNX Runtime's own; on a busy machine fewer "
+        "threads time more steadily; prune: with --validate).",
         EXPORT,
     ),
 )

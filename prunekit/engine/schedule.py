@@ -99,7 +99,34 @@ class ScheduleConfig:
         for name in ("finetune_epochs", "warmup_epochs", "epochs"):
             if not 0 <= getattr(self, name) <= MAX_EPOCHS:
                 raise UsageError(f"--{name.replace('_', '-')} must be from 0 to {MAX_EPOCHS}")
+        self._check_fits_kind()
         self.train.check()
+
+    def _check_fits_kind(self) -> None:
+        """Options another schedule reads, and schedules that would do nothing they name."""
+        if self.kind != "gradual" and self.steps != 1:
+            raise UsageError(
+                f"--steps {self.steps} applies to --schedule gradual; add it, or drop --steps "
+                "(oneshot takes --recompute K sub-steps)"
+            )
+        if self.kind == "gradual" and self.steps < 2:
+            raise UsageError(
+                "--schedule gradual prunes in --steps N (2 or more) with fine-tuning between: "
+                "give --steps, or use --schedule oneshot --finetune-epochs N"
+            )
+        if self.kind != "pbt" and (self.epochs or self.warmup_epochs):
+            flag = "--epochs" if self.epochs else "--warmup-epochs"
+            raise UsageError(
+                f"{flag} applies to --schedule pbt; fine-tuning after pruning is "
+                "--finetune-epochs N"
+            )
+        if self.kind == "pbt" and not self.epochs:
+            raise UsageError(
+                "--schedule pbt re-initialises the weights and trains the pruned network for "
+                "--epochs N: give --epochs (without it the result is untrained)"
+            )
+        if self.kind == "pbt" and self.finetune_epochs:
+            raise UsageError("--schedule pbt trains for --epochs N: drop --finetune-epochs")
 
     def trains(self) -> bool:
         return bool(self.finetune_epochs or self.warmup_epochs or self.epochs)

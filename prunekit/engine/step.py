@@ -128,7 +128,7 @@ def prune_step(state: Pruning, sparsity: float) -> list[str]:
     ctx.say = say
     warnings: list[str]
     try:
-        with guarded(pruner, "prepare"):
+        with guarded(pruner, "prepare"), ctx.timings.phase("prepare"):
             pruner.prepare(ctx, ctx.step, ctx.total_steps)
         if isinstance(pruner, LayerPruner):
             keep, warnings = compress_layers(state, sparsity), []

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from prunekit.contract.target import Target
 from prunekit.engine.distill import Distillation, augment_images
-from prunekit.errors import UsageError
+from prunekit.errors import NumericalError, UsageError
 from prunekit.runtime import distributed
 
 OPTIMIZERS = ("sgd", "adamw", "adam")  # adam: the earlier name of adamw, still read
@@ -118,6 +118,11 @@ def train(
                 loss = nn.functional.cross_entropy(forward(x), y)
             else:
                 loss = distillation.loss(forward(x), x, y)
+            if not torch.isfinite(loss):
+                raise NumericalError(
+                    f"fine-tuning diverged: the loss is {loss.item()} at epoch {epoch} with "
+                    f"--lr {config.lr:g}; lower --lr (e.g. {config.lr / 10:g})"
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -128,6 +133,11 @@ def train(
             total += loss.item() * len(y)
             count += len(y)
         model.eval()
+        if not all(bool(torch.isfinite(p).all()) for p in params):
+            raise NumericalError(
+                f"fine-tuning diverged: weights became NaN or Inf in epoch {epoch} with "
+                f"--lr {config.lr:g}; lower --lr (e.g. {config.lr / 10:g})"
+            )
         record: dict[str, Any] = {"epoch": epoch, "loss": total / count}
         if evaluate is not None:
             record["accuracy"] = evaluate(model)

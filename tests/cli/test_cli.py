@@ -489,7 +489,8 @@ def test_help_names_every_model_and_data_form_and_the_real_optimizer():
     said adam where the optimizer is AdamW."""
     result = runner.invoke(app, ["prune", "--help"], env={"COLUMNS": "400", "NO_COLOR": "1"})
     text = " ".join(result.stdout.split())
-    for form in ("hf:ORG/NAME[@REVISION]", "torchvision:ARCH[:WEIGHTS]", "text:FILE",
-                 "tensors:TRAIN,TEST", "an integer label, a tab and the text", "adamw"):  # fmt: skip
+    forms = ("hf:ORG/NAME[@REVISION]", "torchvision:ARCH[:WEIGHTS]", "text:FILE",
+             "tensors:TRAIN,TEST", "an integer label, a tab and the text", "adamw")  # fmt: skip
+    for form in forms:
         assert form in text, form
     assert "sgd or adam." not in text

@@ -121,9 +121,9 @@ def test_int4_leaves_layers_whose_inputs_do_not_divide_into_groups_at_int8():
 
 @pytest.mark.parametrize(
     ("option", "message"),
-    [({"quantize": "int3"}, "--quantize int3: use int8 or int4"),
-     ({"quantize": "int4", "rounding": "best"}, "--rounding best: use rtn or gptq"),
-     ({"quantize": "int4", "group_size": 48}, "--group-size 48: use one of 16, 32")],
+    [({"quantize": "int3"}, "quantize=int3: use int8 or int4"),
+     ({"quantize": "int4", "rounding": "best"}, "rounding=best: use rtn or gptq"),
+     ({"quantize": "int4", "group_size": 48}, "group_size=48: use one of 16, 32")],
 )  # fmt: skip
 def test_bad_quantize_options_are_usage_errors(option, message):
     model, x, y = _mlp()

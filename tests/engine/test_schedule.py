@@ -232,11 +232,12 @@ def test_unlabeled_data(tmp_path):
         2,
         "--objective labels needs labels",
     )
-    gradual = [*base, "-p", "magnitude", "--schedule", "gradual", "--finetune-epochs", "1"]
+    gradual = [*base, "-p", "magnitude", "--schedule", "gradual", "--finetune-epochs", "1",
+               "--steps", "2"]  # fmt: skip
     assert_error(
         runner.invoke(app, [*gradual, "--no-distill"]), 2, "needs labels or the dense model"
     )
-    distilled = runner.invoke(app, [*gradual, "--steps", "2", "--json"])  # the teacher: labels
+    distilled = runner.invoke(app, [*gradual, "--json"])  # the teacher: labels
     assert distilled.exit_code == 0, distilled.output
     assert json.loads(distilled.stdout)["fine_tuning"]["distill"] is True
     weights = {}
@@ -257,3 +258,27 @@ def test_unlabeled_data(tmp_path):
 def test_prepare_runs_before_every_sub_step(digits):
     calls = prepare_calls(digits, ScheduleConfig(kind="gradual", steps=2, recompute=2))
     assert [c[1:] for c in calls] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+
+def test_schedules_refuse_options_that_would_do_nothing(tmp_path):
+    """Item 9 of the new-user trial: pbt without --epochs trained nothing (4.5 %), gradual
+    without --steps ran one step, --steps with oneshot was ignored, and fine-tuning that
+    diverged at --lr 5 said "raise --param damp"."""
+    base = ["prune", "sample:digits-mlp", "-p", "magnitude", "-s", "0.5",
+            "--out", str(tmp_path / "o")]  # fmt: skip
+    cases = [
+        (["--schedule", "pbt"], "--schedule pbt re-initialises the weights"),
+        (["--schedule", "gradual", "--finetune-epochs", "1"], "give --steps"),
+        (["--steps", "3"], "--steps 3 applies to --schedule gradual"),
+        (["--epochs", "2"], "--epochs applies to --schedule pbt"),
+        (["--warmup-epochs", "2"], "--warmup-epochs applies to --schedule pbt"),
+        (["--schedule", "pbt", "--epochs", "1", "--finetune-epochs", "1"],
+         "drop --finetune-epochs"),
+        (["--finetune-epochs", "1", "--lr", "1e30"], "fine-tuning diverged"),
+    ]  # fmt: skip
+    for extra, message in cases:
+        result = runner.invoke(app, [*base, *extra])
+        assert_error(result, 2 if "diverged" not in message else 1, message)
+        assert not (tmp_path / "o").exists()
+    diverged = runner.invoke(app, [*base, "--finetune-epochs", "1", "--lr", "1e30"])
+    assert "lower --lr" in diverged.output and "damp" not in diverged.output

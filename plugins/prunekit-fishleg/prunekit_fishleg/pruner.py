@@ -115,6 +115,7 @@ class FishLegPruner(Pruner):
         self.seconds = 0.0
         self.gamma: float | None = None
         self.memory: dict[str, Any] | None = None
+        self.unconverged: set[str] = set()  # layers already warned about (once per run)
 
     def _parameterised(self, targets: list[Target]) -> list[Target]:
         kept = [t for t in targets if isinstance(t.module, SUPPORTED)]
@@ -179,7 +180,7 @@ class FishLegPruner(Pruner):
         if self.hparams["assimilate"] == "restart":
             self.gamma = None  # measured at the current weights, as Q is started anew
         generator = torch.Generator(context.device).manual_seed(context.seed + step)
-        poor: list[str] = []
+        poor: list[tuple[str, str]] = []
         for group, stats in collector.collect():
             if self.gamma is None:  # known from the first pass (or a squares-only round)
                 self.gamma = collector.base_damping()
@@ -192,13 +193,16 @@ class FishLegPruner(Pruner):
                 del rows
         self.memory = collector.report().get("memory")
         self.warnings.extend(collector.warnings)
-        if poor:
+        poor = [(name, text) for name, text in poor if name not in self.unconverged]
+        self.unconverged.update(name for name, _ in poor)
+        if poor:  # once per layer and run: later steps are in the report's diagnostics
+            listed = ", ".join(text for _, text in poor[:5])
             self.warnings.append(
                 f"fishleg: the fit of Q did not converge at step {step} for {len(poor)} "
                 "layer(s) (auxiliary loss as a share of the closed-form optimum, before -> "
-                f"after; at most 0 or falling by over 5 points): {', '.join(poor[:5])}"
+                f"after, where a good fit ends above 0 and does not fall): {listed}"
                 f"{' and more' if len(poor) > 5 else ''}; raise --param aux_iters or "
-                "lower --param aux_lr (report.json: pruner_diagnostics)"
+                "lower --param aux_lr (every step: report.json pruner_diagnostics)"
             )
         self.seconds += time.perf_counter() - started
 
@@ -210,7 +214,7 @@ class FishLegPruner(Pruner):
         step: int,
         iterations: int,
         generator: torch.Generator,
-    ) -> list[str]:
+    ) -> list[tuple[str, str]]:
         """Start Q of layers of one shape (first step, or every step with restart) and
         train them together, each on its own gradient rows; record each fit."""
         qs = [self._q(t, r) for t, r in zip(targets, rows, strict=True)]
@@ -253,7 +257,7 @@ class FishLegPruner(Pruner):
                 }
             )
             if after["ratio"] <= 0 or after["ratio"] < was["ratio"] - FIT_SLACK:
-                poor.append(f"{t.name} ({was['ratio']:.0%} -> {after['ratio']:.0%})")
+                poor.append((t.name, f"{t.name} ({was['ratio']:.0%} -> {after['ratio']:.0%})"))
         return poor
 
     def diagnostics(self) -> dict[str, Any]:

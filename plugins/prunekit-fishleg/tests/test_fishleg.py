@@ -277,6 +277,8 @@ def test_poor_fit_warns_and_names_the_layers(digits, monkeypatch):
     assert "net.1.weight" in warning and "raise --param aux_iters" in warning
     fit = pruner.diagnostics()["auxiliary_loss"][0]
     assert fit["fit_after"]["ratio"] < 0 and fit["fit_after"]["optimum"] < 0
+    pruner.prepare(ctx.context, 2, 2)  # the same layers again: said once per run
+    assert len(pruner.warnings) == 1 and len(pruner.diagnostics()["auxiliary_loss"]) == 6
 
 
 def test_gradient_pool_follows_the_memory_plan_more_passes_same_result(digits):
@@ -393,3 +395,21 @@ def test_layers_of_one_shape_fitted_together_each_get_their_own_loss(shape, prob
            generator=torch.Generator().manual_seed(0))  # fmt: skip
     for q, r in zip(pair, fisher_rows, strict=True):
         assert fit_quality(q, r, mask, r[:16].reshape(-1, 3, 6))["ratio"] > 0.8
+
+
+def test_the_fit_of_q_is_in_the_reports_phases(tmp_path):
+    """report.json's phases left out the fit of Q (24.7 s in the new-user trial)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from prunekit.cli import app
+
+    args = ["prune", "sample:digits-mlp", "-p", "fishleg", "-s", "0.5", "--param",
+            "num_grads=64", "--out", str(tmp_path / "o"), "--json"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    fitted = sum(e["iterations"] for e in report["pruner_diagnostics"]["auxiliary_loss"])
+    assert fitted > 0 and report["phases"]["prepare"] > report["phases"]["prune"]
+    assert sum(report["phases"].values()) <= report["seconds"] + 1e-3
