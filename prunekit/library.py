@@ -156,6 +156,7 @@ def prune(
     test_data: DataLike | None = None,
     mask: str | None = None,
     exclude: Sequence[str] = (),
+    layer_sparsity: Mapping[str, float] | None = None,
     params: Mapping[str, Any] | None = None,
     schedule: ScheduleConfig | None = None,
     device: str = "auto",
@@ -179,6 +180,8 @@ def prune(
     tensors, a Dataset of ``(x, y)`` or a DataLoader; x alone is unlabeled data.
     ``test_data`` (same forms) is where accuracy is measured; without it, on ``data``.
     ``mask`` is global, layer or N:M (default: global; layer with ``structure``);
+    ``layer_sparsity`` maps name globs to a sparsity of their own (the first match wins;
+    ``sparsity`` is then that of the other weights);
     ``schedule`` a ScheduleConfig (default: one-shot with automatic recomputation);
     ``objective`` the loss of the gradient statistics (labels, kl, mse, cosine; default:
     labels, or kl on unlabeled data). ``structure="channels"`` removes
@@ -217,6 +220,7 @@ def prune(
         sparsity=sparsity,
         mask=mask if mask is not None else "layer" if structure else "global",
         exclude=tuple(exclude),
+        layer_sparsity=dict(layer_sparsity or {}),
         params={k: str(v) for k, v in (params or {}).items()},
         schedule=_with_fine_tuning(schedule or ScheduleConfig(), distill, augment),
         recalibrate_bn=recalibrate_bn,

@@ -527,3 +527,16 @@ def test_api_errors_name_the_keywords_not_the_cli_flags():
     )
     with pytest.raises(UsageError, match=r"^params num_grads=x: expected an integer"):
         prunekit.prune(model, "woodfisher", 0.5, (x, y), params={"num_grads": "x"})
+
+
+def test_api_layer_sparsity():
+    from prunekit.errors import UsageError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    x, y = torch.randn(40, 8), torch.randint(0, 3, (40,))
+    result = prunekit.prune(model, "magnitude", 0.5, (x, y), layer_sparsity={"2.*": 0.25})
+    per = result.report["sparsity"]["per_tensor"]
+    assert per == {"0.weight": 0.5, "2.weight": 0.25}
+    with pytest.raises(UsageError, match=r"^layer_sparsity='9\.\*' matches no pruned weight"):
+        prunekit.prune(model, "magnitude", 0.5, (x, y), layer_sparsity={"9.*": 0.25})

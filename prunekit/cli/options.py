@@ -189,6 +189,16 @@ RUN = (
         TARGETS,
     ),
     _opt(
+        "layer_sparsity",
+        list[str] | None,
+        None,
+        "--layer-sparsity",
+        "GLOB=S: the weights whose name matches GLOB pruned to S each (the first matching "
+        "glob wins; -s is then the sparsity of the others); repeatable. A recipe written by "
+        "`prunekit sensitivity` sets every layer.",
+        TARGETS,
+    ),
+    _opt(
         "param",
         list[str] | None,
         None,
@@ -401,6 +411,25 @@ def parse_params(items: list[str] | None) -> dict[str, str]:
     return params
 
 
+def parse_layer_sparsity(items: list[str]) -> dict[str, float]:
+    """``--layer-sparsity GLOB=S`` items, in order; the values are checked with the run."""
+    table: dict[str, float] = {}
+    for item in items:
+        glob, sep, value = item.rpartition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if not sep or not glob.strip() or number is None:
+            raise UsageError(
+                f"--layer-sparsity expects GLOB=S such as 'layer1.*=0.5', got '{item}'"
+            )
+        if glob.strip() in table:
+            raise UsageError(f"--layer-sparsity {glob.strip()} is given twice; give each once")
+        table[glob.strip()] = number
+    return table
+
+
 _SCHEDULE_KEYS = {"schedule": "kind", "recompute": "recompute", "steps": "steps",
                   "initial_sparsity": "initial_sparsity", "finetune_epochs": "finetune_epochs",
                   "warmup_epochs": "warmup_epochs", "epochs": "epochs"}  # fmt: skip
@@ -429,6 +458,9 @@ def to_recipe(options: dict[str, Any], recipe: dict[str, Any] | None = None) -> 
             continue
         if name == "param":
             result["params"] = {**(result.get("params") or {}), **parse_params(value)}
+        elif name == "layer_sparsity":
+            if value:
+                result["layer_sparsity"] = parse_layer_sparsity(value)
         elif name in _SCHEDULE_KEYS:
             schedule[_SCHEDULE_KEYS[name]] = _value(name, value)
         elif name in _TRAIN_KEYS:

@@ -21,6 +21,9 @@ def print_report(report: dict[str, Any]) -> None:
     if structure:  # --structure: the request is a fraction of channels, not of weights
         table.add_row("channels removed", f"{structure['removed']:.1%} (asked "
                       f"{sparsity['target']:.1%})")  # fmt: skip
+    elif sparsity.get("own"):  # --layer-sparsity: -s is the others' sparsity
+        table.add_row("all targets", f"{sparsity['achieved']:.1%} ({len(sparsity['own'])} by "
+                      f"--layer-sparsity, the others asked {sparsity['target']:.1%})")  # fmt: skip
     else:
         table.add_row("all targets", f"{sparsity['achieved']:.1%} (asked {sparsity['target']:.1%})")
     console.print(table)

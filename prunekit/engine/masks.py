@@ -138,17 +138,25 @@ def select(
     scores: Mapping[str, torch.Tensor | None],
     sparsity: float,
     mode: str = "global",
+    own: Mapping[str, float] | None = None,
 ) -> dict[str, torch.Tensor]:
     """New keep-masks that remove ``sparsity`` of the target weights by lowest score.
 
     Already pruned weights score -inf and therefore stay pruned. A target whose score is
     None is left as it is (a pruner may decline a tensor it cannot handle); the sparsity is
-    then reached on the others.
+    then reached on the others. A target named in ``own`` (``--layer-sparsity``) loses its
+    own fraction of its weights, the others ``sparsity`` by ``mode``.
     """
     check_sparsity(sparsity)
     check_mask(mode, sparsity)
+    own = own or {}
     keep = {t.name: t.mask.clone() for t in targets if scores[t.name] is None}
-    ranked = [t for t in targets if scores[t.name] is not None]
+    for t in targets:
+        score = scores[t.name]
+        if t.name in own and score is not None:
+            lowest = _lowest(_checked(t.name, score, t).reshape(-1), round(own[t.name] * t.numel))
+            keep[t.name] = ~lowest.reshape(t.weight.shape)
+    ranked = [t for t in targets if scores[t.name] is not None and t.name not in own]
     if not ranked:
         return keep
     checked = [_checked(t.name, cast(torch.Tensor, scores[t.name]), t) for t in ranked]

@@ -202,7 +202,7 @@ def run_schedule(
     ctx.total_steps = sum(
         p.recompute
         if p.recompute is not None
-        else auto_recompute(state.pruner, p.start, p.level, ctx.mask)
+        else auto_recompute(state.pruner, p.start, state.deepest(p.level), ctx.mask)
         for p in phases
         if isinstance(p, Prune)
     )

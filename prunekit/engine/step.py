@@ -44,6 +44,20 @@ class Pruning:
     # and what it rounded (target name -> codes and scales)
     grids: dict[str, QuantGrid] = field(default_factory=dict)
     rounded: dict[str, QuantizedTensor] = field(default_factory=dict)
+    # --layer-sparsity: target name -> its own final sparsity; ``final`` is the run's -s,
+    # the others' final sparsity, with which the overrides scale over the steps
+    overrides: dict[str, float] = field(default_factory=dict)
+    final: float = 0.0
+
+    def own_sparsities(self, sparsity: float) -> dict[str, float]:
+        """The overridden targets' sparsities while the others are pruned to ``sparsity``:
+        each its final one times the run's progress (sparsity / final)."""
+        progress = min(sparsity / self.final, 1.0) if self.final > 0 else 1.0
+        return {name: level * progress for name, level in self.overrides.items()}
+
+    def deepest(self, sparsity: float) -> float:
+        """The highest sparsity any target is pruned to when the others reach ``sparsity``."""
+        return max([sparsity, *self.own_sparsities(sparsity).values()])
 
     @classmethod
     def of(
@@ -95,7 +109,8 @@ class Pruning:
         """The fraction pruned so far: of the channels with --structure, else of the weights."""
         if self.structure is not None:
             return self.structure.removed_fraction()
-        return sparsity_of(self.context.targets)[0]
+        others = [t for t in self.context.targets if t.name not in self.overrides]
+        return sparsity_of(others)[0] if others else 0.0  # (--layer-sparsity: the others)
 
 
 def auto_recompute(pruner: Pruner, start: float, final: float, mask: str = "global") -> int:
@@ -170,7 +185,7 @@ def _score_and_select(state: Pruning, sparsity: float) -> tuple[dict[str, torch.
         )
     with ctx.timings.phase("prune"):
         if state.structure is None:
-            keep = select(ctx.targets, scores, sparsity, ctx.mask)
+            keep = select(ctx.targets, scores, sparsity, ctx.mask, state.own_sparsities(sparsity))
         else:  # the channels' masks; the layers outside every group keep theirs
             chosen = state.structure.select(sparsity, ctx.mask)
             keep = {t.name: chosen.get(t.name, t.mask) & t.mask for t in ctx.targets}
@@ -217,13 +232,15 @@ def compress_layers(state: Pruning, sparsity: float) -> dict[str, torch.Tensor]:
         )
     keep = {t.name: t.mask.clone() for t in ctx.targets}
     samples = pruner.stats_spec().num_samples
+    own = state.own_sparsities(sparsity)
 
     def compress(name: str, gram: torch.Tensor) -> None:
         t = supported[name]
         grid = state.grids.get(name) if last else None
         pattern = parse_nm(ctx.mask)
         columns = nm_columns(t.weight.shape, nm_layout(ctx.mask)) if pattern else None
-        request = LayerRequest(sparsity, pattern, grid, columns)
+        level = own.get(name, sparsity)
+        request = LayerRequest(level, pattern, grid, columns)
         with ctx.timings.phase("prune"):
             with guarded(pruner, "compress", t.weight):
                 compressed = pruner.compress(t, gram, request)
@@ -302,7 +319,7 @@ def oneshot(state: Pruning, sparsity: float, recompute: int | None = 1) -> list[
     """Prune to ``sparsity`` in ``recompute`` sub-steps (None: auto); return the warnings."""
     start = state.removed()
     if recompute is None:
-        recompute = auto_recompute(state.pruner, start, sparsity, state.context.mask)
+        recompute = auto_recompute(state.pruner, start, state.deepest(sparsity), state.context.mask)
     if recompute < 1:
         raise UsageError(f"--recompute {recompute}: give at least 1 sub-step")
     warnings: list[str] = []

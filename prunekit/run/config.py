@@ -22,6 +22,9 @@ class PruneConfig:
     min_channels: int = 1  # --structure: the fewest channels a group keeps
     channel_multiple: int = 1  # --structure: kept channels rounded up to a multiple of this
     exclude: tuple[str, ...] = ()
+    # per-layer sparsity: the first glob a target's name matches gives its own sparsity;
+    # -s is then that of the other targets
+    layer_sparsity: dict[str, float] = field(default_factory=dict)
     data: str | None = None
     normalize: str | None = None  # preset or MEAN/STD (prunekit.load.preprocess)
     image_size: int | None = None  # image folders: resize + centre-crop to this size

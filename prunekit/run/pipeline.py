@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import fnmatch
 import json
 from collections.abc import Sized
 from dataclasses import dataclass, field
@@ -127,6 +128,19 @@ def check(config: PruneConfig) -> None:
         raise UsageError(
             f"--mask {config.mask} is chosen in one step (an N:M pattern has no intermediate "
             "sparsity): use --recompute 1 and the oneshot or pbt schedule"
+        )
+    for glob, level in config.layer_sparsity.items():
+        if not (isinstance(level, int | float) and 0.0 <= level < 1.0):
+            raise UsageError(
+                f"--layer-sparsity {glob}={level}: give a fraction in [0, 1), e.g. 0.9 for 90 %"
+            )
+    if config.layer_sparsity and (parse_nm(config.mask) is not None or config.structure):
+        what = (
+            f"--mask {config.mask}" if parse_nm(config.mask) else f"--structure {config.structure}"
+        )
+        raise UsageError(
+            f"--layer-sparsity sets unstructured per-layer fractions; it does not combine with "
+            f"{what}: drop one of them"
         )
     unknown = sorted(set(config.exports) - set(EXPORT_FORMATS))
     if unknown:
@@ -279,6 +293,7 @@ def prune_model(
         objective=objective,
         structure=plan,
     )
+    state.overrides, state.final = own_sparsities(config, targets), config.sparsity
     quantization = config.quantization()
     joint = isinstance(pruner, LayerPruner) and plan is None and not config.schedule.trains()
     if quantization is not None and joint:  # nothing moves the weights after the last step
@@ -351,6 +366,7 @@ def prune_model(
             "per_tensor": per_tensor,
             "pruned": pruned,  # masked by this run
             "zero_before": zero_before,
+            "own": dict(state.overrides),  # --layer-sparsity: tensor -> its own target
         },
         "structure": structure,
         "channels_kept": channels_kept,
@@ -369,6 +385,29 @@ def prune_model(
     return Outcome(
         report, model, dense_model, data, timings, [] if plan else list(targets), quantized
     )
+
+
+def own_sparsities(config: PruneConfig, targets: list[Target]) -> dict[str, float]:
+    """``--layer-sparsity``: each target's own sparsity, by the first glob its name matches;
+    a glob that matches no target is an error naming it."""
+    table = config.layer_sparsity
+    if not table:
+        return {}
+    found: dict[str, float] = {}
+    used: set[str] = set()
+    for t in targets:
+        glob = next((g for g in table if fnmatch.fnmatchcase(t.name, g)), None)
+        if glob is not None:
+            found[t.name] = table[glob]
+            used.add(glob)
+    unused = [g for g in table if g not in used]
+    if unused:
+        names = ", ".join(t.name for t in targets[:3])
+        raise UsageError(
+            f"--layer-sparsity '{unused[0]}' matches no pruned weight (names look like "
+            f"{names}, ...; excluded and N:M misfit layers are not pruned): fix the glob"
+        )
+    return found
 
 
 def select_targets(config: PruneConfig, model: nn.Module, warnings: list[str]) -> list[Target]:

@@ -494,3 +494,56 @@ def test_help_names_every_model_and_data_form_and_the_real_optimizer():
     for form in forms:
         assert form in text, form
     assert "sgd or adam." not in text
+
+
+def test_layer_sparsity_overrides_by_glob_on_the_cli_in_recipes_and_for_layer_wise_pruners(
+    tmp_path,
+):
+    """Per-layer control: the first glob a weight matches sets its own sparsity, exactly;
+    -s is the others' (global ranking among them); the same from a recipe and for sparsegpt,
+    whose layer requests carry each layer's own fraction."""
+    args = ("sample:digits-cnn", "-p", "magnitude", "-s", "0.5", "--layer-sparsity",
+            "classifier.1.*=0.9", "--layer-sparsity", "classifier.*=0.3")  # fmt: skip
+    report = prune_report(*args, "--out", str(tmp_path / "cli"))
+    per = report["sparsity"]["per_tensor"]
+    assert per["classifier.1.weight"] == pytest.approx(0.9, abs=1e-4)  # first glob wins
+    assert per["classifier.3.weight"] == pytest.approx(0.3, abs=1e-3)
+    others = ("features.0.weight", "features.2.weight")
+    weights = load_file(tmp_path / "cli" / "model.safetensors")
+    sizes = {n: weights[n].numel() for n in others}
+    removed = sum(per[n] * sizes[n] for n in others) / sum(sizes.values())
+    assert removed == pytest.approx(0.5, abs=1e-3)
+    assert report["sparsity"]["own"] == {"classifier.1.weight": 0.9, "classifier.3.weight": 0.3}
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('model = "sample:digits-cnn"\npruner = "magnitude"\nsparsity = 0.5\n'
+                      '[layer_sparsity]\n"classifier.1.*" = 0.9\n'
+                      '"classifier.*" = 0.3\n')  # fmt: skip
+    again = prune_report("--config", str(recipe), "--out", str(tmp_path / "recipe"))
+    assert again["sparsity"]["per_tensor"] == per
+    layerwise = prune_report("sample:digits-cnn", "-p", "sparsegpt", "-s", "0.5", "--mask",
+                             "layer", "--layer-sparsity", "features.2.*=0.8",
+                             "--out", str(tmp_path / "sgpt"))  # fmt: skip
+    assert layerwise["sparsity"]["per_tensor"]["features.2.weight"] == pytest.approx(0.8, abs=1e-3)
+    assert layerwise["sparsity"]["per_tensor"]["classifier.1.weight"] == pytest.approx(
+        0.5, abs=1e-3
+    )
+    woodfisher = prune_report("sample:digits-mlp", "-p", "woodfisher", "-s", "0.5",
+                              "--layer-sparsity", "net.1.*=0.95", "--param", "num_grads=64",
+                              "--out", str(tmp_path / "wf"))  # fmt: skip
+    assert woodfisher["sparsity"]["per_tensor"]["net.1.weight"] == pytest.approx(0.95, abs=1e-3)
+    assert woodfisher["schedule"]["pruning_steps"] > 1  # sub-steps sized for the deepest layer
+
+
+def test_layer_sparsity_bad_input(tmp_path):
+    out = str(tmp_path / "o")
+    base = ("sample:digits-cnn", "-p", "magnitude", "-s", "0.5", "--out", out)
+    cases = [
+        (("--layer-sparsity", "nothing.*=0.5"), "--layer-sparsity 'nothing.*' matches no pruned"),
+        (("--layer-sparsity", "features.*=1.5"), "features.*=1.5: give a fraction in [0, 1)"),
+        (("--layer-sparsity", "features.*"), "--layer-sparsity expects GLOB=S"),
+        (("--layer-sparsity", "a=0.1", "--layer-sparsity", "a=0.2"), "is given twice"),
+        (("--layer-sparsity", "features.*=0.5", "--mask", "2:4"), "does not combine with --mask"),
+    ]  # fmt: skip
+    for extra, message in cases:
+        assert_error(prune(*base, *extra), 2, message)
+    assert not Path(out).exists()
