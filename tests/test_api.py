@@ -161,7 +161,14 @@ def test_bad_recipes(tmp_path):
 # Flags whose meaning differs by command, so each command declares its own: --out is a run's
 # folder (prune, sweep) or one file (export); --weights the run's start or the parity model's;
 # --data the run's data or the export's input shape.
-PER_COMMAND = {"--out", "--weights", "--data"}
+PER_COMMAND = {
+    "--out",
+    "--weights",
+    "--data",
+    "--pruner",
+    "--sparsities",
+    "--seed",
+}  # their own per command
 
 
 def test_every_shared_option_is_declared_once():

@@ -16,6 +16,7 @@ from prunekit.cli.common import handle_errors, os_error_line
 from prunekit.cli.files import densify, export, validate
 from prunekit.cli.listing import models_app, pruners_app
 from prunekit.cli.prune import prune
+from prunekit.cli.sensitivity import sensitivity
 from prunekit.cli.sweep import sweep
 from prunekit.version import __version__
 
@@ -29,7 +30,7 @@ app = typer.Typer(
 )
 app.add_typer(pruners_app, name="pruners")
 app.add_typer(models_app, name="models")
-for command in (prune, sweep, export, densify):
+for command in (prune, sweep, sensitivity, export, densify):
     app.command()(command)
 app.command("validate")(validate)
 

@@ -447,6 +447,12 @@ def _value(name: str, value: Any) -> Any:
     return value
 
 
+def pick(groups: tuple[tuple[Opt, ...], ...], *names: str) -> tuple[Opt, ...]:
+    """The options ``names`` of ``groups``, declared once there (a command that takes some)."""
+    found = {o.name: o for group in groups for o in group}
+    return tuple(found[name] for name in names)
+
+
 def to_recipe(options: dict[str, Any], recipe: dict[str, Any] | None = None) -> dict[str, Any]:
     """The recipe of the options: all of them, or over ``recipe`` only those given."""
     given = options.get("given", set())

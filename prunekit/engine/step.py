@@ -160,6 +160,23 @@ def prune_step(state: Pruning, sparsity: float) -> list[str]:
     return warnings
 
 
+def scores_at_start(state: Pruning) -> dict[str, torch.Tensor | None]:
+    """Every target's score at the current weights (the pruner prepared for one step), with
+    no mask chosen and no weight moved: what a sensitivity scan ranks each layer by."""
+    ctx, pruner = state.context, state.pruner
+    ctx.step, ctx.total_steps = 1, 1
+    with guarded(pruner, "prepare"), ctx.timings.phase("prepare"):
+        pruner.prepare(ctx, 1, 1)
+    scores: dict[str, torch.Tensor | None] = {}
+    for group, stats in state.collector().collect():
+        with ctx.timings.phase("prune"):
+            for t in group:
+                with guarded(pruner, "score", t.weight):
+                    score = pruner.score(t, stats[t.name])
+                scores[t.name] = None if score is None else score.detach().float().cpu()
+    return scores
+
+
 def _score_and_select(state: Pruning, sparsity: float) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Statistics -> scores -> masks, then the OBS update for pruners that compensate."""
     ctx, pruner = state.context, state.pruner
