@@ -547,3 +547,11 @@ def test_api_layer_sparsity():
     assert per == {"0.weight": 0.5, "2.weight": 0.25}
     with pytest.raises(UsageError, match=r"^layer_sparsity='9\.\*' matches no pruned weight"):
         prunekit.prune(model, "magnitude", 0.5, (x, y), layer_sparsity={"9.*": 0.25})
+
+
+def test_readme_says_how_to_install_without_the_cuda_libraries():
+    """Item 12 of the new-user trial: a 5.7-5.9 GB venv of CUDA wheels on a CPU-only machine,
+    and no word on the CPU build."""
+    text = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    assert "On a CPU-only machine, install PyTorch's CPU build of torch and torchvision" in text
+    assert "about 6 GB" in text and "about 0.9 GB" in text
