@@ -73,8 +73,14 @@ def sweep(
     ) as bar:
         task = bar.add_task("sweep", total=total)
 
+        finished = [0]
+
         def done(name: str, cached: bool) -> None:
-            bar.update(task, advance=1, description=f"{name}{' (cached)' if cached else ''}")
+            label = f"{name}{' (cached)' if cached else ''}"
+            bar.update(task, advance=1, description=label)
+            finished[0] += 1
+            if not err.is_terminal:  # a log or a pipe: one line per cell instead of the bar
+                err.print(f"progress: cell {finished[0]}/{total} {label} done")
 
         try:
             rows = run_sweep(base, names, levels, seed_list, out, one_cell, done)
@@ -86,4 +92,7 @@ def sweep(
             )
             raise typer.Exit(130) from None
     console.print((out / "results.md").read_text())
-    console.print(f"{len(rows)} cells in {out}: results.csv, results.md, accuracy_vs_sparsity.png")
+    charts = ("results.csv", "results.md", "accuracy_vs_sparsity.png", "accuracy_vs_latency.png")
+    console.print(
+        f"{len(rows)} cells in {out}: " + ", ".join(n for n in charts if (out / n).exists())
+    )

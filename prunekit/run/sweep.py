@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 import json
 import os
 import statistics
@@ -210,9 +211,36 @@ def _cell(values: list[float]) -> str:
     return f"{mean:.2f} ± {std:.2f}"
 
 
+NOISE_MS = 0.1  # ONNX Runtime latencies below this (a toy model) are timer noise
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+LINES = ("-", "--", "-.", ":")
+
+
+def _latency_lines(rows: list[dict[str, Any]], pruners: Sequence[str],
+                   sparsities: Sequence[float]) -> list[str]:  # fmt: skip
+    """results.md's latency table: p50 ms at batch 1 and the speed-up over dense."""
+    lines = ["", "ONNX Runtime latency at batch 1, ms (speed-up over the dense model), mean "
+             "over seeds.", "", "| sparsity | " + " | ".join(pruners) + " |",
+             "|---|" + "---|" * len(pruners)]  # fmt: skip
+    for s in sparsities:
+        cells = []
+        for p in pruners:
+            own = [r for r in rows if r["pruner"] == p and r["sparsity"] == s]
+            ms = statistics.fmean(r["latency_ms"] for r in own)
+            cells.append(f"{ms:.3f} ({statistics.fmean(r['speedup'] for r in own):.2f}x)")
+        lines.append(f"| {s:.0%} | " + " | ".join(cells) + " |")
+    dense_ms = statistics.fmean(r["latency_ms"] * r["speedup"] for r in rows)
+    if dense_ms < NOISE_MS:
+        lines += ["", f"The dense model runs in {dense_ms:.3f} ms: below {NOISE_MS} ms the "
+                  "timings are noise, and these speed-ups say nothing; time a larger "
+                  "model."]  # fmt: skip
+    return lines
+
+
 def write_results(
     rows: list[dict[str, Any]], out: Path, pruners: Sequence[str], sparsities: Sequence[float]
-) -> None:
+) -> list[str]:
+    """results.csv, results.md and the charts; the names of the files written."""
     with staged_file(out / "results.csv", force=True) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
@@ -231,12 +259,22 @@ def write_results(
     for s in sparsities:
         means = [_cell(cells[p, s]) for p in pruners]
         lines.append(f"| {s:.0%} | " + " | ".join(means) + " |")
+    dense = [r["accuracy_dense"] * 100 for r in rows if r.get("accuracy_dense") is not None]
+    if dense:
+        lines += ["", f"Dense model: {statistics.fmean(dense):.2f} %."]
+    timed = all(r.get("latency_ms") is not None and r.get("speedup") for r in rows)
+    if timed:
+        lines += _latency_lines(rows, pruners, sparsities)
     with staged_file(out / "results.md", force=True) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
+    written = ["results.csv", "results.md"]
     if all(cells.values()):
-        _plot(cells, out / "accuracy_vs_sparsity.png", pruners, sparsities, rows[0])
-        if all(r.get("latency_ms") is not None for r in rows):
+        _plot(cells, out / "accuracy_vs_sparsity.png", pruners, sparsities, rows)
+        written.append("accuracy_vs_sparsity.png")
+        if timed:
             _plot_latency(rows, out / "accuracy_vs_latency.png", pruners)
+            written.append("accuracy_vs_latency.png")
+    return written
 
 
 @contextmanager
@@ -267,32 +305,46 @@ def _plot(
     path: Path,
     pruners: Sequence[str],
     sparsities: Sequence[float],
-    first: dict[str, Any],
+    rows: list[dict[str, Any]],
 ) -> None:
-    title = f"{first['model']} ({first['schedule']})"
+    title = f"{rows[0]['model']} ({rows[0]['schedule']})"
+    gap = min((b - a for a, b in itertools.pairwise(sorted(sparsities))), default=0.1)
     with _chart(path, "sparsity (%)", title, columns=2) as ax:
-        xs = [s * 100 for s in sparsities]
-        for pruner in pruners:
+        for k, pruner in enumerate(pruners):
+            # each pruner a little aside, with its own marker and line: equal series stay seen
+            shift = (k - (len(pruners) - 1) / 2) * 100 * gap * 0.04
             stats = [_mean_std(cells[pruner, s]) for s in sparsities]
             ax.errorbar(
-                xs,
+                [s * 100 + shift for s in sparsities],
                 [m for m, _ in stats],
                 yerr=[sd for _, sd in stats],
-                marker="o",
+                marker=MARKERS[k % len(MARKERS)],
+                linestyle=LINES[k % len(LINES)],
                 capsize=3,
                 label=pruner,
             )
+        dense = [r["accuracy_dense"] for r in rows if r.get("accuracy_dense") is not None]
+        if dense:
+            ax.axhline(100 * statistics.fmean(dense), color="grey", linestyle="--",
+                       label="dense")  # fmt: skip
 
 
 def _plot_latency(rows: list[dict[str, Any]], path: Path, pruners: Sequence[str]) -> None:
-    """Accuracy against ONNX Runtime latency (batch 1), one line per pruner."""
+    """Accuracy against ONNX Runtime latency (batch 1), one line per pruner, each point
+    labelled with its sparsity."""
     dense = rows[0]
-    title = f"{dense['model']}: channels removed"
+    dense_ms = statistics.fmean(r["latency_ms"] * r["speedup"] for r in rows)
+    noise = f" (dense {dense_ms:.3f} ms: timer noise)" if dense_ms < NOISE_MS else ""
+    title = f"{dense['model']}: accuracy against latency{noise}"
     with _chart(path, "ONNX Runtime latency, batch 1 (ms)", title) as ax:
-        for pruner in pruners:
+        for k, pruner in enumerate(pruners):
             own = sorted((r for r in rows if r["pruner"] == pruner), key=lambda r: r["latency_ms"])
-            ax.plot([r["latency_ms"] for r in own], [100 * r["accuracy"] for r in own],
-                    marker="o", label=pruner)  # fmt: skip
+            xs, ys = [r["latency_ms"] for r in own], [100 * r["accuracy"] for r in own]
+            ax.plot(xs, ys, marker=MARKERS[k % len(MARKERS)], linestyle=LINES[k % len(LINES)],
+                    label=pruner)  # fmt: skip
+            for r, x, y in zip(own, xs, ys, strict=True):
+                ax.annotate(f"{r['sparsity']:.0%}", (x, y), textcoords="offset points",
+                            xytext=(4, 4), fontsize=7)  # fmt: skip
         ax.axhline(100 * dense["accuracy_dense"], color="grey", linestyle="--", label="dense")
 
 

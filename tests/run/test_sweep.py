@@ -104,6 +104,15 @@ def test_structured_sweep_charts_accuracy_against_latency(tmp_path):
     assert [float(r["sparsity"]) for r in rows] == [0.25, 0.75]
     assert all(float(r["latency_ms"]) > 0 and float(r["speedup"]) > 0 for r in rows)
     assert (out / "accuracy_vs_latency.png").stat().st_size > 1000
+    # item 4 of the new-user trial: progress without a terminal, every file named, latency
+    # columns, the dense accuracy, and toy-model timings called noise
+    assert "progress: cell 1/2 magnitude_s0.25_seed0 done" in result.stderr
+    assert "accuracy_vs_latency.png" in result.stdout
+    md = (out / "results.md").read_text()
+    assert "ONNX Runtime latency at batch 1, ms (speed-up over the dense model)" in md
+    assert f"{float(rows[0]['latency_ms']):.3f} ({float(rows[0]['speedup']):.2f}x)" in md
+    assert f"Dense model: {100 * float(rows[0]['accuracy_dense']):.2f} %." in md
+    assert "timings are noise" in md
 
 
 def test_quantized_sweep_times_every_cells_int8_export(tmp_path):
