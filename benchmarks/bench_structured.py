@@ -102,8 +102,9 @@ def main() -> None:
               f"excluded {', '.join(args.exclude) or 'none'}, augmentation "
               f"{'off' if args.augment is False else 'on'}\n")  # fmt: skip
         int8 = " INT8 top-1 | INT8 speed-up b1 | b32 |" if args.quantize else ""
-        print("| pruner | channels removed | params | FLOPs | one-shot top-1 | fine-tuned "
-              f"top-1 | ORT speed-up b1 | b32 | seconds |{int8}")  # fmt: skip
+        print("| pruner | channels removed | params | FLOPs | one-shot top-1 (validation "
+              "split when fine-tuned) | fine-tuned top-1 | ORT speed-up b1 | b32 | seconds |"
+              f"{int8}")  # fmt: skip
         print("|---" * (12 if args.quantize else 9) + "|")
         dense_row = False
         runs = [(float(f), p) for f in args.fractions.split(",") for p in args.pruners.split(",")]
@@ -151,7 +152,8 @@ def main() -> None:
                       f"{pct(report['accuracy']['dense'] if cifar else None)} | | 1.00 | "
                       f"1.00 | |{' | | |' if args.quantize else ''}")  # fmt: skip
             one_shot = report["accuracy"]["pruned"] if not epochs else next(
-                (h["accuracy"] for h in report["history"] if "accuracy" in h
+                (h["validation_accuracy"] for h in report["history"]
+                 if "validation_accuracy" in h
                  and h["phase"].startswith("prune")), report["accuracy"]["pruned"],
             )  # fmt: skip
             tuned = report["accuracy"]["pruned"] if config.schedule.finetune_epochs else None

@@ -243,6 +243,6 @@ def run_schedule(
                 entry["channels_removed"] = state.structure.removed_fraction()
             if evaluate is not None and schedule.trains():  # else the final accuracy says it
                 with ctx.timings.phase("evaluation"):
-                    entry["accuracy"] = evaluate(ctx.model)
+                    entry["validation_accuracy"] = evaluate(ctx.model)
             history.append(entry)
     return warnings, history

@@ -140,6 +140,6 @@ def train(
             )
         record: dict[str, Any] = {"epoch": epoch, "loss": total / count}
         if evaluate is not None:
-            record["accuracy"] = evaluate(model)
+            record["validation_accuracy"] = evaluate(model)
         history.append(record)
     return history

@@ -70,6 +70,27 @@ def calibration_of(train: Dataset) -> Dataset:
     return Subset(train, _permutation(n)[: min(n, CALIBRATION_MAX)].tolist())
 
 
+VALIDATION_FRACTION, VALIDATION_MAX = 0.1, 1000  # of the training split, when a run trains
+
+
+def validation_size(n: int) -> int:
+    """Samples held out of a training split of ``n`` (none below 10 samples)."""
+    return min(VALIDATION_MAX, round(n * VALIDATION_FRACTION)) if n >= 10 else 0
+
+
+def validation_split(train: Dataset) -> tuple[Dataset, Dataset | None]:
+    """The training split without its held-out validation part, and that part: the last
+    samples of the split's fixed permutation, so that where the split holds more than the
+    calibration subset (its first samples) the two are disjoint. Training history is measured
+    there; the test split is touched only by the final evaluation."""
+    n = len(cast(Sized, train))
+    held = validation_size(n)
+    if held == 0:
+        return train, None
+    order = _permutation(n).tolist()
+    return Subset(train, order[: n - held]), Subset(train, order[n - held :])
+
+
 def _split_tensors(spec: str, x: torch.Tensor, y: torch.Tensor, prep: Preprocess) -> Splits:
     """Shuffle once with the fixed split seed; the last TEST_FRACTION is the test split."""
     y = check_pair(spec, x, y)

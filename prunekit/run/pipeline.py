@@ -38,7 +38,13 @@ from prunekit.formats.metadata import StructureRecord
 from prunekit.formats.onnx_quant import (
     check_calibration,
 )
-from prunekit.load.data import Splits, limit_labels, load_data
+from prunekit.load.data import (
+    Splits,
+    limit_labels,
+    load_data,
+    validation_size,
+    validation_split,
+)
 from prunekit.load.models import (
     LOAD_BOUNDS,
     default_data,
@@ -302,13 +308,21 @@ def prune_model(
         reporter.note(memory_plan_of(state).describe())
         if pruner.needs & PER_SAMPLE:
             reporter.note(engine_note(state.context.targets, pruner.stats_spec().grad_engine))
+    # a run that trains keeps a validation part of its training split for its history
+    fit, validation = (
+        validation_split(data.train) if config.schedule.trains() else (data.train, None)
+    )
+
+    def validate_during(m: nn.Module) -> float | None:
+        return accuracy(m, validation, home) if data.labeled and validation is not None else None
+
     with reporter.stage(f"{config.schedule.kind} pruning with {config.pruner}") as status:
         step_warnings, history = run_schedule(
             state,
             config.sparsity,
             config.schedule,
-            data.train,
-            evaluate=evaluate if data.labeled else None,
+            fit,
+            evaluate=validate_during if data.labeled and validation is not None else None,
             on_event=status,
             distillation=distillation,
             augment=augment,
@@ -359,6 +373,7 @@ def prune_model(
     warnings += accuracy_warnings(config, pruner, recalibrate, dense_accuracy, pruned_accuracy)
     results = {
         "num_classes": outputs,
+        "validation_samples": len(cast(Sized, validation)) if validation is not None else 0,
         "recalibrate_bn": recalibrate,
         "sparsity": {
             "target": config.sparsity,
@@ -443,7 +458,8 @@ def check_fit(config: PruneConfig, pruner: Pruner, data: Splits, objective: Obje
                 "with labels sampled from the model (fisher=true)"
             )
     if config.schedule.trains():
-        config.schedule.train.check(len(cast(Sized, data.train)))
+        n = len(cast(Sized, data.train))
+        config.schedule.train.check(n - validation_size(n))
     if config.quantize is not None and quantize_mode(data) == "static":
         check_calibration(len(cast(Sized, data.calibration)))
     return warnings

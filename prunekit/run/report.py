@@ -44,6 +44,7 @@ def build_report(
             "max_length": config.max_length,
         },
         "num_classes": results["num_classes"],
+        "validation_samples": results["validation_samples"],  # held out of training
         "pruner": config.pruner,
         "params": pruner.hparams,
         "recipe": recipe_of(config, pruner.hparams),

@@ -282,3 +282,26 @@ def test_schedules_refuse_options_that_would_do_nothing(tmp_path):
         assert not (tmp_path / "o").exists()
     diverged = runner.invoke(app, [*base, "--finetune-epochs", "1", "--lr", "1e30"])
     assert "lower --lr" in diverged.output and "damp" not in diverged.output
+
+
+def test_fine_tuning_history_is_measured_on_a_validation_split_held_out_of_training():
+    """Build item of the new-user trial: the test split is touched only by the final
+    evaluation; the history of a run that trains reads a part held out of the training
+    split, disjoint from what it trains on."""
+    from torch.utils.data import TensorDataset
+
+    from prunekit.load.data import validation_split
+
+    data = TensorDataset(torch.arange(300).float().unsqueeze(1), torch.zeros(300).long())
+    fit, held = validation_split(data)
+    assert held is not None and len(held) == 30 and len(fit) == 270
+    assert not {int(x) for x, _ in fit} & {int(x) for x, _ in held}
+    assert validation_split(TensorDataset(torch.zeros(9, 1), torch.zeros(9).long()))[1] is None
+    big = validation_split(TensorDataset(torch.zeros(20_000, 1), torch.zeros(20_000).long()))
+    assert big[1] is not None and len(big[1]) == 1000  # capped
+    report = prune_report("sample:digits-mlp", "-p", "magnitude", "-s", "0.5",
+                          "--finetune-epochs", "1", "--batch-size", "32")  # fmt: skip
+    assert report["validation_samples"] == round(0.1 * 1437)
+    tuned = [h for h in report["history"] if h["phase"] == "fine-tune"]
+    assert tuned and all(0 <= h["validation_accuracy"] <= 1 for h in tuned)
+    assert all("accuracy" not in h for h in report["history"])  # the test split stays unseen
