@@ -54,8 +54,9 @@ class TrainConfig:
             )
         if train_size is not None and train_size < self.batch_size:
             raise UsageError(
-                f"the training split has {train_size} samples, fewer than --batch-size "
-                f"{self.batch_size}; lower --batch-size or use more data"
+                f"the training split has {train_size} samples to train on (after the "
+                f"validation part), fewer than --batch-size {self.batch_size}; lower "
+                "--batch-size or use more data"
             )
 
 

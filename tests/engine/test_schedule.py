@@ -71,7 +71,7 @@ def test_training_is_deterministic_and_evaluates_per_epoch(digits):
             )
         )
     assert runs[0] == runs[1]
-    assert all(0.5 < r["accuracy"] <= 1.0 for r in runs[0])
+    assert all(0.5 < r["validation_accuracy"] <= 1.0 for r in runs[0])
 
 
 def test_cubic_schedule_values():
@@ -201,7 +201,8 @@ def test_cli_gradual_and_bad_inputs(tmp_path):
             app, [*base, "--schedule", "pbt", "--epochs", "1", "--data", f"tensors:{small}"]
         ),
         2,
-        "training split has 10 samples, fewer than --batch-size 64",
+        "training split has 9 samples to train on (after the validation part), fewer than "
+        "--batch-size 64",
     )
     assert not (tmp_path / "o").exists()
 
@@ -284,7 +285,7 @@ def test_schedules_refuse_options_that_would_do_nothing(tmp_path):
     assert "lower --lr" in diverged.output and "damp" not in diverged.output
 
 
-def test_fine_tuning_history_is_measured_on_a_validation_split_held_out_of_training():
+def test_fine_tuning_history_is_measured_on_a_validation_split_held_out_of_training(tmp_path):
     """Build item of the new-user trial: the test split is touched only by the final
     evaluation; the history of a run that trains reads a part held out of the training
     split, disjoint from what it trains on."""
@@ -300,7 +301,8 @@ def test_fine_tuning_history_is_measured_on_a_validation_split_held_out_of_train
     big = validation_split(TensorDataset(torch.zeros(20_000, 1), torch.zeros(20_000).long()))
     assert big[1] is not None and len(big[1]) == 1000  # capped
     report = prune_report("sample:digits-mlp", "-p", "magnitude", "-s", "0.5",
-                          "--finetune-epochs", "1", "--batch-size", "32")  # fmt: skip
+                          "--finetune-epochs", "1", "--batch-size", "32",
+                          "--out", str(tmp_path / "o"))  # fmt: skip
     assert report["validation_samples"] == round(0.1 * 1437)
     tuned = [h for h in report["history"] if h["phase"] == "fine-tune"]
     assert tuned and all(0 <= h["validation_accuracy"] <= 1 for h in tuned)
