@@ -39,6 +39,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--chart", type=Path)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--scan-from", type=Path, help="reuse the scan of an earlier --json")
+    parser.add_argument("--uniform-mask", default="global", choices=("global", "layer"))
     args = parser.parse_args()
     dev = checked(args.dev_dir, f"{args.model}.safetensors", "calibration.npz", "test.npz")
     targets = [float(t) for t in args.targets.split(",")]
@@ -56,8 +58,13 @@ def main() -> None:
             exports=(),
         )
         started = time.perf_counter()
-        result = scan(base, levels, args.scan_samples, lambda t: print(t, file=sys.stderr))
-        scan_seconds = time.perf_counter() - started
+        if args.scan_from:
+            saved = json.loads(args.scan_from.read_text())
+            result, scan_seconds = saved["scan"], saved["scan_seconds"]
+            levels = result["levels"]
+        else:
+            result = scan(base, levels, args.scan_samples, lambda t: print(t, file=sys.stderr))
+            scan_seconds = time.perf_counter() - started
         chart(result, args.chart or Path(f"sensitivity-{args.model}.png"))
         layers = [LayerScan(lay["name"], lay["weights"],
                             {float(k): v for k, v in lay["accuracy"].items()})
@@ -75,9 +82,14 @@ def main() -> None:
         for target in targets:
             allocation = allocate(layers, dense, target)
             runs = {}
-            for label, overrides in (("uniform global", {}), ("sensitivity recipe", allocation)):
+            uniform = f"uniform {args.uniform_mask}"
+            for label, overrides in ((uniform, {}), ("sensitivity recipe", allocation)):
                 config = dataclasses.replace(
-                    base, pruner=args.pruner, sparsity=target, layer_sparsity=overrides
+                    base,
+                    pruner=args.pruner,
+                    sparsity=target,
+                    layer_sparsity=overrides,
+                    mask=args.uniform_mask,
                 )
                 report = execute(config).report
                 runs[label] = report
@@ -87,11 +99,11 @@ def main() -> None:
             rows.append((target, runs))
         print(f"\n{args.model}, one-shot {args.pruner} (defaults), top-1 on {args.test_images} "
               "test images\n")  # fmt: skip
-        print("| target | uniform global | sensitivity recipe | gain (points) |")
+        print(f"| target | uniform {args.uniform_mask} | sensitivity recipe | gain (points) |")
         print("|---|---|---|---|")
         for target, runs in rows:
             uniform, recipe = (runs[k]["accuracy"]["pruned"] for k in runs)
-            first = runs["uniform global"]["accuracy"]["dense"]
+            first = next(iter(runs.values()))["accuracy"]["dense"]
             print(f"| {target:.0%} (dense {first:.2%}) | {uniform:.2%} | {recipe:.2%} | "
                   f"{100 * (recipe - uniform):+.2f} |")  # fmt: skip
         if args.json:
