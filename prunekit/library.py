@@ -40,20 +40,33 @@ from prunekit.version import __version__
 
 DataLike = DataLoader | Dataset | tuple[torch.Tensor, torch.Tensor] | torch.Tensor
 
-_FLAG = re.compile(r"--([a-z][a-z0-9-]*)(/--no-[a-z0-9-]+)?( (?=[\w.'\"]))?")
-_KEYWORDS = {"param": "params", "recompute": "schedule.recompute"}
+_FLAG = re.compile(
+    r"--([a-z][a-z0-9-]*)(/--no-[a-z0-9-]+)?"
+    r"( (?=[-+]?[.\d]|['\"]|[\w.*?]+[:=,;)]))?"  # a value follows: a number, a quote, X: X,
+)
+_SCHEDULE = ("schedule", "steps", "recompute", "initial-sparsity", "finetune-epochs",
+             "warmup-epochs", "epochs")  # fmt: skip
+_TRAIN = ("lr", "optimizer", "lr-schedule", "batch-size", "weight-decay")
+_KEYWORDS = {
+    "param": "params",
+    "schedule": "schedule.kind",
+    **{f: f"schedule.{f.replace('-', '_')}" for f in _SCHEDULE[1:]},
+    **{f: f"schedule.train.{f.replace('-', '_')}" for f in _TRAIN},
+}
 _Args = ParamSpec("_Args")
 _Result = TypeVar("_Result")
 
 
 def in_python_words(message: str) -> str:
-    """An error message with its command-line flags named as the keywords of the Python API:
-    ``--mask 2:4`` reads ``mask=2:4``, ``--param damp`` reads ``params damp``."""
+    """An error message with its command-line flags named as the keywords of the Python API
+    (``--mask 2:4`` reads ``mask=2:4``, ``--steps`` reads ``schedule.steps``, ``--param
+    damp`` reads ``params damp``)."""
 
     def keyword(match: re.Match[str]) -> str:
-        name = match.group(1).replace("-", "_")
-        name, valued = _KEYWORDS.get(name, name), match.group(3) and not match.group(2)
-        if not valued:  # (a --flag/--no-flag pair is one keyword)
+        flag = match.group(1)
+        name = _KEYWORDS.get(flag, flag.replace("-", "_"))
+        valued = match.group(3) and not match.group(2)  # (a --flag/--no-flag pair: a keyword)
+        if not valued:
             return name + (match.group(3) or "")
         return f"{name} " if name == "params" else f"{name}="
 

@@ -69,6 +69,7 @@ def sensitivity(
     """
     from prunekit.run.recipe import config_from
     from prunekit.run.sensitivity import scan, write_scan
+    from prunekit.runtime.outputs import prepare_output
 
     assert options is not None
     name = Path(model.split(":")[-1]).name.replace(".", "_") or "model"
@@ -77,7 +78,9 @@ def sensitivity(
     recipe["out"] = str(out or Path("prunekit-out") / f"sensitivity-{name}-{pruner}")
     config = config_from(recipe, "the options")
     levels = number_list(sparsities, "--sparsities", float)
+    cleaned = prepare_output(config.out, config.force)  # refused before the scan, not after
     result = scan(config, levels, max_samples, lambda text: err.print(f"progress: {text}"))
+    result["warnings"] = cleaned + result["warnings"]
     files = write_scan(config, result)
     warn(result["warnings"])
     if options["as_json"]:

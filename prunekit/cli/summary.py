@@ -22,8 +22,10 @@ def print_report(report: dict[str, Any]) -> None:
         table.add_row("channels removed", f"{structure['removed']:.1%} (asked "
                       f"{sparsity['target']:.1%})")  # fmt: skip
     elif sparsity.get("own"):  # --layer-sparsity: -s is the others' sparsity
-        table.add_row("all targets", f"{sparsity['achieved']:.1%} ({len(sparsity['own'])} by "
-                      f"--layer-sparsity, the others asked {sparsity['target']:.1%})")  # fmt: skip
+        own, every = len(sparsity["own"]), len(sparsity["own"]) == len(sparsity["per_tensor"])
+        asked = "every tensor" if every else f"{own} by --layer-sparsity, the others asked "
+        asked += "by --layer-sparsity" if every else f"{sparsity['target']:.1%}"
+        table.add_row("all targets", f"{sparsity['achieved']:.1%} ({asked})")
     else:
         table.add_row("all targets", f"{sparsity['achieved']:.1%} (asked {sparsity['target']:.1%})")
     console.print(table)

@@ -155,7 +155,7 @@ def select(
         score = scores[t.name]
         if t.name in own and score is not None:
             lowest = _lowest(_checked(t.name, score, t).reshape(-1), round(own[t.name] * t.numel))
-            keep[t.name] = ~lowest.reshape(t.weight.shape)
+            keep[t.name] = ~lowest.reshape(t.weight.shape) & t.mask  # pruned stay pruned
     ranked = [t for t in targets if scores[t.name] is not None and t.name not in own]
     if not ranked:
         return keep

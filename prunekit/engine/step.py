@@ -48,16 +48,28 @@ class Pruning:
     # the others' final sparsity, with which the overrides scale over the steps
     overrides: dict[str, float] = field(default_factory=dict)
     final: float = 0.0
+    reached: float = 0.0  # the others' sparsity after the last step
 
-    def own_sparsities(self, sparsity: float) -> dict[str, float]:
+    def own_sparsities(self, sparsity: float, step_progress: float = 1.0) -> dict[str, float]:
         """The overridden targets' sparsities while the others are pruned to ``sparsity``:
-        each its final one times the run's progress (sparsity / final)."""
-        progress = min(sparsity / self.final, 1.0) if self.final > 0 else 1.0
-        return {name: level * progress for name, level in self.overrides.items()}
+        each target's density follows the others' geometrically, (1 - S_t)^f with f the
+        others' progress log(1 - s) / log(1 - final), so a sub-step sized for the deepest
+        layer removes no more of its weights than of theirs; with final 0, f is the step's
+        place in the run (``step_progress``)."""
+        if self.final > 0:
+            progress = math.log(1.0 - sparsity) / math.log(1.0 - self.final)
+        else:
+            progress = step_progress
+        progress = min(max(progress, 0.0), 1.0)
+        return {name: 1.0 - (1.0 - level) ** progress for name, level in self.overrides.items()}
 
     def deepest(self, sparsity: float) -> float:
         """The highest sparsity any target is pruned to when the others reach ``sparsity``."""
         return max([sparsity, *self.own_sparsities(sparsity).values()])
+
+    def step_progress(self) -> float:
+        """The current step's place in the run, in (0, 1]."""
+        return self.context.step / max(self.context.total_steps, 1)
 
     @classmethod
     def of(
@@ -109,8 +121,9 @@ class Pruning:
         """The fraction pruned so far: of the channels with --structure, else of the weights."""
         if self.structure is not None:
             return self.structure.removed_fraction()
-        others = [t for t in self.context.targets if t.name not in self.overrides]
-        return sparsity_of(others)[0] if others else 0.0  # (--layer-sparsity: the others)
+        if self.overrides:  # --layer-sparsity: the level the others were last pruned to
+            return self.reached
+        return sparsity_of(self.context.targets)[0]
 
 
 def auto_recompute(pruner: Pruner, start: float, final: float, mask: str = "global") -> int:
@@ -153,6 +166,7 @@ def prune_step(state: Pruning, sparsity: float) -> list[str]:
     finally:
         ctx.say = outer_say
     apply(ctx.targets, keep)
+    state.reached = sparsity
     with torch.no_grad():  # decided once: rank 0's masks and weights on every rank
         distributed.broadcast([x for t in ctx.targets for x in (t.weight, t.mask)])
     warnings = list(dict.fromkeys(warnings + pruner.warnings))  # once each
@@ -202,7 +216,8 @@ def _score_and_select(state: Pruning, sparsity: float) -> tuple[dict[str, torch.
         )
     with ctx.timings.phase("prune"):
         if state.structure is None:
-            keep = select(ctx.targets, scores, sparsity, ctx.mask, state.own_sparsities(sparsity))
+            own = state.own_sparsities(sparsity, state.step_progress())
+            keep = select(ctx.targets, scores, sparsity, ctx.mask, own)
         else:  # the channels' masks; the layers outside every group keep theirs
             chosen = state.structure.select(sparsity, ctx.mask)
             keep = {t.name: chosen.get(t.name, t.mask) & t.mask for t in ctx.targets}
@@ -249,7 +264,7 @@ def compress_layers(state: Pruning, sparsity: float) -> dict[str, torch.Tensor]:
         )
     keep = {t.name: t.mask.clone() for t in ctx.targets}
     samples = pruner.stats_spec().num_samples
-    own = state.own_sparsities(sparsity)
+    own = state.own_sparsities(sparsity, state.step_progress())
 
     def compress(name: str, gram: torch.Tensor) -> None:
         t = supported[name]

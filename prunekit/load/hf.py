@@ -370,7 +370,8 @@ def labelled(texts: list[str], path: Path) -> tuple[list[str], list[int]] | None
     is refused, naming the first line without a label."""
     parts = [t.partition("\t") for t in texts]
     marked = [
-        label.isdigit() and len(label) <= 6 and bool(rest.strip()) for label, _, rest in parts
+        label.isascii() and label.isdigit() and len(label) <= 6 and bool(rest.strip())
+        for label, _, rest in parts
     ]
     if not marked[0]:
         return None

@@ -50,6 +50,7 @@ from prunekit.load.models import (
     default_data,
     first_non_finite,
     load_model,
+    names_code,
     sized_by_data,
 )
 from prunekit.pruners import registry
@@ -221,9 +222,19 @@ def load_inputs(config: PruneConfig) -> Inputs:
         raise UsageError(f"{config.model} comes with no dataset; pass --data SPEC")
     data = load_data(data_spec, config.preprocess(), config.model, config.max_length)
     num_classes = config.num_classes
-    if num_classes is None and data.num_classes and sized_by_data(config.model):
+    # (a factory's checkpoint has its own head size)
+    factory_with_weights = names_code(config.model) and config.weights is not None
+    sized = not factory_with_weights and sized_by_data(config.model)
+    if num_classes is None and data.num_classes and sized:
         num_classes = data.num_classes
     loaded = load_model(config.model, config.weights, num_classes, config.trust_checkpoint)
+    kind = getattr(loaded.model, "kind", None)
+    if data.labeled and data.spec.startswith("text:") and kind != "classifier":
+        raise UsageError(
+            f"{data.spec} holds labels, but {config.model} is not a sequence classifier (it "
+            f"returns {'next-token logits' if kind == 'decoder' else 'embeddings'}): give "
+            "the texts without labels, or a *ForSequenceClassification model"
+        )
     source = {
         "model": config.model,
         "weights": str(config.weights) if config.weights else loaded.weights and "shipped",

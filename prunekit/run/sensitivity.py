@@ -163,6 +163,11 @@ def scan(
             with torch.no_grad():
                 t.weight.copy_(original)
         layers.append(LayerScan(t.name, t.numel, measured))
+    if not layers:
+        raise UsageError(
+            f"{pruner.name} declined every layer ({', '.join(skipped)}): nothing to scan; "
+            "use another pruner"
+        )
     if skipped:
         warnings.append(f"{pruner.name} declined {', '.join(skipped)}: left out of the scan")
     allocation = allocate(layers, dense, config.sparsity)
@@ -197,8 +202,11 @@ def recipe_of(config: PruneConfig, result: dict[str, Any]) -> dict[str, Any]:
         "model": config.model,
         "pruner": config.pruner,
         "sparsity": config.sparsity,
+        "mask": "layer",  # every scanned layer has its own level; layer-wise pruners need it
         "layer_sparsity": {_literal_glob(n): s for n, s in result["allocation"].items()},
     }
+    if config.params:
+        recipe["params"] = dict(config.params)
     for key in ("data", "normalize", "image_size", "max_length", "num_classes"):
         if getattr(config, key) is not None:
             recipe[key] = getattr(config, key)

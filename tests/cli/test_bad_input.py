@@ -1153,7 +1153,7 @@ def test_a_factory_takes_its_class_count_from_the_data(tmp_path, monkeypatch):
     """Item 5 of the new-user trial: a 3-class tensors: file built a 10-output head (0 %
     accuracy, no warning). A factory that takes num_classes now gets the data's count; one
     that does not is warned about."""
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delitem(sys.modules, "sizedmodels", raising=False)
@@ -1167,3 +1167,9 @@ def test_a_factory_takes_its_class_count_from_the_data(tmp_path, monkeypatch):
     fixed = prune_report("sizedmodels:fixed", *args, "--out", "fixed")
     assert fixed["num_classes"] == 10
     assert any("10 outputs but" in w and "3 classes" in w for w in fixed["warnings"])
+    # a checkpoint of the factory keeps its own head: 10 outputs from 3-class data
+    save_file(
+        dict(load_file(tmp_path / "fixed" / "model.safetensors")), tmp_path / "ten.safetensors"
+    )
+    again = prune_report("sizedmodels:net", *args, "--weights", "ten.safetensors", "--out", "w")
+    assert again["num_classes"] == 10

@@ -547,3 +547,27 @@ def test_layer_sparsity_bad_input(tmp_path):
     for extra, message in cases:
         assert_error(prune(*base, *extra), 2, message)
     assert not Path(out).exists()
+
+
+def test_every_layer_overridden_never_unprunes_across_steps_and_scales_geometrically(tmp_path):
+    """Review finding: with every layer overridden (a sensitivity recipe) a gradual schedule
+    restarted each step's sub-steps from 0 and un-pruned weights; with -s 0 the first step
+    took the whole cut."""
+    from prunekit.engine.step import Pruning
+
+    state = Pruning.__new__(Pruning)
+    state.overrides, state.final = {"a": 0.96}, 0.5
+    half_way = state.own_sparsities(1 - 0.5**0.5)  # the others half way in log-density
+    assert half_way["a"] == pytest.approx(0.8)  # 1 - sqrt(1 - 0.96)
+    state.final = 0.0
+    assert state.own_sparsities(0.0, 0.5)["a"] == pytest.approx(0.8)
+    every = ("--layer-sparsity", "features.*=0.6", "--layer-sparsity", "classifier.*=0.9")
+    for sparsity in ("0.7", "0"):
+        report = prune_report("sample:digits-cnn", "-p", "magnitude", "-s", sparsity, *every,
+                              "--schedule", "gradual", "--steps", "3", "--finetune-epochs", "1",
+                              "--recompute", "2", "--out", str(tmp_path / sparsity))  # fmt: skip
+        levels = [h["sparsity"] for h in report["history"] if h["phase"].startswith("prune")]
+        assert len(levels) == 3 and levels == sorted(levels) and levels[0] < levels[-1] - 0.1
+        per = report["sparsity"]["per_tensor"]
+        assert per["classifier.1.weight"] == pytest.approx(0.9, abs=1e-3)
+        assert per["features.2.weight"] == pytest.approx(0.6, abs=1e-3)

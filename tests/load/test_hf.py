@@ -391,3 +391,17 @@ def test_labelled_text_evaluates_and_fine_tunes_an_hf_classifier(bert, tmp_path)
     result = prune(f"hf:{classifier_dir}", "-p", "magnitude", "-s", "0.5", "--data",
                    f"text:{mixed}", "--out", str(tmp_path / "mixed"))  # fmt: skip
     assert_error(result, 2, "text 2 has no label", "label every line, or none")
+
+
+def test_labelled_text_needs_a_sequence_classifier(bert, tmp_path):
+    """Review finding: labels on an encoder scored argmax over the embedding dimensions."""
+    from prunekit.load.hf import labelled
+
+    model_dir, texts = bert
+    lines = [line for line in texts.read_text().splitlines() if line.strip()]
+    tagged = tmp_path / "tagged.txt"
+    tagged.write_text("".join(f"{i % 3}\t{line}\n" for i, line in enumerate(lines)))
+    result = prune(f"hf:{model_dir}", "-p", "magnitude", "-s", "0.5", "--data",
+                   f"text:{tagged}", "--out", str(tmp_path / "o"))  # fmt: skip
+    assert_error(result, 2, "holds labels, but", "is not a sequence classifier", "embeddings")
+    assert labelled(["²\tthe cat sat"], tagged) is None  # a Unicode digit is not a label

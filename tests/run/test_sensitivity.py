@@ -70,3 +70,37 @@ def test_sensitivity_bad_input(tmp_path):
     for extra, message in cases:
         assert_error(invoke(*base, *extra), 2, message)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_recipe_serves_layer_wise_pruners_and_an_existing_output_is_refused_first(tmp_path):
+    out = tmp_path / "scan"
+    args = ("sensitivity", "sample:digits-cnn", "-p", "wanda", "--target", "0.6",
+            "--sparsities", "0.5,0.9", "--max-samples", "100", "--out", str(out))  # fmt: skip
+    assert invoke(*args).exit_code == 0
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["mask"] == "layer"
+    for pruner in ("wanda", "sparsegpt"):
+        report = prune_report("--config", str(out / "recipe.json"), "-p", pruner,
+                              "--out", str(tmp_path / pruner))  # fmt: skip
+        assert report["sparsity"]["achieved"] == pytest.approx(recipe["sparsity"], abs=0.02)
+    again = invoke(*args)  # refused before any layer is scanned
+    assert_error(again, 2, "already exists")
+    assert "progress:" not in again.stderr
+
+
+def test_a_scan_where_the_pruner_declines_every_layer(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "onlyconv1d", raising=False)
+    (tmp_path / "onlyconv1d.py").write_text(
+        "from torch import nn\n\ndef net(num_classes=3):\n    return nn.Sequential("
+        "nn.Conv1d(1, 4, 3), nn.Flatten(), nn.Linear(24, num_classes))\n"
+    )
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.randn(40, 1, 8), "y": torch.arange(40) % 3}, tmp_path / "d.safetensors")
+    result = invoke("sensitivity", "onlyconv1d:net", "--data", "tensors:d.safetensors",
+                    "--exclude", "2.*", "-p", "wanda", "--target", "0.5", "--out", "o")  # fmt: skip
+    assert_error(result, 2, "wanda declined every layer")
