@@ -276,7 +276,7 @@ def compress_layers(state: Pruning, sparsity: float) -> dict[str, torch.Tensor]:
         with ctx.timings.phase("prune"):
             with guarded(pruner, "compress", t.weight):
                 compressed = pruner.compress(t, gram, request)
-            result = _checked_compression(pruner, t, compressed)
+            result = _checked_compression(pruner, t, compressed, request)
             if grid is not None and result.scales is not None and result.weight is not None:
                 state.rounded[name] = grid.on_grid(result.weight, result.scales)
             with torch.no_grad():
@@ -327,7 +327,9 @@ def _check_update(pruner: Pruner, target: Target, updated: object) -> None:
         )
 
 
-def _checked_compression(pruner: Pruner, target: Target, result: Compressed) -> Compressed:
+def _checked_compression(
+    pruner: Pruner, target: Target, result: Compressed, request: LayerRequest | None = None
+) -> Compressed:
     shape = tuple(target.weight.shape)
     if not isinstance(result, Compressed) or result.keep.dtype != torch.bool:
         raise NumericalError(
@@ -344,6 +346,17 @@ def _checked_compression(pruner: Pruner, target: Target, result: Compressed) -> 
         raise NumericalError(
             f"{pruner.name}: the new weights of {target.name} hold NaN or Inf; raise --param damp"
         )
+    if request is not None and request.pattern is not None:  # the pattern, in its layout
+        n, m = request.pattern
+        rows = result.keep.reshape(shape[0], -1)
+        if request.columns is not None:
+            rows = rows[:, request.columns.to(rows.device)]
+        if bool((rows.reshape(shape[0], -1, m).sum(-1) > n).any()):
+            raise PluginError(
+                f"{pruner.name}: the keep-mask of {target.name} keeps more than {n} of some "
+                f"group of {m} inputs taken in the order LayerRequest.columns (a convolution's "
+                "input channels at each kernel position); fix the plugin"
+            )
     return result
 
 

@@ -172,3 +172,28 @@ def test_padding_tokens_are_left_out_of_the_layer_statistics():
     gram = input_gram(model, model.proj, data, 4, torch.device("cpu"))
     real = x[:, :, :3][x[:, :, 3].bool()].double()  # the 11 real tokens only
     torch.testing.assert_close(gram, real.T @ real / len(real))
+
+
+def test_a_layer_pruner_that_ignores_the_channel_layout_of_n_of_m_is_caught():
+    """A plugin written before LayerRequest.columns (groups along the flattened row) would
+    give convolutions 2:4 masks no sparse kernel can use: the engine refuses them."""
+    from prunekit.contract.pruner import CONTRACT_VERSION, LayerPruner
+    from prunekit.errors import PluginError
+
+    class FlatTwoOfFour(LayerPruner):
+        name = "flat24"
+        contract = CONTRACT_VERSION
+
+        def compress(self, target, gram, request):
+            rows = target.weight.detach().reshape(target.weight.shape[0], -1, 4)
+            keep = torch.zeros_like(rows, dtype=torch.bool)
+            keep.scatter_(-1, rows.abs().topk(2, dim=-1).indices, True)  # flat, not channels
+            return Compressed(keep.reshape(target.weight.shape))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    targets, _ = find_targets(model)
+    data = torch.utils.data.TensorDataset(torch.randn(16, 8, 8, 8), torch.zeros(16).long())
+    state = Pruning.of(model, targets, FlatTwoOfFour(), data, torch.device("cpu"), "2:4")
+    with pytest.raises(PluginError, match=r"flat24: the keep-mask of 0\.weight keeps more than 2"):
+        prune_step(state, 0.5)
