@@ -116,9 +116,13 @@ def nm_misfits(targets: Sequence[Target], mode: str) -> list[Target]:
 def _n_of_m(score: torch.Tensor, target: Target, n: int, m: int, layout: str) -> torch.Tensor:
     shape = target.weight.shape
     if not nm_fits(shape, m, layout):
+        by_channels = layout == "channels" and len(shape) > 2
+        count = f"{shape[1]} input channels" if by_channels else (
+            f"{target.numel // shape[0]} inputs per output"
+        )  # fmt: skip
         raise UsageError(
-            f"{target.name} has {shape[1]} inputs per output, not a multiple of {m}; "
-            f"exclude it (--exclude '{target.name}') or use another mask"
+            f"{target.name} has {count}, not a multiple of {m}; exclude it "
+            f"(--exclude '{target.name}') or use another mask"
         )
     rows = score.reshape(shape[0], -1)
     columns = nm_columns(shape, layout)

@@ -444,8 +444,13 @@ def select_targets(config: PruneConfig, model: nn.Module, warnings: list[str]) -
     if misfits:
         names = ", ".join(t.name for t in misfits)
         warnings.append(
-            f"--mask {config.mask}: left dense {names} (input channels, or inputs per output "
-            f"of a Linear, not a multiple of {config.mask.split(':')[1]})"
+            f"--mask {config.mask}: left dense {names} ("
+            + (
+                "inputs per output"
+                if config.mask.endswith(":flat")
+                else "input channels, or inputs per output of a Linear"
+            )
+            + f" not a multiple of {config.mask.split(':')[1]})"
         )
         targets = [t for t in targets if t not in misfits]
         if not targets:
