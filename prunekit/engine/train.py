@@ -119,7 +119,8 @@ def train(
                 loss = nn.functional.cross_entropy(forward(x), y)
             else:
                 loss = distillation.loss(forward(x), x, y)
-            if not torch.isfinite(loss):
+            # every rank decides together, so no rank waits for one that stopped
+            if not distributed.all_agree(bool(torch.isfinite(loss)), device):
                 raise NumericalError(
                     f"fine-tuning diverged: the loss is {loss.item()} at epoch {epoch} with "
                     f"--lr {config.lr:g}; lower --lr (e.g. {config.lr / 10:g})"
