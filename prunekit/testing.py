@@ -20,7 +20,7 @@ from torch.utils.data import TensorDataset
 from prunekit.contract.context import StepContext
 from prunekit.contract.pruner import CONTRACT_VERSION, Compressed, LayerPruner, LayerRequest, Pruner
 from prunekit.contract.statistics import STATISTICS
-from prunekit.contract.target import StatsSpec, Target, nm_columns, nm_fits
+from prunekit.contract.target import StatsSpec, Target, nm_columns, nm_fits, nm_groups
 from prunekit.engine.masks import find_targets, select
 from prunekit.errors import UsageError
 
@@ -156,9 +156,8 @@ def check_compression(pruner: LayerPruner, model: nn.Module, targets: list[Targe
                 pruned = t.numel - int(result.keep.sum())
                 assert pruned == round(0.5 * t.numel), f"{t.name}: {pruned} pruned, asked half"
             else:
-                rows = result.keep.reshape(t.weight.shape[0], -1)
-                rows = (rows if columns is None else rows[:, columns]).reshape(len(rows), -1, 4)
-                assert bool((rows.sum(-1) == 2).all()), f"{t.name}: not 2 of every 4 kept"
+                groups = nm_groups(result.keep.reshape(t.weight.shape[0], -1), 4, columns)
+                assert bool((groups.sum(-1) == 2).all()), f"{t.name}: not 2 of every 4 kept"
             if result.weight is not None:
                 assert result.weight.shape == t.weight.shape, f"weight for {t.name}: wrong shape"
                 assert torch.isfinite(result.weight).all(), f"weight for {t.name}: NaN or Inf"

@@ -67,15 +67,16 @@ def sensitivity(
 
     Example: prunekit sensitivity sample:digits-resnet --target 0.8 --out sens
     """
+    from prunekit.run.config import PruneConfig
     from prunekit.run.recipe import config_from
     from prunekit.run.sensitivity import scan, write_scan
     from prunekit.runtime.outputs import prepare_output
 
     assert options is not None
-    name = Path(model.split(":")[-1]).name.replace(".", "_") or "model"
     recipe = to_recipe({**options, "model": model, "pruner": pruner, "sparsity": target,
                         "seed": seed, "exports": []})  # fmt: skip
-    recipe["out"] = str(out or Path("prunekit-out") / f"sensitivity-{name}-{pruner}")
+    default = Path("prunekit-out") / f"sensitivity-{PruneConfig.model_stem(model)}-{pruner}"
+    recipe["out"] = str(out or default)
     config = config_from(recipe, "the options")
     levels = number_list(sparsities, "--sparsities", float)
     cleaned = prepare_output(config.out, config.force)  # refused before the scan, not after

@@ -67,6 +67,14 @@ def nm_columns(
     return torch.arange(shape[1] * positions).reshape(shape[1], positions).t().reshape(-1)
 
 
+def nm_groups(rows: torch.Tensor, m: int, columns: torch.Tensor | None = None) -> torch.Tensor:
+    """The N:M groups of an (out, d) matrix, (out, d / m, m), its columns taken in the order
+    ``columns`` (``nm_columns``; None: as stored)."""
+    if columns is not None:
+        rows = rows[:, columns.to(rows.device)]
+    return rows.reshape(rows.shape[0], -1, m)
+
+
 def nm_fits(shape: torch.Size | tuple[int, ...], m: int, layout: str = "channels") -> bool:
     """Whether an N:M pattern of groups of ``m`` covers a weight of ``shape``."""
     if layout == "flat" or len(shape) < 3:

@@ -9,7 +9,7 @@ from typing import cast
 import torch
 from torch import nn
 
-from prunekit.contract.target import Target, nm_columns, nm_fits
+from prunekit.contract.target import Target, nm_columns, nm_fits, nm_groups
 from prunekit.errors import NumericalError, UsageError
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -124,14 +124,11 @@ def _n_of_m(score: torch.Tensor, target: Target, n: int, m: int, layout: str) ->
             f"{target.name} has {count}, not a multiple of {m}; exclude it "
             f"(--exclude '{target.name}') or use another mask"
         )
-    rows = score.reshape(shape[0], -1)
     columns = nm_columns(shape, layout)
-    if columns is not None:
-        rows = rows[:, columns.to(rows.device)]
-    groups = rows.reshape(rows.shape[0], -1, m)
+    groups = nm_groups(score.reshape(shape[0], -1), m, columns)
     best = torch.zeros_like(groups, dtype=torch.bool)
     best.scatter_(-1, groups.topk(n, dim=-1).indices, True)
-    best = (best & torch.isfinite(groups)).reshape(rows.shape)  # pruned stay pruned
+    best = (best & torch.isfinite(groups)).reshape(shape[0], -1)  # pruned stay pruned
     if columns is not None:
         best = best[:, torch.argsort(columns).to(best.device)]
     return best.reshape(shape)

@@ -22,7 +22,7 @@ from prunekit.contract.context import StepContext
 from prunekit.contract.objectives import LABELS, Objective
 from prunekit.contract.pruner import Compressed, LayerPruner, LayerRequest, Pruner, guarded
 from prunekit.contract.quantization import QuantGrid, QuantizedTensor
-from prunekit.contract.target import Target, nm_columns
+from prunekit.contract.target import Target, nm_columns, nm_groups
 from prunekit.engine.masks import apply, nm_layout, parse_nm, select, sparsity_of
 from prunekit.errors import NumericalError, PluginError, UsageError
 from prunekit.runtime import distributed
@@ -265,14 +265,13 @@ def compress_layers(state: Pruning, sparsity: float) -> dict[str, torch.Tensor]:
     keep = {t.name: t.mask.clone() for t in ctx.targets}
     samples = pruner.stats_spec().num_samples
     own = state.own_sparsities(sparsity, state.step_progress())
+    pattern = parse_nm(ctx.mask)
 
     def compress(name: str, gram: torch.Tensor) -> None:
         t = supported[name]
         grid = state.grids.get(name) if last else None
-        pattern = parse_nm(ctx.mask)
         columns = nm_columns(t.weight.shape, nm_layout(ctx.mask)) if pattern else None
-        level = own.get(name, sparsity)
-        request = LayerRequest(level, pattern, grid, columns)
+        request = LayerRequest(own.get(name, sparsity), pattern, grid, columns)
         with ctx.timings.phase("prune"):
             with guarded(pruner, "compress", t.weight):
                 compressed = pruner.compress(t, gram, request)
@@ -348,10 +347,8 @@ def _checked_compression(
         )
     if request is not None and request.pattern is not None:  # the pattern, in its layout
         n, m = request.pattern
-        rows = result.keep.reshape(shape[0], -1)
-        if request.columns is not None:
-            rows = rows[:, request.columns.to(rows.device)]
-        if bool((rows.reshape(shape[0], -1, m).sum(-1) > n).any()):
+        groups = nm_groups(result.keep.reshape(shape[0], -1), m, request.columns)
+        if bool((groups.sum(-1) > n).any()):
             raise PluginError(
                 f"{pruner.name}: the keep-mask of {target.name} keeps more than {n} of some "
                 f"group of {m} inputs taken in the order LayerRequest.columns (a convolution's "

@@ -172,19 +172,19 @@ def _factory(spec: str, num_classes: int | None) -> nn.Module:
 BUILT_IN_KINDS = ("sample", "cifar", "torchvision", "hf")
 
 
-def sized_by_data(spec: str) -> bool:
-    """Whether ``spec`` takes the data's class count where ``--num-classes`` is not given:
-    cifar:, torchvision: (published weights must match it) and a factory that takes
-    ``num_classes``."""
-    kind = spec.partition(":")[0]
-    if kind in ("cifar", "torchvision"):
-        return True
-    return kind not in BUILT_IN_KINDS and _takes_num_classes(_import_factory(spec))
-
-
 def names_code(spec: str) -> bool:
     """Whether ``spec`` is a ``package.module:factory`` (Python code to import and call)."""
     return spec.partition(":")[0] not in BUILT_IN_KINDS
+
+
+def sized_by_data(spec: str, weights: Path | None = None) -> bool:
+    """Whether ``spec`` takes the data's class count where ``--num-classes`` is not given:
+    cifar:, torchvision: (published weights must match it) and a factory that takes
+    ``num_classes``, unless ``weights`` of the factory bring their own head."""
+    kind = spec.partition(":")[0]
+    if kind in ("cifar", "torchvision"):
+        return True
+    return names_code(spec) and weights is None and _takes_num_classes(_import_factory(spec))
 
 
 def build(spec: str, num_classes: int | None = None) -> tuple[nn.Module, Path | None]:

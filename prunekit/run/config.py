@@ -57,6 +57,11 @@ class PruneConfig:
     command: tuple[str, ...] = ()  # the command line that asked for the run, if any
 
     @staticmethod
+    def model_stem(model: str) -> str:
+        """The model's name in an output folder's name: hf:/abs/dir -> dir, a.b -> a_b."""
+        return (Path(model.split(":")[-1]).name or "model").replace(".", "_")
+
+    @staticmethod
     def default_out(
         model: str,
         pruner: str,
@@ -67,8 +72,7 @@ class PruneConfig:
     ) -> Path:
         """prunekit-out/MODEL-PRUNER-S[-MASK][-STRUCTURE][-QUANTIZE], where OUT is not given:
         runs that differ in any of these do not collide."""
-        name = Path(model.split(":")[-1]).name or "model"  # hf:/abs/dir -> dir
-        parts = [name.replace(".", "_"), pruner, f"{sparsity:g}"]
+        parts = [PruneConfig.model_stem(model), pruner, f"{sparsity:g}"]
         parts += [mask.replace(":", "of")] if mask != "global" else []
         parts += [p for p in (structure, quantize) if p]
         return Path("prunekit-out") / "-".join(parts)

@@ -50,7 +50,6 @@ from prunekit.load.models import (
     default_data,
     first_non_finite,
     load_model,
-    names_code,
     sized_by_data,
 )
 from prunekit.pruners import registry
@@ -222,10 +221,7 @@ def load_inputs(config: PruneConfig) -> Inputs:
         raise UsageError(f"{config.model} comes with no dataset; pass --data SPEC")
     data = load_data(data_spec, config.preprocess(), config.model, config.max_length)
     num_classes = config.num_classes
-    # (a factory's checkpoint has its own head size)
-    factory_with_weights = names_code(config.model) and config.weights is not None
-    sized = not factory_with_weights and sized_by_data(config.model)
-    if num_classes is None and data.num_classes and sized:
+    if num_classes is None and data.num_classes and sized_by_data(config.model, config.weights):
         num_classes = data.num_classes
     loaded = load_model(config.model, config.weights, num_classes, config.trust_checkpoint)
     kind = getattr(loaded.model, "kind", None)
@@ -265,17 +261,7 @@ def prune_model(
             f"time to {device}; evaluation runs on the host"
         )
     with reporter.stage("checking model and data"), timings.phase("load"):
-        model = model.to(home)
-        check_usable_weights(model)
-        outputs = check_outputs(model, data, home)
-        limit_labels(data, outputs)
-        if data.labeled and 0 < data.num_classes < outputs and config.weights is None:
-            warnings.append(
-                f"the model has {outputs} outputs but {data.spec} has {data.num_classes} "
-                "classes: predictions of classes the data never holds count as errors; "
-                "give --num-classes or a factory that takes num_classes"
-            )
-        targets = select_targets(config, model, warnings)
+        model, outputs, targets = checked_model(config, model, data, home, warnings)
         zero_before, _ = zeros_of(targets)  # an earlier run's zeros, say
     plan = None
     if config.structure is not None:
@@ -323,9 +309,7 @@ def prune_model(
     fit, validation = (
         validation_split(data.train) if config.schedule.trains() else (data.train, None)
     )
-
-    def validate_during(m: nn.Module) -> float | None:
-        return accuracy(m, validation, home) if data.labeled and validation is not None else None
+    held_out = validation if data.labeled else None  # (no accuracy without labels)
 
     with reporter.stage(f"{config.schedule.kind} pruning with {config.pruner}") as status:
         step_warnings, history = run_schedule(
@@ -333,7 +317,7 @@ def prune_model(
             config.sparsity,
             config.schedule,
             fit,
-            evaluate=validate_during if data.labeled and validation is not None else None,
+            evaluate=(lambda m: accuracy(m, held_out, home)) if held_out is not None else None,
             on_event=status,
             distillation=distillation,
             augment=augment,
@@ -411,6 +395,24 @@ def prune_model(
     return Outcome(
         report, model, dense_model, data, timings, [] if plan else list(targets), quantized
     )
+
+
+def checked_model(
+    config: PruneConfig, model: nn.Module, data: Splits, device: torch.device, warnings: list[str]
+) -> tuple[nn.Module, int, list[Target]]:
+    """The model on ``device`` after its weights, outputs and labels are checked against the
+    data; its number of outputs and the weights ``config`` prunes."""
+    model = model.to(device)
+    check_usable_weights(model)
+    outputs = check_outputs(model, data, device)
+    limit_labels(data, outputs)
+    if data.labeled and 0 < data.num_classes < outputs and config.weights is None:
+        warnings.append(
+            f"the model has {outputs} outputs but {data.spec} has {data.num_classes} "
+            "classes: predictions of classes the data never holds count as errors; "
+            "give --num-classes or a factory that takes num_classes"
+        )
+    return model, outputs, select_targets(config, model, warnings)
 
 
 def own_sparsities(config: PruneConfig, targets: list[Target]) -> dict[str, float]:

@@ -26,16 +26,9 @@ from prunekit.contract.pruner import LayerPruner
 from prunekit.engine.masks import check_sparsity
 from prunekit.engine.step import Pruning, scores_at_start
 from prunekit.errors import UsageError
-from prunekit.load.data import limit_labels
 from prunekit.pruners import registry
 from prunekit.run.config import PruneConfig
-from prunekit.run.pipeline import (
-    check,
-    check_outputs,
-    check_usable_weights,
-    load_inputs,
-    select_targets,
-)
+from prunekit.run.pipeline import check, checked_model, load_inputs
 from prunekit.runtime.device import resolve_device
 from prunekit.runtime.outputs import staged_dir
 from prunekit.validate.metrics import accuracy
@@ -129,14 +122,12 @@ def scan(
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     inputs = load_inputs(config)
-    model, data, warnings = inputs.model.to(device), inputs.data, list(inputs.notes)
+    model, data, warnings = inputs.model, inputs.data, list(inputs.notes)
     if not data.labeled:
         raise UsageError(
             f"the scan measures accuracy and {data.spec} has no labels: give labelled --data"
         )
-    check_usable_weights(model)
-    limit_labels(data, check_outputs(model, data, device))
-    targets = select_targets(config, model, warnings)
+    model, _, targets = checked_model(config, model, data, device, warnings)
     objective = resolve_objective(config.objective, True, returns_embeddings(model), data.spec)
     state = Pruning.of(model, targets, pruner, data.calibration, device, "layer",
                        config.memory_budget, config.seed, objective=objective)  # fmt: skip

@@ -216,6 +216,11 @@ MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 LINES = ("-", "--", "-.", ":")
 
 
+def _dense_ms(rows: list[dict[str, Any]]) -> float:
+    """The dense model's latency, from each timed cell's latency and speed-up over it."""
+    return statistics.fmean(r["latency_ms"] * r["speedup"] for r in rows)
+
+
 def _latency_lines(rows: list[dict[str, Any]], pruners: Sequence[str],
                    sparsities: Sequence[float]) -> list[str]:  # fmt: skip
     """results.md's latency table: p50 ms at batch 1 and the speed-up over dense."""
@@ -229,7 +234,7 @@ def _latency_lines(rows: list[dict[str, Any]], pruners: Sequence[str],
             ms = statistics.fmean(r["latency_ms"] for r in own)
             cells.append(f"{ms:.3f} ({statistics.fmean(r['speedup'] for r in own):.2f}x)")
         lines.append(f"| {s:.0%} | " + " | ".join(cells) + " |")
-    dense_ms = statistics.fmean(r["latency_ms"] * r["speedup"] for r in rows)
+    dense_ms = _dense_ms(rows)
     if dense_ms < NOISE_MS:
         lines += ["", f"The dense model runs in {dense_ms:.3f} ms: below {NOISE_MS} ms the "
                   "timings are noise, and these speed-ups say nothing; time a larger "
@@ -333,7 +338,7 @@ def _plot_latency(rows: list[dict[str, Any]], path: Path, pruners: Sequence[str]
     """Accuracy against ONNX Runtime latency (batch 1), one line per pruner, each point
     labelled with its sparsity."""
     dense = rows[0]
-    dense_ms = statistics.fmean(r["latency_ms"] * r["speedup"] for r in rows)
+    dense_ms = _dense_ms(rows)
     noise = f" (dense {dense_ms:.3f} ms: timer noise)" if dense_ms < NOISE_MS else ""
     title = f"{dense['model']}: accuracy against latency{noise}"
     with _chart(path, "ONNX Runtime latency, batch 1 (ms)", title) as ax:

@@ -17,7 +17,8 @@ class Timings:
         self.seconds: dict[str, float] = {}
         self.device = device
         self.started = time.perf_counter()
-        self._open: list[list[float | str]] = []  # [name, start] of the phases now open
+        self._open: list[str] = []  # the phases now open, innermost last
+        self._since = 0.0  # when the innermost open phase last started or resumed
 
     def elapsed(self) -> float:
         """Seconds since these timings were started (the run's wall time so far)."""
@@ -27,27 +28,24 @@ class Timings:
         if self.device is not None and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # so GPU work lands in its own phase
 
-    def _credit(self, entry: list[float | str], now: float) -> None:
-        name, start = str(entry[0]), float(entry[1])
-        self.seconds[name] = self.seconds.get(name, 0.0) + now - start
+    def _switch(self) -> None:
+        """Credit the innermost open phase with the time since it (re)started."""
+        self._sync()
+        now = time.perf_counter()
+        if self._open:
+            name = self._open[-1]
+            self.seconds[name] = self.seconds.get(name, 0.0) + now - self._since
+        self._since = now
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        self._sync()
-        now = time.perf_counter()
-        if self._open:  # the enclosing phase pauses
-            self._credit(self._open[-1], now)
-        entry: list[float | str] = [name, now]
-        self._open.append(entry)
+        self._switch()  # the enclosing phase pauses
+        self._open.append(name)
         try:
             yield
         finally:
-            self._sync()
-            now = time.perf_counter()
-            self._credit(entry, now)
+            self._switch()
             self._open.pop()
-            if self._open:
-                self._open[-1][1] = now
 
     def to_json(self) -> dict[str, float]:
         return {name: round(s, 3) for name, s in self.seconds.items()}
