@@ -322,8 +322,10 @@ class Collector:
             if FISHER_INV in self.needs:
                 self.say(f"{where}inverse Fisher of {t.name}")
                 with self.timings.phase("inverse"):
-                    blocks = self._inverse(t, acc.pop_curvature(t))
-                    stats[FISHER_INV] = BlockInverse(blocks, t.numel)
+                    blocks = self._inverse(t, acc.pop_curvature(t), acc.block(t))
+                    stats[FISHER_INV] = BlockInverse(
+                        blocks, t.numel, acc.covered.get(t.name), 1 / self.damping[t.name]
+                    )
             if t.name in hessian:
                 stats[HESSIAN_GRAD] = hessian[t.name]
             out[t.name] = stats
@@ -428,10 +430,11 @@ class Collector:
         distributed.all_reduce_sum(product)
         return {t.name: (h * t.mask).detach() for t, h in zip(group, product, strict=True)}
 
-    def _inverse(self, t: Target, curvature: torch.Tensor) -> torch.Tensor:
-        """The damped blockwise inverse, its blocks shared out between the ranks; λ escalates
-        x10 (with a warning) while a block is not positive definite on any rank."""
-        block, m = self.spec.block_for(t), self.spec.num_grads
+    def _inverse(self, t: Target, curvature: torch.Tensor, block: int) -> torch.Tensor:
+        """The damped blockwise inverse (blocks of ``block``), its blocks shared out between
+        the ranks; λ escalates x10 (with a warning) while a block is not positive definite
+        on any rank."""
+        m = self.spec.num_grads
         damp = self.base_damping()
         first = damp
         gram = curvature.dim() == 3  # Gram blocks, else gradient rows
@@ -466,7 +469,11 @@ class Collector:
 
 class _Accumulators:
     """Running sums of one pass: gradient sums and squares, and the curvature (Gram blocks
-    when m >= B, else the gradient rows for the Woodbury form), or all rows (``keep_rows``)."""
+    when m >= B, else the gradient rows for the Woodbury form), or all rows (``keep_rows``).
+
+    The curvature covers only a target's unpruned coordinates (``covered``): a pruned
+    weight's gradient rows are zero, so its Fisher is λI, uncoupled, and needs no block.
+    A step's later sub-steps thus cost in proportion to the weights left."""
 
     def __init__(
         self,
@@ -480,19 +487,36 @@ class _Accumulators:
         self.sums = {t.name: torch.zeros(t.numel, device=device) for t in group}
         self.squares = {t.name: torch.zeros(t.numel, device=device) for t in group}
         self.rows: dict[str, list[torch.Tensor]] = {t.name: [] for t in group}
+        self.curvature_rows: dict[str, list[torch.Tensor]] = {t.name: [] for t in group}
         self.grams: dict[str, torch.Tensor] = {}
+        self.covered = {t.name: unpruned(t) for t in group} if curvature else {}
         self.group, self.device = group, device
 
+    def width(self, t: Target) -> int:
+        """How many coordinates the curvature covers."""
+        index = self.covered.get(t.name)
+        return t.numel if index is None else len(index)
+
+    def block(self, t: Target) -> int:
+        width = self.width(t)
+        return max(1, min(self.spec.block_size or width, width))
+
     def uses_rows(self, t: Target) -> bool:
-        return self.spec.num_grads < self.spec.block_for(t)
+        return self.spec.num_grads < self.block(t)
 
     def add(self, t: Target, g: torch.Tensor) -> None:
         self.sums[t.name] += g.sum(0)
         self.squares[t.name] += g.square().sum(0)
-        if self.keep_rows or (self.curvature and self.uses_rows(t)):
+        if self.keep_rows:
             self.rows[t.name].append(g)
-        if self.curvature and not self.uses_rows(t):
-            gram = fisher.accumulate_gram(self.grams.get(t.name), g, self.spec.block_for(t))
+        if not self.curvature:
+            return
+        index = self.covered[t.name]
+        covered = g if index is None else g.index_select(1, index)
+        if self.uses_rows(t):
+            self.curvature_rows[t.name].append(covered)
+        else:
+            gram = fisher.accumulate_gram(self.grams.get(t.name), covered, self.block(t))
             self.grams[t.name] = gram
 
     def combine_ranks(self) -> None:
@@ -502,26 +526,36 @@ class _Accumulators:
         distributed.all_reduce_sum([*self.sums.values(), *self.squares.values()])
         for t in self.group:  # a rank without samples holds no Gram yet
             if self.curvature and not self.uses_rows(t) and t.name not in self.grams:
-                b = self.spec.block_for(t)
-                shape = (fisher.num_blocks(t.numel, b), b, b)
+                b = self.block(t)
+                shape = (fisher.num_blocks(self.width(t), b), b, b)
                 self.grams[t.name] = torch.zeros(shape, device=self.device)
-            if self.keep_rows or (self.curvature and self.uses_rows(t)):
-                parts = self.rows[t.name] or [torch.zeros(0, t.numel, device=self.device)]
-                self.rows[t.name] = [distributed.gather_rows(torch.cat(parts))]
+            if self.keep_rows:
+                self.rows[t.name] = [self._gathered(self.rows[t.name], t.numel)]
+            if self.curvature and self.uses_rows(t):
+                rows = self.curvature_rows[t.name]
+                self.curvature_rows[t.name] = [self._gathered(rows, self.width(t))]
         distributed.all_reduce_sum([self.grams[t.name] for t in self.group if t.name in self.grams])
 
+    def _gathered(self, parts: list[torch.Tensor], width: int) -> torch.Tensor:
+        """Every rank's rows, in rank order."""
+        parts = parts or [torch.zeros(0, width, device=self.device)]
+        return distributed.gather_rows(torch.cat(parts))
+
     def pop_rows(self, t: Target) -> torch.Tensor:
-        """The (m, d) gradient rows; released here (unless the curvature still needs them)."""
-        rows = torch.cat(self.rows.pop(t.name))
-        if self.curvature and self.uses_rows(t):
-            self.rows[t.name] = [rows]
-        return rows
+        """The (m, d) gradient rows; released here."""
+        return torch.cat(self.rows.pop(t.name))
 
     def pop_curvature(self, t: Target) -> torch.Tensor:
-        """(m, d) rows or (nb, B, B) Gram blocks; released here so they can be freed."""
+        """(m, covered) rows or (nb, B, B) Gram blocks; released here so they can be freed."""
         if self.uses_rows(t):
-            return self.pop_rows(t)
+            return torch.cat(self.curvature_rows.pop(t.name))
         return self.grams.pop(t.name)
+
+
+def unpruned(t: Target) -> torch.Tensor | None:
+    """The flat positions of a target's unpruned weights, None when none is pruned."""
+    flat = t.mask.reshape(-1)
+    return None if bool(flat.all()) else flat.nonzero().squeeze(1)
 
 
 TRIAL_SAMPLES = 4

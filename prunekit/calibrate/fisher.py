@@ -150,13 +150,19 @@ def group_obs_scores(
     """ρ_S = ½ θ_Sᵀ (F⁻¹[S, S])⁻¹ θ_S for each set S (a row of ``sets``, flat indices): the
     loss increase of removing the weights of S together, the others compensating. With a
     block-diagonal F⁻¹ it is the sum over the blocks S meets. The (set, block) pieces are
-    solved in batches of at most ``budget`` matrix entries."""
+    solved in batches of at most ``budget`` matrix entries. A negative index is no member
+    (sets of different sizes, or members the blocks do not cover: an already pruned weight,
+    zero and uncoupled, adds nothing)."""
     nb, block_size, _ = inverse.shape
     flat = weight.detach().reshape(-1).double()
     n = sets.shape[0]
-    block = sets // block_size
-    piece = torch.arange(n, device=sets.device)[:, None] * nb + block  # (set, block) id
-    pieces, which = torch.unique(piece.reshape(-1), return_inverse=True)
+    member = sets >= 0
+    owner_set = torch.arange(n, device=sets.device)[:, None].expand_as(sets)[member]
+    sets = sets[member]
+    piece = owner_set * nb + sets // block_size  # (set, block) id
+    if len(piece) == 0:
+        return torch.zeros(n, dtype=torch.float64, device=sets.device)
+    pieces, which = torch.unique(piece, return_inverse=True)
     order = torch.argsort(which, stable=True)
     counts = torch.bincount(which, minlength=len(pieces))
     starts = torch.cumsum(counts, 0) - counts
@@ -164,9 +170,9 @@ def group_obs_scores(
     rank[order] = torch.arange(len(which), device=sets.device) - starts[which[order]]
     size = int(counts.max())
     positions = torch.full((len(pieces), size), -1, dtype=torch.long, device=sets.device)
-    positions[which, rank] = (sets % block_size).reshape(-1)
+    positions[which, rank] = sets % block_size
     values = torch.zeros(len(pieces), size, dtype=torch.float64, device=sets.device)
-    values[which, rank] = flat[sets.reshape(-1)]
+    values[which, rank] = flat[sets]
     owner_block = pieces % nb
     total = torch.zeros(n, dtype=torch.float64, device=sets.device)
     step = max(1, budget // (size * size))

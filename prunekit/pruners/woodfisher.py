@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import torch
 
 from prunekit.calibrate.fisher import group_obs_scores, obs_scores, obs_update
+from prunekit.contract.curvature import BlockInverse
 from prunekit.contract.pruner import (
     CONTRACT_VERSION,
     SAMPLING_NAMES,
@@ -57,14 +58,26 @@ class WoodFisherPruner(Pruner):
     )
 
     def score(self, target: Target, stats: Mapping[str, Any]) -> torch.Tensor:
-        return obs_scores(target.weight.detach(), stats[FISHER_INV].blocks)
+        inverse: BlockInverse = stats[FISHER_INV]
+        if inverse.index is None:
+            return obs_scores(target.weight.detach(), inverse.blocks)
+        weight = target.weight.detach()
+        return weight.square() / (2 * inverse.diag().reshape(weight.shape))
 
     def set_scores(
         self, target: Target, stats: Mapping[str, Any], sets: torch.Tensor
     ) -> torch.Tensor:
         """Group OBS: ½ θ_Sᵀ (F⁻¹[S, S])⁻¹ θ_S, the loss increase of removing S jointly."""
-        weight = target.weight.detach() * target.mask
-        return group_obs_scores(weight, stats[FISHER_INV].blocks, sets.to(weight.device))
+        inverse: BlockInverse = stats[FISHER_INV]
+        weight = (target.weight.detach() * target.mask).reshape(-1)
+        sets = sets.to(weight.device)
+        if inverse.index is not None:  # positions among the covered coordinates, -1: none
+            where = torch.full_like(weight, -1, dtype=torch.long)
+            where[inverse.index.to(weight.device)] = torch.arange(
+                inverse.covered, device=weight.device
+            )
+            sets, weight = where[sets], inverse.gather(weight)
+        return group_obs_scores(weight, inverse.blocks, sets)
 
     def update(
         self, target: Target, keep: torch.Tensor, stats: Mapping[str, Any]
@@ -72,9 +85,14 @@ class WoodFisherPruner(Pruner):
         prune = target.mask & ~keep  # only the weights removed in this step move the others
         if not prune.any():
             return None
-        return obs_update(
-            target.weight.detach(), stats[FISHER_INV].blocks, prune, exact=self.hparams["exact"]
-        )
+        inverse: BlockInverse = stats[FISHER_INV]
+        weight, exact = target.weight.detach(), self.hparams["exact"]
+        if inverse.index is None:
+            return obs_update(weight, inverse.blocks, prune, exact=exact)
+        # the uncovered weights are pruned already: F does not couple them to the others
+        moved = obs_update(inverse.gather(weight), inverse.blocks, inverse.gather(prune), exact)
+        rest = weight.reshape(-1).masked_fill(prune.reshape(-1), 0.0)
+        return inverse.scatter(moved, rest).reshape(weight.shape)
 
 
 class OBSPruner(WoodFisherPruner):

@@ -268,13 +268,13 @@ def test_not_positive_definite_escalates_the_damping_and_reports_it():
         CPU,
     )
     indefinite = torch.diag(torch.tensor([1.0, 1.0, 1.0, -0.005 * 24])).unsqueeze(0)
-    inverse = collector._inverse(targets[0], indefinite)  # -0.005 + 1e-3 < 0 < + 1e-2
+    inverse = collector._inverse(targets[0], indefinite, 4)  # -0.005 + 1e-3 < 0 < + 1e-2
     assert "used λ=0.01" in collector.warnings[0]
     assert collector.damping[targets[0].name] == pytest.approx(0.01)
     torch.testing.assert_close(inverse[0].diagonal()[-1], torch.tensor(1 / 0.005))
     hopeless = torch.diag(torch.tensor([1.0, -1e6 * 24, 1.0, 1.0])).unsqueeze(0)
     with pytest.raises(NumericalError, match=r"not positive definite even with λ=10;"):
-        collector._inverse(targets[0], hopeless)
+        collector._inverse(targets[0], hopeless, 4)
 
 
 def test_parse_size():
@@ -413,3 +413,68 @@ def test_auto_recompute_limits_each_sub_step_to_a_quarter_of_the_remaining_weigh
         densities = [1.0, *(1 - s for s in substep_sparsities(0.0, final, steps))]
         assert all(b / a >= 0.75 - 1e-9 for a, b in itertools.pairwise(densities))
     assert auto_recompute(woodfisher, 0.9, 0.9) == 1
+
+
+def pruned_in_advance(model, targets, every=3):
+    """Prunes every ``every``-th weight of each target (mask and weight), as a step would."""
+    with torch.no_grad():
+        for t in targets:
+            t.mask.reshape(-1)[::every] = False
+            t.weight.mul_(t.mask)
+
+
+def test_the_curvature_covers_only_the_unpruned_weights():
+    """A pruned weight has zero gradient rows, so its Fisher is λI and uncoupled: the blocks
+    hold the unpruned coordinates only, B consecutive ones each."""
+    model, data = small_problem()
+    targets, _ = find_targets(model)
+    pruned_in_advance(model, targets)
+    spec = StatsSpec(num_grads=24, block_size=8, damp=1e-2, damp_mode="absolute")
+    collector = Collector(model, targets, data, spec, frozenset({"fisher_inv"}), CPU, budget=10**9)
+    ((_group, stats),) = list(collector.collect())
+    x, y = data.tensors
+    for t in targets:
+        inverse = stats[t.name]["fisher_inv"]
+        covered = t.mask.reshape(-1).nonzero().squeeze(1)
+        torch.testing.assert_close(inverse.index, covered)
+        g = loop_gradients(model, t.name, x, y, 1).double()[:, covered]
+        expected = fisher.inverse_from_gram(fisher.gram_blocks(g, 8), 24, 1e-2)
+        torch.testing.assert_close(inverse.blocks.double(), expected, rtol=1e-4, atol=1e-4)
+        assert torch.all(inverse.diag()[~t.mask.reshape(-1)] == 1 / 1e-2)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_obs_on_a_pruned_layer_equals_the_dense_inverse_fisher(exact):
+    """With one block per tensor the covered inverse is exact: scores and the compensating
+    update equal those of the dense (λI + GᵀG/m)⁻¹ of the masked gradients."""
+    model, data = small_problem()
+    targets, _ = find_targets(model)
+    pruned_in_advance(model, targets)
+    damp = 1e-2
+    pruner = registry.create(
+        "obs", {"num_grads": "24", "damp": str(damp), "damp_mode": "absolute", "exact": str(exact)}
+    )
+    collector = Collector(model, targets, data, pruner.stats_spec(), pruner.needs, CPU, 10**9)
+    ((_group, stats),) = list(collector.collect())
+    x, y = data.tensors
+    for t in targets:
+        g = loop_gradients(model, t.name, x, y, 1).double() * t.mask.reshape(1, -1)
+        dense = torch.linalg.inv(damp * torch.eye(t.numel, dtype=torch.float64) + g.T @ g / 24)
+        w = t.weight.detach().double().reshape(-1)
+        scores = pruner.score(t, stats[t.name])
+        torch.testing.assert_close(
+            scores.double().reshape(-1), w.square() / (2 * dense.diagonal()), rtol=1e-4, atol=1e-9
+        )
+        keep = t.mask.clone()
+        alive = t.mask.reshape(-1).nonzero().squeeze(1)
+        keep.reshape(-1)[alive[::2]] = False  # prune half of the rest
+        prune = (t.mask & ~keep).reshape(-1)
+        p = prune.nonzero().squeeze(1)
+        if exact:
+            delta = -dense[:, p] @ torch.linalg.solve(dense[p][:, p], w[p])
+        else:
+            delta = -dense[:, p] @ (w[p] / dense.diagonal()[p])
+        expected = (w + delta).masked_fill(prune, 0.0)
+        updated = pruner.update(t, keep, stats[t.name]).double().reshape(-1)
+        torch.testing.assert_close(updated, expected, rtol=1e-4, atol=1e-6)
+        assert torch.all(updated[~t.mask.reshape(-1)] == 0)  # pruned before: still zero

@@ -155,3 +155,23 @@ def test_group_obs_scores_equal_the_dense_formula():
     expected = torch.stack([0.5 * w[s] @ torch.linalg.solve(full[s][:, s], w[s]) for s in sets])
     for budget in (30, 1 << 20):  # in many small batches, or in one
         torch.testing.assert_close(group_obs_scores(w, inverse, sets, budget), expected)
+
+
+def test_group_obs_scores_skip_negative_members():
+    """-1 marks no member (sets of different sizes, weights the blocks do not cover)."""
+    from prunekit.calibrate.fisher import group_obs_scores
+
+    torch.manual_seed(1)
+    numel, b = 40, 8
+    a = torch.randn(5, b, b, dtype=torch.float64)
+    inverse = a @ a.transpose(1, 2) + 0.5 * torch.eye(b, dtype=torch.float64)
+    w = torch.randn(numel, dtype=torch.float64)
+    sets = torch.tensor([[0, -1, 2, 17], [-1, -1, -1, -1], [5, 6, 30, -1]])
+    full = torch.block_diag(*inverse)
+    expected = []
+    for s in sets:
+        s = s[s >= 0]
+        expected.append(0.5 * w[s] @ torch.linalg.solve(full[s][:, s], w[s]) if len(s) else 0.0)
+    torch.testing.assert_close(
+        group_obs_scores(w, inverse, sets), torch.tensor(expected, dtype=torch.float64)
+    )

@@ -124,6 +124,34 @@ def test_block_inverse_against_the_dense_matrix():
     torch.testing.assert_close(inverse.matvec(many), dense @ many)
 
 
+def test_block_inverse_covering_the_unpruned_weights_against_the_dense_matrix():
+    """Blocks over the covered coordinates only; H = 1/λ (``outside``) on the others."""
+    torch.manual_seed(0)
+    numel, size, damp = 12, 3, 0.5
+    index = torch.tensor([0, 2, 3, 5, 6, 7, 9, 11])  # 8 covered: blocks of 3, 3, 2 (+1 pad)
+    blocks = []
+    for _ in range(3):
+        a = torch.randn(size, size, dtype=torch.float64)
+        blocks.append(a @ a.T + size * torch.eye(size, dtype=torch.float64))
+    inverse = api.BlockInverse(torch.stack(blocks), numel, index, 1 / damp)
+    dense = torch.eye(numel, dtype=torch.float64) / damp
+    inner = torch.block_diag(*blocks)[: len(index), : len(index)]
+    dense[index[:, None], index[None, :]] = inner
+    v = torch.randn(numel, dtype=torch.float64)
+    torch.testing.assert_close(inverse.diag(), dense.diagonal())
+    torch.testing.assert_close(inverse.matvec(v), dense @ v)
+    many = torch.randn(numel, 2, dtype=torch.float64)
+    torch.testing.assert_close(inverse.matvec(many), dense @ many)
+    # the last block's padding decouples only through zero entries: make v zero there
+    w = torch.randn(numel, dtype=torch.float64)
+    full = torch.block_diag(*blocks)
+    padded = torch.nn.functional.pad(w[index], (0, 1))
+    expected = w * damp
+    expected[index] = torch.linalg.solve(full, padded)[: len(index)]
+    torch.testing.assert_close(inverse.solve(w), expected)
+    assert inverse.cpu().index is not None and inverse.covered == 8
+
+
 def test_good_plugin_from_the_authoring_guide_passes(tmp_path, monkeypatch):
     mod = unique("good")
     install(tmp_path, monkeypatch, "good-plugin", {mod: GOOD.format(name="fixed")},
