@@ -31,6 +31,19 @@ def _symmetric(m: torch.Tensor) -> torch.Tensor:
     return (m + m.T) / 2
 
 
+def _sum_of_outer_products(g: torch.Tensor, budget: int = 1 << 24) -> torch.Tensor:
+    """Σ_n G_n G_nᵀ of (n, out, inp) rows, as batched products summed a slice of rows at a
+    time (at most ``budget`` entries of (out, out) products alive): an order of magnitude
+    faster than the equivalent einsum on CPU."""
+    n, out, _ = g.shape
+    total = g.new_zeros(out, out)
+    step = max(1, budget // (out * out))
+    for start in range(0, n, step):
+        part = g[start : start + step]
+        total += torch.bmm(part, part.transpose(1, 2)).sum(0)
+    return total
+
+
 class KroneckerQ(nn.Module):
     """Q(ψ) ≈ (F + γI)⁻¹ for one (out, inp) weight."""
 
@@ -83,7 +96,7 @@ class KroneckerQ(nn.Module):
         n = len(g)
         with torch.no_grad():
             # float32 products (as the gradients), float64 from here on
-            left = torch.einsum("noi,npi->op", g, g).double()
+            left = _sum_of_outer_products(g).double()
             right = (g.reshape(-1, inp).T @ g.reshape(-1, inp)).double()
             trace = float(left.trace()) / n
             left /= n * max(trace, 1e-300)

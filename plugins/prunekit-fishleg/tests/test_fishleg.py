@@ -413,3 +413,12 @@ def test_the_fit_of_q_is_in_the_reports_phases(tmp_path):
     fitted = sum(e["iterations"] for e in report["pruner_diagnostics"]["auxiliary_loss"])
     assert fitted > 0 and report["phases"]["prepare"] > report["phases"]["prune"]
     assert sum(report["phases"].values()) <= report["seconds"] + 1e-3
+
+
+@pytest.mark.parametrize("budget", [7, 1 << 24])  # many slices of rows, or one
+def test_kronecker_left_factor_is_the_sum_of_outer_products(budget):
+    from prunekit_fishleg.qmatrix import _sum_of_outer_products
+
+    g = torch.randn(10, 3, 5, dtype=torch.float64)
+    expected = sum(g[n] @ g[n].T for n in range(10))
+    torch.testing.assert_close(_sum_of_outer_products(g, budget), expected)
