@@ -11,6 +11,7 @@ calibration images upsampled, with random weights (speed only; meant for a GPU).
         [--samples 256] [--chunk 64] [--repeats 3] [--device auto]
         [--woodfisher-grads 256] [--woodfisher-default] [--sparsity 0.9]
         [--text FILE --max-length 64]
+    python benchmarks/bench_statistics.py --sub-steps auto,5,4,3 [--models cifar:resnet56]
 """
 
 from __future__ import annotations
@@ -156,6 +157,36 @@ def woodfisher_runs(spec: str, dev, args, device: torch.device, default: bool) -
           f"masks agree on {same / total:.4%} of {total:,} weights\n")  # fmt: skip
 
 
+def substep_runs(spec: str, dev, args, device: torch.device) -> None:
+    """The default woodfisher run (hooks) at each ``--sub-steps`` count (auto: the default,
+    each sub-step removing at most a quarter of the remaining weights), on the whole test
+    split: the time and accuracy that fewer recomputations trade, as ratios to the first."""
+    from prunekit.engine.schedule import ScheduleConfig
+
+    arch = spec.split(":", 1)[1]
+    x, y = images(dev, 1000, 32)
+    test = np.load(dev / "test.npz")
+    tx = (torch.from_numpy(test["x"]).float() / 255.0 - MEAN) / STD
+    ty = torch.from_numpy(test["y"]).long()
+    base = None
+    for count in args.sub_steps.split(","):
+        model = load_model(spec, dev / f"{arch}.safetensors").model
+        schedule = None if count == "auto" else ScheduleConfig(recompute=int(count))
+        start = time.perf_counter()
+        result = prunekit.prune(
+            model, "woodfisher", args.sparsity, (x, y), test_data=(tx, ty),
+            schedule=schedule, device=str(device),
+        )  # fmt: skip
+        seconds = time.perf_counter() - start
+        base = base or seconds
+        phases = result.report["phases"]
+        top1 = 100 * result.report["accuracy"]["pruned"]
+        print(f"| {spec} woodfisher {args.sparsity:g} | {count} | "
+              f"{phases.get('statistics', 0):.1f} | {phases.get('inverse', 0):.1f} | "
+              f"{phases.get('evaluation', 0):.1f} | {seconds:.1f} | {base / seconds:.2f}x | "
+              f"{top1:.2f} % |", flush=True)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dev-dir", type=Path, default=DEFAULT_DEV)
@@ -169,6 +200,9 @@ def main() -> None:
     parser.add_argument(
         "--woodfisher-default", action="store_true", help="also the default run, per engine"
     )
+    parser.add_argument(
+        "--sub-steps", help="the default run at these sub-step counts, e.g. auto,5,4,3"
+    )
     parser.add_argument("--text", type=Path, help="one sentence per line, for hf: models")
     parser.add_argument("--max-length", type=int, default=64, help="tokens, for hf: models")
     args = parser.parse_args()
@@ -177,6 +211,14 @@ def main() -> None:
     dev = checked(args.dev_dir) if images_needed else args.dev_dir  # hf: rows read --text
     device = resolve_device(args.device)
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.sub_steps:
+        print("| run | sub-steps | statistics s | inverse s | evaluation s | whole run s | "
+              "speed-up | top-1 |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|")
+        for spec in specs:
+            if spec.startswith("cifar:"):
+                substep_runs(spec, dev, args, device)
+        return
     print(f"device {device}, {args.samples} samples in chunks of {args.chunk}, median of "
           f"{args.repeats} interleaved rounds\n")  # fmt: skip
     print("| model | targets | plain backward ms/sample | hooks ms/grad | vmap ms/grad | "
