@@ -78,6 +78,7 @@ class Collector:
         timings: Timings | None = None,
         say: Callable[[str], None] | None = None,
         objective: Objective = LABELS,
+        covered: bool = False,
     ) -> None:
         unknown = sorted(needs - AVAILABLE)
         if unknown:
@@ -88,6 +89,7 @@ class Collector:
         self.budget = budget
         self.model, self.targets, self.calibration = model, list(targets), calibration
         self.spec, self.needs, self.device, self.seed = spec, needs, device, seed
+        self.covered = covered  # the inverse Fisher covers the unpruned weights only
         self.objective = objective.for_fisher(spec.fisher)
         if HESSIAN_GRAD in needs and self.objective.name not in {"labels", "kl"}:
             raise UsageError(
@@ -285,7 +287,9 @@ class Collector:
     def _accumulate_group(self, group: list[Target], where: str, curvature: bool) -> _Accumulators:
         """One pass over the calibration samples for ``group``: sums, squares, curvature."""
         spec, m = self.spec, self.spec.num_grads
-        acc = _Accumulators(group, spec, self.device, curvature, GRAD_ROWS in self.needs)
+        acc = _Accumulators(
+            group, spec, self.device, curvature, GRAD_ROWS in self.needs, self.covered
+        )
         with self.timings.phase("statistics"), eval_mode(self.model):
             done = 0
             for x, y in self._batches() if self.needs & PER_SAMPLE else ():
@@ -471,7 +475,7 @@ class _Accumulators:
     """Running sums of one pass: gradient sums and squares, and the curvature (Gram blocks
     when m >= B, else the gradient rows for the Woodbury form), or all rows (``keep_rows``).
 
-    The curvature covers only a target's unpruned coordinates (``covered``): a pruned
+    With ``covered`` the curvature covers only a target's unpruned coordinates: a pruned
     weight's gradient rows are zero, so its Fisher is λI, uncoupled, and needs no block.
     A step's later sub-steps thus cost in proportion to the weights left."""
 
@@ -482,6 +486,7 @@ class _Accumulators:
         device: torch.device,
         curvature: bool,
         keep_rows: bool = False,
+        covered: bool = False,
     ) -> None:
         self.spec, self.curvature, self.keep_rows = spec, curvature, keep_rows
         self.sums = {t.name: torch.zeros(t.numel, device=device) for t in group}
@@ -489,7 +494,7 @@ class _Accumulators:
         self.rows: dict[str, list[torch.Tensor]] = {t.name: [] for t in group}
         self.curvature_rows: dict[str, list[torch.Tensor]] = {t.name: [] for t in group}
         self.grams: dict[str, torch.Tensor] = {}
-        self.covered = {t.name: unpruned(t) for t in group} if curvature else {}
+        self.covered = {t.name: unpruned(t) for t in group} if curvature and covered else {}
         self.group, self.device = group, device
 
     def width(self, t: Target) -> int:
@@ -511,7 +516,7 @@ class _Accumulators:
             self.rows[t.name].append(g)
         if not self.curvature:
             return
-        index = self.covered[t.name]
+        index = self.covered.get(t.name)
         covered = g if index is None else g.index_select(1, index)
         if self.uses_rows(t):
             self.curvature_rows[t.name].append(covered)

@@ -1,7 +1,9 @@
 """Blockwise damped inverse empirical Fisher and the Optimal Brain Surgeon algebra.
 
-A target's flattened weights are cut into contiguous blocks of size B (the last one padded
-with zero-gradient coordinates, which get F = λ and are dropped afterwards). For the
+A target's flattened weights (or, for a pruner with ``covered_curvature``, its unpruned
+weights in flat order: a pruned weight has zero gradients, so F = λ there, uncoupled) are cut
+into contiguous blocks of size B (the last one padded with zero-gradient coordinates, which
+get F = λ and are dropped afterwards). For the
 gradient rows G (m x B) of one block, F_λ = λI + GᵀG / m. Both ways of inverting it are
 batched over all blocks with torch.linalg:
 

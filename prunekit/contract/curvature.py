@@ -25,6 +25,10 @@ class BlockInverse:
     index: torch.Tensor | None = None  # covered flat positions (int64), None: all of them
     outside: float = 0.0  # H on the coordinates outside ``index`` (1/λ)
 
+    def __post_init__(self) -> None:
+        if self.index is not None and not self.outside > 0:
+            raise ValueError("a BlockInverse with an index needs outside = 1/λ > 0")
+
     @property
     def block_size(self) -> int:
         return self.blocks.shape[-1]

@@ -98,6 +98,9 @@ class Pruner:
     # that make it ("out") and the columns that read it ("in"); a pruner that measures what
     # removing a channel does to the layers reading it scores the "in" side only
     channel_sides: ClassVar[frozenset[str]] = frozenset({"out", "in"})
+    # whether FISHER_INV may come covering only the unpruned weights (``BlockInverse.index``;
+    # cheaper in later sub-steps); false keeps the blocks positional along the whole weight
+    covered_curvature: ClassVar[bool] = False
 
     def __init__(self, **values: Any) -> None:
         self.hparams = self.resolve_params(values)

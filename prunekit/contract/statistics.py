@@ -17,7 +17,9 @@ the weight; empirical (true labels) or true Fisher (labels sampled), by StatsSpe
 
 FISHER_INV: Final = "fisher_inv"
 """(F + λI)⁻¹, block-diagonal along the flattened weight, as a ``prunekit.api.BlockInverse``
-(``diag()``, ``matvec(v)``, ``solve(v)``); λ by StatsSpec.damp / damp_mode."""
+(``diag()``, ``matvec(v)``, ``solve(v)``); λ by StatsSpec.damp / damp_mode. Its blocks are
+positional, unless the pruner sets ``covered_curvature``: then, once weights are pruned, they
+cover the unpruned weights only (``index``), and H = 1/λ on the others."""
 
 GRAD_ROWS: Final = "grad_rows"
 """The (m, d) matrix of the m per-sample gradients of the flattened weight, for pruners that

@@ -115,6 +115,7 @@ class Pruning:
             timings=ctx.timings,
             say=ctx.say,
             objective=ctx.objective,
+            covered=self.pruner.covered_curvature,
         )
 
     def removed(self) -> float:

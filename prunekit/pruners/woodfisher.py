@@ -51,9 +51,16 @@ class WoodFisherPruner(Pruner):
     name = "woodfisher"
     contract = CONTRACT_VERSION
     needs = frozenset({FISHER_INV})
+    covered_curvature = True
     stats_params: ClassVar[tuple[str, ...]] = (*SAMPLING_NAMES, "block_size", "damp", "damp_mode")
     params: ClassVar[tuple[Param, ...]] = (
-        Param("block_size", 128, "weights per Fisher block along each tensor", minimum=1),
+        Param(
+            "block_size",
+            128,
+            "weights per Fisher block along each tensor (its unpruned weights, once some are "
+            "pruned)",
+            minimum=1,
+        ),
         *GRADIENT_PARAMS,
     )
 
@@ -76,7 +83,8 @@ class WoodFisherPruner(Pruner):
             where[inverse.index.to(weight.device)] = torch.arange(
                 inverse.covered, device=weight.device
             )
-            sets, weight = where[sets], inverse.gather(weight)
+            sets = torch.where(sets >= 0, where[sets.clamp(min=0)], -1)
+            weight = inverse.gather(weight)
         return group_obs_scores(weight, inverse.blocks, sets)
 
     def update(

@@ -429,18 +429,29 @@ def test_the_curvature_covers_only_the_unpruned_weights():
     model, data = small_problem()
     targets, _ = find_targets(model)
     pruned_in_advance(model, targets)
-    spec = StatsSpec(num_grads=24, block_size=8, damp=1e-2, damp_mode="absolute")
-    collector = Collector(model, targets, data, spec, frozenset({"fisher_inv"}), CPU, budget=10**9)
-    ((_group, stats),) = list(collector.collect())
+    with torch.no_grad():  # and one target pruned entirely
+        targets[1].mask.fill_(False)
+        targets[1].weight.zero_()
     x, y = data.tensors
-    for t in targets:
-        inverse = stats[t.name]["fisher_inv"]
-        covered = t.mask.reshape(-1).nonzero().squeeze(1)
-        torch.testing.assert_close(inverse.index, covered)
-        g = loop_gradients(model, t.name, x, y, 1).double()[:, covered]
-        expected = fisher.inverse_from_gram(fisher.gram_blocks(g, 8), 24, 1e-2)
-        torch.testing.assert_close(inverse.blocks.double(), expected, rtol=1e-4, atol=1e-4)
-        assert torch.all(inverse.diag()[~t.mask.reshape(-1)] == 1 / 1e-2)
+    for m in (24, 8):  # Gram blocks (m >= B), Woodbury rows (m < B)
+        spec = StatsSpec(num_grads=m, block_size=12, damp=1e-2, damp_mode="absolute")
+        needs = frozenset({"fisher_inv"})
+        collector = Collector(model, targets, data, spec, needs, CPU, 10**9, covered=True)
+        ((_group, stats),) = list(collector.collect())
+        for t in targets:
+            inverse = stats[t.name]["fisher_inv"]
+            covered = t.mask.reshape(-1).nonzero().squeeze(1)
+            torch.testing.assert_close(inverse.index, covered)
+            g = loop_gradients(model, t.name, x[:m], y[:m], 1).double()[:, covered]
+            block = max(1, min(12, len(covered)))
+            expected = fisher.inverse_from_rows(g, block, 1e-2)
+            torch.testing.assert_close(inverse.blocks.double(), expected, rtol=1e-4, atol=1e-4)
+            assert torch.all(inverse.diag()[~t.mask.reshape(-1)] == 1 / 1e-2)
+    assert stats[targets[1].name]["fisher_inv"].blocks.numel() == 0
+    positional = Collector(model, targets, data, spec, needs, CPU, 10**9)  # the v1 default
+    ((_group, stats),) = list(positional.collect())
+    assert all(stats[t.name]["fisher_inv"].index is None for t in targets)
+    assert stats[targets[0].name]["fisher_inv"].blocks.shape == (2, 12, 12)  # 20 weights
 
 
 @pytest.mark.parametrize("exact", [True, False])
@@ -454,10 +465,13 @@ def test_obs_on_a_pruned_layer_equals_the_dense_inverse_fisher(exact):
     pruner = registry.create(
         "obs", {"num_grads": "24", "damp": str(damp), "damp_mode": "absolute", "exact": str(exact)}
     )
-    collector = Collector(model, targets, data, pruner.stats_spec(), pruner.needs, CPU, 10**9)
+    assert pruner.covered_curvature
+    spec, needs = pruner.stats_spec(), pruner.needs
+    collector = Collector(model, targets, data, spec, needs, CPU, 10**9, covered=True)
     ((_group, stats),) = list(collector.collect())
     x, y = data.tensors
     for t in targets:
+        assert stats[t.name]["fisher_inv"].index is not None
         g = loop_gradients(model, t.name, x, y, 1).double() * t.mask.reshape(1, -1)
         dense = torch.linalg.inv(damp * torch.eye(t.numel, dtype=torch.float64) + g.T @ g / 24)
         w = t.weight.detach().double().reshape(-1)
@@ -478,3 +492,37 @@ def test_obs_on_a_pruned_layer_equals_the_dense_inverse_fisher(exact):
         updated = pruner.update(t, keep, stats[t.name]).double().reshape(-1)
         torch.testing.assert_close(updated, expected, rtol=1e-4, atol=1e-6)
         assert torch.all(updated[~t.mask.reshape(-1)] == 0)  # pruned before: still zero
+
+
+def test_group_scores_over_the_covered_weights_equal_the_dense_formula():
+    """--structure channels with woodfisher after a sub-step: set scores ½ θ_Sᵀ (H[S,S])⁻¹ θ_S
+    read through the index equal those of the dense inverse (pruned members add nothing)."""
+    model, data = small_problem()
+    targets, _ = find_targets(model)
+    pruned_in_advance(model, targets)
+    damp = 1e-2
+    pruner = registry.create("obs", {"num_grads": "24", "damp": str(damp), "damp_mode": "absolute"})
+    spec, needs = pruner.stats_spec(), pruner.needs
+    collector = Collector(model, targets, data, spec, needs, CPU, 10**9, covered=True)
+    ((_group, stats),) = list(collector.collect())
+    x, y = data.tensors
+    t = targets[0]  # (4, 5): a set per input column, padded with -1 in the last one
+    sets = torch.arange(20).reshape(4, 5).T.clone()
+    sets[-1, -1] = -1
+    g = loop_gradients(model, t.name, x, y, 1).double() * t.mask.reshape(1, -1)
+    dense = torch.linalg.inv(damp * torch.eye(20, dtype=torch.float64) + g.T @ g / 24)
+    w = (t.weight.detach() * t.mask).double().reshape(-1)
+    expected = []
+    for members in sets:
+        s = members[members >= 0]
+        s = s[t.mask.reshape(-1)[s]]  # pruned members: zero and uncoupled
+        expected.append(0.5 * w[s] @ torch.linalg.solve(dense[s][:, s], w[s]))
+    scores = pruner.set_scores(t, stats[t.name], sets)
+    torch.testing.assert_close(scores, torch.stack(expected), rtol=1e-4, atol=1e-9)
+
+
+def test_a_block_inverse_with_an_index_needs_the_damping_outside():
+    from prunekit.contract.curvature import BlockInverse
+
+    with pytest.raises(ValueError, match="outside"):
+        BlockInverse(torch.eye(2).unsqueeze(0), 4, torch.tensor([0, 3]))
