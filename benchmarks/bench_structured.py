@@ -12,7 +12,7 @@ parameters and FLOPs do.
         [--finetune-epochs 5] [--lr 0.01] [--no-recalibrate-bn] [--test-images 3000]
         [--param KEY=VALUE ...] [--distill | --no-distill] [--no-augment]
         [--channel-multiple 8] [--exclude conv1.weight] [--no-dense-reference]
-        [--recompute auto|K] [--quantize int8]
+        [--recompute auto|K] [--quantize int8] [--adapt-epochs N]
 
 BatchNorm statistics are re-estimated after the schedule (prunekit's default for structured
 runs; --no-recalibrate-bn: not): the one-shot column includes it only when there is no
@@ -81,6 +81,14 @@ def main() -> None:
         help="also fine-tune the dense model the same way (the reference row)",
     )
     parser.add_argument("--quantize", choices=("int8",), help="also an INT8 export per run")
+    parser.add_argument(
+        "--adapt-epochs",
+        type=int,
+        default=0,
+        help="first fine-tune the dense model this many epochs (labels) and start every row, "
+        "and the distillation teacher, from it: the rows then show what pruning loses, not "
+        "what the dense model gains by adapting to these images",
+    )
     args = parser.parse_args()
     dev = checked(args.dev_dir)
     cifar = args.model.startswith("cifar:")
@@ -95,6 +103,28 @@ def main() -> None:
             upsampled(dev / "test.npz", held_out, 64, 224)
         arch = args.model.split(":", 1)[1]
         epochs = args.finetune_epochs if cifar else 0  # random weights: nothing to recover
+        weights = dev / f"{arch}.safetensors" if cifar else None
+        if cifar and args.adapt_epochs:
+            adapted = run(
+                PruneConfig(
+                    model=args.model,
+                    pruner="magnitude",
+                    sparsity=0.0,
+                    data=f"tensors:{calibration},{held_out}",
+                    normalize="imagenet",
+                    weights=weights,
+                    schedule=ScheduleConfig(
+                        finetune_epochs=args.adapt_epochs,
+                        train=TrainConfig(lr=args.lr, distill=False, augment=args.augment),
+                    ),
+                    device=args.device,
+                    out=Path(tmp) / "adapted",
+                )
+            )
+            weights = Path(tmp) / "adapted" / "model.safetensors"
+            print(f"adapted dense model: {pct(adapted['accuracy']['dense'])} -> "
+                  f"{pct(adapted['accuracy']['pruned'])} after {args.adapt_epochs} epoch(s), "
+                  f"{adapted['seconds']:.0f} s; every row starts from it\n")  # fmt: skip
         print(f"{args.model}, --structure channels --mask {args.mask}, fine-tuning "
               f"{epochs} epoch(s) on the calibration images, lr {args.lr}, BatchNorm "
               f"{'as trained' if args.recalibrate_bn is False else 're-estimated'}, "
@@ -121,7 +151,7 @@ def main() -> None:
                 exclude=tuple(args.exclude),
                 data=f"tensors:{calibration},{held_out}",
                 normalize="imagenet",
-                weights=dev / f"{arch}.safetensors" if cifar else None,
+                weights=weights,
                 num_classes=None if cifar else 10,
                 params={k: v for k, v in params.items() if pruner != "magnitude"},
                 schedule=ScheduleConfig(
