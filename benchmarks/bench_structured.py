@@ -109,7 +109,9 @@ def main() -> None:
                 PruneConfig(
                     model=args.model,
                     pruner="magnitude",
-                    sparsity=0.0,
+                    sparsity=0.0,  # as the dense reference row: no channel removed
+                    mask=args.mask,
+                    structure="channels",
                     data=f"tensors:{calibration},{held_out}",
                     normalize="imagenet",
                     weights=weights,
