@@ -89,7 +89,7 @@ class Collector:
         self.budget = budget
         self.model, self.targets, self.calibration = model, list(targets), calibration
         self.spec, self.needs, self.device, self.seed = spec, needs, device, seed
-        self.covered = covered  # the inverse Fisher covers the unpruned weights only
+        self.cover_unpruned = covered  # the inverse Fisher covers the unpruned weights only
         self.objective = objective.for_fisher(spec.fisher)
         if HESSIAN_GRAD in needs and self.objective.name not in {"labels", "kl"}:
             raise UsageError(
@@ -288,7 +288,7 @@ class Collector:
         """One pass over the calibration samples for ``group``: sums, squares, curvature."""
         spec, m = self.spec, self.spec.num_grads
         acc = _Accumulators(
-            group, spec, self.device, curvature, GRAD_ROWS in self.needs, self.covered
+            group, spec, self.device, curvature, GRAD_ROWS in self.needs, self.cover_unpruned
         )
         with self.timings.phase("statistics"), eval_mode(self.model):
             done = 0
@@ -503,8 +503,7 @@ class _Accumulators:
         return t.numel if index is None else len(index)
 
     def block(self, t: Target) -> int:
-        width = self.width(t)
-        return max(1, min(self.spec.block_size or width, width))
+        return self.spec.block_for(t, self.width(t))
 
     def uses_rows(self, t: Target) -> bool:
         return self.spec.num_grads < self.block(t)

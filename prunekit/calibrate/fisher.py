@@ -135,15 +135,10 @@ def rank1_inverse_reference(rows: torch.Tensor, block_size: int, damp: float) ->
     return inverse
 
 
-def block_diagonal(inverse: torch.Tensor, numel: int) -> torch.Tensor:
-    """diag(F⁻¹) of every block, flattened and cut back to the target's length."""
-    return inverse.diagonal(dim1=1, dim2=2).reshape(-1)[:numel]
-
-
-def obs_scores(weight: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    """ρ_q = θ_q² / (2 [F⁻¹]_qq): the loss increase of removing weight q alone."""
-    diag = block_diagonal(inverse, weight.numel())
-    return (weight.reshape(-1).square() / (2 * diag)).reshape(weight.shape)
+def obs_scores(weight: torch.Tensor, inverse_diagonal: torch.Tensor) -> torch.Tensor:
+    """ρ_q = θ_q² / (2 [F⁻¹]_qq): the loss increase of removing weight q alone, from
+    diag F⁻¹ shaped like the weight (``BlockInverse.diag()``)."""
+    return weight.square() / (2 * inverse_diagonal)
 
 
 def group_obs_scores(

@@ -37,8 +37,11 @@ class StatsSpec:
     num_samples: int = 128  # calibration samples whose layer inputs are measured
     grad_engine: str = "hooks"  # per-sample gradients: hooks (vmap where no rule) or vmap
 
-    def block_for(self, target: Target) -> int:
-        return min(self.block_size or target.numel, target.numel)
+    def block_for(self, target: Target, width: int | None = None) -> int:
+        """Weights per Fisher block of a target whose curvature covers ``width`` of its
+        weights (None: all of them); at least 1."""
+        width = target.numel if width is None else width
+        return max(1, min(self.block_size or width, width))
 
 
 def multiplies_rows(module: nn.Module) -> bool:

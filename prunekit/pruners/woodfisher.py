@@ -65,11 +65,8 @@ class WoodFisherPruner(Pruner):
     )
 
     def score(self, target: Target, stats: Mapping[str, Any]) -> torch.Tensor:
-        inverse: BlockInverse = stats[FISHER_INV]
-        if inverse.index is None:
-            return obs_scores(target.weight.detach(), inverse.blocks)
         weight = target.weight.detach()
-        return weight.square() / (2 * inverse.diag().reshape(weight.shape))
+        return obs_scores(weight, stats[FISHER_INV].diag().reshape(weight.shape))
 
     def set_scores(
         self, target: Target, stats: Mapping[str, Any], sets: torch.Tensor
@@ -95,9 +92,7 @@ class WoodFisherPruner(Pruner):
             return None
         inverse: BlockInverse = stats[FISHER_INV]
         weight, exact = target.weight.detach(), self.hparams["exact"]
-        if inverse.index is None:
-            return obs_update(weight, inverse.blocks, prune, exact=exact)
-        # the uncovered weights are pruned already: F does not couple them to the others
+        # on the covered weights; the others are pruned already and F does not couple them
         moved = obs_update(inverse.gather(weight), inverse.blocks, inverse.gather(prune), exact)
         rest = weight.reshape(-1).masked_fill(prune.reshape(-1), 0.0)
         return inverse.scatter(moved, rest).reshape(weight.shape)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from prunekit.calibrate import fisher
+from prunekit.contract.curvature import BlockInverse
 from prunekit.errors import NumericalError
 
 
@@ -67,7 +68,7 @@ def least_squares():
 def test_single_weight_removal_changes_loss_by_prediction(least_squares):
     _x, _y, w_star, hessian, loss = least_squares
     inverse = torch.linalg.inv(hessian).unsqueeze(0)  # one block: the whole tensor
-    predicted = fisher.obs_scores(w_star, inverse)
+    predicted = fisher.obs_scores(w_star, BlockInverse(inverse, len(w_star)).diag())
     for q in range(len(w_star)):
         prune = torch.zeros(len(w_star), dtype=torch.bool)
         prune[q] = True
@@ -103,7 +104,7 @@ def test_blocks_are_independent_and_padding_is_ignored():
     flat_before, flat_after = weight.reshape(-1), updated.reshape(-1)
     assert torch.equal(flat_after[4:], flat_before[4:])  # other blocks untouched
     assert not torch.equal(flat_after[1:4], flat_before[1:4])  # same block compensated
-    scores = fisher.obs_scores(weight, inverse)
+    scores = fisher.obs_scores(weight, BlockInverse(inverse, weight.numel()).diag().reshape(2, 5))
     assert scores.shape == weight.shape and torch.all(scores >= 0)
 
 
