@@ -36,8 +36,11 @@ MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
-def images(dev, count: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    data = np.load(dev / "calibration.npz")
+def images(
+    dev, count: int | None, size: int = 32, split: str = "calibration"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``count`` images of a split (None: all), normalised, at ``size``."""
+    data = np.load(dev / f"{split}.npz")
     x = torch.from_numpy(data["x"][:count]).float() / 255.0
     if size != x.shape[-1]:
         x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear")
@@ -126,11 +129,9 @@ def woodfisher_runs(spec: str, dev, args, device: torch.device, default: bool) -
     from prunekit.engine.schedule import ScheduleConfig
 
     arch = spec.split(":", 1)[1]
-    x, y = images(dev, 1000, 32)
-    test = np.load(dev / "test.npz")
-    count = len(test["y"]) if default else 1000
-    tx = (torch.from_numpy(test["x"][:count]).float() / 255.0 - MEAN) / STD
-    ty = torch.from_numpy(test["y"][:count]).long()
+    x, y = images(dev, 1000)
+    tx, ty = images(dev, None if default else 1000, split="test")
+    count = len(ty)
     params = {} if default else {"num_grads": args.woodfisher_grads}
     schedule = None if default else ScheduleConfig(recompute=1)
     what = "defaults" if default else f"{args.woodfisher_grads} gradients, one step"
@@ -164,10 +165,8 @@ def substep_runs(spec: str, dev, args, device: torch.device) -> None:
     from prunekit.engine.schedule import ScheduleConfig
 
     arch = spec.split(":", 1)[1]
-    x, y = images(dev, 1000, 32)
-    test = np.load(dev / "test.npz")
-    tx = (torch.from_numpy(test["x"]).float() / 255.0 - MEAN) / STD
-    ty = torch.from_numpy(test["y"]).long()
+    x, y = images(dev, 1000)
+    tx, ty = images(dev, None, split="test")
     base = None
     for count in args.sub_steps.split(","):
         model = load_model(spec, dev / f"{arch}.safetensors").model

@@ -24,6 +24,7 @@ model.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 from pathlib import Path
 
@@ -104,25 +105,39 @@ def main() -> None:
         arch = args.model.split(":", 1)[1]
         epochs = args.finetune_epochs if cifar else 0  # random weights: nothing to recover
         weights = dev / f"{arch}.safetensors" if cifar else None
-        if cifar and args.adapt_epochs:
-            adapted = run(
-                PruneConfig(
-                    model=args.model,
-                    pruner="magnitude",
-                    sparsity=0.0,  # as the dense reference row: no channel removed
-                    mask=args.mask,
-                    structure="channels",
-                    data=f"tensors:{calibration},{held_out}",
-                    normalize="imagenet",
-                    weights=weights,
-                    schedule=ScheduleConfig(
-                        finetune_epochs=args.adapt_epochs,
-                        train=TrainConfig(lr=args.lr, distill=False, augment=args.augment),
+
+        def row_config(fraction: float, pruner: str, epochs: int, out: Path) -> PruneConfig:
+            """A row's run from ``weights``; fraction 0 is the dense model, which learns
+            from the labels alone: distilling a model into itself would only hold it back."""
+            return PruneConfig(
+                model=args.model,
+                pruner=pruner,
+                sparsity=fraction,
+                mask=args.mask,
+                structure="channels",
+                channel_multiple=args.channel_multiple,
+                exclude=tuple(args.exclude),
+                data=f"tensors:{calibration},{held_out}",
+                normalize="imagenet",
+                weights=weights,
+                num_classes=None if cifar else 10,
+                params={k: v for k, v in params.items() if pruner != "magnitude"},
+                schedule=ScheduleConfig(
+                    finetune_epochs=epochs,
+                    recompute=None if args.recompute == "auto" else int(args.recompute),
+                    train=TrainConfig(
+                        lr=args.lr,
+                        distill=args.distill if fraction else False,
+                        augment=args.augment,
                     ),
-                    device=args.device,
-                    out=Path(tmp) / "adapted",
-                )
+                ),
+                recalibrate_bn=args.recalibrate_bn,
+                device=args.device,
+                out=out,
             )
+
+        if cifar and args.adapt_epochs:  # the dense reference row's run, longer
+            adapted = run(row_config(0.0, "magnitude", args.adapt_epochs, Path(tmp) / "adapted"))
             weights = Path(tmp) / "adapted" / "model.safetensors"
             print(f"adapted dense model: {pct(adapted['accuracy']['dense'])} -> "
                   f"{pct(adapted['accuracy']['pruned'])} after {args.adapt_epochs} epoch(s), "
@@ -143,37 +158,12 @@ def main() -> None:
         if epochs and args.dense_reference:  # the same fine-tuning of the dense model: the
             runs.insert(0, (0.0, "magnitude"))  # fair reference for the fine-tuned columns
         for fraction, pruner in runs:
-            config = PruneConfig(
-                model=args.model,
-                pruner=pruner,
-                sparsity=fraction,
-                mask=args.mask,
-                structure="channels",
-                channel_multiple=args.channel_multiple,
-                exclude=tuple(args.exclude),
-                data=f"tensors:{calibration},{held_out}",
-                normalize="imagenet",
-                weights=weights,
-                num_classes=None if cifar else 10,
-                params={k: v for k, v in params.items() if pruner != "magnitude"},
-                schedule=ScheduleConfig(
-                    finetune_epochs=epochs,
-                    recompute=None if args.recompute == "auto" else int(args.recompute),
-                    train=TrainConfig(
-                        lr=args.lr,
-                        # the dense reference learns from the labels alone: distilling a
-                        # model into itself would only hold it back
-                        distill=args.distill if fraction else False,
-                        augment=args.augment,
-                    ),
-                ),
-                recalibrate_bn=args.recalibrate_bn,
-                device=args.device,
+            config = dataclasses.replace(
+                row_config(fraction, pruner, epochs, Path(tmp) / f"{pruner}-{fraction}"),
                 exports=("safetensors", "onnx"),
                 validate=True,
                 validate_runs=args.runs,
                 quantize=args.quantize,
-                out=Path(tmp) / f"{pruner}-{fraction}",
             )
             report = run(config)
             s, v = report["structure"], report["validation"]
